@@ -1,0 +1,3 @@
+from dsnode.cli import main
+
+main()

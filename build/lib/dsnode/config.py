@@ -1,0 +1,276 @@
+"""Node settings: one pydantic model, four sources.
+
+Precedence (PROTOCOL.md, "Launching a node"): command-line flags, then
+``DSNODE_<SETTING>`` environment variables, then the TOML file named by
+``--config`` (or ``DSNODE_CONFIG``), then the defaults below. Every setting can
+be given all four ways; its flag is ``--<setting with - for _>``.
+
+TOML values must already have the right type (``max_key_bytes = "1"`` is an
+error); flag and environment values are text and are parsed per setting.
+Any problem raises :class:`ConfigError` with one line naming the setting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+ENV_PREFIX = "DSNODE_"
+DEFAULT_PORT = 7379
+
+
+class ConfigError(Exception):
+    """Bad configuration; the message is one line naming the problem."""
+
+
+def parse_addr(text: str, what: str = "address") -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"{what} {text!r} is not HOST:PORT")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"{what} {text!r}: port out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
+def parse_peers(text: str) -> dict[str, str]:
+    """``ID1=HOST:PORT,ID2=HOST:PORT`` -> {id: "host:port"}, ids validated, no duplicates."""
+    peers: dict[str, str] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        node_id, sep, addr = part.partition("=")
+        node_id = node_id.strip()
+        if not sep:
+            raise ValueError(f"peer {part!r} is not ID=HOST:PORT")
+        if not NODE_ID_RE.match(node_id):
+            raise ValueError(f"peer id {node_id!r} does not match [a-z0-9][a-z0-9_-]{{0,62}}")
+        if node_id in peers:
+            raise ValueError(f"peer id {node_id!r} appears twice")
+        parse_addr(addr.strip(), f"address of peer {node_id}")
+        peers[node_id] = addr.strip()
+    if not peers:
+        raise ValueError("peers is empty")
+    return peers
+
+
+class NodeConfig(BaseModel):
+    """Every setting of a node. Units are in the names; only this module knows ms."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    node_id: str = "n1"
+    listen: str = f"127.0.0.1:{DEFAULT_PORT}"
+    advertise: str | None = Field(
+        default=None, description="address peers use for this node; defaults to its --peers entry"
+    )
+    peers: dict[str, str] | None = Field(
+        default=None, description="initial cluster ID=HOST:PORT,...; defaults to this node alone"
+    )
+    data_dir: Path | None = Field(default=None, description="defaults to ./dsnode-data/<node_id>")
+    cluster_id: str = "dsnode"
+    auth_token: str | None = None
+
+    # limits
+    max_frame_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=1 << 30)
+    max_key_bytes: int = Field(default=1024, ge=1, le=1 << 20)
+    max_value_bytes: int = Field(default=1024 * 1024, ge=0, le=1 << 30)
+    max_txn_ops: int = Field(default=128, ge=1, le=100_000)
+    inflight_requests_max: int = Field(
+        default=4096, ge=1, description="requests in flight per node before load is shed"
+    )
+    connection_inflight_max: int = Field(
+        default=1024, ge=1, description="requests in flight per client connection before it is paused"
+    )
+    max_connections: int = Field(default=4096, ge=1)
+
+    # durability and storage
+    fsync: bool = True
+    wal_segment_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
+    snapshot_every_records: int = Field(default=200_000, ge=1)
+
+    # time
+    tick_interval_ms: int = Field(default=10, ge=1, le=10_000)
+    heartbeat_interval_ms: int = Field(default=50, ge=1)
+    election_timeout_ms: int = Field(default=500, ge=1)
+    clock_drift_max: float = Field(default=0.1, ge=0.0, lt=1.0)
+    request_timeout_ms: int = Field(default=10_000, ge=1)
+    shutdown_timeout_ms: int = Field(default=8_000, ge=100, le=60_000)
+
+    # logging
+    log_format: Literal["auto", "console", "json"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("node_id", "cluster_id")
+    @classmethod
+    def _check_id(cls, v: str) -> str:
+        if not NODE_ID_RE.match(v):
+            raise ValueError(f"{v!r} does not match [a-z0-9][a-z0-9_-]{{0,62}}")
+        return v
+
+    @field_validator("listen", "advertise")
+    @classmethod
+    def _check_addr(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_addr(v)
+        return v
+
+    @field_validator("peers", mode="before")
+    @classmethod
+    def _peers_from_text(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return parse_peers(v)
+        if isinstance(v, Mapping):
+            return parse_peers(",".join(f"{k}={a}" for k, a in v.items()))
+        return v
+
+    @model_validator(mode="after")
+    def _check_cluster(self) -> NodeConfig:
+        if self.peers is not None and self.node_id not in self.peers:
+            raise ValueError(f"peers: this node ({self.node_id}) is not in the peer list")
+        if self.heartbeat_interval_ms >= self.election_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be below election_timeout_ms")
+        return self
+
+    # ------------------------------------------------------------ derived
+    @property
+    def cluster_peers(self) -> dict[str, str]:
+        return dict(self.peers) if self.peers is not None else {self.node_id: self.advertise_addr}
+
+    @property
+    def advertise_addr(self) -> str:
+        if self.advertise is not None:
+            return self.advertise
+        if self.peers is not None:
+            return self.peers[self.node_id]
+        return self.listen
+
+    @property
+    def data_path(self) -> Path:
+        return self.data_dir if self.data_dir is not None else Path("dsnode-data") / self.node_id
+
+    def ticks(self, ms: int) -> int:
+        """Milliseconds -> whole ticks (at least 1)."""
+        return max(1, round(ms / self.tick_interval_ms))
+
+
+SETTINGS: tuple[str, ...] = tuple(NodeConfig.model_fields)
+
+
+def _describe(err: ValidationError, source_of: Mapping[str, str]) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    setting = str(first["loc"][0]) if first["loc"] else ""
+    where = source_of.get(setting, "")
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        return f"unknown setting {loc!r}{where}"
+    return f"invalid setting {loc}{where}: {msg}"
+
+
+def _coerce_text(setting: str, text: str) -> Any:
+    """Flag/env text -> a value pydantic (lax) will accept for ``setting``."""
+    if setting == "fsync":
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"invalid setting fsync: {text!r} is not a boolean (true/false)")
+    if text == "" and NodeConfig.model_fields[setting].default is None:
+        return None
+    return text
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"config file {str(path)!r} is not readable") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {str(path)!r} is a directory") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | os.PathLike | None = None,
+) -> NodeConfig:
+    """Merge the four sources and validate. ``flags`` holds only settings given."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    env = os.environ if env is None else env
+    if config_file is None:
+        config_file = flags.pop("config", None) or env.get(ENV_PREFIX + "CONFIG") or None
+    flags.pop("config", None)
+
+    merged: dict[str, Any] = {}
+    source_of: dict[str, str] = {}
+    if config_file:
+        file_values = load_toml(Path(config_file))
+        for k, v in file_values.items():
+            merged[k] = v
+            source_of[k] = f" (from {config_file})"
+        # TOML must be typed correctly already: validate it strictly on its own.
+        unknown = [k for k in file_values if k not in SETTINGS]
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]!r} (from {config_file})")
+        for k, v in file_values.items():
+            _check_toml_type(k, v, config_file)
+    for setting in SETTINGS:
+        name = ENV_PREFIX + setting.upper()
+        if name in env:
+            merged[setting] = _coerce_text(setting, env[name])
+            source_of[setting] = f" (from ${name})"
+    for setting, value in flags.items():
+        if setting not in SETTINGS:
+            raise ConfigError(f"unknown setting {setting!r}")
+        merged[setting] = _coerce_text(setting, value) if isinstance(value, str) else value
+        source_of[setting] = f" (from --{setting.replace('_', '-')})"
+    try:
+        return NodeConfig.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source_of)) from None
+
+
+_TOML_TYPES: dict[str, tuple[type, ...]] = {}
+
+
+def _check_toml_type(setting: str, value: Any, config_file: Any) -> None:
+    annotation = NodeConfig.model_fields[setting].annotation
+    text = str(annotation)
+    expected: tuple[type, ...]
+    if annotation is bool:
+        expected = (bool,)
+    elif annotation is int:
+        expected = (int,)
+    elif annotation is float:
+        expected = (int, float)
+    elif setting == "peers":
+        expected = (str, dict)
+    else:
+        expected = (str,)
+    ok = isinstance(value, expected) and not (bool not in expected and isinstance(value, bool))
+    if value is None and "None" in text:
+        ok = True
+    if not ok:
+        names = " or ".join(t.__name__ for t in expected)
+        raise ConfigError(
+            f"invalid setting {setting} (from {config_file}): expected {names}, "
+            f"got {type(value).__name__} {value!r}"
+        )

@@ -1,0 +1,47 @@
+"""What a core asks its shell to do: the ``Ready`` batch.
+
+Ordering contract (the shell must keep it; ``sim/disk.py`` makes breaking it
+fail):
+
+1. every record in ``persist`` is appended to the write-ahead log and made
+   durable (fsync, group-committed) before any message in ``send`` leaves the
+   process and before any reply in ``reply`` is released: a promise, an
+   accept or an acknowledged write must never outrun the disk;
+2. a reply is also held until every record persisted by *earlier* ``Ready``
+   batches is durable, so a read never reports state that a crash could
+   still take back;
+3. ``send`` messages go out in list order per peer;
+4. ``reply`` entries are released in list order.
+
+Cores never perform these effects themselves and never read a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Reply:
+    """The answer to one client request.
+
+    ``token`` is whatever the shell passed in with the request (the core does
+    not look inside it). Exactly one of ``result`` (wire result fields) or
+    ``error`` (code, message, indeterminate) is set.
+    """
+
+    token: Any
+    result: dict | None = None
+    error: tuple[str, str, bool] | None = None
+
+
+@dataclass(slots=True)
+class Ready:
+    persist: list[bytes] = field(default_factory=list)
+    send: list[tuple[str, Any]] = field(default_factory=list)
+    apply: list[Any] = field(default_factory=list)
+    reply: list[Reply] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.persist or self.send or self.apply or self.reply)

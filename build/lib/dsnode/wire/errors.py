@@ -1,0 +1,41 @@
+"""Wire error codes (PROTOCOL.md, "Requests and responses")."""
+
+from __future__ import annotations
+
+BAD_REQUEST = "bad_request"
+UNKNOWN_OP = "unknown_op"
+TOO_LARGE = "too_large"
+UNAUTHENTICATED = "unauthenticated"
+UNAVAILABLE = "unavailable"
+TIMEOUT = "timeout"
+CONFLICT = "conflict"
+OVERLOADED = "overloaded"
+INTERNAL = "internal"
+
+ALL_CODES = (
+    BAD_REQUEST,
+    UNKNOWN_OP,
+    TOO_LARGE,
+    UNAUTHENTICATED,
+    UNAVAILABLE,
+    TIMEOUT,
+    CONFLICT,
+    OVERLOADED,
+    INTERNAL,
+)
+
+RETRYABLE = frozenset({UNAVAILABLE, TIMEOUT, CONFLICT, OVERLOADED})
+
+
+def error_body(code: str, message: str, *, indeterminate: bool = False) -> dict:
+    """The ``error`` map of a failure response."""
+    return {
+        "code": code,
+        "message": message,
+        "retryable": code in RETRYABLE,
+        "indeterminate": indeterminate,
+    }
+
+
+def error_response(req_id: int, code: str, message: str, *, indeterminate: bool = False) -> dict:
+    return {"id": req_id, "ok": False, "error": error_body(code, message, indeterminate=indeterminate)}

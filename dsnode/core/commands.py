@@ -1,0 +1,137 @@
+"""Client commands as the cores see them: frozen, slotted, already validated.
+
+The wire layer (``dsnode.wire.requests``) turns request maps into these; the
+KV state machine applies them; ``encode``/``decode`` give the compact form that
+goes into the write-ahead log and, later, into Paxos accept messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LINEARIZABLE = "linearizable"
+STALE = "stale"
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    key: bytes
+    consistency: str = LINEARIZABLE
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    key: bytes
+    value: bytes
+    if_version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    key: bytes
+    if_version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubGet:
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SubPut:
+    key: bytes
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SubDelete:
+    key: bytes
+
+
+SubOp = SubGet | SubPut | SubDelete
+
+
+@dataclass(frozen=True, slots=True)
+class Txn:
+    compares: tuple[tuple[bytes, int], ...] = ()
+    then: tuple[SubOp, ...] = ()
+    otherwise: tuple[SubOp, ...] = ()
+
+    @property
+    def is_read_only(self) -> bool:
+        return not any(
+            not isinstance(s, SubGet) for s in (*self.then, *self.otherwise)
+        )
+
+
+Command = Get | Put | Delete | Txn
+
+
+def is_write(cmd: Command) -> bool:
+    """True for commands that may change state (and so go through the log)."""
+    return not isinstance(cmd, Get)
+
+
+def keys_of(cmd: Command) -> tuple[bytes, ...]:
+    if isinstance(cmd, Txn):
+        seen = dict.fromkeys(k for k, _ in cmd.compares)
+        for s in (*cmd.then, *cmd.otherwise):
+            seen.setdefault(s.key, None)
+        return tuple(seen)
+    return (cmd.key,)
+
+
+# ---------------------------------------------------------------- encoding
+# Compact msgpack-friendly lists; the first element is a one-letter tag.
+
+def _enc_sub(s: SubOp) -> list:
+    if isinstance(s, SubGet):
+        return ["g", s.key]
+    if isinstance(s, SubPut):
+        return ["p", s.key, s.value]
+    return ["d", s.key]
+
+
+def _dec_sub(x: list) -> SubOp:
+    tag = x[0]
+    if tag == "g":
+        return SubGet(x[1])
+    if tag == "p":
+        return SubPut(x[1], x[2])
+    if tag == "d":
+        return SubDelete(x[1])
+    raise ValueError(f"unknown sub-op tag {tag!r}")
+
+
+def encode(cmd: Command) -> list:
+    if isinstance(cmd, Put):
+        return ["P", cmd.key, cmd.value, cmd.if_version]
+    if isinstance(cmd, Delete):
+        return ["D", cmd.key, cmd.if_version]
+    if isinstance(cmd, Txn):
+        return [
+            "T",
+            [[k, v] for k, v in cmd.compares],
+            [_enc_sub(s) for s in cmd.then],
+            [_enc_sub(s) for s in cmd.otherwise],
+        ]
+    if isinstance(cmd, Get):
+        return ["G", cmd.key, cmd.consistency]
+    raise TypeError(f"not a command: {cmd!r}")
+
+
+def decode(x: list) -> Command:
+    tag = x[0]
+    if tag == "P":
+        return Put(x[1], x[2], x[3])
+    if tag == "D":
+        return Delete(x[1], x[2])
+    if tag == "T":
+        return Txn(
+            tuple((k, v) for k, v in x[1]),
+            tuple(_dec_sub(s) for s in x[2]),
+            tuple(_dec_sub(s) for s in x[3]),
+        )
+    if tag == "G":
+        return Get(x[1], x[2])
+    raise ValueError(f"unknown command tag {tag!r}")

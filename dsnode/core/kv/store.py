@@ -1,0 +1,131 @@
+"""The replicated state machine: a versioned key-value map.
+
+Deterministic: the same commands applied in the same order give the same
+state and the same results on every replica. Versions come from one store-wide
+revision counter that advances once per command that changes anything, so a
+key's version strictly increases with every change and is never reused, even
+after a delete and re-create (PROTOCOL.md, "Keys, values, versions").
+"""
+
+from __future__ import annotations
+
+import msgpack
+
+from dsnode.core.commands import (
+    Command,
+    Delete,
+    Get,
+    Put,
+    SubDelete,
+    SubGet,
+    SubOp,
+    SubPut,
+    Txn,
+)
+
+SNAPSHOT_FORMAT = 1
+
+
+class KVStore:
+    __slots__ = ("_data", "revision")
+
+    def __init__(self) -> None:
+        # key -> (value, version)
+        self._data: dict[bytes, tuple[bytes, int]] = {}
+        self.revision = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    # ------------------------------------------------------------ reads
+    def get(self, key: bytes) -> tuple[bytes | None, int]:
+        entry = self._data.get(key)
+        if entry is None:
+            return None, 0
+        return entry
+
+    def version(self, key: bytes) -> int:
+        entry = self._data.get(key)
+        return 0 if entry is None else entry[1]
+
+    # ------------------------------------------------------------ apply
+    def apply(self, cmd: Command) -> dict:
+        """Apply ``cmd`` and return the wire result fields (without id/ok)."""
+        if isinstance(cmd, Put):
+            return self._put(cmd)
+        if isinstance(cmd, Get):
+            value, version = self.get(cmd.key)
+            return {"value": value, "version": version}
+        if isinstance(cmd, Delete):
+            return self._delete(cmd)
+        if isinstance(cmd, Txn):
+            return self._txn(cmd)
+        raise TypeError(f"not a command: {cmd!r}")
+
+    def _put(self, cmd: Put) -> dict:
+        current = self.version(cmd.key)
+        if cmd.if_version is not None and cmd.if_version != current:
+            return {"succeeded": False, "version": current}
+        self.revision += 1
+        self._data[cmd.key] = (cmd.value, self.revision)
+        return {"succeeded": True, "version": self.revision}
+
+    def _delete(self, cmd: Delete) -> dict:
+        current = self.version(cmd.key)
+        if cmd.if_version is not None and cmd.if_version != current:
+            return {"succeeded": False, "existed": current != 0, "version": current}
+        if current == 0:
+            return {"succeeded": True, "existed": False, "version": 0}
+        self.revision += 1
+        del self._data[cmd.key]
+        return {"succeeded": True, "existed": True, "version": current}
+
+    def _txn(self, cmd: Txn) -> dict:
+        data = self._data
+        holds = all(self.version(k) == v for k, v in cmd.compares)
+        branch: tuple[SubOp, ...] = cmd.then if holds else cmd.otherwise
+        # Gets see the state before the transaction's own writes, so answer
+        # every get first, then perform the writes under one new revision.
+        results: list[dict] = []
+        writes = False
+        for s in branch:
+            if isinstance(s, SubGet):
+                value, version = self.get(s.key)
+                results.append({"value": value, "version": version})
+            elif isinstance(s, SubDelete):
+                existed = s.key in data
+                results.append({"existed": existed})
+                writes = writes or existed
+            else:
+                results.append({"version": 0})  # filled in below
+                writes = True
+        if writes:
+            self.revision += 1
+            rev = self.revision
+            for s, r in zip(branch, results, strict=True):
+                if isinstance(s, SubPut):
+                    data[s.key] = (s.value, rev)
+                    r["version"] = rev
+                elif isinstance(s, SubDelete):
+                    data.pop(s.key, None)
+        return {"succeeded": holds, "results": results}
+
+    # ------------------------------------------------------------ snapshots
+    def snapshot(self) -> bytes:
+        return msgpack.packb(
+            [SNAPSHOT_FORMAT, self.revision, [[k, v, ver] for k, (v, ver) in self._data.items()]],
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def restore(cls, blob: bytes) -> KVStore:
+        fmt, revision, items = msgpack.unpackb(blob, raw=False, strict_map_key=True)
+        if fmt != SNAPSHOT_FORMAT:
+            raise ValueError(f"unknown KV snapshot format {fmt}")
+        store = cls()
+        store.revision = revision
+        store._data = {k: (v, ver) for k, v, ver in items}
+        return store
+
+    def items(self):
+        return self._data.items()
