@@ -167,9 +167,9 @@ def parse_request(obj: object, limits: Limits) -> Request:
     return Request(rid, op, cmd, timeout_ms, obj)
 
 
-def _required(obj: dict, field: str) -> object:
+def _required(obj: dict, field: str, where: str = "") -> object:
     if field not in obj:
-        raise _bad(f"missing field {field!r}")
+        raise _bad(f"missing field {(where + '.' + field) if where else field!r}")
     return obj[field]
 
 
@@ -210,11 +210,11 @@ def _sub(v: object, where: str, limits: Limits) -> SubOp:
     if allowed is None:
         raise _bad(f"{where}.op must be 'get', 'put' or 'delete'")
     _check_fields(v, allowed, f" in {where}")
-    key = _key(_required(v, "key"), f"{where}.key", limits)
+    key = _key(_required(v, "key", where), f"{where}.key", limits)
     if op == "get":
         return SubGet(key)
     if op == "put":
-        return SubPut(key, _value(_required(v, "value"), f"{where}.value", limits))
+        return SubPut(key, _value(_required(v, "value", where), f"{where}.value", limits))
     return SubDelete(key)
 
 
@@ -230,7 +230,10 @@ def _txn(obj: dict, limits: Limits) -> Txn:
             raise _bad(f"{where} must be a map, got {_type_name(c)}")
         _check_fields(c, frozenset({"key", "version"}), f" in {where}")
         compares.append(
-            (_key(_required(c, "key"), f"{where}.key", limits), _version(_required(c, "version"), f"{where}.version"))
+            (
+                _key(_required(c, "key", where), f"{where}.key", limits),
+                _version(_required(c, "version", where), f"{where}.version"),
+            )
         )
     branches = []
     for name, raw in (("then", raw_then), ("else", raw_else)):

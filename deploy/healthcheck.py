@@ -1,0 +1,76 @@
+"""Container health check: healthy when this node answers `status` with ``ready: true``.
+
+Runs ``dsnode status --endpoints HOST:PORT --output json`` against the node in this container
+and exits 0 (healthy) or 1 (unhealthy), printing one line for ``docker inspect``.
+
+The endpoint is ``$DSNODE_HEALTH_ENDPOINT`` when set, else the port of ``listen`` (from
+``$DSNODE_LISTEN``, else the config file the entrypoint would pick) on 127.0.0.1.
+Standard library only, so that a broken install still gives a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+
+DEFAULT_CONFIG = "/etc/dsnode/dsnode.toml"
+DEFAULT_PORT = 7379
+TIMEOUT_S = 4.0
+
+
+def endpoint() -> str:
+    explicit = os.environ.get("DSNODE_HEALTH_ENDPOINT")
+    if explicit:
+        return explicit
+    listen = os.environ.get("DSNODE_LISTEN")
+    if not listen:
+        path = os.environ.get("DSNODE_CONFIG") or DEFAULT_CONFIG
+        try:
+            with open(path, "rb") as f:
+                listen = tomllib.load(f).get("listen")
+        except (OSError, tomllib.TOMLDecodeError):
+            listen = None
+    port = DEFAULT_PORT
+    if isinstance(listen, str) and listen.rpartition(":")[2].isdigit():
+        port = int(listen.rpartition(":")[2])
+    return f"127.0.0.1:{port}"
+
+
+def is_ready(output: str) -> bool:
+    doc = json.loads(output)
+    if isinstance(doc, list):  # one entry per endpoint
+        doc = doc[0] if doc else {}
+    if isinstance(doc, dict) and isinstance(doc.get("status"), dict):
+        doc = doc["status"]
+    return isinstance(doc, dict) and doc.get("ready") is True
+
+
+def main() -> int:
+    addr = endpoint()
+    cmd = [sys.executable, "-m", "dsnode", "status", "--endpoints", addr, "--output", "json"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        print(f"unhealthy: dsnode status {addr} timed out after {TIMEOUT_S}s")
+        return 1
+    if done.returncode != 0:
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        print(f"unhealthy: dsnode status {addr} exited {done.returncode}: {last[0]}")
+        return 1
+    try:
+        ready = is_ready(done.stdout)
+    except ValueError:
+        print(f"unhealthy: dsnode status {addr} printed no JSON")
+        return 1
+    if not ready:
+        print(f"unhealthy: {addr} is up but not ready (no quorum or no leader yet)")
+        return 1
+    print(f"healthy: {addr} ready")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

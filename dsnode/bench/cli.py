@@ -1,0 +1,231 @@
+"""``dsnode bench``: a redis-benchmark / etcd-benchmark style load generator."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from dsnode.bench.runner import (
+    CONSISTENCIES,
+    BenchConfig,
+    BenchError,
+    Progress,
+    parse_mix,
+    print_report,
+    run_bench,
+)
+from dsnode.bench.targets import target_names
+
+
+def _positive_float(
+    ctx: click.Context, param: click.Parameter, value: float | None
+) -> float | None:
+    if value is not None and value <= 0:
+        raise click.BadParameter("must be > 0")
+    return value
+
+
+def _inherit_group_settings(
+    ctx: click.Context, target: str, endpoints: str, token: str | None, output: str
+) -> tuple[str, str | None, str]:
+    """Take ``--endpoints``/``--token``/``--output`` given to the ``dsnode`` group.
+
+    Only settings this command did not get itself, and (for endpoints and output) only
+    those the user actually gave to the group; group endpoints from the environment
+    (``DSNODE_ENDPOINTS``) apply to the dsnode target only.
+    """
+    parent = ctx.parent
+    obj = ctx.find_object(object) if parent is not None else None
+    if parent is None or obj is None:
+        return endpoints, token, output
+    default = click.core.ParameterSource.DEFAULT
+
+    def given_here(name: str) -> bool:
+        return ctx.get_parameter_source(name) not in (None, default)
+
+    def parent_source(name: str) -> click.core.ParameterSource | None:
+        return parent.get_parameter_source(name)
+
+    group_eps = getattr(obj, "endpoints", None)
+    src = parent_source("endpoints")
+    if not given_here("endpoints") and isinstance(group_eps, str) and src not in (None, default):
+        if target == "dsnode" or src == click.core.ParameterSource.COMMANDLINE:
+            endpoints = group_eps
+    group_token = getattr(obj, "token", None)
+    if token is None and isinstance(group_token, str):
+        token = group_token
+    group_out = getattr(obj, "output", None)
+    if not given_here("output") and group_out in ("text", "json"):
+        if parent_source("output") not in (None, default):
+            output = group_out
+    return endpoints, token, output
+
+
+@click.command("bench", context_settings={"show_default": True, "max_content_width": 100})
+@click.option(
+    "--target", type=click.Choice(target_names()), default="dsnode", help="System under test."
+)
+@click.option(
+    "--endpoints",
+    default="",
+    help="Comma-separated host:port list; connections are spread round-robin. "
+    "Default: the target's standard port on 127.0.0.1 (redis: 6379).",
+)
+@click.option(
+    "--connections",
+    type=click.IntRange(min=1),
+    default=16,
+    help="TCP connections (capped at --inflight).",
+)
+@click.option(
+    "--inflight",
+    type=click.IntRange(min=1),
+    default=64,
+    help="Total requests in flight, spread over the connections (each pipelines).",
+)
+@click.option("--key-size", type=click.IntRange(min=2), default=16, help="Key size in bytes.")
+@click.option("--value-size", type=click.IntRange(min=0), default=100, help="Value size in bytes.")
+@click.option(
+    "--keyspace",
+    type=click.IntRange(min=1),
+    default=100_000,
+    help="Number of distinct keys (chosen uniformly).",
+)
+@click.option(
+    "--mix", "mix_text", default="put=1,get=0,txn=0", help="Relative weights of put/get/txn."
+)
+@click.option(
+    "--duration",
+    type=float,
+    default=None,
+    callback=_positive_float,
+    help="Seconds to measure (default 10 unless --requests is given).",
+)
+@click.option(
+    "--requests",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Measure exactly this many requests instead of a duration.",
+)
+@click.option(
+    "--warmup",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Seconds of unrecorded load before measuring.",
+)
+@click.option("--seed", type=int, default=1, help="Seed for keys and op choice.")
+@click.option(
+    "--consistency",
+    type=click.Choice(CONSISTENCIES),
+    default="linearizable",
+    help="Consistency of gets (dsnode).",
+)
+@click.option(
+    "--txn-ops",
+    type=click.IntRange(min=1),
+    default=2,
+    help="Sub-ops per txn (alternating put, get on distinct keys).",
+)
+@click.option(
+    "--token",
+    default=None,
+    envvar="DSNODE_TOKEN",
+    show_default=False,
+    help="Auth token (dsnode hello) or password (redis AUTH).",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Load-generator processes; histograms are merged.",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    help="Seconds allowed for each connection attempt.",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    help="Seconds to wait for outstanding requests at the end.",
+)
+@click.option(
+    "--output",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="Report format (json: one object on stdout).",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    show_default=False,
+    help="Progress line on stderr [default: on when stderr is a TTY and "
+    "--output text]; --progress forces it.",
+)
+@click.pass_context
+def bench_command(
+    ctx: click.Context,
+    target: str,
+    endpoints: str,
+    connections: int,
+    inflight: int,
+    key_size: int,
+    value_size: int,
+    keyspace: int,
+    mix_text: str,
+    duration: float | None,
+    requests: int | None,
+    warmup: float,
+    seed: int,
+    consistency: str,
+    txn_ops: int,
+    token: str | None,
+    processes: int,
+    connect_timeout: float,
+    drain_timeout: float,
+    output: str,
+    progress: bool | None,
+) -> None:
+    """Benchmark a dsnode (or Redis) server with pipelined puts, gets and txns.
+
+    Latencies (microseconds) go into HDR histograms; the report gives throughput
+    overall and per op, p50/p90/p99/p99.9/max and error counts by code.
+    """
+    endpoints, token, output = _inherit_group_settings(ctx, target, endpoints, token, output)
+    try:
+        config = BenchConfig(
+            target=target,
+            endpoints=tuple(e for e in endpoints.split(",") if e.strip()),
+            connections=connections,
+            inflight=inflight,
+            key_size=key_size,
+            value_size=value_size,
+            keyspace=keyspace,
+            mix=parse_mix(mix_text),
+            duration=duration,
+            requests=requests,
+            warmup=warmup,
+            seed=seed,
+            consistency=consistency,
+            txn_ops=txn_ops,
+            token=token,
+            processes=processes,
+            connect_timeout=connect_timeout,
+            drain_timeout=drain_timeout,
+        ).validated()
+    except BenchError as exc:
+        raise click.UsageError(str(exc)) from None
+    if output == "text" and config.connections < connections:
+        click.echo(f"note: --connections lowered to {config.connections} (= --inflight)", err=True)
+    show = progress if progress is not None else (output == "text" and sys.stderr.isatty())
+    prog = Progress(sys.stderr) if show else None
+    try:
+        report = run_bench(config, prog)
+    except BenchError as exc:
+        if prog is not None:
+            prog.close()
+        raise click.ClickException(str(exc)) from None
+    print_report(report, output)

@@ -1,0 +1,943 @@
+"""The dsnode client: asyncio :class:`Client` and its blocking twin :class:`SyncClient`.
+
+Wire contract: /work/shared/PROTOCOL.md (msgpack maps in length-prefixed frames, requests
+matched to responses by ``id``).
+
+Connections and pipelining
+    A client holds ``pool_size`` TCP connections (default 1). Each carries any number of
+    concurrent requests; ids are client-wide increasing ints starting at 1, and the
+    connection's protocol object resolves the waiting futures by id as frames arrive, in any
+    order. A request goes to the open connection with the fewest requests in flight.
+
+Endpoints
+    ``endpoints`` is a list of ``host:port`` (or one comma-separated string). The client
+    connects to the first reachable one; when a connection is lost, the next connect starts
+    at the next endpoint (round-robin). After a full round of failed connects it backs off
+    exponentially (50 ms doubling to 1 s, with jitter), always within the caller's deadline.
+    If ``token`` is set, ``hello`` with it is the first request on every new connection.
+
+Deadlines
+    Every call has a deadline, ``timeout`` seconds (per call, else the client default) from
+    the call's start. It bounds connecting, retries and waiting, and is sent to the server as
+    ``timeout_ms`` (the time left when the frame is sent).
+
+Retry rule (the important one)
+    Reads (``get``, ``status``, ``hello``) are retried within the deadline after a lost
+    connection, ``unavailable`` or ``overloaded``. A write (``put``, ``delete``, ``txn``, and
+    any op sent through :meth:`Client.request` that is not a known read) is NEVER sent again
+    once it may have reached the server: if its connection drops or its deadline passes
+    after it was written, the call raises :class:`ConnectionLost` or :class:`Timeout` with
+    ``indeterminate=True``. A write is retried only when it provably had no effect: it was
+    never written to a socket (no connection yet, connection already closed), or the server
+    answered ``unavailable``/``overloaded`` with ``indeterminate=false``. ``conflict`` is
+    never retried automatically (the caller usually wants to re-read first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import Future as ConcurrentFuture
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar, cast
+
+import msgpack
+
+from dsnode.client.errors import (
+    CONNECTION_LOST,
+    ConnectionLost,
+    DsnodeError,
+    Internal,
+    Timeout,
+    TooLarge,
+    Unavailable,
+    error_from_wire,
+)
+from dsnode.wire import errors as codes
+from dsnode.wire.framing import (
+    DEFAULT_MAX_FRAME_BYTES,
+    HEADER,
+    FrameDecoder,
+    FrameError,
+    unpack_payload,
+)
+
+__all__ = [
+    "Client",
+    "SyncClient",
+    "Op",
+    "GetResult",
+    "PutResult",
+    "DeleteResult",
+    "TxnResult",
+    "Compare",
+    "parse_endpoints",
+    "READ_OPS",
+    "DEFAULT_TIMEOUT",
+]
+
+DEFAULT_TIMEOUT = 5.0
+CLIENT_NAME = "dsnode-py/0.1"
+
+READ_OPS = frozenset({"get", "status", "hello"})
+"""Ops that never change state, so the client may send them again."""
+
+_RETRY_CODES = frozenset({codes.UNAVAILABLE, codes.OVERLOADED, CONNECTION_LOST})
+_BACKOFF_FIRST_S = 0.05
+_BACKOFF_MAX_S = 1.0
+
+KeyLike = str | bytes | bytearray | memoryview
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- results
+
+
+class GetResult(NamedTuple):
+    """``value`` is ``None`` when the key is absent (then ``version`` is 0)."""
+
+    value: bytes | None
+    version: int
+
+
+class PutResult(NamedTuple):
+    """``version`` is the new version on success, else the key's current version."""
+
+    succeeded: bool
+    version: int
+
+
+class DeleteResult(NamedTuple):
+    """``version`` is the version just before the request (0 if absent); on a failed
+    ``if_version``, the current version."""
+
+    succeeded: bool
+    existed: bool
+    version: int
+
+
+class TxnResult(NamedTuple):
+    """``succeeded`` says which branch ran; ``results`` answers its sub-ops in order.
+
+    Each result is the server's map with bytes values: ``{"value", "version"}`` for a get,
+    ``{"version"}`` for a put, ``{"existed"}`` for a delete.
+    """
+
+    succeeded: bool
+    results: list[dict[str, Any]]
+
+
+class Compare(NamedTuple):
+    """Transaction guard: holds when ``key``'s current version equals ``version`` (0: absent)."""
+
+    key: KeyLike
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One transaction sub-op; build with :meth:`Op.get`, :meth:`Op.put`, :meth:`Op.delete`."""
+
+    op: str
+    key: bytes
+    value: bytes | None = None
+
+    @staticmethod
+    def get(key: KeyLike) -> Op:
+        return Op("get", _to_bytes(key, "key"))
+
+    @staticmethod
+    def put(key: KeyLike, value: KeyLike) -> Op:
+        return Op("put", _to_bytes(key, "key"), _to_bytes(value, "value"))
+
+    @staticmethod
+    def delete(key: KeyLike) -> Op:
+        return Op("delete", _to_bytes(key, "key"))
+
+    def to_wire(self) -> dict[str, Any]:
+        if self.op == "put":
+            return {"op": "put", "key": self.key, "value": self.value}
+        return {"op": self.op, "key": self.key}
+
+
+def _to_bytes(data: object, what: str) -> bytes:
+    """str -> UTF-8 bytes; bytes-like -> bytes; anything else is a TypeError."""
+    if type(data) is bytes:
+        return data
+    if isinstance(data, str):
+        return data.encode()
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data)
+    raise TypeError(f"{what} must be str or bytes, not {type(data).__name__}")
+
+
+def parse_endpoints(endpoints: str | Iterable[str]) -> list[tuple[str, int]]:
+    """Parse ``"host:port,host:port"`` or a list of ``host:port`` (IPv6 as ``[::1]:7379``).
+
+    Raises ValueError naming the bad entry; the result is never empty.
+    """
+    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
+    out: list[tuple[str, int]] = []
+    for raw in items:
+        item = raw.strip()
+        if not item:
+            continue
+        host, sep, port_text = item.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"endpoint {item!r} is not host:port")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ValueError(f"endpoint {item!r} has a bad port") from None
+        if not 0 < port < 65536:
+            raise ValueError(f"endpoint {item!r} has a port out of range")
+        out.append((host, port))
+    if not out:
+        raise ValueError("no endpoints given")
+    return out
+
+
+# --------------------------------------------------------------------------- connection
+
+
+class _Closed(Exception):
+    """Internal: the connection closed while a request waited; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Expired(Exception):
+    """Internal: the call's deadline passed while waiting on a future."""
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection: writes frames, resolves pending futures by response id.
+
+    Invariants: ``pending`` holds only futures whose caller is still waiting (callers remove
+    their own entry when they stop waiting); once ``open`` is False it never becomes True
+    again, and every future still pending has been failed with :class:`_Closed`.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        endpoint_index: int,
+        max_frame_bytes: int,
+        on_lost: Callable[[_Connection], None],
+    ) -> None:
+        self.loop = loop
+        self.endpoint_index = endpoint_index
+        self.max_frame_bytes = max_frame_bytes
+        self.on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.open = False
+        self.paused = False
+        self.close_reason = "connection closed"
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._decoder = FrameDecoder(max_frame_bytes)
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._out: list[bytes] = []  # frames queued for the next flush (write coalescing)
+
+    # -- asyncio.Protocol callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, hence the cast.
+        self.transport = cast(asyncio.Transport, transport)
+        self.open = True
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._decoder.feed(data)
+        except FrameError as exc:
+            self.abort(f"server sent a bad frame ({exc.code}: {exc.message})")
+            return
+        pending = self.pending
+        limit = self.max_frame_bytes
+        for payload in frames:
+            try:
+                msg = unpack_payload(payload, limit)
+            except Exception as exc:  # msgpack raises a family of ValueErrors
+                self.abort(f"server sent an undecodable frame: {exc}")
+                return
+            if type(msg) is not dict:
+                self.abort("server sent a frame that is not a map")
+                return
+            rid = msg.get("id")
+            if type(rid) is not int:
+                self.abort(f"server sent a response without an integer id: {rid!r:.40}")
+                return
+            fut = pending.pop(rid, None)
+            if fut is not None:
+                if not fut.done():
+                    fut.set_result(msg)
+            elif rid == 0:
+                # Connection-level error; the server closes the connection next.
+                err = error_from_wire(msg.get("error"), True)
+                self.close_reason = f"server closed the connection ({err.code}: {err.message})"
+            # Otherwise: a late answer to a request whose caller gave up. Ignore it.
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.close_reason == "connection closed":
+            self.close_reason = f"connection lost: {exc}"
+        self.open = False
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(_Closed(self.close_reason))
+        self._wake_writers(_Closed(self.close_reason))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.on_lost(self)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._wake_writers(None)
+
+    # -- used by the client
+
+    def write(self, frame: bytes) -> None:
+        """Queue ``frame``; all frames queued in one loop iteration go out in one write.
+
+        Coalescing turns N pipelined requests into one syscall instead of N; a lone request
+        (nothing else in flight) is written at once to keep latency low. A frame queued
+        on a connection that is lost before the flush is never sent, but its caller still
+        treats it as possibly sent (conservative, never wrong).
+        """
+        out = self._out
+        if not out:
+            if len(self.pending) <= 1 and self.transport is not None:
+                # Nothing else in flight: no batch to join, so skip the extra loop turn.
+                self.transport.write(frame)
+                return
+            self.loop.call_soon(self._flush)
+        out.append(frame)
+
+    def _flush(self) -> None:
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        if self.open and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _wake_writers(self, exc: Exception | None) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                if exc is None:
+                    w.set_result(None)
+                else:
+                    w.set_exception(exc)
+
+    async def wait_writable(self) -> None:
+        """Wait until the transport's write buffer drains below its high-water mark.
+
+        Raises :class:`_Closed` if the connection closes first.
+        """
+        while self.paused and self.open:
+            w: asyncio.Future[None] = self.loop.create_future()
+            self._drain_waiters.append(w)
+            await w
+        if not self.open:
+            raise _Closed(self.close_reason)
+
+    def abort(self, reason: str) -> None:
+        if self.open:
+            self.close_reason = reason
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self, reason: str) -> None:
+        if self.open:
+            self.close_reason = reason
+        if self.transport is not None:
+            self.transport.close()
+
+
+# --------------------------------------------------------------------------- client
+
+
+class Client:
+    """Asyncio dsnode client. See the module docstring for connections, deadlines, retries.
+
+    Use ``async with Client("h1:7379,h2:7379") as c: ...`` or ``await c.connect()`` and
+    ``await c.close()``. Calls connect lazily too. Keys and values accept ``str`` (sent as
+    UTF-8) or bytes; responses carry bytes. A client is bound to the event loop it first runs
+    on and must only be used from that loop.
+
+    Errors are subclasses of :class:`dsnode.client.errors.DsnodeError`; bad argument types
+    raise ``TypeError``/``ValueError``.
+    """
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        token: str | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        pool_size: int = 1,
+        client_name: str = CLIENT_NAME,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        if pool_size < 1:
+            raise ValueError("pool_size must be >= 1")
+        if max_frame_bytes < 1:
+            raise ValueError("max_frame_bytes must be >= 1")
+        self._endpoints = parse_endpoints(endpoints)
+        self.timeout = float(timeout)
+        self._token = token
+        self._client_name = client_name
+        self._max_frame_bytes = max_frame_bytes
+        self._slots: list[_Connection | None] = [None] * pool_size
+        self._connecting: dict[int, asyncio.Task[_Connection]] = {}
+        self._preferred = 0  # index of the endpoint the next connect tries first
+        self._failed_rounds = 0  # consecutive connect rounds in which every endpoint failed
+        self._ids = itertools.count(1)
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self.server_info: dict[str, Any] | None = None
+        """The last ``hello`` answer received on a new connection (only with a token)."""
+
+    # -- lifecycle
+
+    async def connect(self) -> None:
+        """Open every pool connection (first reachable endpoint, round-robin on failure).
+
+        Raises :class:`Unavailable` if no endpoint is reachable within ``timeout``, or the
+        ``hello`` error (e.g. :class:`Unauthenticated`) if the token is refused.
+        """
+        self._check_open()
+        deadline = self._bind_loop().time() + self.timeout
+        for i in range(len(self._slots)):
+            conn = self._slots[i]
+            if conn is None or not conn.open:
+                await self._await_slot(i, deadline)
+
+    async def close(self) -> None:
+        """Close all connections; requests still waiting fail with :class:`ConnectionLost`.
+
+        Idempotent. Waits (briefly, at most 1 s) for the transports to finish closing.
+        """
+        self._closed = True
+        for task in self._connecting.values():
+            task.cancel()
+        self._connecting.clear()
+        conns = [c for c in self._slots if c is not None]
+        self._slots = [None] * len(self._slots)
+        for c in conns:
+            c.close("client closed")
+        waits = [c.closed for c in conns if not c.closed.done()]
+        if waits:
+            await asyncio.wait(waits, timeout=1.0)
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests currently awaiting an answer, over all connections."""
+        return sum(len(c.pending) for c in self._slots if c is not None)
+
+    # -- public API
+
+    async def get(
+        self, key: KeyLike, consistency: str = "linearizable", *, timeout: float | None = None
+    ) -> GetResult:
+        """Read ``key``. ``consistency``: ``"linearizable"`` (default) or ``"stale"``."""
+        msg: dict[str, Any] = {"op": "get", "key": _to_bytes(key, "key")}
+        if consistency != "linearizable":
+            msg["consistency"] = consistency
+        resp = await self._call(msg, timeout, False)
+        return GetResult(resp.get("value"), resp.get("version", 0))
+
+    async def put(
+        self,
+        key: KeyLike,
+        value: KeyLike,
+        if_version: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> PutResult:
+        """Write ``key`` = ``value``; with ``if_version``, only if the current version equals
+        it (0: only if absent). A failed condition is a result (``succeeded=False``), not an
+        error. Never re-sent once possibly delivered (see the retry rule)."""
+        msg: dict[str, Any] = {
+            "op": "put",
+            "key": _to_bytes(key, "key"),
+            "value": _to_bytes(value, "value"),
+        }
+        if if_version is not None:
+            msg["if_version"] = _check_version(if_version, "if_version")
+        resp = await self._call(msg, timeout, True)
+        return PutResult(resp["succeeded"], resp["version"])
+
+    async def delete(
+        self, key: KeyLike, if_version: int | None = None, *, timeout: float | None = None
+    ) -> DeleteResult:
+        """Delete ``key``; with ``if_version``, only if the current version equals it."""
+        msg: dict[str, Any] = {"op": "delete", "key": _to_bytes(key, "key")}
+        if if_version is not None:
+            msg["if_version"] = _check_version(if_version, "if_version")
+        resp = await self._call(msg, timeout, True)
+        return DeleteResult(resp["succeeded"], resp.get("existed", False), resp["version"])
+
+    async def txn(
+        self,
+        compares: Iterable[tuple[KeyLike, int] | Compare] = (),
+        then: Iterable[Op] = (),
+        else_: Iterable[Op] = (),
+        *,
+        timeout: float | None = None,
+    ) -> TxnResult:
+        """Atomically: if every ``(key, version)`` compare holds run ``then``, else ``else_``.
+
+        Build sub-ops with :meth:`Op.get`, :meth:`Op.put`, :meth:`Op.delete`.
+        """
+        msg: dict[str, Any] = {"op": "txn"}
+        ifs = [
+            {"key": _to_bytes(k, "key"), "version": _check_version(v, "version")}
+            for k, v in compares
+        ]
+        if ifs:
+            msg["if"] = ifs
+        then_w = [_op_to_wire(o) for o in then]
+        if then_w:
+            msg["then"] = then_w
+        else_w = [_op_to_wire(o) for o in else_]
+        if else_w:
+            msg["else"] = else_w
+        resp = await self._call(msg, timeout, True)
+        return TxnResult(resp["succeeded"], resp.get("results", []))
+
+    async def status(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The node's status map (``node_id``, ``ready``, ``members``, ``partitions``...)."""
+        return _strip(await self._call({"op": "status"}, timeout, False))
+
+    async def hello(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Send ``hello`` (with the token, if any); returns ``node_id``, ``protocol``..."""
+        return _strip(await self._call(self._hello_msg(), timeout, False))
+
+    async def request(
+        self, op: str, fields: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Send any op with ``fields`` (must not contain ``id``/``op``/``timeout_ms``).
+
+        Returns the success map without ``id`` and ``ok``; raises the mapped error otherwise.
+        Ops in :data:`READ_OPS` are retried like reads; every other op is treated as a write.
+        """
+        msg: dict[str, Any] = {"op": op}
+        if fields:
+            for name in ("id", "op", "timeout_ms"):
+                if name in fields:
+                    raise ValueError(f"fields must not contain {name!r}")
+            msg.update(fields)
+        return _strip(await self._call(msg, timeout, op not in READ_OPS))
+
+    # -- the request path
+
+    async def _call(self, msg: dict[str, Any], timeout: float | None, write: bool) -> dict:
+        """Send ``msg`` with retries per the retry rule; return the ``ok`` response map."""
+        loop = self._loop
+        if loop is None:
+            loop = self._bind_loop()
+        if self._closed:
+            self._check_open()
+        budget = self.timeout if timeout is None else timeout
+        deadline = loop.time() + budget
+        attempt = 0
+        while True:
+            try:
+                return await self._attempt(loop, msg, deadline, budget, write)
+            except DsnodeError as exc:
+                if exc.indeterminate or not exc.retryable or exc.code not in _RETRY_CODES:
+                    raise
+                if self._closed:
+                    raise
+                delay = _backoff(attempt)
+                attempt += 1
+                if loop.time() + delay >= deadline:
+                    raise
+                await asyncio.sleep(delay)
+
+    async def _attempt(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        msg: dict[str, Any],
+        deadline: float,
+        budget: float,
+        write: bool,
+    ) -> dict:
+        # Pick the open connection with the fewest requests in flight (fast path: one slot).
+        slots = self._slots
+        conn = slots[0]
+        if len(slots) > 1:
+            conn = self._pick()
+        if conn is None or not conn.open:
+            conn = await self._acquire(deadline)
+        return await self._send(loop, conn, msg, deadline, budget, write)
+
+    async def _send(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        conn: _Connection,
+        msg: dict[str, Any],
+        deadline: float,
+        budget: float,
+        write: bool,
+    ) -> dict:
+        """One attempt on one connection. Indeterminate only once the frame was written."""
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise Timeout(f"deadline of {budget:g}s passed before the request was sent")
+        rid = next(self._ids)
+        msg["id"] = rid
+        msg["timeout_ms"] = int(remaining * 1000) or 1
+        payload = self._packer.pack(msg)
+        if len(payload) > self._max_frame_bytes:
+            raise TooLarge(
+                f"request frame of {len(payload)} bytes exceeds "
+                f"max_frame_bytes={self._max_frame_bytes}; not sent"
+            )
+        if conn.paused:
+            # Wait for the socket buffer to drain *before* writing, so that a timeout or a
+            # loss here is still definite (the request was not sent).
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await conn.wait_writable()
+            except _Closed as exc:
+                raise ConnectionLost(exc.reason + "; not sent") from None
+            except TimeoutError:
+                raise Timeout(f"deadline of {budget:g}s passed waiting to send; not sent") from None
+        if not conn.open:
+            raise ConnectionLost(conn.close_reason + "; not sent")
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        conn.pending[rid] = fut
+        conn.write(HEADER.pack(len(payload)) + payload)
+        # From here on a write may reach the server: it is never sent again.
+        handle = loop.call_at(deadline, _expire, fut)
+        try:
+            resp = await fut
+        except _Closed as exc:
+            raise ConnectionLost(exc.reason, indeterminate=write) from None
+        except _Expired:
+            raise Timeout(f"no answer within {budget:g}s", indeterminate=write) from None
+        finally:
+            handle.cancel()
+            conn.pending.pop(rid, None)
+        if resp.get("ok") is True:
+            return resp
+        if resp.get("ok") is False:
+            raise error_from_wire(resp.get("error"), write)
+        raise Internal(f"malformed response (no ok field): {resp!r:.200}", indeterminate=write)
+
+    # -- connection management
+
+    def _pick(self) -> _Connection | None:
+        """The open connection with the fewest in-flight requests; starts background
+        reconnects for dead slots when some other slot is still usable."""
+        best: _Connection | None = None
+        dead: list[int] = []
+        for i, c in enumerate(self._slots):
+            if c is None or not c.open:
+                dead.append(i)
+            elif best is None or len(c.pending) < len(best.pending):
+                best = c
+        if best is not None and dead:
+            for i in dead:
+                if i not in self._connecting:
+                    self._start_connect(i)
+        return best
+
+    async def _acquire(self, deadline: float) -> _Connection:
+        """Return an open connection, connecting (with round-robin and backoff) if needed.
+
+        Raises :class:`Unavailable` (definite) when the deadline passes without one.
+        """
+        self._check_open()
+        conn = self._pick() if len(self._slots) > 1 else None
+        if conn is not None:
+            return conn
+        return await self._await_slot(0, deadline)
+
+    async def _await_slot(self, slot: int, deadline: float) -> _Connection:
+        loop = self._bind_loop()
+        last: DsnodeError | None = None
+        while True:
+            conn = self._slots[slot]
+            if conn is not None and conn.open:
+                return conn
+            self._check_open()
+            task = self._connecting.get(slot) or self._start_connect(slot)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                return await asyncio.wait_for(asyncio.shield(task), remaining)
+            except TimeoutError:
+                break
+            except DsnodeError as exc:
+                if not exc.retryable:
+                    raise
+                last = exc
+            delay = _backoff(self._failed_rounds - 1)
+            if loop.time() + delay >= deadline:
+                break
+            await asyncio.sleep(delay)
+        detail = last.message if last is not None else "still connecting"
+        raise Unavailable(f"no endpoint reachable before the deadline ({detail})")
+
+    def _start_connect(self, slot: int) -> asyncio.Task[_Connection]:
+        task = self._bind_loop().create_task(self._connect_round(slot))
+        self._connecting[slot] = task
+
+        def done(t: asyncio.Task[_Connection]) -> None:
+            if self._connecting.get(slot) is t:
+                del self._connecting[slot]
+            if not t.cancelled():
+                t.exception()  # consumed here; waiters get it through shield()
+
+        task.add_done_callback(done)
+        return task
+
+    async def _connect_round(self, slot: int) -> _Connection:
+        """Try each endpoint once, starting at the preferred one; install the first that
+        connects (and accepts the token) in ``slot``."""
+        loop = self._bind_loop()
+        n = len(self._endpoints)
+        errors: list[str] = []
+        start = self._preferred
+        for k in range(n):
+            idx = (start + k) % n
+            host, port = self._endpoints[idx]
+            try:
+                async with asyncio.timeout(self.timeout):
+                    _, conn = await loop.create_connection(
+                        lambda idx=idx: _Connection(
+                            loop, idx, self._max_frame_bytes, self._on_lost
+                        ),
+                        host,
+                        port,
+                    )
+            except (OSError, TimeoutError) as exc:
+                errors.append(f"{host}:{port}: {exc or type(exc).__name__}")
+                continue
+            if self._token is not None:
+                try:
+                    hello = await self._send(
+                        loop,
+                        conn,
+                        self._hello_msg(),
+                        loop.time() + self.timeout,
+                        self.timeout,
+                        False,
+                    )
+                except DsnodeError as exc:
+                    conn.close(f"hello failed: {exc}")
+                    if not exc.retryable:
+                        raise
+                    errors.append(f"{host}:{port}: hello: {exc}")
+                    continue
+                except BaseException:
+                    conn.close("connect cancelled")
+                    raise
+                self.server_info = _strip(hello)
+            if self._closed:
+                conn.close("client closed")
+                raise ConnectionLost("client is closed", retryable=False)
+            self._preferred = idx
+            self._failed_rounds = 0
+            self._slots[slot] = conn
+            return conn
+        self._failed_rounds += 1
+        raise Unavailable("; ".join(errors))
+
+    def _on_lost(self, conn: _Connection) -> None:
+        """A connection closed: the next connect starts at the next endpoint."""
+        if self._closed:
+            return
+        if conn.endpoint_index == self._preferred:
+            self._preferred = (conn.endpoint_index + 1) % len(self._endpoints)
+
+    # -- helpers
+
+    def _hello_msg(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {"op": "hello", "client": self._client_name}
+        if self._token is not None:
+            msg["token"] = self._token
+        return msg
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("this Client is bound to another event loop")
+        return loop
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConnectionLost("client is closed", retryable=False)
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with jitter: ~50 ms, 100 ms, ... capped at 1 s."""
+    base = min(_BACKOFF_MAX_S, _BACKOFF_FIRST_S * (2 ** max(attempt, 0)))
+    return base * (0.5 + random.random() / 2)
+
+
+def _check_version(v: object, what: str) -> int:
+    if type(v) is not int or v < 0:
+        raise ValueError(f"{what} must be an int >= 0, got {v!r}")
+    return v
+
+
+def _op_to_wire(op: object) -> dict[str, Any]:
+    if isinstance(op, Op):
+        return op.to_wire()
+    raise TypeError(f"txn sub-ops must be built with Op.get/put/delete, not {op!r:.80}")
+
+
+def _strip(resp: dict[str, Any]) -> dict[str, Any]:
+    out = dict(resp)
+    out.pop("id", None)
+    out.pop("ok", None)
+    return out
+
+
+# --------------------------------------------------------------------------- sync wrapper
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class SyncClient:
+    """Blocking wrapper around :class:`Client` with the same methods and arguments.
+
+    It runs a private event loop in a daemon thread and hands each call to it, so it works
+    from any thread, including one that already runs its own event loop. Thread-safe: many
+    threads may call one SyncClient at once (their requests pipeline on its connections).
+    Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, endpoints: str | Sequence[str], **kwargs: Any) -> None:
+        self._client = Client(endpoints, **kwargs)
+        self.timeout = self._client.timeout
+        self._loop = _new_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="dsnode-sync-client", daemon=True
+        )
+        self._thread.start()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _run(self, coro: Awaitable[T], timeout: float | None = None) -> T:
+        if self._closed:
+            if asyncio.iscoroutine(coro):
+                coro.close()
+            raise ConnectionLost("client is closed", retryable=False)
+        fut: ConcurrentFuture[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+        # The coroutine enforces its own deadline; this outer bound only guards against bugs.
+        guard = (self.timeout if timeout is None else timeout) + 30.0
+        try:
+            return fut.result(guard)
+        except BaseException:
+            fut.cancel()
+            raise
+
+    def connect(self) -> None:
+        self._run(self._client.connect())
+
+    def close(self) -> None:
+        """Close the connections and stop the loop thread. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result(5.0)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5.0)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    def __enter__(self) -> SyncClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def get(
+        self, key: KeyLike, consistency: str = "linearizable", *, timeout: float | None = None
+    ) -> GetResult:
+        return self._run(self._client.get(key, consistency, timeout=timeout), timeout)
+
+    def put(
+        self,
+        key: KeyLike,
+        value: KeyLike,
+        if_version: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> PutResult:
+        return self._run(self._client.put(key, value, if_version, timeout=timeout), timeout)
+
+    def delete(
+        self, key: KeyLike, if_version: int | None = None, *, timeout: float | None = None
+    ) -> DeleteResult:
+        return self._run(self._client.delete(key, if_version, timeout=timeout), timeout)
+
+    def txn(
+        self,
+        compares: Iterable[tuple[KeyLike, int] | Compare] = (),
+        then: Iterable[Op] = (),
+        else_: Iterable[Op] = (),
+        *,
+        timeout: float | None = None,
+    ) -> TxnResult:
+        return self._run(
+            self._client.txn(list(compares), list(then), list(else_), timeout=timeout), timeout
+        )
+
+    def status(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._run(self._client.status(timeout=timeout), timeout)
+
+    def hello(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._run(self._client.hello(timeout=timeout), timeout)
+
+    def request(
+        self, op: str, fields: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        return self._run(self._client.request(op, fields, timeout), timeout)

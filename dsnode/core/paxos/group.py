@@ -1,0 +1,559 @@
+"""One Multi-Paxos group (one partition, or the metadata group) on one node.
+
+Driven only through ``step``, ``tick``, ``propose``, ``read`` and ``flush``;
+every effect goes into the shared ``Outbox`` that ``PaxosNode.ready`` drains.
+Messages to this node itself take the same code path through a local queue.
+Roles change only in ``become_follower``/``become_candidate``/``become_leader``.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from dsnode.core.commands import STALE, Get
+from dsnode.core.effects import Reply
+from dsnode.core.errors import InvariantBroken, PeerMisbehaved
+from dsnode.core.paxos import records as rec
+from dsnode.core.paxos.acceptor import Acceptor
+from dsnode.core.paxos.config import PaxosConfig
+from dsnode.core.paxos.learner import Learner
+from dsnode.core.paxos.log import Log
+from dsnode.core.paxos.messages import (
+    Accept,
+    Accepted,
+    Ballot,
+    CatchupReq,
+    Learn,
+    Prepare,
+    Promise,
+    SnapChunk,
+)
+from dsnode.core.paxos.proposer import PendingRead, Proposer, merge_promises
+from dsnode.core.paxos.statemachine import DedupKV, pack_batch
+
+
+class Role(Enum):
+    FOLLOWER = "follower"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """Notice in ``Ready.apply``: ``slot``'s chosen ``value`` was applied here."""
+
+    group: Any
+    slot: int
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInstalled:
+    """Notice in ``Ready.apply``: the state machine jumped to ``index``."""
+
+    group: Any
+    index: int
+
+
+@dataclass(slots=True)
+class Outbox:
+    persist: list[bytes] = field(default_factory=list)
+    send: list[tuple[str, Any]] = field(default_factory=list)
+    apply: list[Any] = field(default_factory=list)
+    reply: list[Reply] = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)
+
+
+def _unavailable(token: Any, why: str, indeterminate: bool) -> Reply:
+    return Reply(token, error=("unavailable", why, indeterminate))
+
+
+class PaxosGroup:
+    def __init__(
+        self,
+        group: Any,
+        node_id: str,
+        members: tuple[str, ...],
+        rng: random.Random,
+        out: Outbox,
+        cfg: PaxosConfig,
+        acceptor_cls: type[Acceptor] = Acceptor,
+    ) -> None:
+        if node_id not in members:
+            raise InvariantBroken(f"{node_id} not a member of group {group}")
+        self.group = group
+        self.me = node_id
+        self.members = tuple(sorted(members))
+        self.quorum = len(self.members) // 2 + 1
+        self.rng = rng
+        self.out = out
+        self.cfg = cfg
+        self.acceptor = acceptor_cls(group)
+        self.log = Log()
+        self.sm = DedupKV()
+        self.now = 0
+        self.max_round = 0
+        self.leader_hint: str | None = None
+        self.heard_leader_at = -(10**9)
+        self.failed_elections = 0
+        self._local: list[Any] = []
+        # role state
+        self.role = Role.FOLLOWER
+        self.ballot: Ballot = (0, node_id)
+        self.promises: dict[str, Promise] = {}
+        self.proposer: Proposer | None = None
+        self.learner: Learner | None = None
+        self.elapsed = 0
+        self.timeout = 0
+        self.last_heartbeat = 0
+        # catch-up (pull) state
+        self.catchup_peer: str | None = None
+        self.catchup_target = 0
+        self.catchup_sent_at = -(10**9)
+        self.snap_in: tuple[int, int, int] | None = None  # (index, total, crc)
+        self.snap_buf = bytearray()
+        self.become_follower()
+
+    # ================================================================ roles
+    def become_follower(self) -> None:
+        self._fail_pending("leadership lost")
+        self.role = Role.FOLLOWER
+        self.proposer = None
+        self.learner = None
+        self.promises = {}
+        self._reset_catchup()
+        self.elapsed = 0
+        self.timeout = self._random_timeout()
+
+    def become_candidate(self) -> None:
+        self._fail_pending("leadership lost")
+        self.role = Role.CANDIDATE
+        self.proposer = None
+        self.learner = None
+        self._reset_catchup()
+        self.max_round = max(self.max_round, self.acceptor.promised[0]) + 1
+        self.ballot = (self.max_round, self.me)
+        self.promises = {}
+        self.leader_hint = None
+        self.elapsed = 0
+        self.timeout = self._random_timeout()
+        self.failed_elections += 1
+        msg = Prepare(self.group, self.ballot, self.log.chosen_through + 1)
+        for m in self.members:
+            self._send(m, msg)
+
+    def become_leader(self) -> None:
+        res = merge_promises(self.promises, self.log.chosen_through + 1, self.log.chosen_through)
+        self.role = Role.LEADER
+        self.promises = {}
+        self._reset_catchup()
+        self.failed_elections = 0
+        self.leader_hint = self.me
+        self.learner = Learner(self.quorum)
+        p = Proposer(
+            self.ballot,
+            next_slot=res.recovery_end + 1,
+            recovery_end=res.recovery_end,
+            elected_at=self.now,
+        )
+        for m in self.members:
+            p.last_ack[m] = self.now
+        self.proposer = p
+        for slot, value in res.proposals.items():
+            if slot in self.log.chosen:
+                value = self.log.chosen[slot]
+            p.proposals[slot] = value
+            self.learner.track(slot)
+        if res.snap_peer is not None and res.snap_index > self.log.chosen_through:
+            self._want_catchup(res.snap_peer, res.snap_index)
+        self._broadcast_accepts(sorted(p.proposals.items()))
+        self.last_heartbeat = self.now
+
+    def _random_timeout(self) -> int:
+        t = self.cfg.election_timeout_ticks
+        return self.rng.randint(t, t * (2 + min(self.failed_elections, 4)) - 1)
+
+    def _fail_pending(self, why: str) -> None:
+        p = self.proposer
+        if p is None:
+            return
+        hint = f"{why}; leader={self.leader_hint}"
+        for token in p.tokens.values():
+            self.out.reply.append(_unavailable(token, hint, True))
+        for token, _rid, _cmd in p.queue:
+            self.out.reply.append(_unavailable(token, hint, False))
+        for r in p.reads:
+            self.out.reply.append(_unavailable(r.token, hint, False))
+        p.tokens.clear()
+        p.queue.clear()
+        p.reads.clear()
+
+    # ================================================================ client inputs
+    def propose(self, token: Any, cmd: Any, rid: Any = None) -> None:
+        if self.role is not Role.LEADER:
+            self.out.reply.append(_unavailable(token, f"not leader; leader={self.leader_hint}", False))
+            return
+        self.proposer.queue.append((token, list(rid) if rid is not None else None, cmd))
+
+    def read(self, token: Any, cmd: Get) -> None:
+        if cmd.consistency == STALE:
+            self.out.reply.append(Reply(token, result=self.sm.kv.apply(cmd)))
+            return
+        if self.role is not Role.LEADER:
+            self.out.reply.append(_unavailable(token, f"not leader; leader={self.leader_hint}", False))
+            return
+        p = self.proposer
+        read_index = max(self.log.chosen_through, p.recovery_end)
+        p.reads.append(PendingRead(token, cmd, read_index, p.read_seq + 1))
+        p.read_wanted = True
+
+    def flush(self) -> None:
+        """Turn queued commands into slots and start a read round (batching point)."""
+        p = self.proposer
+        if p is None or self.role is not Role.LEADER:
+            return
+        new: list[tuple[int, bytes]] = []
+        while p.queue and p.next_slot - 1 - self.log.chosen_through < self.cfg.inflight_slots_max:
+            batch = p.queue[: self.cfg.batch_commands_max]
+            del p.queue[: self.cfg.batch_commands_max]
+            slot = p.next_slot
+            p.next_slot += 1
+            value = pack_batch([(rid, cmd) for _t, rid, cmd in batch])
+            for i, (token, _rid, _cmd) in enumerate(batch):
+                p.tokens[(slot, i)] = token
+            p.proposals[slot] = value
+            self.learner.track(slot)
+            new.append((slot, value))
+        if p.read_wanted:
+            p.read_seq += 1
+            p.read_wanted = False
+            if not new:
+                self._heartbeat(retransmit=False)
+                return
+        if new:
+            self._broadcast_accepts(new)
+        self._drain_local()
+
+    # ================================================================ ticks
+    def tick(self) -> None:
+        self.now += 1
+        cfg = self.cfg
+        if self.role is Role.LEADER:
+            p = self.proposer
+            if self.now - self.last_heartbeat >= cfg.heartbeat_interval_ticks:
+                self._heartbeat(retransmit=True)
+            fresh = sum(
+                1 for m in self.members if self.now - p.last_ack.get(m, -(10**9)) <= cfg.leader_quorum_timeout_ticks
+            )
+            if fresh < self.quorum:
+                self.become_follower()
+        else:
+            self.elapsed += 1
+            if self.elapsed >= self.timeout:
+                self.become_candidate()
+        if (
+            self.catchup_peer is not None
+            and self.log.chosen_through < self.catchup_target
+            and self.now - self.catchup_sent_at >= cfg.catchup_retry_ticks
+        ):
+            self._send_catchup()
+        self._drain_local()
+
+    def _heartbeat(self, retransmit: bool) -> None:
+        p = self.proposer
+        self.last_heartbeat = self.now
+        commit = self.log.chosen_through
+        for m in self.members:
+            entries: tuple = ()
+            if retransmit and m != self.me:
+                entries = tuple(
+                    (s, v) for s, v in sorted(p.proposals.items()) if not self.learner.voted(s, m)
+                )[: self.cfg.accept_slots_per_msg_max]
+            self._send(m, Accept(self.group, self.ballot, entries, commit, p.read_seq))
+        self._drain_local()
+
+    def _broadcast_accepts(self, entries: list[tuple[int, bytes]]) -> None:
+        p = self.proposer
+        n = self.cfg.accept_slots_per_msg_max
+        commit = self.log.chosen_through
+        for i in range(0, len(entries), n):
+            msg = Accept(self.group, self.ballot, tuple(entries[i : i + n]), commit, p.read_seq)
+            for m in self.members:
+                self._send(m, msg)
+        self._drain_local()
+
+    # ================================================================ peer input
+    def step(self, frm: str, msg: Any) -> None:
+        if frm not in self.members:
+            self.out.dropped["not_member"] += 1
+            return
+        try:
+            self._dispatch(frm, msg)
+        except PeerMisbehaved:
+            self.out.dropped["misbehaved"] += 1
+        self._drain_local()
+
+    def _dispatch(self, frm: str, msg: Any) -> None:
+        t = type(msg)
+        if t is Accept:
+            self._on_accept(frm, msg)
+        elif t is Accepted:
+            self._on_accepted(frm, msg)
+        elif t is Prepare:
+            self._on_prepare(frm, msg)
+        elif t is Promise:
+            self._on_promise(frm, msg)
+        elif t is CatchupReq:
+            self._on_catchup_req(frm, msg)
+        elif t is Learn:
+            self._on_learn(frm, msg)
+        elif t is SnapChunk:
+            self._on_snap_chunk(frm, msg)
+        else:
+            raise PeerMisbehaved(f"unknown message {t.__name__}")
+
+    def _send(self, to: str, msg: Any) -> None:
+        if to == self.me:
+            self._local.append(msg)
+        else:
+            self.out.send.append((to, msg))
+
+    def _drain_local(self) -> None:
+        while self._local:
+            msg = self._local.pop(0)
+            try:
+                self._dispatch(self.me, msg)
+            except PeerMisbehaved as e:
+                raise InvariantBroken(f"own message rejected: {e}") from None
+
+    def _see_round(self, ballot: Ballot) -> None:
+        if ballot[0] > self.max_round:
+            self.max_round = ballot[0]
+
+    def _leader_recent(self) -> bool:
+        if self.role is Role.LEADER:
+            return True
+        return self.now - self.heard_leader_at < self.cfg.election_timeout_ticks
+
+    # ---------------------------------------------------------------- phase 1
+    def _on_prepare(self, frm: str, m: Prepare) -> None:
+        self._see_round(m.ballot)
+        if (
+            self.cfg.leader_stickiness
+            and frm != self.me
+            and m.ballot > self.acceptor.promised
+            and frm != self.leader_hint
+            and self._leader_recent()
+        ):
+            # Leader stickiness: a live leader is not deposed by a node that
+            # merely lost touch with it. Ignoring a prepare is always safe.
+            self.out.dropped["prepare_while_leader_live"] += 1
+            return
+        reply = self.acceptor.on_prepare(m, self.out.persist)
+        if reply.ok and frm != self.me and self.role is not Role.FOLLOWER and m.ballot > self.ballot:
+            self.become_follower()
+        self._send(frm, reply)
+
+    def _on_promise(self, frm: str, m: Promise) -> None:
+        if not m.ok:
+            self._see_round(m.promised)
+            if self.role is Role.CANDIDATE and m.ballot == self.ballot:
+                self.become_follower()
+            return
+        if self.role is not Role.CANDIDATE or m.ballot != self.ballot:
+            self.out.dropped["stale_promise"] += 1
+            return
+        self.promises[frm] = m
+        if len(self.promises) >= self.quorum:
+            self.become_leader()
+
+    # ---------------------------------------------------------------- phase 2
+    def _on_accept(self, frm: str, m: Accept) -> None:
+        self._see_round(m.ballot)
+        if m.ballot[1] != frm:
+            raise PeerMisbehaved("accept from a node that does not own the ballot")
+        reply = self.acceptor.on_accept(m, self.out.persist)
+        if reply.ok and frm != self.me:
+            if self.role is not Role.FOLLOWER:
+                self.become_follower()
+            self.leader_hint = frm
+            self.heard_leader_at = self.now
+            self.elapsed = 0
+            self.failed_elections = 0
+            self._learn_from_commit(frm, m)
+        self._send(frm, reply)
+
+    def _learn_from_commit(self, frm: str, m: Accept) -> None:
+        log, acc = self.log, self.acceptor.accepted
+        s = log.chosen_through + 1
+        while s <= m.commit:
+            if s not in log.chosen:
+                a = acc.get(s)
+                if a is None or a[0] != m.ballot:
+                    break
+                log.learn(s, a[1])
+            s += 1
+        self._advance()
+        if log.chosen_through < m.commit:
+            self._want_catchup(frm, m.commit)
+
+    def _on_accepted(self, frm: str, m: Accepted) -> None:
+        if not m.ok:
+            self._see_round(m.promised)
+            if self.role is Role.LEADER and m.promised > self.ballot:
+                self.become_follower()
+            return
+        if self.role is not Role.LEADER or m.ballot != self.ballot:
+            self.out.dropped["stale_accepted"] += 1
+            return
+        p = self.proposer
+        p.last_ack[frm] = self.now
+        if m.read_seq > p.acked_seq.get(frm, 0):
+            p.acked_seq[frm] = m.read_seq
+        for s in m.slots:
+            if self.learner.vote(s, frm):
+                self.log.learn(s, p.proposals.pop(s))
+        self._advance()
+
+    # ---------------------------------------------------------------- learning / apply
+    def _advance(self) -> None:
+        log = self.log
+        log.advance()
+        if log.applied < log.chosen_through:
+            p = self.proposer
+            for slot, value in log.to_apply():
+                results = self.sm.apply_value(value)
+                self.out.apply.append(Applied(self.group, slot, value))
+                if p is not None and p.tokens:
+                    for i, result in enumerate(results):
+                        token = p.tokens.pop((slot, i), None)
+                        if token is not None:
+                            self.out.reply.append(Reply(token, result=result))
+            if log.applied - log.snap_index >= self.cfg.snapshot_interval_slots:
+                self._take_snapshot()
+        if self.proposer is not None and self.proposer.reads:
+            self._serve_reads()
+
+    def _serve_reads(self) -> None:
+        p = self.proposer
+        confirmed = p.confirmed_seq(self.members, self.quorum)
+        keep = []
+        for r in p.reads:
+            if r.seq <= confirmed and self.log.applied >= r.read_index:
+                self.out.reply.append(Reply(r.token, result=self.sm.kv.apply(r.cmd)))
+            else:
+                keep.append(r)
+        p.reads = keep
+
+    def _take_snapshot(self) -> None:
+        index = self.log.applied
+        blob = self.sm.snapshot()
+        self.out.persist.append(rec.snapshot(self.group, index, blob))
+        self.log.compact(index, blob)
+        self.acceptor.compact(index)
+
+    # ---------------------------------------------------------------- catch-up
+    def _reset_catchup(self) -> None:
+        self.catchup_peer = None
+        self.catchup_target = 0
+
+    def _want_catchup(self, peer: str, target: int) -> None:
+        self.catchup_peer = peer
+        self.catchup_target = max(self.catchup_target, target)
+        if self.now - self.catchup_sent_at >= self.cfg.catchup_retry_ticks:
+            self._send_catchup()
+
+    def _send_catchup(self) -> None:
+        self.catchup_sent_at = self.now
+        idx, off = 0, 0
+        if self.snap_in is not None:
+            idx, off = self.snap_in[0], len(self.snap_buf)
+        self._send(
+            self.catchup_peer, CatchupReq(self.group, self.log.chosen_through + 1, idx, off)
+        )
+
+    def _on_catchup_req(self, frm: str, m: CatchupReq) -> None:
+        log = self.log
+        if m.from_slot <= log.snap_index and log.snap_blob is not None:
+            blob = log.snap_blob
+            off = m.offset if m.snap_index == log.snap_index and m.offset < len(blob) else 0
+            data = blob[off : off + self.cfg.snapshot_chunk_bytes]
+            self._send(
+                frm,
+                SnapChunk(self.group, log.snap_index, len(blob), off, data, zlib.crc32(blob)),
+            )
+            return
+        # An empty Learn tells the asker we cannot help (we restarted, or lag).
+        self._send(frm, Learn(self.group, log.entries(m.from_slot, self.cfg.catchup_entries_max)))
+
+    def _on_learn(self, frm: str, m: Learn) -> None:
+        if not m.entries:
+            if frm == self.catchup_peer:
+                self._reset_catchup()
+            return
+        for slot, value in m.entries:
+            self.log.learn(slot, value)
+        self._after_catchup_progress()
+
+    def _after_catchup_progress(self) -> None:
+        before = self.log.chosen_through
+        self._advance()
+        if self.log.chosen_through < self.catchup_target and self.log.chosen_through > before:
+            self._send_catchup()
+
+    def _on_snap_chunk(self, frm: str, m: SnapChunk) -> None:
+        if m.index <= self.log.applied:
+            return
+        if self.snap_in is None or self.snap_in[0] != m.index or m.offset != len(self.snap_buf):
+            if m.offset != 0:
+                self.snap_in = None
+                self.snap_buf = bytearray()
+                self.out.dropped["snap_chunk_out_of_order"] += 1
+                return
+            self.snap_in = (m.index, m.total, m.crc)
+            self.snap_buf = bytearray()
+        self.snap_buf += m.data
+        if len(self.snap_buf) < m.total:
+            self._send_catchup()
+            return
+        blob = bytes(self.snap_buf)
+        self.snap_in = None
+        self.snap_buf = bytearray()
+        if zlib.crc32(blob) != m.crc or len(blob) != m.total:
+            self.out.dropped["snap_bad_checksum"] += 1
+            return
+        self.install_snapshot(m.index, blob, persist=True)
+        self._after_catchup_progress()
+
+    def install_snapshot(self, index: int, blob: bytes, persist: bool) -> None:
+        if index <= self.log.applied:
+            return
+        if persist:
+            self.out.persist.append(rec.snapshot(self.group, index, blob))
+        self.sm = DedupKV.restore(blob)
+        self.log.install(index, blob)
+        self.acceptor.compact(index)
+        self.out.apply.append(SnapshotInstalled(self.group, index))
+        p = self.proposer
+        if p is not None:
+            for s in [s for s in p.proposals if s <= index]:
+                del p.proposals[s]
+                self.learner.votes.pop(s, None)
+            for key in [k for k in p.tokens if k[0] <= index]:
+                self.out.reply.append(_unavailable(p.tokens.pop(key), "outcome unknown", True))
+
+    # ---------------------------------------------------------------- recovery
+    def recover_record(self, r: list) -> None:
+        tag = r[0]
+        if tag == rec.PROMISE:
+            self.acceptor.recover_promise(r[2])
+        elif tag == rec.ACCEPT:
+            self.acceptor.recover_accept(r[2], r[3], r[4])
+        elif tag == rec.SNAPSHOT:
+            self.install_snapshot(r[2], r[3], persist=False)
+        self.max_round = max(self.max_round, self.acceptor.promised[0])

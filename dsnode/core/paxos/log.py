@@ -1,0 +1,66 @@
+"""The replicated log of one group: chosen values, watermarks, compaction.
+
+Invariants (checked; a violation is our bug, ``InvariantBroken``):
+``snap_index <= applied <= chosen_through``; every slot in
+``(snap_index, chosen_through]`` has a chosen value; a slot's chosen value
+never changes.
+"""
+
+from __future__ import annotations
+
+from dsnode.core.errors import InvariantBroken
+
+
+class Log:
+    __slots__ = ("chosen", "chosen_through", "applied", "snap_index", "snap_blob")
+
+    def __init__(self) -> None:
+        self.chosen: dict[int, bytes] = {}
+        self.chosen_through = 0
+        self.applied = 0
+        self.snap_index = 0
+        self.snap_blob: bytes | None = None
+
+    def learn(self, slot: int, value: bytes) -> None:
+        if slot <= self.snap_index:
+            return
+        cur = self.chosen.get(slot)
+        if cur is None:
+            self.chosen[slot] = value
+        elif cur != value:
+            raise InvariantBroken(f"slot {slot} chosen twice with different values")
+
+    def advance(self) -> None:
+        nxt = self.chosen_through + 1
+        while nxt in self.chosen:
+            nxt += 1
+        self.chosen_through = nxt - 1
+
+    def to_apply(self) -> list[tuple[int, bytes]]:
+        """Chosen slots not yet applied, in slot order; marks them applied."""
+        out = [(s, self.chosen[s]) for s in range(self.applied + 1, self.chosen_through + 1)]
+        self.applied = self.chosen_through
+        return out
+
+    def entries(self, from_slot: int, limit: int) -> tuple[tuple[int, bytes], ...]:
+        end = min(self.chosen_through, from_slot + limit - 1)
+        return tuple((s, self.chosen[s]) for s in range(max(from_slot, self.snap_index + 1), end + 1))
+
+    def compact(self, index: int, blob: bytes) -> None:
+        """Drop chosen values up to ``index`` (applied, and in ``blob``)."""
+        if index > self.applied:
+            raise InvariantBroken(f"compact past applied {index} > {self.applied}")
+        self.snap_index = index
+        self.snap_blob = blob
+        for s in [s for s in self.chosen if s <= index]:
+            del self.chosen[s]
+
+    def install(self, index: int, blob: bytes) -> None:
+        """A snapshot from elsewhere (or from recovery) at ``index``."""
+        self.snap_index = index
+        self.snap_blob = blob
+        for s in [s for s in self.chosen if s <= index]:
+            del self.chosen[s]
+        self.applied = index
+        self.chosen_through = max(self.chosen_through, index)
+        self.advance()

@@ -1,0 +1,201 @@
+"""Peer messages of the Multi-Paxos core: frozen, slotted dataclasses.
+
+Every message carries ``group`` (many groups share one connection per peer).
+A ballot is a ``(round, node_id)`` tuple; tuples order by round, then node id
+(Paxos Made Simple, section 2.2: proposal numbers from disjoint sets). An
+entry value is opaque ``bytes``: ``b""`` is a no-op, anything else a
+msgpack-packed batch of ``[request_id, encoded_command]`` pairs.
+
+``to_wire``/``from_wire`` give a msgpack-friendly list form with a kind tag
+for the wire codec; ``from_wire`` raises ``PeerMisbehaved`` on anything
+malformed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from dsnode.core.errors import PeerMisbehaved
+
+Ballot = tuple[int, str]
+ZERO_BALLOT: Ballot = (0, "")
+NOOP = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Prepare:
+    """Phase 1a for every slot >= ``from_slot`` at once."""
+
+    group: Any
+    ballot: Ballot
+    from_slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class Promise:
+    """Phase 1b. ``ok`` false is a nack carrying the higher ``promised``.
+
+    ``accepted`` lists ``(slot, ballot, value)`` for slots above both
+    ``from_slot`` and ``snap_index``; slots up to ``snap_index`` are chosen
+    and compacted at this acceptor (ask it for a snapshot).
+    """
+
+    group: Any
+    ballot: Ballot
+    ok: bool
+    promised: Ballot
+    snap_index: int
+    accepted: tuple[tuple[int, Ballot, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """Phase 2a for many slots; with no entries it is the leader heartbeat.
+
+    ``commit``: every slot up to it is chosen. ``read_seq``: the read-index
+    round this message confirms leadership for.
+    """
+
+    group: Any
+    ballot: Ballot
+    entries: tuple[tuple[int, bytes], ...]
+    commit: int
+    read_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """Phase 2b for ``slots`` (and the heartbeat ack). ``ok`` false is a nack."""
+
+    group: Any
+    ballot: Ballot
+    ok: bool
+    promised: Ballot
+    slots: tuple[int, ...] = ()
+    read_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CatchupReq:
+    """Ask a peer for chosen values from ``from_slot`` on, or for the next
+    chunk (at ``offset``) of its snapshot ``snap_index``."""
+
+    group: Any
+    from_slot: int
+    snap_index: int = 0
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Learn:
+    """Chosen values, contiguous from the requested slot."""
+
+    group: Any
+    entries: tuple[tuple[int, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapChunk:
+    """One chunk of the state-machine snapshot at ``index``.
+
+    ``crc`` is the CRC-32 of the whole snapshot, checked after reassembly.
+    """
+
+    group: Any
+    index: int
+    total: int
+    offset: int
+    data: bytes
+    crc: int
+
+
+Message = Prepare | Promise | Accept | Accepted | CatchupReq | Learn | SnapChunk
+
+_KINDS: dict[str, type] = {
+    "px.prepare": Prepare,
+    "px.promise": Promise,
+    "px.accept": Accept,
+    "px.accepted": Accepted,
+    "px.catchup": CatchupReq,
+    "px.learn": Learn,
+    "px.snap": SnapChunk,
+}
+_TAGS = {cls: tag for tag, cls in _KINDS.items()}
+_FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in _KINDS.values()}
+
+
+def is_message(msg: object) -> bool:
+    return type(msg) in _TAGS
+
+
+def to_wire(msg: Message) -> list:
+    """``[tag, field...]``; tuples become lists in msgpack, that is fine."""
+    cls = type(msg)
+    return [_TAGS[cls], *(getattr(msg, name) for name in _FIELDS[cls])]
+
+
+def _ballot(x: Any) -> Ballot:
+    if (
+        isinstance(x, list | tuple)
+        and len(x) == 2
+        and isinstance(x[0], int)
+        and isinstance(x[1], str)
+        and x[0] >= 0
+    ):
+        return (x[0], x[1])
+    raise PeerMisbehaved(f"bad ballot {x!r}")
+
+
+def _int(x: Any) -> int:
+    if isinstance(x, int) and not isinstance(x, bool) and x >= 0:
+        return x
+    raise PeerMisbehaved(f"bad non-negative int {x!r}")
+
+
+def _bytes(x: Any) -> bytes:
+    if isinstance(x, bytes):
+        return x
+    raise PeerMisbehaved(f"bad bytes {x!r}")
+
+
+def _entries(x: Any) -> tuple[tuple[int, bytes], ...]:
+    try:
+        return tuple((_int(s), _bytes(v)) for s, v in x)
+    except (TypeError, ValueError) as e:
+        raise PeerMisbehaved(f"bad entries: {e}") from None
+
+
+def from_wire(x: Any) -> Message:
+    """Validate and rebuild a message; ``PeerMisbehaved`` if malformed."""
+    if not isinstance(x, list | tuple) or not x or x[0] not in _KINDS:
+        raise PeerMisbehaved("not a paxos message")
+    cls = _KINDS[x[0]]
+    args = x[1:]
+    if len(args) != len(_FIELDS[cls]):
+        raise PeerMisbehaved(f"{x[0]}: wrong field count")
+    g = args[0]
+    if not isinstance(g, int | str) or isinstance(g, bool):
+        raise PeerMisbehaved(f"bad group {g!r}")
+    try:
+        if cls is Prepare:
+            return Prepare(g, _ballot(args[1]), _int(args[2]))
+        if cls is Promise:
+            acc = tuple((_int(s), _ballot(b), _bytes(v)) for s, b, v in args[5])
+            return Promise(g, _ballot(args[1]), bool(args[2]), _ballot(args[3]), _int(args[4]), acc)
+        if cls is Accept:
+            return Accept(g, _ballot(args[1]), _entries(args[2]), _int(args[3]), _int(args[4]))
+        if cls is Accepted:
+            slots = tuple(_int(s) for s in args[4])
+            return Accepted(
+                g, _ballot(args[1]), bool(args[2]), _ballot(args[3]), slots, _int(args[5])
+            )
+        if cls is CatchupReq:
+            return CatchupReq(g, _int(args[1]), _int(args[2]), _int(args[3]))
+        if cls is Learn:
+            return Learn(g, _entries(args[1]))
+        return SnapChunk(
+            g, _int(args[1]), _int(args[2]), _int(args[3]), _bytes(args[4]), _int(args[5])
+        )
+    except (TypeError, ValueError) as e:
+        raise PeerMisbehaved(f"{x[0]}: {e}") from None

@@ -1,0 +1,109 @@
+"""``PaxosNode``: every Multi-Paxos group hosted by one node, behind one API.
+
+Inputs: ``step(from_peer, msg)``, ``tick()``, ``propose(group, token, cmd,
+request_id)``, ``read(group, token, cmd)``; one drain, ``ready()``. Recovery:
+``recover(records)`` on a fresh node, before any input. The shell must keep the
+ordering contract of ``dsnode.core.effects``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from dsnode.core.commands import Get
+from dsnode.core.effects import Ready, Reply
+from dsnode.core.paxos import records as rec
+from dsnode.core.paxos.acceptor import Acceptor
+from dsnode.core.paxos.config import PaxosConfig
+from dsnode.core.paxos.group import Outbox, PaxosGroup, Role
+
+
+class PaxosNode:
+    def __init__(
+        self,
+        node_id: str,
+        groups: Mapping[Any, Sequence[str]],
+        rng: random.Random,
+        config: PaxosConfig | None = None,
+        acceptor_cls: type[Acceptor] = Acceptor,
+    ) -> None:
+        self.node_id = node_id
+        self.config = config or PaxosConfig()
+        self.rng = rng
+        self.out = Outbox()
+        self.groups: dict[Any, PaxosGroup] = {
+            g: PaxosGroup(g, node_id, tuple(members), rng, self.out, self.config, acceptor_cls)
+            for g, members in sorted(groups.items(), key=lambda kv: str(kv[0]))
+        }
+        self._dirty: set[Any] = set()
+
+    # ------------------------------------------------------------ inputs
+    def step(self, from_peer: str, msg: Any) -> None:
+        g = self.groups.get(getattr(msg, "group", None))
+        if g is None:
+            self.out.dropped["unknown_group"] += 1
+            return
+        g.step(from_peer, msg)
+
+    def tick(self) -> None:
+        for g in self.groups.values():
+            g.tick()
+
+    def propose(self, group: Any, token: Any, cmd: Any, request_id: Any = None) -> None:
+        g = self.groups.get(group)
+        if g is None:
+            self.out.reply.append(Reply(token, error=("unavailable", "unknown group", False)))
+            return
+        g.propose(token, cmd, request_id)
+        self._dirty.add(group)
+
+    def read(self, group: Any, token: Any, cmd: Get) -> None:
+        g = self.groups.get(group)
+        if g is None:
+            self.out.reply.append(Reply(token, error=("unavailable", "unknown group", False)))
+            return
+        g.read(token, cmd)
+        self._dirty.add(group)
+
+    # ------------------------------------------------------------ drain
+    def ready(self) -> Ready:
+        for group in sorted(self._dirty, key=str):
+            self.groups[group].flush()
+        self._dirty.clear()
+        o = self.out
+        r = Ready(o.persist, o.send, o.apply, o.reply)
+        o.persist, o.send, o.apply, o.reply = [], [], [], []
+        return r
+
+    # ------------------------------------------------------------ recovery
+    def recover(self, records: Iterable[bytes]) -> None:
+        """Rebuild acceptor promises/accepts and snapshots from WAL records.
+
+        Records of unknown groups are ignored (the group was removed).
+        The apply notices recovery produces stay in the next ``ready()``.
+        """
+        for raw in records:
+            r = rec.decode(raw)
+            g = self.groups.get(r[1])
+            if g is not None:
+                g.recover_record(r)
+
+    # ------------------------------------------------------------ queries
+    def leader_of(self, group: Any) -> str | None:
+        g = self.groups[group]
+        return g.me if g.role is Role.LEADER else g.leader_hint
+
+    def is_leader(self, group: Any) -> bool:
+        return self.groups[group].role is Role.LEADER
+
+    def applied_index(self, group: Any) -> int:
+        return self.groups[group].log.applied
+
+    def state_machine(self, group: Any):
+        return self.groups[group].sm
+
+    @property
+    def dropped(self):
+        return self.out.dropped

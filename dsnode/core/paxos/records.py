@@ -1,0 +1,55 @@
+"""Durable records of the Paxos core (what goes into ``Ready.persist``).
+
+Each record is msgpack bytes of a list whose first element is its type tag:
+
+- ``["promise", group, [round, node]]``: the acceptor promised this ballot;
+- ``["accept", group, slot, [round, node], value]``: it accepted ``value``
+  for ``slot`` at that ballot (this also implies a promise of that ballot);
+- ``["snapshot", group, index, blob]``: the group's state machine at
+  ``index`` (``blob`` from ``DedupKV.snapshot``); everything at or below
+  ``index`` is chosen and may be dropped from the WAL.
+
+Recovery (``PaxosNode.recover``) replays them in append order; a later
+snapshot supersedes earlier accepts for the slots it covers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from dsnode.core.paxos.messages import Ballot
+
+PROMISE = "promise"
+ACCEPT = "accept"
+SNAPSHOT = "snapshot"
+
+
+def promise(group: Any, ballot: Ballot) -> bytes:
+    return msgpack.packb([PROMISE, group, list(ballot)], use_bin_type=True)
+
+
+def accept(group: Any, slot: int, ballot: Ballot, value: bytes) -> bytes:
+    return msgpack.packb([ACCEPT, group, slot, list(ballot), value], use_bin_type=True)
+
+
+def snapshot(group: Any, index: int, blob: bytes) -> bytes:
+    return msgpack.packb([SNAPSHOT, group, index, blob], use_bin_type=True)
+
+
+def decode(raw: bytes) -> list:
+    """The record as a list; ballots come back as ``(round, node)`` tuples."""
+    rec = msgpack.unpackb(raw, raw=False)
+    tag = rec[0]
+    if tag == PROMISE:
+        rec[2] = tuple(rec[2])
+    elif tag == ACCEPT:
+        rec[3] = tuple(rec[3])
+    elif tag != SNAPSHOT:
+        raise ValueError(f"unknown record tag {tag!r}")
+    return rec
+
+
+def group_of(raw: bytes) -> Any:
+    return msgpack.unpackb(raw, raw=False)[1]

@@ -1,0 +1,295 @@
+"""`dsnode serve`: build a node from its settings and run it until a signal.
+
+Start-up order: settings -> data directory and cluster identity -> WAL
+recovery -> listener -> READY. Shutdown (SIGTERM/SIGINT) is staged: stop
+accepting, let in-flight requests finish (bounded by ``shutdown_timeout_ms``),
+flush the log, close connections, exit 0. A second signal exits at once.
+Any configuration or start-up problem is one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+import msgpack
+
+from dsnode import __version__
+from dsnode.config import SETTINGS, ConfigError, NodeConfig, load_config, parse_addr
+from dsnode.core.node import NodeCore
+from dsnode.runtime import logs, sdnotify
+from dsnode.runtime.driver import Driver
+from dsnode.runtime.server import ClientServer
+from dsnode.runtime.wal import WALCorruptError, WriteAheadLog
+
+EXIT_CONFIG = 2
+IDENTITY_FILE = "cluster.msgpack"
+
+
+class StartupError(Exception):
+    """A problem that stops the node from starting; exit status 2."""
+
+
+# ---------------------------------------------------------------- identity
+def check_identity(config: NodeConfig, data_dir: Path) -> None:
+    """Bind the data directory to this node and its cluster on first start.
+
+    Afterwards membership comes from the data directory: the same ``--peers``
+    is fine, a different node id, cluster id or peer list is an error.
+    """
+    path = data_dir / IDENTITY_FILE
+    want = {
+        "node_id": config.node_id,
+        "cluster_id": config.cluster_id,
+        "peers": config.cluster_peers,
+    }
+    if path.exists():
+        try:
+            have = msgpack.unpackb(path.read_bytes(), raw=False)
+        except Exception as e:
+            raise StartupError(f"data dir {data_dir}: {IDENTITY_FILE} is corrupt ({e})") from None
+        if not isinstance(have, dict):
+            raise StartupError(f"data dir {data_dir}: {IDENTITY_FILE} is corrupt")
+        for field in ("node_id", "cluster_id"):
+            if have.get(field) != want[field]:
+                raise StartupError(
+                    f"data dir {data_dir} belongs to {field}={have.get(field)!r}, "
+                    f"not {want[field]!r}"
+                )
+        if have.get("peers") != want["peers"] and config.peers is not None:
+            raise StartupError(
+                f"--peers differs from the membership stored in {data_dir} "
+                f"({_fmt_peers(have.get('peers'))}); membership changes go through the cluster, "
+                "not the command line"
+            )
+        return
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(msgpack.packb(want, use_bin_type=True))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(data_dir, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _fmt_peers(peers: object) -> str:
+    if isinstance(peers, dict):
+        return ",".join(f"{k}={v}" for k, v in peers.items())
+    return repr(peers)
+
+
+def prepare_data_dir(config: NodeConfig) -> Path:
+    data_dir = config.data_path
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = data_dir / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise StartupError(f"data dir {str(data_dir)!r} is not usable: {e.strerror or e}") from None
+    return data_dir
+
+
+# ---------------------------------------------------------------- the node
+class Node:
+    """One running node: WAL, core, driver and listener, with staged shutdown."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.log = logs.get_logger("dsnode.node")
+        self.server_handle: asyncio.AbstractServer | None = None
+        self.wal: WriteAheadLog | None = None
+        self.client_server: ClientServer | None = None
+        self.driver: Driver | None = None
+        self.bound: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        if len(cfg.cluster_peers) > 1:
+            raise StartupError(
+                "this build serves one-node clusters only: multi-node replication "
+                "(Multi-Paxos) is not in it yet; give --peers with this node alone"
+            )
+        data_dir = prepare_data_dir(cfg)
+        check_identity(cfg, data_dir)
+        wal = WriteAheadLog(data_dir / "wal", fsync=cfg.fsync, segment_bytes=cfg.wal_segment_bytes)
+        try:
+            recovered = wal.recover()
+        except WALCorruptError as e:
+            raise StartupError(f"write-ahead log is corrupt: {e}") from None
+        except OSError as e:
+            raise StartupError(f"write-ahead log cannot be opened: {e}") from None
+        self.wal = wal
+        if recovered.torn_bytes_dropped:
+            self.log.warning("wal_torn_record_dropped", bytes=recovered.torn_bytes_dropped)
+        core = NodeCore(cfg.node_id)
+        try:
+            core.recover(recovered.snapshot, [payload for _, payload in recovered.records])
+        except Exception as e:
+            raise StartupError(f"cannot replay the write-ahead log: {e}") from None
+        self.log.info(
+            "recovered",
+            snapshot_lsn=recovered.snapshot_lsn,
+            records=len(recovered.records),
+            keys=len(core.store),
+            revision=core.store.revision,
+        )
+        server = ClientServer(cfg)
+        self.client_server = server
+        self.driver = Driver(
+            core,
+            wal,
+            server.deliver,
+            snapshot_every_records=cfg.snapshot_every_records,
+            tick_seconds=cfg.tick_interval_ms / 1000,
+        )
+        server.driver = self.driver
+        server.status_extra = self._status_extra
+        host, port = parse_addr(cfg.listen, "listen")
+        loop = asyncio.get_running_loop()
+        try:
+            self.server_handle = await loop.create_server(
+                server.protocol_factory, host, port, reuse_address=True, backlog=1024
+            )
+        except OSError as e:
+            reason = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+            raise StartupError(f"cannot listen on {cfg.listen}: {reason}") from None
+        sock = self.server_handle.sockets[0].getsockname()
+        self.bound = (sock[0], sock[1])
+
+    def _status_extra(self) -> dict:
+        assert self.driver is not None and self.wal is not None
+        core = self.driver.core
+        return {
+            **core.status(),
+            "wal": {
+                "last_lsn": self.wal.last_lsn,
+                "durable_lsn": self.wal.durable_lsn,
+                **self.wal.stats,
+            },
+            "fsync": self.config.fsync,
+        }
+
+    async def run(self, stop: asyncio.Event) -> None:
+        assert self.driver is not None and self.client_server is not None
+        driver_task = asyncio.create_task(self.driver.run(), name="driver")
+        watchdog = asyncio.create_task(sdnotify.watchdog_loop(), name="watchdog")
+        sdnotify.notify(f"READY=1\nSTATUS=serving on {self.config.listen}")
+        self.log.info("serving", listen=self.config.listen, version=__version__)
+        stop_task = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({driver_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        if driver_task in done:
+            stop_task.cancel()
+            driver_task.result()  # re-raises a fatal driver error (e.g. fsync failed)
+            return
+        await self.shutdown(driver_task)
+        watchdog.cancel()
+
+    async def shutdown(self, driver_task: asyncio.Task) -> None:
+        """Stop accepting, finish in-flight work within the deadline, flush, close."""
+        assert self.client_server is not None and self.driver is not None
+        sdnotify.notify("STOPPING=1\nSTATUS=shutting down")
+        self.log.info("shutting_down", inflight=self.client_server.inflight)
+        deadline = self.config.shutdown_timeout_ms / 1000
+        srv = self.client_server
+        srv.accepting = False
+        if self.server_handle is not None:
+            self.server_handle.close()
+        for conn in list(srv.connections):
+            conn.stop_reading()
+        try:
+            async with asyncio.timeout(deadline * 0.8):
+                await self.driver.drain()
+                await srv.idle.wait()
+        except TimeoutError:
+            self.log.warning("shutdown_deadline_passed", inflight=srv.inflight)
+        self.driver.stop()
+        try:
+            async with asyncio.timeout(1.0):
+                await driver_task
+        except TimeoutError:
+            driver_task.cancel()
+        for conn in list(srv.connections):
+            conn.close()
+        if self.wal is not None:
+            await self.wal.close()
+        self.log.info("stopped")
+
+
+async def _serve(config: NodeConfig) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_signal(signame: str) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            logs.get_logger("dsnode.node").warning("forced_exit", signal=signame)
+            os._exit(1)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    node = Node(config)
+    try:
+        await node.start()
+    except StartupError:
+        if node.wal is not None:
+            await node.wal.close()
+        raise
+    await node.run(stop)
+    return 0
+
+
+def run(config: NodeConfig) -> int:
+    """Run a node in this process until it is told to stop; returns the exit status."""
+    import uvloop
+
+    logs.configure(config.log_format, config.log_level, node_id=config.node_id)
+    try:
+        return uvloop.run(_serve(config))
+    except StartupError as e:
+        print(f"dsnode: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+# ---------------------------------------------------------------- click command
+def _settings_options(f):
+    for name in reversed(SETTINGS):
+        field = NodeConfig.model_fields[name]
+        flag = "--" + name.replace("_", "-")
+        default = field.default
+        help_text = (field.description or "") + (
+            f" [default: {default}]" if default is not None else ""
+        )
+        help_text += f" [env: DSNODE_{name.upper()}]"
+        f = click.option(flag, name, type=str, default=None, help=help_text.strip())(f)
+    return f
+
+
+@click.command("serve", context_settings={"max_content_width": 100})
+@click.option("--config", "config_file", type=str, default=None,
+              help="TOML file with settings [env: DSNODE_CONFIG]")
+@_settings_options
+def serve_command(config_file: str | None, **flags: str | None) -> None:
+    """Run a node (PROTOCOL.md "Launching a node").
+
+    Every setting comes from a flag, a DSNODE_<SETTING> environment variable,
+    the TOML file given by --config, or its default, in that order.
+    """
+    try:
+        config = load_config(flags, os.environ, config_file)
+    except ConfigError as e:
+        print(f"dsnode: {e}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    sys.exit(run(config))

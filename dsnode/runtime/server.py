@@ -1,0 +1,271 @@
+"""The client listener: one asyncio Protocol per connection.
+
+Frames are decoded as bytes arrive; each request is validated and handed to
+the driver in the same loop turn. Answers go back by request id, in whatever
+order they complete. Backpressure: a connection with too many requests in
+flight, or whose peer stops reading our answers, is paused until it drains;
+past the node-wide in-flight cap new requests are shed with ``overloaded``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import msgpack
+
+from dsnode import __version__
+from dsnode.core.effects import Reply
+from dsnode.runtime.driver import Driver, Pending
+from dsnode.runtime.logs import get_logger
+from dsnode.wire import errors
+from dsnode.wire.framing import HEADER, FrameDecoder, FrameError, unpack_payload
+from dsnode.wire.requests import Limits, RequestError, parse_request, request_id
+
+if TYPE_CHECKING:
+    from dsnode.config import NodeConfig
+
+log = get_logger("dsnode.server")
+
+PROTOCOL_VERSION = 1
+
+
+class ClientServer:
+    """Shared state of all client connections of one node."""
+
+    def __init__(self, config: NodeConfig, driver_factory: Callable[..., Driver] | None = None):
+        self.config = config
+        self.limits = Limits(config.max_key_bytes, config.max_value_bytes, config.max_txn_ops)
+        self.driver: Driver | None = None
+        self.connections: set[ClientConnection] = set()
+        self.inflight = 0
+        self.accepting = True
+        self.status_extra: Callable[[], dict] = dict
+        self.default_timeout_s = config.request_timeout_ms / 1000
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def protocol_factory(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    # ------------------------------------------------------------ replies
+    def deliver(self, replies: list[Reply]) -> None:
+        """Send answers, one write per connection per batch."""
+        pack = self._packer.pack
+        header = HEADER.pack
+        out: dict[ClientConnection, list[bytes]] = {}
+        finished = 0
+        for r in replies:
+            p: Pending = r.token
+            if p.done:
+                continue
+            p.done = True
+            finished += 1
+            if r.error is None:
+                body = r.result
+                body["id"] = p.rid
+                body["ok"] = True
+            else:
+                code, message, indeterminate = r.error
+                body = errors.error_response(p.rid, code, message, indeterminate=indeterminate)
+            payload = pack(body)
+            conn = p.conn
+            frames = out.get(conn)
+            if frames is None:
+                frames = out[conn] = []
+            frames.append(header(len(payload)))
+            frames.append(payload)
+            conn.inflight -= 1
+        self.inflight -= finished
+        for conn, frames in out.items():
+            conn.write_frames(frames)
+            conn.maybe_resume()
+        if self.inflight == 0:
+            self.idle.set()
+
+    def status(self) -> dict:
+        cfg = self.config
+        peers = cfg.cluster_peers
+        body = {
+            "node_id": cfg.node_id,
+            "cluster_id": cfg.cluster_id,
+            "ready": self.accepting,
+            "protocol": PROTOCOL_VERSION,
+            "server_version": __version__,
+            "members": [
+                {"node_id": nid, "addr": addr, "state": "alive"} for nid, addr in peers.items()
+            ],
+            "partitions": [{"id": 0, "replicas": list(peers), "leader": cfg.node_id}],
+            "inflight": self.inflight,
+            "connections": len(self.connections),
+        }
+        body.update(self.status_extra())
+        return body
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "server", "transport", "decoder", "inflight", "authenticated", "closed",
+        "_paused_reading", "_paused_writing", "peer",
+    )
+
+    def __init__(self, server: ClientServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.decoder = FrameDecoder(server.config.max_frame_bytes)
+        self.inflight = 0
+        self.authenticated = server.config.auth_token is None
+        self.closed = False
+        self._paused_reading = False
+        self._paused_writing = False
+        self.peer = ""
+
+    # ------------------------------------------------------------ asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        srv = self.server
+        if len(srv.connections) >= srv.config.max_connections or not srv.accepting:
+            self._fatal(errors.OVERLOADED if srv.accepting else errors.UNAVAILABLE,
+                        "too many connections" if srv.accepting else "node is shutting down")
+            return
+        srv.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        self.maybe_resume()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as e:
+            self._fatal(e.code, e.message)
+            return
+        max_frame = self.server.config.max_frame_bytes
+        for payload in frames:
+            try:
+                obj = unpack_payload(payload, max_frame)
+            except Exception as e:  # any decode failure of client bytes
+                self._fatal(errors.BAD_REQUEST, f"frame is not valid msgpack: {e}")
+                return
+            if not isinstance(obj, dict):
+                self._fatal(errors.BAD_REQUEST, "frame must hold one msgpack map")
+                return
+            rid = request_id(obj)
+            if rid is None:
+                self._fatal(errors.BAD_REQUEST, "missing or invalid field 'id' (int 1..2^63-1)")
+                return
+            self._handle(rid, obj)
+            if self.closed:
+                return
+
+    # ------------------------------------------------------------ requests
+    def _handle(self, rid: int, obj: dict) -> None:
+        srv = self.server
+        try:
+            req = parse_request(obj, srv.limits)
+        except RequestError as e:
+            self._send(errors.error_response(rid, e.code, e.message))
+            return
+        if req.op == "hello":
+            self._hello(rid, obj)
+            return
+        if not self.authenticated:
+            self._send(errors.error_response(
+                rid, errors.UNAUTHENTICATED, "send hello with a valid token first"))
+            return
+        if req.op == "status":
+            self._send({"id": rid, "ok": True, **srv.status()})
+            return
+        if not srv.accepting:
+            self._send(errors.error_response(rid, errors.UNAVAILABLE, "node is shutting down"))
+            return
+        if srv.inflight >= srv.config.inflight_requests_max:
+            self._send(errors.error_response(
+                rid, errors.OVERLOADED, "node has too many requests in flight; retry later"))
+            return
+        cmd = req.command
+        assert cmd is not None and srv.driver is not None
+        pending = Pending(self, rid, req.op != "get")
+        self.inflight += 1
+        srv.inflight += 1
+        srv.idle.clear()
+        timeout_s = req.timeout_ms / 1000 if req.timeout_ms is not None else srv.default_timeout_s
+        srv.driver.submit(pending, cmd, timeout_s)
+        if self.inflight >= srv.config.connection_inflight_max:
+            self._pause_reading()
+
+    def _hello(self, rid: int, obj: dict) -> None:
+        cfg = self.server.config
+        token = obj.get("token")
+        if cfg.auth_token is not None:
+            if not isinstance(token, str) or not hmac.compare_digest(
+                token.encode(), cfg.auth_token.encode()
+            ):
+                self._send(errors.error_response(rid, errors.UNAUTHENTICATED, "bad or missing token"))
+                return
+            self.authenticated = True
+        self._send({
+            "id": rid, "ok": True, "node_id": cfg.node_id, "cluster_id": cfg.cluster_id,
+            "protocol": PROTOCOL_VERSION, "server_version": __version__,
+        })
+
+    # ------------------------------------------------------------ output
+    def _send(self, body: dict) -> None:
+        if self.closed or self.transport is None:
+            return
+        payload = self.server._packer.pack(body)
+        self.transport.write(HEADER.pack(len(payload)) + payload)
+
+    def write_frames(self, frames: list[bytes]) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.writelines(frames)
+
+    def _fatal(self, code: str, message: str) -> None:
+        """Answer with id 0 and close: the stream cannot be trusted any more."""
+        log.info("client_protocol_error", peer=self.peer, code=code, message=message)
+        self._send(errors.error_response(0, code, message))
+        self.closed = True
+        self.server.connections.discard(self)
+        if self.transport is not None:
+            self.transport.close()
+
+    # ------------------------------------------------------------ flow control
+    def _pause_reading(self) -> None:
+        if not self._paused_reading and self.transport is not None and not self.closed:
+            self._paused_reading = True
+            self.transport.pause_reading()
+
+    def maybe_resume(self) -> None:
+        if (
+            self._paused_reading
+            and not self._paused_writing
+            and not self.closed
+            and self.server.accepting
+            and self.inflight <= self.server.config.connection_inflight_max // 2
+            and self.transport is not None
+        ):
+            self._paused_reading = False
+            self.transport.resume_reading()
+
+    def stop_reading(self) -> None:
+        self._pause_reading()
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()

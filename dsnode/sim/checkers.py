@@ -1,0 +1,112 @@
+"""Safety checkers run on every simulation.
+
+- ``one value per slot`` (ground truth): from durable acceptor records, a
+  value is chosen once a quorum of a group's acceptors durably accepted it in
+  one ballot; two different chosen values for a slot is a violation, at any
+  time, whether or not anyone learned them.
+- ``one value per slot`` (learned) and ``applied prefixes``: every applied
+  slot, on any node at any time, has the same value, each node applies
+  strictly in slot order, and learned values equal the chosen ones.
+- ``same state`` after convergence: every replica of a group holds the same
+  KV state and dedup table.
+- ``linearizable``: the client history, per key (``linearizability.py``).
+- ``nothing acknowledged lost``: every acknowledged write is in the applied log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from dsnode.core.paxos import Applied, SnapshotInstalled
+from dsnode.core.paxos import records as rec
+
+
+class SafetyViolation(AssertionError):
+    pass
+
+
+class SafetyChecker:
+    def __init__(self, groups: dict[Any, tuple[str, ...]]) -> None:
+        self.groups = groups
+        self.quorum = {g: len(m) // 2 + 1 for g, m in groups.items()}
+        # (group, slot, ballot) -> {node: value}
+        self.votes: dict[tuple, dict[str, bytes]] = {}
+        self.chosen: dict[tuple, bytes] = {}  # (group, slot) -> value (ground truth)
+        self.learned: dict[tuple, bytes] = {}  # (group, slot) -> value (applied anywhere)
+        self.last_applied: dict[tuple, int] = {}  # (node, group) -> slot
+        self.violations: list[str] = []
+
+    def fail(self, text: str) -> None:
+        self.violations.append(text)
+        raise SafetyViolation(text)
+
+    # ------------------------------------------------------------ inputs
+    def on_durable(self, node: str, records: list[bytes]) -> None:
+        for raw in records:
+            if not raw.startswith(b"\x95\xa6accept"):
+                continue  # promises and snapshots carry no votes
+            r = rec.decode(raw)
+            _, group, slot, ballot, value = r
+            key = (group, slot, ballot)
+            voters = self.votes.setdefault(key, {})
+            prev = voters.get(node)
+            if prev is not None and prev != value:
+                self.fail(f"{node} accepted two values for {group}/{slot} in ballot {ballot}")
+            voters[node] = value
+            n = sum(1 for v in voters.values() if v == value)
+            if n >= self.quorum[group]:
+                self._chosen(group, slot, value, f"ballot {ballot}")
+
+    def _chosen(self, group: Any, slot: int, value: bytes, how: str) -> None:
+        cur = self.chosen.get((group, slot))
+        if cur is None:
+            self.chosen[(group, slot)] = value
+        elif cur != value:
+            self.fail(f"two values chosen for {group}/{slot} ({how}): {cur!r} vs {value!r}")
+
+    def on_restart(self, node: str) -> None:
+        for g, members in self.groups.items():
+            if node in members:
+                self.last_applied[(node, g)] = 0
+
+    def on_apply(self, node: str, notice: Any) -> None:
+        if type(notice) is SnapshotInstalled:
+            key = (node, notice.group)
+            if notice.index <= self.last_applied.get(key, 0):
+                self.fail(f"{node} installed snapshot {notice.index} going backwards")
+            self.last_applied[key] = notice.index
+            return
+        if type(notice) is not Applied:
+            return
+        key = (node, notice.group)
+        last = self.last_applied.get(key, 0)
+        if notice.slot != last + 1:
+            self.fail(f"{node} applied {notice.group}/{notice.slot} after {last}: out of order")
+        self.last_applied[key] = notice.slot
+        lk = (notice.group, notice.slot)
+        cur = self.learned.get(lk)
+        if cur is None:
+            self.learned[lk] = notice.value
+        elif cur != notice.value:
+            self.fail(f"{node} applied a different value at {notice.group}/{notice.slot}")
+        truth = self.chosen.get(lk)
+        if truth is not None and truth != notice.value:
+            self.fail(f"{node} applied {notice.group}/{notice.slot} but another value was chosen")
+
+    # ------------------------------------------------------------ end of run
+    def check_learned_were_chosen(self) -> None:
+        for lk, value in self.learned.items():
+            truth = self.chosen.get(lk)
+            if truth is not None and truth != value:
+                self.fail(f"learned value at {lk} differs from the chosen one")
+
+    def applied_request_ids(self) -> set[tuple]:
+        ids = set()
+        for value in self.learned.values():
+            if value:
+                for rid, _cmd in msgpack.unpackb(value, raw=False):
+                    if rid is not None:
+                        ids.add(tuple(rid))
+        return ids

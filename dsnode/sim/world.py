@@ -1,0 +1,283 @@
+"""SimWorld: N node cores, a virtual tick counter, one seeded random.Random.
+
+Every random choice (network, faults, workload, each node's rng on every
+start) derives from ``random.Random(seed)``, so a seed replays exactly. The
+world plays the shell: per tick and per node it delivers due messages, ticks
+the core, lets clients submit, then drains ``ready()`` in contract order:
+append ``persist`` to the simulated disk, fsync, send, apply, reply.
+
+A run is a fault phase (``fault_ticks``) then a heal phase (everything
+restarted and reconnected) that must converge within ``heal_ticks_max``:
+pending client ops done, final linearizable reads of every key done, a leader
+in every group and all replicas at the same applied index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsnode.core.errors import InvariantBroken
+from dsnode.core.paxos import PaxosConfig, PaxosNode
+from dsnode.core.paxos.acceptor import Acceptor
+from dsnode.sim.checkers import SafetyChecker, SafetyViolation
+from dsnode.sim.disk import SimDisk
+from dsnode.sim.faults import FaultConfig, FaultSchedule
+from dsnode.sim.linearizability import check_history
+from dsnode.sim.network import SimNetwork
+from dsnode.sim.trace import Trace
+from dsnode.sim.workload import Workload
+
+SIM_PAXOS = PaxosConfig(
+    election_timeout_ticks=10,
+    heartbeat_interval_ticks=2,
+    snapshot_interval_slots=12,
+    snapshot_chunk_bytes=200,
+    catchup_entries_max=8,
+    leader_quorum_timeout_ticks=20,
+)
+
+
+@dataclass(slots=True)
+class SimConfig:
+    nodes: int = 3
+    groups: int = 2
+    replicas: int = 3
+    fault_ticks: int = 600
+    heal_ticks_max: int = 600
+    clients: int = 4
+    keys: int = 6
+    delay_max_ticks: int = 3
+    op_timeout_ticks: int = 80
+    paxos: PaxosConfig = SIM_PAXOS
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    acceptor_cls: type = Acceptor
+    check_budget: int = 200_000
+    swarm: bool = True  # draw timing and fault parameters per seed
+
+
+@dataclass(slots=True)
+class RunResult:
+    seed: int
+    ok: bool
+    ticks: int
+    error: str = ""
+    ops: int = 0
+    ops_ok: int = 0
+    ops_indeterminate: int = 0
+    messages: int = 0
+    wall_s: float = 0.0
+    lin_inconclusive: bool = False
+    trace_tail: str = ""
+
+
+def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
+    """Swarm testing: each seed gets its own timing and fault mix."""
+    et = rng.randint(6, 16)
+    paxos = dataclasses.replace(
+        cfg.paxos,
+        election_timeout_ticks=et,
+        heartbeat_interval_ticks=rng.randint(1, max(1, et // 4)),
+        leader_quorum_timeout_ticks=rng.randint(et, 3 * et),
+        snapshot_interval_slots=rng.randint(6, 40),
+        leader_stickiness=rng.random() < 0.5,
+        inflight_slots_max=rng.choice((2, 8, 32)),
+        batch_commands_max=rng.choice((1, 4, 64)),
+    )
+    faults = dataclasses.replace(
+        cfg.faults,
+        event_chance=rng.uniform(0.01, 0.1),
+        mid_ready_crash_chance=rng.random(),
+        crash_after_vote_chance=rng.choice((0.0, 0.05, 0.2)),
+        down_ticks_max=rng.choice((10, 40, 150)),
+    )
+    return dataclasses.replace(
+        cfg, paxos=paxos, faults=faults, delay_max_ticks=rng.randint(1, 5)
+    )
+
+
+class SimWorld:
+    def __init__(self, seed: int, cfg: SimConfig | None = None, trace: Trace | None = None) -> None:
+        self.seed = seed
+        self.cfg = cfg = cfg or SimConfig()
+        self.rng = random.Random(seed)
+        if cfg.swarm:
+            cfg = self.cfg = swarm(cfg, self._sub())
+        self.trace = trace or Trace()
+        self.now = 0
+        self.faulty = False
+        self.event_seq = 0
+        self.node_ids = [f"n{i}" for i in range(1, cfg.nodes + 1)]
+        r = min(cfg.replicas, cfg.nodes)
+        self.groups: dict[Any, tuple[str, ...]] = {}
+        for g in range(cfg.groups):
+            self.groups[g] = tuple(sorted(self._sub().sample(self.node_ids, r)))
+        self.net = SimNetwork(self._sub(), self.node_ids, cfg.delay_max_ticks)
+        self.disks = {n: SimDisk() for n in self.node_ids}
+        self.up = {n: False for n in self.node_ids}
+        self.cores: dict[str, PaxosNode | None] = {n: None for n in self.node_ids}
+        self.checker = SafetyChecker(self.groups)
+        self.faults = FaultSchedule(self._sub(), self, cfg.faults)
+        self.crash_rng = self._sub()
+        self.workload = Workload(
+            self._sub(), self, cfg.clients, cfg.keys, op_timeout_ticks=cfg.op_timeout_ticks
+        )
+        for n in self.node_ids:
+            self.restart(n)
+
+    def _sub(self) -> random.Random:
+        return random.Random(self.rng.getrandbits(64))
+
+    def next_event(self) -> int:
+        self.event_seq += 1
+        return self.event_seq
+
+    # ------------------------------------------------------------ node lifecycle
+    def groups_of(self, node: str) -> dict[Any, tuple[str, ...]]:
+        return {g: m for g, m in self.groups.items() if node in m}
+
+    def restart(self, node: str) -> None:
+        core = PaxosNode(
+            node, self.groups_of(node), self._sub(), self.cfg.paxos, self.cfg.acceptor_cls
+        )
+        self.checker.on_restart(node)
+        core.recover(self.disks[node].records())
+        self.cores[node] = core
+        self.up[node] = True
+        self.trace(self.now, node, "restart", f"{len(self.disks[node].durable)} records")
+
+    def crash(self, node: str, mid_ready: bool) -> None:
+        core = self.cores[node]
+        disk = self.disks[node]
+        if mid_ready:
+            r = core.ready()
+            disk.append(r.persist)
+        survived = disk.crash(self.crash_rng)
+        self.checker.on_durable(node, survived)
+        self.cores[node] = None
+        self.up[node] = False
+        self.trace(self.now, node, "crash", f"mid_ready={mid_ready} survived={len(survived)}")
+        self.workload.on_node_crash(self.now, node)
+
+    # ------------------------------------------------------------ the shell
+    def _drain(self, node: str) -> None:
+        r = self.cores[node].ready()
+        if not r:
+            return
+        disk = self.disks[node]
+        if r.persist:
+            disk.append(r.persist)
+            self.checker.on_durable(node, disk.fsync())
+        now = self.now
+        send = self.net.send
+        on_sent = self.faults.on_sent if self.faulty else None
+        for dst, msg in r.send:
+            send(now, node, dst, msg)
+            if on_sent is not None:
+                on_sent(now, node, msg)
+        for notice in r.apply:
+            self.checker.on_apply(node, notice)
+        for reply in r.reply:
+            self.workload.on_reply(now, node, reply)
+
+    def run_tick(self, faulty: bool) -> None:
+        self.now += 1
+        now = self.now
+        self.faulty = faulty
+        if faulty:
+            self.faults.act(now)
+        inbox: dict[str, list] = {}
+        for src, dst, msg in self.net.due(now):
+            inbox.setdefault(dst, []).append((src, msg))
+        for n in self.node_ids:
+            core = self.cores[n]
+            if core is None:
+                continue
+            for src, msg in inbox.get(n, ()):
+                core.step(src, msg)
+            core.tick()
+        self.workload.on_tick(now)
+        for n in self.node_ids:
+            if self.up[n]:
+                self._drain(n)
+
+    def heal(self) -> None:
+        for n in self.node_ids:
+            if not self.up[n]:
+                self.restart(n)
+        self.net.heal()
+        self.net.loss = 0.0
+        self.net.dup = 0.0
+        self.trace(self.now, "-", "heal-all")
+
+    def converged(self) -> bool:
+        if not self.workload.idle():
+            return False
+        for g, members in self.groups.items():
+            cores = [self.cores[m] for m in members]
+            if not any(c.is_leader(g) for c in cores):
+                return False
+            if len({c.applied_index(g) for c in cores}) != 1:
+                return False
+        return True
+
+    # ------------------------------------------------------------ a whole run
+    def run(self) -> RunResult:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        res = RunResult(self.seed, False, 0)
+        try:
+            for _ in range(cfg.fault_ticks):
+                self.run_tick(faulty=True)
+            self.heal()
+            self.workload.issuing = False
+            stage = "drain"
+            deadline = self.now + cfg.heal_ticks_max
+            while True:
+                self.run_tick(faulty=False)
+                if self.converged():
+                    if stage == "final":
+                        break
+                    stage = "final"
+                    self.workload.start_final_reads()
+                if self.now >= deadline:
+                    raise SafetyViolation(f"no convergence within {cfg.heal_ticks_max} heal ticks")
+            self._final_checks(res)
+            res.ok = True
+        except (SafetyViolation, InvariantBroken) as e:
+            res.error = f"{type(e).__name__}: {e}"
+        res.ticks = self.now
+        ops = self.workload.ops
+        res.ops = len(ops)
+        res.ops_ok = sum(1 for o in ops if o.outcome == "ok")
+        res.ops_indeterminate = sum(1 for o in ops if o.outcome == "indeterminate")
+        res.messages = self.net.sent
+        res.wall_s = time.perf_counter() - t0
+        if not res.ok:
+            res.trace_tail = self.trace.tail()
+        return res
+
+    def _final_checks(self, res: RunResult) -> None:
+        ck = self.checker
+        ck.check_learned_were_chosen()
+        for g, members in self.groups.items():
+            states = set()
+            for m in members:
+                sm = self.cores[m].state_machine(g)
+                last = repr(sorted(sm.last.items(), key=repr))
+                states.add((sm.kv.revision, tuple(sorted(sm.kv.items())), last))
+            if len(states) != 1:
+                raise SafetyViolation(f"group {g}: replicas converged to different states")
+        applied = ck.applied_request_ids()
+        for op in self.workload.acknowledged_writes():
+            if (op.client, op.seq) not in applied:
+                raise SafetyViolation(f"acknowledged write lost: {op.describe()}")
+        lin = check_history(self.workload.history(), budget=self.cfg.check_budget)
+        if lin.ok is False:
+            ops = [o for o in self.workload.ops if o.key == lin.key and o.kind != "sget"]
+            lines = "\n".join("  " + o.describe() for o in ops)
+            raise SafetyViolation(f"history not linearizable for key {lin.key!r}:\n{lines}")
+        res.lin_inconclusive = lin.ok is None

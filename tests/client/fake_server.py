@@ -1,0 +1,229 @@
+"""A tiny in-process dsnode server for client and CLI tests.
+
+It speaks the real framing (dsnode.wire.framing) and answers from an in-memory dict with the
+PROTOCOL.md semantics of get/put/delete/txn/status/hello. Each request is handled in its own
+task, so answers may come back out of order. Tests steer it with ``hook``: an async function
+``(req, conn) -> response | None``; returning ``None`` falls through to the KV behaviour,
+``DROP`` aborts the connection, ``SILENT`` never answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from dsnode.wire.errors import error_response
+from dsnode.wire.framing import FrameDecoder, pack_frame, unpack_payload
+
+DROP = object()
+SILENT = object()
+
+Hook = Callable[[dict[str, Any], "FakeConn"], Awaitable[Any]]
+
+
+def ok(req: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return {"id": req["id"], "ok": True, **fields}
+
+
+def err(req: dict[str, Any], code: str, message: str = "", indeterminate: bool = False) -> dict:
+    return error_response(req["id"], code, message or code, indeterminate=indeterminate)
+
+
+class FakeConn:
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.requests: list[dict[str, Any]] = []
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(pack_frame(msg))
+
+
+class FakeServer:
+    """Start with ``await start()``; ``port``, ``requests`` (all, in arrival order), ``conns``."""
+
+    def __init__(self, hook: Hook | None = None, token: str | None = None) -> None:
+        self.hook = hook
+        self.token = token
+        self.data: dict[bytes, tuple[bytes, int]] = {}
+        self.versions: dict[bytes, int] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.conns: list[FakeConn] = []
+        self.received = asyncio.Condition()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self) -> FakeServer:
+        self._server = await asyncio.start_server(self._on_conn, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for c in self.conns:
+            c.writer.transport.abort()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2)
+        if self._server is not None:
+            await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def wait_requests(self, n: int, op: str | None = None) -> None:
+        """Block until at least ``n`` requests (of ``op``, if given) have arrived."""
+
+        def enough() -> bool:
+            return sum(1 for r in self.requests if op is None or r.get("op") == op) >= n
+
+        async with self.received:
+            await self.received.wait_for(enough)
+
+    def drop_all(self) -> None:
+        for c in self.conns:
+            c.writer.transport.abort()
+
+    async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = FakeConn(writer)
+        self.conns.append(conn)
+        decoder = FrameDecoder()
+        try:
+            while data := await reader.read(65536):
+                for payload in decoder.feed(data):
+                    req = unpack_payload(payload)
+                    assert isinstance(req, dict)
+                    conn.requests.append(req)
+                    self.requests.append(req)
+                    async with self.received:
+                        self.received.notify_all()
+                    task = asyncio.create_task(self._serve(conn, req))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.transport.abort()
+
+    async def _serve(self, conn: FakeConn, req: dict[str, Any]) -> None:
+        resp = await self.hook(req, conn) if self.hook is not None else None
+        if resp is None:
+            resp = self.answer(req, conn)
+        if resp is DROP:
+            conn.writer.transport.abort()
+        elif resp is not SILENT:
+            conn.send(resp)
+
+    # -- the in-memory KV (single node, trivially strictly serializable)
+
+    def answer(self, req: dict[str, Any], conn: FakeConn) -> dict[str, Any]:
+        op = req.get("op")
+        if self.token is not None and op != "hello":
+            hellos = [r for r in conn.requests if r.get("op") == "hello"]
+            if not hellos or hellos[0].get("token") != self.token:
+                return err(req, "unauthenticated", "send hello with a valid token first")
+        if op == "hello":
+            if self.token is not None and req.get("token") != self.token:
+                return err(req, "unauthenticated", "bad token")
+            return ok(req, node_id="n1", cluster_id="c1", protocol=1, server_version="fake")
+        if op == "status":
+            return ok(
+                req,
+                node_id="n1",
+                cluster_id="c1",
+                ready=True,
+                members=[{"node_id": "n1", "addr": "127.0.0.1:1", "state": "alive"}],
+                partitions=[{"id": 0, "replicas": ["n1"], "leader": "n1"}],
+            )
+        if op == "get":
+            value, version = self.data.get(_b(req["key"]), (None, 0))
+            return ok(req, value=value, version=version)
+        if op == "put":
+            key = _b(req["key"])
+            cur = self.data.get(key, (None, 0))[1]
+            if "if_version" in req and req["if_version"] != cur:
+                return ok(req, succeeded=False, version=cur)
+            return ok(req, succeeded=True, version=self._write(key, _b(req["value"])))
+        if op == "delete":
+            key = _b(req["key"])
+            cur = self.data.get(key, (None, 0))[1]
+            if "if_version" in req and req["if_version"] != cur:
+                return ok(req, succeeded=False, existed=cur > 0, version=cur)
+            self.data.pop(key, None)
+            return ok(req, succeeded=True, existed=cur > 0, version=cur)
+        if op == "txn":
+            holds = all(
+                self.data.get(_b(c["key"]), (None, 0))[1] == c["version"] for c in req.get("if", [])
+            )
+            branch = req.get("then", []) if holds else req.get("else", [])
+            snapshot = dict(self.data)
+            results: list[dict[str, Any]] = []
+            for sub in branch:
+                key = _b(sub["key"])
+                if sub["op"] == "get":
+                    value, version = snapshot.get(key, (None, 0))
+                    results.append({"value": value, "version": version})
+                elif sub["op"] == "put":
+                    results.append({"version": self._write(key, _b(sub["value"]))})
+                else:
+                    results.append({"existed": self.data.pop(key, None) is not None})
+            return ok(req, succeeded=holds, results=results)
+        return err(req, "unknown_op", f"unknown op {op!r}")
+
+    def _write(self, key: bytes, value: bytes) -> int:
+        version = self.versions.get(key, 0) + 1
+        self.versions[key] = version
+        self.data[key] = (value, version)
+        return version
+
+
+def _b(x: Any) -> bytes:
+    return x.encode() if isinstance(x, str) else bytes(x)
+
+
+class ThreadedFakeServer:
+    """Runs a FakeServer on its own event loop in a daemon thread (for sync/CLI tests).
+
+    ``with ThreadedFakeServer() as srv: ... srv.endpoint ...``; ``srv.server`` is the
+    FakeServer (touch it only through ``call``, which runs a function on its loop).
+    """
+
+    def __init__(self, hook: Hook | None = None, token: str | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._hook = hook
+        self._token = token
+        self.server: FakeServer
+
+    def __enter__(self) -> ThreadedFakeServer:
+        self._thread.start()
+
+        async def make() -> FakeServer:
+            return await FakeServer(self._hook, self._token).start()
+
+        self.server = asyncio.run_coroutine_threadsafe(make(), self._loop).result(5)
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return self.server.endpoint
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        async def run() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(5)
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(5)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+            self._loop.close()

@@ -1,0 +1,102 @@
+"""The KV state machine: versions, conditional writes, transactions, snapshots."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsnode.core import commands
+from dsnode.core.commands import Delete, Get, Put, SubDelete, SubGet, SubPut, Txn
+from dsnode.core.kv.store import KVStore
+
+
+def test_version_strictly_increases_and_is_never_reused_after_delete_and_recreate():
+    """PROTOCOL.md: a key's version strictly increases with each change, even across delete."""
+    s = KVStore()
+    v1 = s.apply(Put(b"k", b"a"))["version"]
+    v2 = s.apply(Put(b"k", b"b"))["version"]
+    d = s.apply(Delete(b"k"))
+    assert d == {"succeeded": True, "existed": True, "version": v2}
+    v3 = s.apply(Put(b"k", b"c"))["version"]
+    assert 0 < v1 < v2 < v3
+
+
+@pytest.mark.parametrize(
+    "setup, cmd, expected",
+    [
+        ([], Put(b"k", b"v", if_version=0), {"succeeded": True, "version": 1}),
+        ([Put(b"k", b"v")], Put(b"k", b"w", if_version=0), {"succeeded": False, "version": 1}),
+        ([Put(b"k", b"v")], Put(b"k", b"w", if_version=1), {"succeeded": True, "version": 2}),
+        ([Put(b"k", b"v")], Put(b"k", b"w", if_version=7), {"succeeded": False, "version": 1}),
+        ([], Delete(b"k"), {"succeeded": True, "existed": False, "version": 0}),
+        ([Put(b"k", b"v")], Delete(b"k", if_version=2),
+         {"succeeded": False, "existed": True, "version": 1}),
+        ([Put(b"k", b"v")], Delete(b"k", if_version=1),
+         {"succeeded": True, "existed": True, "version": 1}),
+        ([], Delete(b"k", if_version=0), {"succeeded": True, "existed": False, "version": 0}),
+        ([Put(b"k", b"v")], Get(b"k"), {"value": b"v", "version": 1}),
+        ([], Get(b"k"), {"value": None, "version": 0}),
+    ],
+)
+def test_conditional_ops_follow_the_protocol_table(setup, cmd, expected):
+    s = KVStore()
+    for c in setup:
+        s.apply(c)
+    assert s.apply(cmd) == expected
+
+
+def test_txn_gets_see_state_before_own_writes_and_writes_share_one_revision():
+    s = KVStore()
+    s.apply(Put(b"a", b"1"))
+    r = s.apply(Txn(((b"a", 1),), (SubGet(b"a"), SubPut(b"a", b"2"), SubPut(b"b", b"x"),
+                                    SubGet(b"b"))))
+    assert r["succeeded"] is True
+    assert r["results"][0] == {"value": b"1", "version": 1}
+    assert r["results"][1] == r["results"][2] == {"version": 2}
+    assert r["results"][3] == {"value": None, "version": 0}
+    assert s.get(b"a") == (b"2", 2) and s.get(b"b") == (b"x", 2)
+
+
+def test_txn_failed_compare_runs_else_branch_only():
+    s = KVStore()
+    s.apply(Put(b"a", b"1"))
+    r = s.apply(Txn(((b"a", 0),), (SubPut(b"a", b"then"),), (SubDelete(b"a"), SubGet(b"a"))))
+    assert r == {"succeeded": False, "results": [{"existed": True}, {"value": b"1", "version": 1}]}
+    assert s.get(b"a") == (None, 0)
+
+
+def test_read_only_or_no_op_txn_does_not_advance_revision():
+    s = KVStore()
+    s.apply(Txn((), (SubGet(b"a"), SubDelete(b"zz"))))
+    assert s.revision == 0
+
+
+keys = st.binary(min_size=1, max_size=3)
+vals = st.binary(max_size=4)
+vers = st.integers(0, 6)
+ops = st.one_of(
+    st.builds(Put, keys, vals, st.none() | vers),
+    st.builds(Delete, keys, st.none() | vers),
+    st.builds(Get, keys),
+    st.builds(
+        Txn,
+        st.lists(st.tuples(keys, vers), max_size=2).map(tuple),
+        st.lists(st.one_of(st.builds(SubGet, keys), st.builds(SubPut, keys, vals)),
+                 max_size=3).map(tuple),
+        st.lists(st.builds(SubDelete, keys), max_size=2, unique_by=lambda s: s.key).map(tuple),
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(ops, max_size=30))
+def test_replay_from_snapshot_and_encoded_commands_is_identical(cmds):
+    """Determinism: same commands, same order -> same state and results, through encode/decode."""
+    a, b = KVStore(), KVStore()
+    cut = len(cmds) // 2
+    for c in cmds[:cut]:
+        a.apply(c)
+        b.apply(commands.decode(commands.encode(c)))
+    b = KVStore.restore(b.snapshot())
+    for c in cmds[cut:]:
+        assert a.apply(c) == b.apply(commands.decode(commands.encode(c)))
+    assert dict(a.items()) == dict(b.items()) and a.revision == b.revision

@@ -1,0 +1,73 @@
+"""Request validation at the boundary: strict types, errors naming the field."""
+
+import pytest
+
+from dsnode.core.commands import Delete, Get, Put, SubGet, SubPut, Txn
+from dsnode.wire.requests import Limits, RequestError, parse_request, request_id
+
+L = Limits(max_key_bytes=8, max_value_bytes=16, max_txn_ops=4)
+
+
+def ok(obj):
+    return parse_request({"id": 1, **obj}, L)
+
+
+def err(obj):
+    with pytest.raises(RequestError) as e:
+        parse_request({"id": 1, **obj}, L)
+    return e.value.code, e.value.message
+
+
+def test_valid_requests_become_commands():
+    assert ok({"op": "get", "key": b"k"}).command == Get(b"k")
+    assert ok({"op": "get", "key": "k", "consistency": "stale"}).command == Get(b"k", "stale")
+    assert ok({"op": "put", "key": b"k", "value": "v", "if_version": 0}).command == Put(
+        b"k", b"v", 0)
+    assert ok({"op": "delete", "key": b"k"}).command == Delete(b"k")
+    t = ok({"op": "txn", "if": [{"key": b"a", "version": 3}],
+            "then": [{"op": "get", "key": b"a"}, {"op": "put", "key": b"b", "value": b""}]})
+    assert t.command == Txn(((b"a", 3),), (SubGet(b"a"), SubPut(b"b", b"")), ())
+    assert ok({"op": "status", "timeout_ms": 5}).timeout_ms == 5
+
+
+@pytest.mark.parametrize(
+    "obj, code, needle",
+    [
+        ({"op": "frobnicate"}, "unknown_op", "frobnicate"),
+        ({"op": 3}, "bad_request", "'op'"),
+        ({}, "bad_request", "'op'"),
+        ({"op": "get"}, "bad_request", "'key'"),
+        ({"op": "get", "key": 5}, "bad_request", "'key'"),
+        ({"op": "get", "key": b""}, "bad_request", "'key'"),
+        ({"op": "get", "key": b"k", "extra": 1}, "bad_request", "'extra'"),
+        ({"op": "get", "key": b"k", "consistency": "weird"}, "bad_request", "consistency"),
+        ({"op": "put", "key": b"k"}, "bad_request", "'value'"),
+        ({"op": "put", "key": b"k", "value": 1}, "bad_request", "'value'"),
+        ({"op": "put", "key": b"k", "value": b"v", "if_version": "1"}, "bad_request", "if_version"),
+        ({"op": "put", "key": b"k", "value": b"v", "if_version": True}, "bad_request", "if_version"),
+        ({"op": "put", "key": b"k", "value": b"v", "if_version": -1}, "bad_request", "if_version"),
+        ({"op": "put", "key": b"123456789", "value": b""}, "too_large", "max_key_bytes"),
+        ({"op": "put", "key": b"k", "value": b"x" * 17}, "too_large", "max_value_bytes"),
+        ({"op": "get", "key": b"k", "timeout_ms": 0}, "bad_request", "timeout_ms"),
+        ({"op": "get", "key": b"k", "timeout_ms": 1.5}, "bad_request", "timeout_ms"),
+        ({"op": "txn", "if": {}}, "bad_request", "'if'"),
+        ({"op": "txn", "if": [{"key": b"a"}]}, "bad_request", "if[0].version"),
+        ({"op": "txn", "then": [{"op": "put", "key": b"a"}]}, "bad_request", "then[0].value"),
+        ({"op": "txn", "then": [{"op": "cas", "key": b"a"}]}, "bad_request", "then[0].op"),
+        ({"op": "txn", "then": [{"op": "get", "key": b"a", "x": 1}]}, "bad_request", "'x'"),
+        ({"op": "txn", "then": [{"op": "put", "key": b"a", "value": b""},
+                                {"op": "delete", "key": b"a"}]}, "bad_request", "twice"),
+        ({"op": "txn", "then": [{"op": "get", "key": b"a"}] * 5}, "bad_request", "max_txn_ops"),
+        ({"op": "hello", "token": 5}, "bad_request", "'token'"),
+    ],
+)
+def test_bad_requests_get_a_clear_error_naming_the_field(obj, code, needle):
+    got_code, message = err(obj)
+    assert got_code == code
+    assert needle in message
+
+
+@pytest.mark.parametrize("obj", [[1], {"id": 0}, {"id": -1}, {"id": "1"}, {"id": 2**63},
+                                 {"id": True}, {"op": "get"}])
+def test_request_without_valid_id_is_rejected(obj):
+    assert request_id(obj) is None

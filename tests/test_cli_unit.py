@@ -1,0 +1,216 @@
+"""The dsnode CLI's client commands, run with click's CliRunner against the fake server
+(tests/client/fake_server.py) running on its own loop in a background thread."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from dsnode.cli import main, parse_txn_spec
+
+
+def _load_fake_server() -> Any:
+    name = "dsnode_tests_fake_server"
+    if name not in sys.modules:
+        path = Path(__file__).parent / "client" / "fake_server.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+fs = _load_fake_server()
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def srv():
+    with fs.ThreadedFakeServer() as s:
+        yield s
+
+
+@pytest.fixture
+def run(srv):
+    """Invoke the CLI against the fake server; returns the click Result."""
+    runner = CliRunner()
+
+    def invoke(*args: str, input: bytes | str | None = None, env: dict | None = None) -> Any:
+        full_env = {"DSNODE_ENDPOINTS": srv.endpoint, "DSNODE_OUTPUT": None, "DSNODE_TOKEN": None}
+        full_env.update(env or {})
+        return runner.invoke(main, ["--timeout", "2", *args], input=input, env=full_env)
+
+    return invoke
+
+
+def test_put_then_get_prints_value_and_version_lines(run):
+    r = run("put", "greeting", "hello world")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "succeeded: true\nversion: 1\n"
+    r = run("get", "greeting")
+    assert r.exit_code == 0 and r.stdout == "hello world\n"
+    r = run("get", "greeting", "--show-version")
+    assert r.stdout == "hello world\n" and "version: 1" in r.stderr
+
+
+def test_put_reads_value_from_stdin_byte_for_byte(run, srv):
+    assert run("put", "k", input=b"line1\nline2\n").exit_code == 0
+    assert run("put", "k2", "-", input=b"\x00\x01").exit_code == 0
+    data = srv.call(lambda: dict(srv.server.data))
+    assert data[b"k"] == (b"line1\nline2\n", 1)
+    assert data[b"k2"] == (b"\x00\x01", 1)
+
+
+def test_get_of_binary_value_is_escaped_in_text_and_exact_with_raw(run, srv):
+    srv.call(lambda: srv.server.data.__setitem__(b"bin", (b"\xff\x00ok", 4)))
+    r = run("get", "bin")
+    assert r.exit_code == 0
+    assert r.stdout == "\\xff\x00ok\n" and "not UTF-8" in r.stderr
+    r = run("get", "bin", "--raw")
+    assert r.stdout_bytes == b"\xff\x00ok"
+
+
+def test_get_missing_key_exits_1_in_text_mode_and_prints_null_in_json(run):
+    r = run("get", "nope")
+    assert r.exit_code == 1 and r.stderr == "error: key not found: nope\n"
+    r = run("--output", "json", "get", "nope")
+    assert r.exit_code == 0
+    assert json.loads(r.stdout) == {"key": "nope", "value": None, "version": 0}
+
+
+def test_json_output_uses_text_or_b64_suffix(run, srv):
+    srv.call(lambda: srv.server.data.__setitem__(b"bin", (b"\xff", 2)))
+    run("put", "t", "text")
+    assert json.loads(run("-o", "json", "get", "t").stdout) == {
+        "key": "t",
+        "value": "text",
+        "version": 1,
+    }
+    doc = json.loads(run("get", "bin", env={"DSNODE_OUTPUT": "json"}).stdout)
+    assert doc == {"key": "bin", "value_b64": base64.b64encode(b"\xff").decode(), "version": 2}
+    r = run("put", "t", "again", "--output", "json")
+    assert json.loads(r.stdout) == {"succeeded": True, "version": 2}
+
+
+def test_failed_if_version_is_not_an_error(run):
+    run("put", "k", "v")
+    r = run("put", "k", "w", "--if-version", "0")
+    assert r.exit_code == 0 and r.stdout == "succeeded: false\nversion: 1\n"
+    r = run("del", "k", "--if-version", "9")
+    assert r.exit_code == 0 and r.stdout.startswith("succeeded: false\n")
+    r = run("del", "k", "--if-version", "1")
+    assert r.exit_code == 0 and r.stdout == "succeeded: true\nexisted: true\nversion: 1\n"
+    r = run("del", "k")
+    assert r.exit_code == 0 and "existed: false" in r.stdout
+
+
+def test_txn_reads_json_spec_from_stdin_and_file(run, tmp_path):
+    spec = {
+        "if": [{"key": "a", "version": 0}],
+        "then": [
+            {"op": "put", "key": "a", "value": "1"},
+            {"op": "put", "key": "b", "value_b64": base64.b64encode(b"\xfe").decode()},
+            {"op": "get", "key": "c"},
+        ],
+        "else": [{"op": "get", "key": "a"}, {"op": "del", "key": "b"}],
+    }
+    r = run("txn", input=json.dumps(spec))
+    assert r.exit_code == 0, r.output
+    assert r.stdout == ("succeeded: true\nput a: version 1\nput b: version 1\nget c: (not found)\n")
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    r = run("txn", str(path))
+    assert r.exit_code == 0
+    assert r.stdout == "succeeded: false\nget a: 1 (version 1)\ndelete b: existed true\n"
+    r = run("-o", "json", "txn", str(path))
+    assert json.loads(r.stdout) == {
+        "succeeded": False,
+        "results": [{"value": "1", "version": 1}, {"existed": False}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ("not json", "not valid JSON"),
+        ("[]", "JSON object"),
+        ('{"iff": []}', "unknown field"),
+        ('{"if": [{"key": "a"}]}', "'version'"),
+        ('{"then": [{"op": "put", "key": "a"}]}', "'value'"),
+        ('{"then": [{"op": "cas", "key": "a"}]}', "'op'"),
+        ('{"then": [{"op": "get", "key_b64": "!!"}]}', "base64"),
+    ],
+)
+def test_malformed_txn_spec_is_a_usage_error(run, srv, spec, problem):
+    r = run("txn", input=spec)
+    assert r.exit_code == 2 and problem in r.stderr
+    assert srv.call(lambda: list(srv.server.requests)) == []
+
+
+def test_parse_txn_spec_defaults_to_empty_lists():
+    assert parse_txn_spec(b"{}") == ([], [], [])
+
+
+def test_status_text_and_json(run):
+    r = run("status")
+    assert r.exit_code == 0
+    assert "node_id: n1" in r.stdout and "ready: true" in r.stdout
+    assert "  n1  127.0.0.1:1  alive" in r.stdout
+    assert "  0  leader=n1  replicas=n1" in r.stdout
+    doc = json.loads(run("status", "-o", "json").stdout)
+    assert doc["cluster_id"] == "c1" and doc["partitions"][0]["leader"] == "n1"
+
+
+def test_server_error_exits_1_with_one_line_message(srv):
+    async def hook(req, conn):
+        if req.get("op") == "put":
+            return fs.err(req, "unavailable", "no leader for partition 3", indeterminate=True)
+        return None
+
+    srv.call(lambda: setattr(srv.server, "hook", hook))
+    r = CliRunner().invoke(main, ["--endpoints", srv.endpoint, "put", "k", "v"])
+    assert r.exit_code == 1
+    assert r.stderr.startswith("error: unavailable: no leader for partition 3")
+    assert "outcome unknown" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_unreachable_endpoint_exits_1_and_bad_endpoint_exits_2():
+    with fs.ThreadedFakeServer() as gone:
+        endpoint = gone.endpoint
+    r = CliRunner().invoke(main, ["get", "k", "--endpoints", endpoint, "--timeout", "0.3"])
+    assert r.exit_code == 1 and r.stderr.startswith("error: unavailable: ")
+    r = CliRunner().invoke(main, ["get", "k", "--endpoints", "nonsense"])
+    assert r.exit_code == 2
+
+
+def test_token_option_and_env_send_hello_first():
+    with fs.ThreadedFakeServer(token="tok") as srv:
+        runner = CliRunner()
+        env = {"DSNODE_ENDPOINTS": srv.endpoint}
+        r = runner.invoke(main, ["put", "k", "v"], env=env)
+        assert r.exit_code == 1 and "unauthenticated" in r.stderr
+        r = runner.invoke(main, ["put", "k", "v"], env={**env, "DSNODE_TOKEN": "tok"})
+        assert r.exit_code == 0, r.output
+        r = runner.invoke(main, ["get", "k", "--token", "tok"], env=env)
+        assert r.stdout == "v\n"
+
+
+def test_usage_errors_exit_2(run):
+    assert run("get").exit_code == 2
+    assert run("put", "k", "v", "--if-version", "-1").exit_code == 2
+    assert run("--output", "yaml", "status").exit_code == 2
+
+
+def test_main_is_callable_entry_point_and_lists_client_commands():
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0
+    for name in ("get", "put", "del", "txn", "status"):
+        assert f"  {name} " in r.stdout
