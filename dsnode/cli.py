@@ -508,8 +508,15 @@ def status_command(
     for name, value in st.items():
         if name in ("members", "partitions"):
             continue
-        shown = _bool(value) if isinstance(value, bool) else value
-        click.echo(f"{name}: {_text(shown) if isinstance(shown, bytes) else shown}")
+        if isinstance(value, bool):
+            shown = _bool(value)
+        elif isinstance(value, bytes):
+            shown = _text(value)
+        elif isinstance(value, dict | list):
+            shown = json.dumps(_jsonable(value), ensure_ascii=False)
+        else:
+            shown = str(value)
+        click.echo(f"{name}: {shown}")
     click.echo(f"members: {len(members)}")
     for m in members:
         click.echo(f"  {m.get('node_id')}  {m.get('addr')}  {m.get('state')}")

@@ -7,7 +7,9 @@ Connections and pipelining
     A client holds ``pool_size`` TCP connections (default 1). Each carries any number of
     concurrent requests; ids are client-wide increasing ints starting at 1, and the
     connection's protocol object resolves the waiting futures by id as frames arrive, in any
-    order. A request goes to the open connection with the fewest requests in flight.
+    order. A request goes to the open connection with the fewest requests in flight; a dead
+    pool slot is reconnected in the background (with backoff) while the others carry on.
+    Frames queued during one event-loop turn are written with one syscall.
 
 Endpoints
     ``endpoints`` is a list of ``host:port`` (or one comma-separated string). The client
@@ -411,6 +413,7 @@ class Client:
         self._max_frame_bytes = max_frame_bytes
         self._slots: list[_Connection | None] = [None] * pool_size
         self._connecting: dict[int, asyncio.Task[_Connection]] = {}
+        self._slot_retry_at: dict[int, float] = {}  # no background reconnect before this time
         self._preferred = 0  # index of the endpoint the next connect tries first
         self._failed_rounds = 0  # consecutive connect rounds in which every endpoint failed
         self._ids = itertools.count(1)
@@ -669,8 +672,9 @@ class Client:
             elif best is None or len(c.pending) < len(best.pending):
                 best = c
         if best is not None and dead:
+            now = self._loop.time() if self._loop is not None else 0.0
             for i in dead:
-                if i not in self._connecting:
+                if i not in self._connecting and now >= self._slot_retry_at.get(i, 0.0):
                     self._start_connect(i)
         return best
 
@@ -719,8 +723,10 @@ class Client:
         def done(t: asyncio.Task[_Connection]) -> None:
             if self._connecting.get(slot) is t:
                 del self._connecting[slot]
-            if not t.cancelled():
-                t.exception()  # consumed here; waiters get it through shield()
+            if not t.cancelled() and t.exception() is not None:
+                # Consumed here (waiters get it through shield()); background reconnects of
+                # this slot back off instead of hammering a dead endpoint per request.
+                self._slot_retry_at[slot] = t.get_loop().time() + _backoff(self._failed_rounds)
 
         task.add_done_callback(done)
         return task

@@ -86,6 +86,11 @@ class FakeServer:
         async with self.received:
             await self.received.wait_for(enough)
 
+    async def wait_conns(self, n: int) -> None:
+        """Block until at least ``n`` connections have been accepted."""
+        async with self.received:
+            await self.received.wait_for(lambda: len(self.conns) >= n)
+
     def drop_all(self) -> None:
         for c in self.conns:
             c.writer.transport.abort()
@@ -93,6 +98,8 @@ class FakeServer:
     async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = FakeConn(writer)
         self.conns.append(conn)
+        async with self.received:
+            self.received.notify_all()
         decoder = FrameDecoder()
         try:
             while data := await reader.read(65536):

@@ -497,3 +497,16 @@ def test_sync_client_works_from_a_thread_running_an_event_loop():
                 return c.get("k").value
 
         assert asyncio.run(inside_loop()) == b"v"
+
+
+async def test_pool_keeps_serving_on_survivors_and_refills_a_dropped_slot(server):
+    async with Client(server.endpoint, timeout=3.0, pool_size=2) as c:
+        assert len(server.conns) == 2
+        server.conns[0].writer.transport.abort()
+        # The first read goes to the dropped slot and is retried on the survivor; that retry
+        # starts a background reconnect of the dead slot.
+        for i in range(20):
+            assert (await c.get(f"k{i}")).version == 0
+        await server.wait_conns(3)
+        assert (await c.get("again")).version == 0
+        assert c.in_flight == 0

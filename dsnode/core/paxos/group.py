@@ -117,6 +117,7 @@ class PaxosGroup:
         self.catchup_sent_at = -(10**9)
         self.snap_in: tuple[int, int, int] | None = None  # (index, total, crc)
         self.snap_buf = bytearray()
+        self._catchup_turn = 0
         self.become_follower()
 
     # ================================================================ roles
@@ -252,6 +253,8 @@ class PaxosGroup:
             )
             if fresh < self.quorum:
                 self.become_follower()
+            else:
+                self._leader_catchup()
         else:
             self.elapsed += 1
             if self.elapsed >= self.timeout:
@@ -458,6 +461,17 @@ class PaxosGroup:
         self.acceptor.compact(index)
 
     # ---------------------------------------------------------------- catch-up
+    def _leader_catchup(self) -> None:
+        """A leader missing chosen slots nobody re-proposes (below a peer's
+        snapshot) asks the peers in turn until one serves them."""
+        p = self.proposer
+        ct = self.log.chosen_through
+        if self.catchup_peer is None and ct < p.recovery_end and ct + 1 not in p.proposals:
+            others = [m for m in self.members if m != self.me]
+            if others:
+                self._catchup_turn += 1
+                self._want_catchup(others[self._catchup_turn % len(others)], p.recovery_end)
+
     def _reset_catchup(self) -> None:
         self.catchup_peer = None
         self.catchup_target = 0

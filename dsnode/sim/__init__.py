@@ -1,0 +1,1 @@
+"""Deterministic simulator of whole dsnode clusters (plain synchronous code)."""

@@ -1,0 +1,99 @@
+"""``python -m dsnode.sim --seed N`` or ``--seeds A-B``: run simulations.
+
+Prints one line per failing seed with the exact repro command, and for a
+range the throughput in seeds/s and cluster-seconds simulated per wall second
+(ticks x nodes x ``--tick-ms``). Exit status 1 if any seed failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+from dsnode.sim.broken import BROKEN
+from dsnode.sim.trace import Trace
+from dsnode.sim.world import SimConfig, SimWorld
+
+
+def _range(text: str) -> range:
+    a, _, b = text.partition("-")
+    return range(int(a), int(b or a) + 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dsnode.sim")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--seed", type=int, help="run one seed")
+    which.add_argument("--seeds", type=_range, help="run a range, e.g. 0-999")
+    ap.add_argument("--ticks", type=int, default=600, help="fault-phase ticks")
+    ap.add_argument("--heal-ticks", type=int, default=600, help="convergence budget")
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--groups", type=int, default=2)
+    ap.add_argument("--replicas", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--keys", type=int, default=6)
+    ap.add_argument("--no-swarm", action="store_true", help="fixed timing and fault mix")
+    ap.add_argument("--broken", choices=sorted(BROKEN), help="run a deliberately broken variant")
+    ap.add_argument("--trace", action="store_true", help="print every event")
+    ap.add_argument("--tick-ms", type=float, default=10.0, help="for cluster-seconds only")
+    args = ap.parse_args(argv)
+
+    cfg = SimConfig(
+        nodes=args.nodes,
+        groups=args.groups,
+        replicas=args.replicas,
+        fault_ticks=args.ticks,
+        heal_ticks_max=args.heal_ticks,
+        clients=args.clients,
+        keys=args.keys,
+        swarm=not args.no_swarm,
+    )
+    if args.broken:
+        cfg = dataclasses.replace(cfg, acceptor_cls=BROKEN[args.broken])
+    seeds = range(args.seed, args.seed + 1) if args.seed is not None else (args.seeds or range(0, 1))
+    flags = [f"--ticks {args.ticks}"]
+    for name, default in (("heal_ticks", 600), ("nodes", 3), ("groups", 2), ("replicas", 3),
+                          ("clients", 4), ("keys", 6)):
+        if getattr(args, name) != default:
+            flags.append(f"--{name.replace('_', '-')} {getattr(args, name)}")
+    if args.no_swarm:
+        flags.append("--no-swarm")
+    if args.broken:
+        flags.append(f"--broken {args.broken}")
+
+    t0 = time.perf_counter()
+    failed = 0
+    ticks = 0
+    inconclusive = 0
+    for seed in seeds:
+        trace = Trace(enabled=True, echo=args.trace)
+        res = SimWorld(seed, dataclasses.replace(cfg), trace).run()
+        ticks += res.ticks
+        inconclusive += res.lin_inconclusive
+        if len(seeds) == 1:
+            print(
+                f"seed {seed}: {'ok' if res.ok else 'FAILED'} ticks={res.ticks} ops={res.ops} "
+                f"ok={res.ops_ok} indeterminate={res.ops_indeterminate} messages={res.messages} "
+                f"wall={res.wall_s:.2f}s"
+            )
+        if not res.ok:
+            failed += 1
+            if not args.trace:
+                print(res.trace_tail[-4000:])
+            print(f"FAILED seed {seed}: {res.error}")
+            print(f"repro: python -m dsnode.sim --seed {seed} {' '.join(flags)}")
+    wall = time.perf_counter() - t0
+    n = len(seeds)
+    cluster_s = ticks * cfg.nodes * args.tick_ms / 1000
+    print(
+        f"{n - failed}/{n} seeds passed in {wall:.1f}s: {n / wall:.1f} seeds/s, "
+        f"{cluster_s / wall:.0f} cluster-seconds per wall second"
+        + (f", {inconclusive} linearizability checks inconclusive" if inconclusive else "")
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+# Sourced by the other scripts: make ./.venv with dsnode installed (and extras in $1).
+# Works on a fresh Debian machine with only python3 (3.11+): installs python3-venv if needed.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${DSNODE_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+extras="${1:-}"
+
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "dsnode needs Python >= 3.11 as '$PY' (set PYTHON=...)" >&2
+    exit 2
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+    if ! "$PY" -m venv "$VENV" 2>/dev/null; then
+        rm -rf "$VENV"
+        echo "python3-venv is missing; installing it from Debian's packages" >&2
+        if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+        $SUDO apt-get update -qq
+        $SUDO apt-get install -y -qq python3-venv python3-pip >/dev/null
+        "$PY" -m venv "$VENV"
+    fi
+fi
+stamp="$VENV/.dsnode-installed$extras"
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+    "$VENV/bin/python" -m pip install -q -e "$ROOT$extras"
+    touch "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"
