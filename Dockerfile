@@ -34,13 +34,13 @@ COPY pyproject.toml ./
 RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
         > requirements.txt \
     && /opt/build/bin/pip wheel $(cat /etc/pip-index-flag) --find-links /wheelhouse \
-        --only-binary=:all: --wheel-dir /wheels -r requirements.txt
+        --only-binary=:all: --wheel-dir /wheels/deps -r requirements.txt
 
 # (README.md is left out on purpose: the wheel builds without it, and docs edits keep the cache.)
 COPY dsnode ./dsnode
 RUN /opt/build/bin/pip wheel $(cat /etc/pip-index-flag) --find-links /wheelhouse \
-        --no-deps --wheel-dir /wheels . \
-    && ls -l /wheels
+        --no-deps --wheel-dir /wheels/app . \
+    && ls -l /wheels/*
 
 # ---------------------------------------------------------------- runtime: venv from the wheels
 FROM ${BASE_IMAGE} AS runtime
@@ -59,15 +59,19 @@ RUN groupadd --system --gid 10001 dsnode \
     && chown dsnode:dsnode /var/lib/dsnode \
     && chmod 0750 /var/lib/dsnode
 
-# Install from the wheels only (--no-index: no network here), then drop pip from the venv:
-# nothing is ever installed into a running container.
-COPY --from=build /wheels /tmp/wheels
-RUN python3 -m venv /opt/dsnode \
-    && /opt/dsnode/bin/pip install --no-index --no-cache-dir --disable-pip-version-check \
-        --find-links /tmp/wheels dsnode \
-    && /opt/dsnode/bin/pip uninstall --yes --quiet pip setuptools \
+# Install from the wheels only (--no-index: no network here), in two layers so that a change
+# to dsnode's code reinstalls only dsnode. The venv gets no pip of its own (the base image's pip
+# installs into it with --python): nothing is ever installed into a running container.
+COPY --from=build /wheels/deps /tmp/wheels/deps
+RUN python3 -m venv --without-pip /opt/dsnode \
+    && python3 -m pip --python /opt/dsnode/bin/python install --no-index --no-cache-dir \
+        --disable-pip-version-check --no-warn-script-location /tmp/wheels/deps/*.whl \
+    && rm -rf /tmp/wheels
+COPY --from=build /wheels/app /tmp/wheels/app
+RUN python3 -m pip --python /opt/dsnode/bin/python install --no-index --no-cache-dir \
+        --disable-pip-version-check --no-deps /tmp/wheels/app/*.whl \
     && rm -rf /tmp/wheels \
-    && /opt/dsnode/bin/python -c 'import dsnode, msgpack, uvloop, pydantic' \
+    && /opt/dsnode/bin/python -c 'import dsnode.cli, dsnode.runtime.main' \
     && test -x /opt/dsnode/bin/dsnode
 
 COPY deploy/entrypoint.sh /usr/local/bin/dsnode-entrypoint

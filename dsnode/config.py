@@ -98,7 +98,13 @@ class NodeConfig(BaseModel):
     # durability and storage
     fsync: bool = True
     wal_segment_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
-    snapshot_every_records: int = Field(default=200_000, ge=1)
+    snapshot_every_records: int = Field(
+        default=100_000, ge=1,
+        description="WAL records between checkpoints that let old log segments be deleted",
+    )
+    snapshot_interval_slots: int = Field(
+        default=4096, ge=1, description="Paxos slots between state-machine snapshots"
+    )
 
     # time
     tick_interval_ms: int = Field(default=10, ge=1, le=10_000)

@@ -13,8 +13,23 @@ from pathlib import Path
 import pytest
 
 CORE = Path(__file__).resolve().parents[1] / "dsnode" / "core"
-BANNED = {"time", "asyncio", "socket", "os", "threading", "subprocess", "multiprocessing",
-          "selectors", "signal", "uvloop", "datetime", "secrets", "uuid", "shutil", "io"}
+BANNED = {
+    "time",
+    "asyncio",
+    "socket",
+    "os",
+    "threading",
+    "subprocess",
+    "multiprocessing",
+    "selectors",
+    "signal",
+    "uvloop",
+    "datetime",
+    "secrets",
+    "uuid",
+    "shutil",
+    "io",
+}
 
 
 def _core_files() -> list[Path]:

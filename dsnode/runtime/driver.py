@@ -1,40 +1,78 @@
-"""The sole owner of a NodeCore: inputs in, Ready out, effects carried out in order.
+"""The sole owner of a node's cores: inputs in, ``Ready`` out, effects carried out in order.
 
 Everything here runs on the event loop thread. Client connections call
-:meth:`Driver.submit`; once per loop turn :meth:`Driver._flush` drains the
-core's ``Ready``: log records are appended to the WAL, and replies wait until
-the WAL is durable up to the last record appended before them (effects.py
-contract). A single flusher task runs the fsyncs: while one fsync is in
-flight, later batches accumulate and share the next one (group commit).
+:meth:`Driver.submit`, the peer transport calls :meth:`Driver.on_peer_messages`,
+the ticker calls the core's ``tick``; once per loop turn :meth:`Driver._flush`
+drains the core's ``Ready``:
+
+1. log records are appended to the WAL;
+2. messages and replies wait until the WAL is durable up to the last record
+   appended before them (effects.py contract), then go out in order.
+
+A single flusher task runs the fsyncs: while one fsync is in flight, later
+batches accumulate and share the next one (group commit).
+
+Routing (the router's job for the one group of this build): a request is
+proposed here when this node leads the group, forwarded to the leader over the
+peer connection when another node does, and parked until the deadline while no
+leader is known. ``stale`` reads are served from the local replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from dsnode.core.commands import Command
+from dsnode.core import commands
+from dsnode.core.commands import STALE, Command, Get
 from dsnode.core.effects import Reply
+from dsnode.core.errors import PeerMisbehaved
+from dsnode.core.paxos.messages import Accepted, from_wire, to_wire
 from dsnode.runtime.logs import get_logger
-from dsnode.wire.errors import TIMEOUT
+from dsnode.wire.errors import TIMEOUT, UNAVAILABLE
 
 if TYPE_CHECKING:
-    from dsnode.core.node import NodeCore
+    from dsnode.core.paxos.node import PaxosNode
+    from dsnode.runtime.peers import PeerNetwork
     from dsnode.runtime.wal import WriteAheadLog
 
 log = get_logger("dsnode.driver")
+
+GROUP = 0  # the one replicated group of this build (the ring splits it later)
+
+# Runtime-level peer messages (the Paxos core's own are tagged "px.*").
+FWD = "fwd"  # [FWD, fwd_id, group, encoded command, timeout_ms]
+FWD_REPLY = "fwdr"  # [FWD_REPLY, fwd_id, result | None, [code, message, indeterminate] | None]
 
 
 class Pending:
     """One client request in flight. ``done`` guards against answering twice."""
 
-    __slots__ = ("conn", "rid", "write", "done")
+    __slots__ = ("conn", "rid", "write", "done", "cmd", "deadline", "sent", "fwd_id")
 
     def __init__(self, conn: Any, rid: int, write: bool) -> None:
         self.conn = conn
         self.rid = rid
+        self.write = write
+        self.done = False
+        self.cmd: Command | None = None
+        self.deadline = 0
+        # True once the command may have reached a proposer (so a failure is indeterminate)
+        self.sent = False
+        self.fwd_id = 0
+
+
+class Forwarded:
+    """A request another node forwarded to us; its answer goes back over the peer link."""
+
+    __slots__ = ("origin", "fwd_id", "write", "done")
+
+    def __init__(self, origin: str, fwd_id: int, write: bool) -> None:
+        self.origin = origin
+        self.fwd_id = fwd_id
         self.write = write
         self.done = False
 
@@ -45,40 +83,147 @@ Deliver = Callable[[list[Reply]], None]
 class Driver:
     def __init__(
         self,
-        core: NodeCore,
+        core: PaxosNode,
         wal: WriteAheadLog,
         deliver: Deliver,
+        net: PeerNetwork | None,
         *,
-        snapshot_every_records: int,
+        node_id: str,
         tick_seconds: float,
+        checkpoint_every_records: int,
     ) -> None:
         self.core = core
         self.wal = wal
-        self._deliver = deliver
+        self.net = net
+        self.node_id = node_id
+        self._deliver_local = deliver
         self._loop = asyncio.get_running_loop()
         self._flush_scheduled = False
-        self._waiting: collections.deque[tuple[int, list[Reply]]] = collections.deque()
+        self._waiting: collections.deque[tuple[int, list, list[Reply]]] = collections.deque()
         self._kick = asyncio.Event()
-        self._snapshot_every = snapshot_every_records
-        self._snapshot_task: asyncio.Task | None = None
         self._tick_seconds = tick_seconds
-        self._tick = 0
+        self.tick_count = 0
         # timer wheel: tick -> requests whose deadline is that tick
         self._deadlines: dict[int, list[Pending]] = collections.defaultdict(list)
-        self._fatal: BaseException | None = None
+        self._parked: list[Pending] = []
+        self._forwarded: dict[int, Pending] = {}
+        self._fwd_ids = itertools.count(1)
+        self._checkpoint_every = checkpoint_every_records
+        self._records_since_checkpoint = 0
+        self._checkpoint_task: asyncio.Task | None = None
         self.stopped = asyncio.Event()
+        self.heard: dict[str, int] = {}  # peer -> tick we last heard from it
+        self.peer_acked: dict[str, int] = {}  # peer -> highest slot it accepted from us
+        self.counters: collections.Counter = collections.Counter()
 
-    # ------------------------------------------------------------ inputs
+    # ------------------------------------------------------------ client input
     def submit(self, pending: Pending, cmd: Command, timeout_s: float) -> None:
-        self.core.submit(pending, cmd)
-        self._deadlines[self._tick + max(1, int(timeout_s / self._tick_seconds) + 1)].append(pending)
+        pending.cmd = cmd
+        pending.deadline = self.tick_count + max(1, int(timeout_s / self._tick_seconds) + 1)
+        self._deadlines[pending.deadline].append(pending)
+        self._dispatch(pending)
+        self._schedule_flush()
+
+    def _dispatch(self, p: Pending) -> None:
+        cmd = p.cmd
+        assert cmd is not None
+        core = self.core
+        if type(cmd) is Get and cmd.consistency == STALE:
+            core.read(GROUP, p, cmd)
+            return
+        leader = core.leader_of(GROUP)
+        if leader == self.node_id:
+            p.sent = True
+            if type(cmd) is Get:
+                core.read(GROUP, p, cmd)
+            else:
+                core.propose(GROUP, p, cmd)
+        elif leader is not None and self.net is not None and self.net.connected(leader):
+            fwd_id = next(self._fwd_ids)
+            self._forwarded[fwd_id] = p
+            p.sent = True
+            p.fwd_id = fwd_id
+            timeout_ms = max(1, int((p.deadline - self.tick_count) * self._tick_seconds * 1000))
+            self.net.send(leader, [FWD, fwd_id, GROUP, commands.encode(cmd), timeout_ms])
+        else:
+            self._parked.append(p)
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
-    @property
-    def unsynced(self) -> int:
-        return self.wal.last_lsn - self.wal.durable_lsn
+    # ------------------------------------------------------------ peer input
+    def on_peer_messages(self, peer: str, batch: list) -> None:
+        self.heard[peer] = self.tick_count
+        core = self.core
+        for m in batch:
+            if not isinstance(m, list) or not m:
+                self.counters["malformed_peer_message"] += 1
+                continue
+            tag = m[0]
+            if isinstance(tag, str) and tag.startswith("px."):
+                try:
+                    msg = from_wire(m)
+                except PeerMisbehaved:
+                    self.counters["malformed_peer_message"] += 1
+                    continue
+                if type(msg) is Accepted and msg.slots:
+                    top = max(msg.slots)
+                    if top > self.peer_acked.get(peer, 0):
+                        self.peer_acked[peer] = top
+                core.step(peer, msg)
+            elif tag == FWD:
+                self._on_forward(peer, m)
+            elif tag == FWD_REPLY:
+                self._on_forward_reply(m)
+            else:
+                self.counters["malformed_peer_message"] += 1
+        self._schedule_flush()
+
+    def _on_forward(self, peer: str, m: list) -> None:
+        try:
+            _, fwd_id, group, enc, _timeout_ms = m
+            cmd = commands.decode(enc)
+        except (ValueError, TypeError, IndexError, KeyError):
+            self.counters["malformed_peer_message"] += 1
+            return
+        token = Forwarded(peer, fwd_id, type(cmd) is not Get)
+        if self.core.leader_of(group) != self.node_id:
+            # Not proposed here: definitely no effect, so the origin may try again.
+            self._reply_remote(token, None, (UNAVAILABLE, "not leader", False))
+            return
+        if type(cmd) is Get:
+            self.core.read(group, token, cmd)
+        else:
+            self.core.propose(group, token, cmd)
+
+    def _on_forward_reply(self, m: list) -> None:
+        try:
+            _, fwd_id, result, error = m
+        except (ValueError, TypeError):
+            self.counters["malformed_peer_message"] += 1
+            return
+        p = self._forwarded.pop(fwd_id, None)
+        if p is None or p.done:
+            return
+        if error is not None:
+            code, message, indeterminate = error
+            if code == UNAVAILABLE and not indeterminate and p.deadline > self.tick_count:
+                p.sent = False
+                p.fwd_id = 0
+                self._parked.append(p)  # definitely not applied: route again later
+                return
+            self._deliver_local([Reply(p, error=(code, message, bool(indeterminate)))])
+        else:
+            self._deliver_local([Reply(p, result=result)])
+
+    def _reply_remote(self, token: Forwarded, result: dict | None, error: tuple | None) -> None:
+        if token.done or self.net is None:
+            return
+        token.done = True
+        self.net.send(token.origin, [FWD_REPLY, token.fwd_id, result,
+                                     list(error) if error is not None else None])
 
     # ------------------------------------------------------------ effects
     def _flush(self) -> None:
@@ -86,23 +231,37 @@ class Driver:
         ready = self.core.ready()
         if ready.persist:
             self.wal.append_many(ready.persist)
-        if not ready.reply:
+            self._records_since_checkpoint += len(ready.persist)
+        if not ready.reply and not ready.send:
             return
         lsn = self.wal.last_lsn
         if lsn <= self.wal.durable_lsn and not self._waiting:
-            self._deliver(ready.reply)
+            self._effects(ready.send, ready.reply)
         else:
-            self._waiting.append((lsn, ready.reply))
+            self._waiting.append((lsn, ready.send, ready.reply))
             self._kick.set()
-        if (
-            self.core.records_since_snapshot >= self._snapshot_every
-            and self._snapshot_task is None
-        ):
-            self._start_snapshot()
+        if self._records_since_checkpoint >= self._checkpoint_every and self._checkpoint_task is None:
+            self._start_checkpoint()
+
+    def _effects(self, send: list, replies: list[Reply]) -> None:
+        if send and self.net is not None:
+            net_send = self.net.send
+            for peer, msg in send:
+                net_send(peer, to_wire(msg))
+        if replies:
+            local = []
+            for r in replies:
+                t = r.token
+                if type(t) is Forwarded:
+                    self._reply_remote(t, r.result, r.error)
+                else:
+                    local.append(r)
+            if local:
+                self._deliver_local(local)
 
     async def run(self) -> None:
         """The flusher and the ticker; returns when :meth:`stop` is called."""
-        ticker = asyncio.create_task(self._ticker())
+        ticker = asyncio.create_task(self._ticker(), name="ticker")
         try:
             await self._flusher()
         finally:
@@ -110,7 +269,8 @@ class Driver:
             try:
                 await ticker
             except asyncio.CancelledError:
-                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
                     raise
 
     async def _flusher(self) -> None:
@@ -123,39 +283,47 @@ class Driver:
                     return
                 continue
             await self.wal.sync()
-            durable = self.wal.durable_lsn
-            while waiting and waiting[0][0] <= durable:
-                self._deliver(waiting.popleft()[1])
-            if waiting:
-                self._kick.set()
+            self._release()
+
+    def _release(self) -> None:
+        waiting = self._waiting
+        durable = self.wal.durable_lsn
+        while waiting and waiting[0][0] <= durable:
+            _, send, replies = waiting.popleft()
+            self._effects(send, replies)
+        if waiting:
+            self._kick.set()
 
     def stop(self) -> None:
         self.stopped.set()
         self._kick.set()
 
     async def drain(self) -> None:
-        """Flush what the core has and wait until every held reply is released."""
+        """Flush what the core has and wait until every held effect is released."""
         self._flush()
         while self._waiting:
             await self.wal.sync()
-            durable = self.wal.durable_lsn
-            while self._waiting and self._waiting[0][0] <= durable:
-                self._deliver(self._waiting.popleft()[1])
-        if self._snapshot_task is not None:
-            await self._snapshot_task
+            self._release()
+        if self._checkpoint_task is not None:
+            await self._checkpoint_task
 
-    # ------------------------------------------------------------ snapshots
-    def _start_snapshot(self) -> None:
-        blob = self.core.snapshot()
+    def idle_requests(self) -> int:
+        return len(self._forwarded) + len(self._parked)
+
+    # ------------------------------------------------------------ checkpoints
+    def _start_checkpoint(self) -> None:
+        """Write the node's durable state as a WAL snapshot so old segments can go."""
+        blob = self.core.checkpoint()
         lsn = self.wal.last_lsn
-        self._snapshot_task = asyncio.create_task(self._write_snapshot(lsn, blob))
+        self._records_since_checkpoint = 0
+        self._checkpoint_task = asyncio.create_task(self._write_checkpoint(lsn, blob))
 
-    async def _write_snapshot(self, lsn: int, blob: bytes) -> None:
+    async def _write_checkpoint(self, lsn: int, blob: bytes) -> None:
         try:
             await self.wal.write_snapshot(lsn, blob)
-            log.info("snapshot_written", lsn=lsn, bytes=len(blob))
+            log.info("checkpoint_written", lsn=lsn, bytes=len(blob))
         finally:
-            self._snapshot_task = None
+            self._checkpoint_task = None
 
     # ------------------------------------------------------------ time
     async def _ticker(self) -> None:
@@ -169,24 +337,28 @@ class Driver:
                 next_at = loop.time()
                 delay = 0
             await asyncio.sleep(max(0.0, delay))
-            self._tick += 1
-            expired = self._deadlines.pop(self._tick, None)
-            if expired:
-                self._expire(expired)
+            self._on_tick()
+
+    def _on_tick(self) -> None:
+        self.tick_count += 1
+        self.core.tick()
+        expired = self._deadlines.pop(self.tick_count, None)
+        if expired:
+            self._expire(expired)
+        if self._parked and self.core.leader_of(GROUP) is not None:
+            parked, self._parked = self._parked, []
+            for p in parked:
+                if not p.done:
+                    self._dispatch(p)
+        self._schedule_flush()
 
     def _expire(self, expired: list[Pending]) -> None:
         out = []
         for p in expired:
             if not p.done:
-                out.append(
-                    Reply(
-                        p,
-                        error=(
-                            TIMEOUT,
-                            "request deadline passed before it completed",
-                            p.write,
-                        ),
-                    )
-                )
+                if p.fwd_id:
+                    self._forwarded.pop(p.fwd_id, None)
+                out.append(Reply(p, error=(TIMEOUT, "request deadline passed before it completed",
+                                           p.write and p.sent)))
         if out:
-            self._deliver(out)
+            self._deliver_local(out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import random
 import signal
 import sys
 from pathlib import Path
@@ -21,9 +22,11 @@ import msgpack
 
 from dsnode import __version__
 from dsnode.config import SETTINGS, ConfigError, NodeConfig, load_config, parse_addr
-from dsnode.core.node import NodeCore
+from dsnode.core.paxos.config import PaxosConfig
+from dsnode.core.paxos.node import PaxosNode
 from dsnode.runtime import logs, sdnotify
-from dsnode.runtime.driver import Driver
+from dsnode.runtime.driver import GROUP, Driver
+from dsnode.runtime.peers import PeerNetwork
 from dsnode.runtime.server import ClientServer
 from dsnode.runtime.wal import WALCorruptError, WriteAheadLog
 
@@ -101,7 +104,7 @@ def prepare_data_dir(config: NodeConfig) -> Path:
 
 # ---------------------------------------------------------------- the node
 class Node:
-    """One running node: WAL, core, driver and listener, with staged shutdown."""
+    """One running node: WAL, Paxos core, driver, peers and listener, with staged shutdown."""
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -110,15 +113,20 @@ class Node:
         self.wal: WriteAheadLog | None = None
         self.client_server: ClientServer | None = None
         self.driver: Driver | None = None
+        self.net: PeerNetwork | None = None
+        self.core: PaxosNode | None = None
         self.bound: tuple[str, int] | None = None
+
+    def paxos_config(self) -> PaxosConfig:
+        cfg = self.config
+        return PaxosConfig(
+            election_timeout_ticks=cfg.ticks(cfg.election_timeout_ms),
+            heartbeat_interval_ticks=cfg.ticks(cfg.heartbeat_interval_ms),
+            snapshot_interval_slots=cfg.snapshot_interval_slots,
+        )
 
     async def start(self) -> None:
         cfg = self.config
-        if len(cfg.cluster_peers) > 1:
-            raise StartupError(
-                "this build serves one-node clusters only: multi-node replication "
-                "(Multi-Paxos) is not in it yet; give --peers with this node alone"
-            )
         data_dir = prepare_data_dir(cfg)
         check_identity(cfg, data_dir)
         wal = WriteAheadLog(data_dir / "wal", fsync=cfg.fsync, segment_bytes=cfg.wal_segment_bytes)
@@ -129,31 +137,44 @@ class Node:
         except OSError as e:
             raise StartupError(f"write-ahead log cannot be opened: {e}") from None
         self.wal = wal
-        if recovered.torn_bytes_dropped:
-            self.log.warning("wal_torn_record_dropped", bytes=recovered.torn_bytes_dropped)
-        core = NodeCore(cfg.node_id)
+        for repair in recovered.repairs:
+            self.log.warning("wal_repaired", what=repair)
+        peers = cfg.cluster_peers
+        seed = int.from_bytes(os.urandom(8), "big")
+        core = PaxosNode(cfg.node_id, {GROUP: tuple(peers)}, random.Random(seed),
+                         self.paxos_config())
         try:
-            core.recover(recovered.snapshot, [payload for _, payload in recovered.records])
+            records = unpack_checkpoint(recovered.snapshot)
+            records.extend(payload for _, payload in recovered.records)
+            core.recover(records)
         except Exception as e:
             raise StartupError(f"cannot replay the write-ahead log: {e}") from None
+        self.core = core
         self.log.info(
             "recovered",
             snapshot_lsn=recovered.snapshot_lsn,
             records=len(recovered.records),
-            keys=len(core.store),
-            revision=core.store.revision,
+            applied=core.applied_index(GROUP),
+            peers=",".join(peers),
+            rng_seed=seed,
         )
         server = ClientServer(cfg)
         self.client_server = server
+        if len(peers) > 1:
+            self.net = PeerNetwork(
+                cfg.node_id, peers, cluster_id=cfg.cluster_id, token=cfg.auth_token,
+                on_messages=self._on_peer_messages, max_frame_bytes=cfg.max_frame_bytes,
+                rng=random.Random(seed ^ 0x5EED),
+            )
         self.driver = Driver(
-            core,
-            wal,
-            server.deliver,
-            snapshot_every_records=cfg.snapshot_every_records,
+            core, wal, server.deliver, self.net,
+            node_id=cfg.node_id,
             tick_seconds=cfg.tick_interval_ms / 1000,
+            checkpoint_every_records=cfg.snapshot_every_records,
         )
         server.driver = self.driver
-        server.status_extra = self._status_extra
+        server.peer_network = self.net
+        server.status_provider = self.status
         host, port = parse_addr(cfg.listen, "listen")
         loop = asyncio.get_running_loop()
         try:
@@ -165,18 +186,79 @@ class Node:
             raise StartupError(f"cannot listen on {cfg.listen}: {reason}") from None
         sock = self.server_handle.sockets[0].getsockname()
         self.bound = (sock[0], sock[1])
+        if self.net is not None:
+            self.net.start()
 
-    def _status_extra(self) -> dict:
-        assert self.driver is not None and self.wal is not None
-        core = self.driver.core
+    def _on_peer_messages(self, peer: str, batch: list) -> None:
+        assert self.driver is not None
+        self.driver.on_peer_messages(peer, batch)
+
+    # ------------------------------------------------------------ status
+    def member_state(self, peer: str) -> str:
+        assert self.driver is not None
+        if peer == self.config.node_id:
+            return "alive"
+        heard = self.driver.heard.get(peer)
+        if heard is None:
+            return "suspect"
+        age = self.driver.tick_count - heard
+        timeout = self.config.ticks(self.config.election_timeout_ms)
+        if age <= timeout:
+            return "alive"
+        return "suspect" if age <= 4 * timeout else "dead"
+
+    def status(self) -> dict:
+        assert self.driver is not None and self.wal is not None and self.core is not None
+        cfg = self.config
+        core, driver = self.core, self.driver
+        peers = cfg.cluster_peers
+        leader = core.leader_of(GROUP)
+        group = core.groups[GROUP]
+        commit = group.log.chosen_through
+        ready = leader is not None and (
+            leader == cfg.node_id or (self.net is not None and self.net.connected(leader))
+        )
+        peer_info = {}
+        for pid in peers:
+            if pid == cfg.node_id:
+                continue
+            heard = driver.heard.get(pid)
+            info: dict = {
+                "state": self.member_state(pid),
+                "last_heard_ms": None if heard is None
+                else (driver.tick_count - heard) * cfg.tick_interval_ms,
+            }
+            if leader == cfg.node_id:
+                acked = driver.peer_acked.get(pid, 0)
+                info["acked_slot"] = acked
+                info["lag"] = max(0, commit - acked)
+            if self.net is not None:
+                info["link"] = self.net.links[pid].stats()
+            peer_info[pid] = info
         return {
-            **core.status(),
-            "wal": {
-                "last_lsn": self.wal.last_lsn,
-                "durable_lsn": self.wal.durable_lsn,
-                **self.wal.stats,
+            "node_id": cfg.node_id,
+            "cluster_id": cfg.cluster_id,
+            "ready": ready and self.client_server is not None and self.client_server.accepting,
+            "members": [
+                {"node_id": nid, "addr": addr, "state": self.member_state(nid)}
+                for nid, addr in peers.items()
+            ],
+            "partitions": [{"id": GROUP, "replicas": list(group.members), "leader": leader}],
+            "paxos": {
+                "role": group.role.value,
+                "ballot": list(group.ballot) if group.role.value == "leader"
+                else list(group.acceptor.promised),
+                "commit": commit,
+                "applied": group.log.applied,
+                "snapshot_index": group.log.snap_index,
+                "peers": peer_info,
+                "dropped": dict(core.dropped),
             },
-            "fsync": self.config.fsync,
+            "keys": len(group.sm.kv),
+            "revision": group.sm.kv.revision,
+            "wal": {"last_lsn": self.wal.last_lsn, "durable_lsn": self.wal.durable_lsn,
+                    **self.wal.stats},
+            "fsync": cfg.fsync,
         }
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -189,6 +271,7 @@ class Node:
         done, _ = await asyncio.wait({driver_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         if driver_task in done:
             stop_task.cancel()
+            watchdog.cancel()
             driver_task.result()  # re-raises a fatal driver error (e.g. fsync failed)
             return
         await self.shutdown(driver_task)
@@ -220,9 +303,21 @@ class Node:
             driver_task.cancel()
         for conn in list(srv.connections):
             conn.close()
+        if self.net is not None:
+            await self.net.close()
         if self.wal is not None:
             await self.wal.close()
         self.log.info("stopped")
+
+
+def unpack_checkpoint(blob: bytes | None) -> list[bytes]:
+    """The records a WAL snapshot (``PaxosNode.checkpoint``) holds."""
+    if blob is None:
+        return []
+    records = msgpack.unpackb(blob, raw=False)
+    if not isinstance(records, list) or not all(isinstance(r, bytes) for r in records):
+        raise ValueError("WAL snapshot is not a list of records")
+    return records
 
 
 async def _serve(config: NodeConfig) -> int:

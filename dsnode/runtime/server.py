@@ -26,6 +26,7 @@ from dsnode.wire.requests import Limits, RequestError, parse_request, request_id
 
 if TYPE_CHECKING:
     from dsnode.config import NodeConfig
+    from dsnode.runtime.peers import PeerLink, PeerNetwork
 
 log = get_logger("dsnode.server")
 
@@ -42,7 +43,8 @@ class ClientServer:
         self.connections: set[ClientConnection] = set()
         self.inflight = 0
         self.accepting = True
-        self.status_extra: Callable[[], dict] = dict
+        self.status_provider: Callable[[], dict] | None = None
+        self.peer_network: PeerNetwork | None = None
         self.default_timeout_s = config.request_timeout_ms / 1000
         self._packer = msgpack.Packer(use_bin_type=True)
         self.idle = asyncio.Event()
@@ -87,29 +89,21 @@ class ClientServer:
             self.idle.set()
 
     def status(self) -> dict:
-        cfg = self.config
-        peers = cfg.cluster_peers
-        body = {
-            "node_id": cfg.node_id,
-            "cluster_id": cfg.cluster_id,
-            "ready": self.accepting,
-            "protocol": PROTOCOL_VERSION,
-            "server_version": __version__,
-            "members": [
-                {"node_id": nid, "addr": addr, "state": "alive"} for nid, addr in peers.items()
-            ],
-            "partitions": [{"id": 0, "replicas": list(peers), "leader": cfg.node_id}],
-            "inflight": self.inflight,
-            "connections": len(self.connections),
-        }
-        body.update(self.status_extra())
+        assert self.status_provider is not None
+        body = self.status_provider()
+        body.update(
+            protocol=PROTOCOL_VERSION,
+            server_version=__version__,
+            inflight=self.inflight,
+            connections=len(self.connections),
+        )
         return body
 
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "server", "transport", "decoder", "inflight", "authenticated", "closed",
-        "_paused_reading", "_paused_writing", "peer",
+        "_paused_reading", "_paused_writing", "peer", "peer_link",
     )
 
     def __init__(self, server: ClientServer) -> None:
@@ -122,6 +116,7 @@ class ClientConnection(asyncio.Protocol):
         self._paused_reading = False
         self._paused_writing = False
         self.peer = ""
+        self.peer_link: PeerLink | None = None  # set once a node says hello as a peer
 
     # ------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -138,12 +133,21 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        if self.peer_link is not None and self.transport is not None:
+            self.peer_link.detach(self.transport)
 
     def pause_writing(self) -> None:
+        if self.peer_link is not None:
+            self.peer_link.paused = True
+            return
         self._paused_writing = True
         self._pause_reading()
 
     def resume_writing(self) -> None:
+        if self.peer_link is not None:
+            self.peer_link.paused = False
+            self.peer_link.flush()
+            return
         self._paused_writing = False
         self.maybe_resume()
 
@@ -162,6 +166,9 @@ class ClientConnection(asyncio.Protocol):
             except Exception as e:  # any decode failure of client bytes
                 self._fatal(errors.BAD_REQUEST, f"frame is not valid msgpack: {e}")
                 return
+            if self.peer_link is not None:
+                self.peer_link.deliver(obj)
+                continue
             if not isinstance(obj, dict):
                 self._fatal(errors.BAD_REQUEST, "frame must hold one msgpack map")
                 return
@@ -212,6 +219,9 @@ class ClientConnection(asyncio.Protocol):
     def _hello(self, rid: int, obj: dict) -> None:
         cfg = self.server.config
         token = obj.get("token")
+        if "peer" in obj:
+            self._peer_hello(rid, obj)
+            return
         if cfg.auth_token is not None:
             if not isinstance(token, str) or not hmac.compare_digest(
                 token.encode(), cfg.auth_token.encode()
@@ -223,6 +233,29 @@ class ClientConnection(asyncio.Protocol):
             "id": rid, "ok": True, "node_id": cfg.node_id, "cluster_id": cfg.cluster_id,
             "protocol": PROTOCOL_VERSION, "server_version": __version__,
         })
+
+    def _peer_hello(self, rid: int, obj: dict) -> None:
+        """Another node of the cluster: check who it is, then switch to peer framing."""
+        cfg = self.server.config
+        net = self.server.peer_network
+        token = obj.get("token")
+        peer_id = obj["peer"]
+        if cfg.auth_token is not None and not (
+            isinstance(token, str) and hmac.compare_digest(token.encode(), cfg.auth_token.encode())
+        ):
+            self._fatal(errors.UNAUTHENTICATED, "peer hello: bad or missing cluster token")
+            return
+        if obj.get("cluster_id") != cfg.cluster_id:
+            self._fatal(errors.UNAUTHENTICATED,
+                        f"peer hello: cluster_id {obj.get('cluster_id')!r} is not {cfg.cluster_id!r}")
+            return
+        if net is None or peer_id not in net.links:
+            self._fatal(errors.UNAUTHENTICATED, f"peer hello: {peer_id!r} is not a cluster member")
+            return
+        self._send({"id": rid, "ok": True, "node_id": cfg.node_id, "cluster_id": cfg.cluster_id,
+                    "protocol": PROTOCOL_VERSION, "server_version": __version__})
+        self.server.connections.discard(self)  # not a client: no client limits or shutdown
+        self.peer_link = net.accept(peer_id, self.transport)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ output
     def _send(self, body: dict) -> None:

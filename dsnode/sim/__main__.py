@@ -52,10 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.broken:
         cfg = dataclasses.replace(cfg, acceptor_cls=BROKEN[args.broken])
-    seeds = range(args.seed, args.seed + 1) if args.seed is not None else (args.seeds or range(0, 1))
+    seeds = (
+        range(args.seed, args.seed + 1) if args.seed is not None else (args.seeds or range(0, 1))
+    )
     flags = [f"--ticks {args.ticks}"]
-    for name, default in (("heal_ticks", 600), ("nodes", 3), ("groups", 2), ("replicas", 3),
-                          ("clients", 4), ("keys", 6)):
+    for name, default in (
+        ("heal_ticks", 600),
+        ("nodes", 3),
+        ("groups", 2),
+        ("replicas", 3),
+        ("clients", 4),
+        ("keys", 6),
+    ):
         if getattr(args, name) != default:
             flags.append(f"--{name.replace('_', '-')} {getattr(args, name)}")
     if args.no_swarm:

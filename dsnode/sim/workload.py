@@ -153,7 +153,9 @@ class Workload:
             cmd = Put(op.key, op.value, op.if_version)
             core.propose(op.group, c.token, cmd, request_id=(c.name, op.seq))
         elif op.kind == "delete":
-            core.propose(op.group, c.token, Delete(op.key, op.if_version), request_id=(c.name, op.seq))
+            core.propose(
+                op.group, c.token, Delete(op.key, op.if_version), request_id=(c.name, op.seq)
+            )
         else:
             consistency = STALE if op.kind == "sget" else LINEARIZABLE
             core.read(op.group, c.token, Get(op.key, consistency))

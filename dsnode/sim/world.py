@@ -94,9 +94,7 @@ def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
         crash_after_vote_chance=rng.choice((0.0, 0.05, 0.2)),
         down_ticks_max=rng.choice((10, 40, 150)),
     )
-    return dataclasses.replace(
-        cfg, paxos=paxos, faults=faults, delay_max_ticks=rng.randint(1, 5)
-    )
+    return dataclasses.replace(cfg, paxos=paxos, faults=faults, delay_max_ticks=rng.randint(1, 5))
 
 
 class SimWorld:

@@ -30,7 +30,7 @@ MAX_TIMEOUT_MS = 24 * 3600 * 1000
 # Fields every op accepts besides its own.
 COMMON_FIELDS = frozenset({"id", "op", "timeout_ms"})
 OP_FIELDS: dict[str, frozenset[str]] = {
-    "hello": frozenset({"token", "client"}),
+    "hello": frozenset({"token", "client", "peer", "cluster_id"}),
     "get": frozenset({"key", "consistency"}),
     "put": frozenset({"key", "value", "if_version"}),
     "delete": frozenset({"key", "if_version"}),
@@ -161,7 +161,7 @@ def parse_request(obj: object, limits: Limits) -> Request:
     elif op == "txn":
         cmd = _txn(obj, limits)
     elif op == "hello":
-        for f in ("token", "client"):
+        for f in ("token", "client", "peer", "cluster_id"):
             if f in obj and not isinstance(obj[f], str):
                 raise _bad(f"field {f!r} must be str, got {_type_name(obj[f])}")
     return Request(rid, op, cmd, timeout_ms, obj)

@@ -44,9 +44,7 @@ class Acceptor:
             self.promised = m.ballot
             self._record_promise(m.ballot, records)
         start = max(m.from_slot, self.snap_index + 1)
-        acc = tuple(
-            sorted((s, b, v) for s, (b, v) in self.accepted.items() if s >= start)
-        )
+        acc = tuple(sorted((s, b, v) for s, (b, v) in self.accepted.items() if s >= start))
         return Promise(self.group, m.ballot, True, self.promised, self.snap_index, acc)
 
     def _record_promise(self, ballot: Ballot, records: list[bytes]) -> None:

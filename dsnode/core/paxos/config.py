@@ -24,8 +24,14 @@ class PaxosConfig:
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval_ticks < self.election_timeout_ticks:
             raise ValueError("need 0 < heartbeat_interval_ticks < election_timeout_ticks")
-        for name in ("inflight_slots_max", "batch_commands_max", "accept_slots_per_msg_max",
-                     "snapshot_interval_slots", "snapshot_chunk_bytes", "catchup_entries_max",
-                     "catchup_retry_ticks"):
+        for name in (
+            "inflight_slots_max",
+            "batch_commands_max",
+            "accept_slots_per_msg_max",
+            "snapshot_interval_slots",
+            "snapshot_chunk_bytes",
+            "catchup_entries_max",
+            "catchup_retry_ticks",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

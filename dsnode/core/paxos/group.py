@@ -122,6 +122,8 @@ class PaxosGroup:
 
     # ================================================================ roles
     def become_follower(self) -> None:
+        if self.leader_hint == self.me:
+            self.leader_hint = None
         self._fail_pending("leadership lost")
         self.role = Role.FOLLOWER
         self.proposer = None
@@ -173,7 +175,7 @@ class PaxosGroup:
         if res.snap_peer is not None and res.snap_index > self.log.chosen_through:
             self._want_catchup(res.snap_peer, res.snap_index)
         self._broadcast_accepts(sorted(p.proposals.items()))
-        self.last_heartbeat = self.now
+        self._heartbeat(retransmit=False)  # announce the new leader at once
 
     def _random_timeout(self) -> int:
         t = self.cfg.election_timeout_ticks
@@ -197,7 +199,9 @@ class PaxosGroup:
     # ================================================================ client inputs
     def propose(self, token: Any, cmd: Any, rid: Any = None) -> None:
         if self.role is not Role.LEADER:
-            self.out.reply.append(_unavailable(token, f"not leader; leader={self.leader_hint}", False))
+            self.out.reply.append(
+                _unavailable(token, f"not leader; leader={self.leader_hint}", False)
+            )
             return
         self.proposer.queue.append((token, list(rid) if rid is not None else None, cmd))
 
@@ -206,7 +210,9 @@ class PaxosGroup:
             self.out.reply.append(Reply(token, result=self.sm.kv.apply(cmd)))
             return
         if self.role is not Role.LEADER:
-            self.out.reply.append(_unavailable(token, f"not leader; leader={self.leader_hint}", False))
+            self.out.reply.append(
+                _unavailable(token, f"not leader; leader={self.leader_hint}", False)
+            )
             return
         p = self.proposer
         read_index = max(self.log.chosen_through, p.recovery_end)
@@ -249,7 +255,9 @@ class PaxosGroup:
             if self.now - self.last_heartbeat >= cfg.heartbeat_interval_ticks:
                 self._heartbeat(retransmit=True)
             fresh = sum(
-                1 for m in self.members if self.now - p.last_ack.get(m, -(10**9)) <= cfg.leader_quorum_timeout_ticks
+                1
+                for m in self.members
+                if self.now - p.last_ack.get(m, -(10**9)) <= cfg.leader_quorum_timeout_ticks
             )
             if fresh < self.quorum:
                 self.become_follower()
@@ -358,7 +366,12 @@ class PaxosGroup:
             self.out.dropped["prepare_while_leader_live"] += 1
             return
         reply = self.acceptor.on_prepare(m, self.out.persist)
-        if reply.ok and frm != self.me and self.role is not Role.FOLLOWER and m.ballot > self.ballot:
+        if (
+            reply.ok
+            and frm != self.me
+            and self.role is not Role.FOLLOWER
+            and m.ballot > self.ballot
+        ):
             self.become_follower()
         self._send(frm, reply)
 
@@ -382,9 +395,9 @@ class PaxosGroup:
             raise PeerMisbehaved("accept from a node that does not own the ballot")
         reply = self.acceptor.on_accept(m, self.out.persist)
         if reply.ok and frm != self.me:
+            self.leader_hint = frm
             if self.role is not Role.FOLLOWER:
                 self.become_follower()
-            self.leader_hint = frm
             self.heard_leader_at = self.now
             self.elapsed = 0
             self.failed_elections = 0
@@ -487,9 +500,7 @@ class PaxosGroup:
         idx, off = 0, 0
         if self.snap_in is not None:
             idx, off = self.snap_in[0], len(self.snap_buf)
-        self._send(
-            self.catchup_peer, CatchupReq(self.group, self.log.chosen_through + 1, idx, off)
-        )
+        self._send(self.catchup_peer, CatchupReq(self.group, self.log.chosen_through + 1, idx, off))
 
     def _on_catchup_req(self, frm: str, m: CatchupReq) -> None:
         log = self.log
@@ -522,6 +533,13 @@ class PaxosGroup:
 
     def _on_snap_chunk(self, frm: str, m: SnapChunk) -> None:
         if m.index <= self.log.applied:
+            return
+        if (
+            self.snap_in is not None
+            and self.snap_in[0] == m.index
+            and m.offset < len(self.snap_buf)
+        ):
+            self.out.dropped["snap_chunk_duplicate"] += 1
             return
         if self.snap_in is None or self.snap_in[0] != m.index or m.offset != len(self.snap_buf):
             if m.offset != 0:

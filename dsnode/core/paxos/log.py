@@ -44,7 +44,9 @@ class Log:
 
     def entries(self, from_slot: int, limit: int) -> tuple[tuple[int, bytes], ...]:
         end = min(self.chosen_through, from_slot + limit - 1)
-        return tuple((s, self.chosen[s]) for s in range(max(from_slot, self.snap_index + 1), end + 1))
+        return tuple(
+            (s, self.chosen[s]) for s in range(max(from_slot, self.snap_index + 1), end + 1)
+        )
 
     def compact(self, index: int, blob: bytes) -> None:
         """Drop chosen values up to ``index`` (applied, and in ``blob``)."""

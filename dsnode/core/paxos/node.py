@@ -12,12 +12,15 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import msgpack
+
 from dsnode.core.commands import Get
 from dsnode.core.effects import Ready, Reply
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.config import PaxosConfig
 from dsnode.core.paxos.group import Outbox, PaxosGroup, Role
+from dsnode.core.paxos.messages import ZERO_BALLOT
 
 
 class PaxosNode:
@@ -89,6 +92,29 @@ class PaxosNode:
             g = self.groups.get(r[1])
             if g is not None:
                 g.recover_record(r)
+
+    def checkpoint(self) -> bytes:
+        """The node's durable Paxos state as one blob of records, for a WAL snapshot.
+
+        Per group: its latest state-machine snapshot, its promise and every
+        accepted value above the snapshot. Replaying these through
+        :meth:`recover` rebuilds exactly the state that the records persisted
+        so far would, so the WAL may drop everything before the checkpoint.
+        Values this node only learned (never accepted) are not included: like
+        after any restart, it learns them again from its peers.
+        """
+        out: list[bytes] = []
+        for gid in sorted(self.groups, key=str):
+            g = self.groups[gid]
+            if g.log.snap_blob is not None and g.log.snap_index > 0:
+                out.append(rec.snapshot(gid, g.log.snap_index, g.log.snap_blob))
+            a = g.acceptor
+            if a.promised != ZERO_BALLOT:
+                out.append(rec.promise(gid, a.promised))
+            for slot in sorted(a.accepted):
+                ballot, value = a.accepted[slot]
+                out.append(rec.accept(gid, slot, ballot, value))
+        return msgpack.packb(out, use_bin_type=True)
 
     # ------------------------------------------------------------ queries
     def leader_of(self, group: Any) -> str | None:

@@ -28,7 +28,9 @@ class Phase1Result:
     recovery_end: int  # every slot up to here is settled by the recovery
 
 
-def merge_promises(promises: dict[str, Promise], from_slot: int, chosen_through: int) -> Phase1Result:
+def merge_promises(
+    promises: dict[str, Promise], from_slot: int, chosen_through: int
+) -> Phase1Result:
     best: dict[int, tuple[Ballot, bytes]] = {}
     snap_index, snap_peer = chosen_through, None
     for node in sorted(promises):

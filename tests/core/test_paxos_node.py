@@ -1,0 +1,292 @@
+"""PaxosNode scenarios on an in-memory, instant, lossless network.
+
+PMS = Paxos Made Simple; PMMC = Paxos Made Moderately Complex.
+"""
+
+from __future__ import annotations
+
+import random
+
+import msgpack
+import pytest
+
+from dsnode.core.commands import STALE, Get, Put
+from dsnode.core.effects import Ready
+from dsnode.core.errors import PeerMisbehaved
+from dsnode.core.paxos import Applied, PaxosConfig, PaxosNode, SnapshotInstalled
+from dsnode.core.paxos import records as rec
+from dsnode.core.paxos.messages import Accept, Prepare, from_wire, to_wire
+
+NODES = ("a", "b", "c")
+CFG = PaxosConfig(
+    election_timeout_ticks=10,
+    heartbeat_interval_ticks=2,
+    snapshot_interval_slots=1000,
+    leader_stickiness=False,
+)
+
+
+class Cluster:
+    def __init__(self, cfg: PaxosConfig = CFG, groups=None) -> None:
+        self.cfg = cfg
+        self.groups = groups or {0: NODES}
+        self.disk = {n: [] for n in NODES}
+        self.nodes = {n: self._make(n) for n in NODES}
+        self.queue: list[tuple[str, str, object]] = []
+        self.replies: dict[str, list] = {n: [] for n in NODES}
+        self.applied: dict[str, list] = {n: [] for n in NODES}
+        self.cut: set[str] = set()  # isolated nodes
+
+    def _make(self, n: str) -> PaxosNode:
+        return PaxosNode(n, self.groups, random.Random(n), self.cfg)
+
+    def drain(self, n: str) -> Ready:
+        r = self.nodes[n].ready()
+        self.disk[n].extend(r.persist)
+        for dst, msg in r.send:
+            if n not in self.cut and dst not in self.cut:
+                self.queue.append((n, dst, to_wire(msg)))  # through the wire form
+        self.applied[n].extend(r.apply)
+        self.replies[n].extend(r.reply)
+        return r
+
+    def settle(self, rounds: int = 50) -> None:
+        for _ in range(rounds):
+            for n in NODES:
+                if n in self.nodes:
+                    self.drain(n)
+            if not self.queue:
+                return
+            q, self.queue = self.queue, []
+            for src, dst, wire in q:
+                if dst in self.nodes:
+                    self.nodes[dst].step(src, from_wire(wire))
+
+    def tick(self, n_ticks: int = 1) -> None:
+        for _ in range(n_ticks):
+            for node in self.nodes.values():
+                node.tick()
+            self.settle()
+
+    def elect(self, n: str, group=0) -> None:
+        self.nodes[n].groups[group].become_candidate()
+        self.settle()
+        assert self.nodes[n].is_leader(group)
+
+    def crash_restart(self, n: str) -> None:
+        self.nodes[n] = self._make(n)
+        self.nodes[n].recover(self.disk[n])
+
+
+def results(replies):
+    return [r.result for r in replies]
+
+
+def test_single_leader_commits_and_replies_after_quorum():
+    """PMS 3: the leader runs phase 2 for a client command; the reply comes
+    once the command is chosen and applied, on every replica in slot order."""
+    c = Cluster()
+    c.elect("a")
+    c.nodes["a"].propose(0, "t1", Put(b"k", b"v"), request_id=("cl", 1))
+    c.settle()
+    assert results(c.replies["a"]) == [{"succeeded": True, "version": 1}]
+    c.tick(3)  # the heartbeat carries the commit index to followers
+    for n in NODES:
+        assert c.nodes[n].state_machine(0).kv.get(b"k") == (b"v", 1)
+
+
+def test_commands_are_batched_into_one_slot_and_pipelined():
+    """Issue 3: many commands per slot (batching) in one flush."""
+    c = Cluster()
+    c.elect("a")
+    for i in range(10):
+        c.nodes["a"].propose(0, i, Put(b"k%d" % i, b"v"), request_id=("cl", i + 1))
+    c.settle()
+    assert len(c.replies["a"]) == 10
+    slots = [x.slot for x in c.applied["a"] if isinstance(x, Applied) and x.value]
+    assert len(slots) == 1
+
+
+def test_follower_rejects_client_write_with_leader_hint():
+    """A follower answers a write definitely (no effect) with a leader hint."""
+    c = Cluster()
+    c.elect("a")
+    c.tick(1)
+    c.nodes["b"].propose(0, "t", Put(b"k", b"v"))
+    c.settle()
+    (reply,) = c.replies["b"]
+    assert reply.error == ("unavailable", "not leader; leader=a", False)
+    assert c.nodes["b"].leader_of(0) == "a"
+
+
+def test_duplicate_client_command_is_applied_once():
+    """Commands carry (client_id, seq); the state machine applies a retry once
+    and answers it with the first result."""
+    c = Cluster()
+    c.elect("a")
+    for t in ("t1", "t2"):
+        c.nodes["a"].propose(0, t, Put(b"k", b"v"), request_id=("cl", 1))
+        c.settle()
+    assert results(c.replies["a"]) == [{"succeeded": True, "version": 1}] * 2
+    assert c.nodes["a"].state_machine(0).kv.revision == 1
+
+
+def test_new_leader_reproposes_accepted_value_after_leader_crash():
+    """PMS 3 / PMMC 3: a value accepted by a majority survives the leader; the
+    next leader learns it in phase 1 and re-proposes it."""
+    c = Cluster()
+    c.elect("a")
+    c.nodes["a"].propose(0, "t", Put(b"k", b"v"), request_id=("cl", 1))
+    c.drain("a")
+    # deliver the accepts to b only, and drop everything else: a dies now
+    c.queue = [(s, d, m) for s, d, m in c.queue if d == "b"]
+    del c.nodes["a"]
+    c.settle()
+    c.elect("b")
+    c.tick(3)
+    assert c.nodes["b"].state_machine(0).kv.get(b"k") == (b"v", 1)
+
+
+def test_leader_loss_makes_pending_writes_indeterminate():
+    """A proposal in flight when leadership is lost may still be chosen:
+    its reply is unavailable with indeterminate=True."""
+    c = Cluster()
+    c.elect("a")
+    c.cut = {"a"}
+    c.nodes["a"].propose(0, "t", Put(b"k", b"v"), request_id=("cl", 1))
+    c.settle()
+    c.cut = set()
+    c.elect("b")  # b's accepts reach a, which steps down
+    c.tick(3)
+    (reply,) = c.replies["a"]
+    assert reply.error[0] == "unavailable" and reply.error[2] is True
+
+
+def test_linearizable_read_waits_for_quorum_confirmation():
+    """Read index: the leader serves a read only after a quorum confirms it is
+    still leader in a round started after the read arrived."""
+    c = Cluster()
+    c.elect("a")
+    c.nodes["a"].propose(0, "w", Put(b"k", b"v"), request_id=("cl", 1))
+    c.settle()
+    c.cut = {"a"}
+    c.nodes["a"].read(0, "r", Get(b"k"))
+    c.settle()
+    assert [r.token for r in c.replies["a"]] == ["w"]  # no quorum: no answer
+    c.cut = set()
+    c.tick(2)  # the next heartbeat round reaches the quorum
+    assert c.replies["a"][-1].result == {"value": b"v", "version": 1}
+
+
+def test_deposed_leader_does_not_serve_linearizable_reads():
+    """A leader that a newer ballot replaced cannot confirm a read round: its
+    pending reads fail (definitely) instead of returning stale data."""
+    c = Cluster()
+    c.elect("a")
+    c.cut = {"a"}
+    c.nodes["a"].read(0, "r", Get(b"k"))
+    c.settle()
+    c.cut = set()
+    c.elect("b")
+    c.tick(3)
+    (reply,) = c.replies["a"]
+    code, _message, indeterminate = reply.error
+    assert (code, indeterminate) == ("unavailable", False)
+
+
+def test_stale_read_is_served_locally_by_any_replica():
+    c = Cluster()
+    c.nodes["c"].read(0, "r", Get(b"k", STALE))
+    c.settle()
+    assert c.replies["c"][0].result == {"value": None, "version": 0}
+
+
+def test_recovery_restores_promise_so_a_lower_ballot_is_refused():
+    """PMS 2.3: a promise survives a crash (one recovery path, STYLE contract 4)."""
+    c = Cluster()
+    c.elect("b")  # ballot (1, b) promised by everyone
+    c.crash_restart("c")
+    g = c.nodes["c"].groups[0]
+    assert g.acceptor.promised == (1, "b")
+    reply = g.acceptor.on_prepare(Prepare(0, (1, "a"), 1), [])
+    assert reply.ok is False
+
+
+def test_follower_of_a_live_leader_ignores_other_prepares_when_sticky():
+    """Leader stickiness (liveness only; ignoring a prepare is always safe):
+    a node cut off from a live leader cannot depose it."""
+    c = Cluster(PaxosConfig(leader_stickiness=True))
+    c.elect("a")
+    c.nodes["b"].groups[0].become_candidate()
+    c.settle()
+    assert c.nodes["a"].is_leader(0) and not c.nodes["b"].is_leader(0)
+    assert c.nodes["c"].dropped["prepare_while_leader_live"] == 1
+
+
+def test_election_timeout_elects_exactly_one_leader():
+    """Randomized, seeded timeouts: with no leader, ticking elects one."""
+    c = Cluster()
+    c.tick(60)
+    leaders = [n for n in NODES if c.nodes[n].is_leader(0)]
+    assert len(leaders) == 1
+
+
+def test_lagging_replica_catches_up_by_snapshot_after_compaction():
+    """A replica behind the leader's compaction point gets the snapshot in
+    checksummed chunks, then the rest from the log."""
+    cfg = PaxosConfig(snapshot_interval_slots=4, snapshot_chunk_bytes=64, leader_stickiness=False)
+    c = Cluster(cfg)
+    c.elect("a")
+    c.cut = {"c"}
+    for i in range(12):
+        c.nodes["a"].propose(0, i, Put(b"k%d" % i, b"x" * 20), request_id=("cl", i + 1))
+        c.settle()
+    assert c.nodes["c"].applied_index(0) == 0
+    c.cut = set()
+    c.tick(20)
+    assert any(isinstance(x, SnapshotInstalled) for x in c.applied["c"])
+    a_kv, c_kv = c.nodes["a"].state_machine(0).kv, c.nodes["c"].state_machine(0).kv
+    assert sorted(c_kv.items()) == sorted(a_kv.items())
+    assert c.nodes["c"].applied_index(0) == c.nodes["a"].applied_index(0)
+    snaps = [rec.decode(r) for r in c.disk["c"] if rec.decode(r)[0] == "snapshot"]
+    assert snaps, "an installed snapshot is persisted"
+
+
+def test_groups_are_independent_on_one_node():
+    """One node hosts many groups; messages are routed by group id."""
+    c = Cluster(groups={0: NODES, "meta": NODES})
+    c.elect("a", 0)
+    c.elect("b", "meta")
+    c.nodes["b"].propose("meta", "m", Put(b"ring", b"1"))
+    c.nodes["a"].propose(0, "p", Put(b"k", b"v"))
+    c.settle()
+    assert results(c.replies["a"]) == [{"succeeded": True, "version": 1}]
+    assert results(c.replies["b"]) == [{"succeeded": True, "version": 1}]
+
+
+def test_message_from_unknown_group_or_non_member_is_dropped_and_counted():
+    c = Cluster()
+    n = c.nodes["a"]
+    n.step("b", Accept(99, (1, "b"), (), 0))
+    n.step("zz", Accept(0, (1, "zz"), (), 0))
+    assert n.dropped["unknown_group"] == 1 and n.dropped["not_member"] == 1
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        ["px.accept", 0, [1, "b"], [[1, "not-bytes"]], 0, 0],
+        ["px.prepare", 0, [1], 1],
+        ["px.nope", 0],
+        ["px.accept", 0, [1, "b"], [], -1, 0],
+        "garbage",
+    ],
+)
+def test_malformed_wire_message_is_rejected_as_peer_misbehaviour(wire):
+    with pytest.raises(PeerMisbehaved):
+        from_wire(wire)
+
+
+def test_messages_round_trip_through_msgpack():
+    m = Accept(3, (2, "a"), ((5, b"v"),), 4, 7)
+    assert from_wire(msgpack.unpackb(msgpack.packb(to_wire(m)), raw=False)) == m
