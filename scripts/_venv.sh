@@ -22,8 +22,13 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.dsnode-installed$extras"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$VENV/bin/python" -m pip install -q -e "$ROOT$extras"
+    log="$VENV/pip-install.log"
+    if ! { "$VENV/bin/python" -m pip install --upgrade pip &&
+           "$VENV/bin/python" -m pip install -e "$ROOT$extras"; } >"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        echo "installing dsnode into $VENV failed; the full log is $log" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

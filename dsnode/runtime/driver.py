@@ -46,6 +46,7 @@ GROUP = 0  # the one replicated group of this build (the ring splits it later)
 # Runtime-level peer messages (the Paxos core's own are tagged "px.*").
 FWD = "fwd"  # [FWD, fwd_id, group, encoded command, timeout_ms]
 FWD_REPLY = "fwdr"  # [FWD_REPLY, fwd_id, result | None, [code, message, indeterminate] | None]
+HEARTBEAT = "hb"  # [HEARTBEAT]: membership liveness, sent to every peer each heartbeat interval
 
 
 class Pending:
@@ -91,6 +92,7 @@ class Driver:
         node_id: str,
         tick_seconds: float,
         checkpoint_every_records: int,
+        heartbeat_ticks: int = 5,
     ) -> None:
         self.core = core
         self.wal = wal
@@ -102,6 +104,7 @@ class Driver:
         self._waiting: collections.deque[tuple[int, list, list[Reply]]] = collections.deque()
         self._kick = asyncio.Event()
         self._tick_seconds = tick_seconds
+        self._heartbeat_ticks = heartbeat_ticks
         self.tick_count = 0
         # timer wheel: tick -> requests whose deadline is that tick
         self._deadlines: dict[int, list[Pending]] = collections.defaultdict(list)
@@ -177,6 +180,8 @@ class Driver:
                 self._on_forward(peer, m)
             elif tag == FWD_REPLY:
                 self._on_forward_reply(m)
+            elif tag == HEARTBEAT:
+                pass  # hearing anything at all is what the failure detector needs
             else:
                 self.counters["malformed_peer_message"] += 1
         self._schedule_flush()
@@ -342,6 +347,9 @@ class Driver:
     def _on_tick(self) -> None:
         self.tick_count += 1
         self.core.tick()
+        if self.net is not None and self.tick_count % self._heartbeat_ticks == 0:
+            for peer in self.net.links:
+                self.net.send(peer, [HEARTBEAT])
         expired = self._deadlines.pop(self.tick_count, None)
         if expired:
             self._expire(expired)

@@ -171,6 +171,7 @@ class Node:
             node_id=cfg.node_id,
             tick_seconds=cfg.tick_interval_ms / 1000,
             checkpoint_every_records=cfg.snapshot_every_records,
+            heartbeat_ticks=cfg.ticks(cfg.heartbeat_interval_ms),
         )
         server.driver = self.driver
         server.peer_network = self.net
