@@ -174,8 +174,11 @@ class ClientConnection(asyncio.Protocol):
                 return
             rid = request_id(obj)
             if rid is None:
-                self._fatal(errors.BAD_REQUEST, "missing or invalid field 'id' (int 1..2^63-1)")
-                return
+                # A missing or malformed field, like any other: answered (with id 0, as
+                # there is no id to echo) and the connection stays open.
+                self._send(errors.error_response(
+                    0, errors.BAD_REQUEST, "missing or invalid field 'id' (int 1..2^63-1)"))
+                continue
             self._handle(rid, obj)
             if self.closed:
                 return

@@ -105,7 +105,7 @@ class ServerProcess:
         data_dir: Path,
         log_path: Path,
         *,
-        node_id: str = "n1",
+        node_id: str | None = "n1",
         port: int | None = None,
         args: Iterable[str] = (),
         env: dict[str, str] | None = None,
@@ -128,13 +128,18 @@ class ServerProcess:
         return ("127.0.0.1", self.port)
 
     @property
+    def name(self) -> str:
+        return f"{self.node_id or 'node'}@{self.port}"
+
+    @property
     def listen(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def argv(self) -> list[str]:
-        argv = [
-            sys.executable, "-m", "dsnode", "serve",
-            "--node-id", self.node_id,
+        argv = [sys.executable, "-m", "dsnode", "serve"]
+        if self.node_id is not None:  # None: leave it to the environment or config file
+            argv += ["--node-id", self.node_id]
+        argv += [
             "--listen", self.listen,
             "--data-dir", str(self.data_dir),
             "--log-format", "json",
@@ -146,7 +151,7 @@ class ServerProcess:
     def spawn(self) -> ServerProcess:
         """Start the process (own process group, output to ``log_path``); do not wait."""
         if self.running:
-            raise HarnessError(f"{self.node_id} is already running (pid {self.proc.pid})")
+            raise HarnessError(f"{self.name} is already running (pid {self.proc.pid})")
         self._close_log()
         self.starts += 1
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in _close_log
@@ -174,13 +179,13 @@ class ServerProcess:
     def restart(self, timeout: float = START_TIMEOUT_S) -> ServerProcess:
         """Start again with the same port, data directory and flags (after it exited)."""
         if self.running:
-            raise HarnessError(f"restart of {self.node_id} while it still runs")
+            raise HarnessError(f"restart of {self.name} while it still runs")
         return self.start(timeout)
 
     def _status_ok(self) -> dict | None:
         if self.proc is not None and self.proc.poll() is not None:
             raise HarnessError(
-                f"{self.node_id} exited with status {self.proc.returncode} before it was ready"
+                f"{self.name} exited with status {self.proc.returncode} before it was ready"
                 + self.output_tail()
             )
         reqs: list[dict] = []
@@ -197,7 +202,7 @@ class ServerProcess:
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> dict:
         """Wait until the node accepts connections and ``status`` says ready."""
-        return wait_until(self._status_ok, timeout, f"{self.node_id} to answer status ready",
+        return wait_until(self._status_ok, timeout, f"{self.name} to answer status ready",
                           self.output_tail)
 
     # ------------------------------------------------------------ signals
@@ -238,7 +243,7 @@ class ServerProcess:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             raise HarnessError(
-                f"{self.node_id} (pid {self.proc.pid}) did not exit within {timeout:.1f}s"
+                f"{self.name} (pid {self.proc.pid}) did not exit within {timeout:.1f}s"
                 + self.output_tail()
             ) from None
         self._close_log()
@@ -264,7 +269,7 @@ class ServerProcess:
 
     def output_tail(self, lines: int = 40) -> str:
         tail = "\n".join(self.output().splitlines()[-lines:])
-        return f"\n--- {self.node_id} output ({self.log_path}) ---\n{tail}"
+        return f"\n--- {self.name} output ({self.log_path}) ---\n{tail}"
 
     # ------------------------------------------------------------ cleanup
     def _close_log(self) -> None:
@@ -305,7 +310,7 @@ class ServerPool:
     def new(
         self,
         *args: str,
-        node_id: str = "n1",
+        node_id: str | None = "n1",
         data_dir: Path | None = None,
         port: int | None = None,
         env: dict[str, str] | None = None,
@@ -495,3 +500,13 @@ def assert_error(
     if names is not None:
         assert names in err["message"], f"message should name {names!r}: {err['message']!r}"
     return err
+
+
+def single_error_line(output: str) -> str:
+    """A start-up failure prints one line on stderr: the output minus JSON log lines must
+    be exactly one ``dsnode: ...`` line, with no traceback. Returns that line."""
+    lines = [ln for ln in output.splitlines() if ln.strip() and not ln.startswith("{")]
+    assert "Traceback" not in output, output
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{output}"
+    assert lines[0].startswith("dsnode: "), lines[0]
+    return lines[0]

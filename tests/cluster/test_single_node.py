@@ -13,6 +13,7 @@ import random
 import struct
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -24,6 +25,7 @@ from harness import (
     assert_error,
     assert_ok,
     raw_frame,
+    single_error_line,
 )
 
 pytestmark = pytest.mark.cluster
@@ -625,12 +627,6 @@ async def test_request_without_id_gets_bad_request_with_id_0(servers: Servers) -
     await _assert_unharmed(srv, other, key, v)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: dsnode/runtime/server.py ClientConnection.data_received treats a "
-    "map without a valid id as fatal (_fatal closes the connection); PROTOCOL.md says a "
-    "missing field gets bad_request and 'Neither closes the connection'",
-)
 async def test_request_without_id_does_not_close_the_connection(servers: Servers) -> None:
     """Missing fields (id included) get bad_request; that does not close the connection."""
     async with await RawConn.open(servers.limited.addr) as c:
@@ -674,3 +670,74 @@ async def test_auth_correct_hello_then_requests_work(servers: Servers) -> None:
         assert (g["value"], g["version"]) == (b"yes", p["version"])
         assert_ok(await c.call("status"))
         assert_error(await other.call("get", key=b"authed"), "unauthenticated")
+
+
+# ====================================================================== start-up errors
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[ServerPool]:
+    p = ServerPool(tmp_path)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+async def test_port_in_use_exits_2_with_one_line(servers: Servers, pool: ServerPool) -> None:
+    """Bad configuration (port in use): one clear line on stderr, exit status 2; the node
+    already on that port is unaffected."""
+    rc, out = pool.run_to_exit(port=servers.plain.port)
+    assert rc == 2, out
+    line = single_error_line(out)
+    assert str(servers.plain.port) in line and "in use" in line, line
+    async with await RawConn.open(servers.plain.addr) as c:
+        assert_ok(await c.call("status"))
+
+
+@pytest.mark.parametrize("toml,names", [
+    ("max_keys_bytes = 16\n", "max_keys_bytes"),
+    ("max_key_bytes = \"16\"\n", "max_key_bytes"),
+    ("[limits]\nmax_key_bytes = 16\n", "limits"),
+    ("max_key_bytes = \n", "not valid TOML"),
+], ids=["unknown_key", "wrong_type", "unknown_table", "syntax"])
+def test_bad_config_file_exits_2_naming_the_problem(
+    pool: ServerPool, tmp_path: Path, toml: str, names: str
+) -> None:
+    """Bad configuration in the TOML file (unknown key, wrong type): exit 2, one line
+    naming the setting."""
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(toml)
+    rc, out = pool.run_to_exit("--config", str(cfg))
+    assert rc == 2, out
+    assert names in single_error_line(out)
+
+
+@pytest.mark.parametrize("env,names", [
+    ({"DSNODE_MAX_KEY_BYTES": "abc"}, "max_key_bytes"),
+    ({"DSNODE_FSYNC": "sometimes"}, "fsync"),
+    ({"DSNODE_NODE_ID": "Bad Id"}, "node_id"),
+], ids=["int_setting", "bool_setting", "node_id"])
+def test_wrong_type_in_environment_exits_2_naming_the_setting(
+    pool: ServerPool, env: dict, names: str
+) -> None:
+    """DSNODE_<SETTING> with a value of the wrong type: exit 2, one line naming it."""
+    # no --node-id flag when the environment sets it: a flag would win
+    node_id = None if "DSNODE_NODE_ID" in env else "n1"
+    rc, out = pool.run_to_exit(env=env, node_id=node_id)
+    assert rc == 2, out
+    assert names in single_error_line(out)
+
+
+def test_flag_with_wrong_type_exits_2_naming_the_setting(pool: ServerPool) -> None:
+    """--max-key-bytes abc: exit 2, one line naming the setting."""
+    rc, out = pool.run_to_exit("--max-key-bytes", "abc")
+    assert rc == 2, out
+    assert "max_key_bytes" in single_error_line(out)
+
+
+def test_data_dir_that_is_a_file_exits_2_naming_it(pool: ServerPool, tmp_path: Path) -> None:
+    """An unusable data dir (a regular file): exit 2, one line naming the directory."""
+    f = tmp_path / "not-a-dir"
+    f.write_bytes(b"x")
+    rc, out = pool.run_to_exit(data_dir=f)
+    assert rc == 2, out
+    assert str(f) in single_error_line(out)
