@@ -565,3 +565,4 @@ class RedisTarget(StreamTarget):
         pending, self._pending = self._pending, collections.deque()
         for entry in pending:
             entry[0](code)
+from dsnode.bench import etcd as _etcd  # noqa: E402,F401  (registers --target etcd)

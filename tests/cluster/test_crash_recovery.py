@@ -450,7 +450,10 @@ async def test_torn_final_record_is_dropped_and_the_rest_recovered(pool: ServerP
     assert srv.kill() == -signal.SIGKILL
     segs, _ = wal_files(srv.data_dir)
     last = srv.data_dir / "wal" / segs[-1]
+    offset, length = record_offsets(last)[-1]
     size = last.stat().st_size
+    assert offset + length == size
+    assert written[-1][0] in last.read_bytes()[offset:], "the last record is not the last write"
     os.truncate(last, size - 3)
 
     srv.restart()
@@ -476,7 +479,7 @@ async def test_restart_with_same_peers_is_fine_but_other_peers_or_node_id_is_ref
     not a silent change; the data survives the refused starts."""
     first = pool.new()
     peers = f"n1={first.listen}"
-    first.extra_args = ["--peers", peers]
+    first.extra_args += ["--peers", peers]
     first.start()
     [(key, version)] = await write_sequentially(first, 1, "ident")
     assert first.terminate() == 0

@@ -28,6 +28,7 @@ from dockerctl import (
 
 pytestmark = [
     pytest.mark.container,
+    pytest.mark.timeout(1800),
     pytest.mark.xfail(reason="needs Multi-Paxos replication (issue 3)", strict=False),
 ]
 
@@ -137,8 +138,10 @@ def test_three_node_compose_cluster_survives_kill_restart_and_partition(
     # up --build reuses the session image's layer cache; then wait for every node.
     started = time.monotonic()
     c.compose("up", "--build", "--detach")
-    wait_healthy(c.containers(), HEALTHY_DEADLINE_S)
-    measurements["compose: up to 3 nodes healthy"] = f"{time.monotonic() - started:.1f} s"
+    up_s = time.monotonic() - started
+    healthy_s = wait_healthy(c.containers(), HEALTHY_DEADLINE_S)
+    measurements["compose: up --build (cached image)"] = f"{up_s:.1f} s"
+    measurements["compose: then 3 nodes healthy"] = f"{healthy_s:.1f} s (health interval 1 s)"
 
     # Through each published port: a write on one node is read on the others.
     c.put_eventually("k1", "v1", "node1")

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import pytest
 from dockerctl import LABEL, Cli, free_port, inspect, logs, run, wait_healthy
 
-pytestmark = pytest.mark.container
+# The first test also pays for the session fixtures: base image and image build.
+pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
 HEALTHY_DEADLINE_S = 90
 
