@@ -42,6 +42,11 @@ RUN /opt/build/bin/pip wheel $(cat /etc/pip-index-flag) --find-links /wheelhouse
         --no-deps --wheel-dir /wheels/app . \
     && ls -l /wheels/*
 
+# The classic builder leaves this stage's image untagged; the label lets tooling (the container
+# tests) find and remove it. Last in the stage, so it never costs a cache miss above.
+ARG DSNODE_BUILD_ID=
+LABEL org.dsnode.build-id="${DSNODE_BUILD_ID}"
+
 # ---------------------------------------------------------------- runtime: venv from the wheels
 FROM ${BASE_IMAGE} AS runtime
 
@@ -94,3 +99,6 @@ HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \
 
 ENTRYPOINT ["/usr/local/bin/dsnode-entrypoint"]
 CMD ["serve"]
+
+ARG DSNODE_BUILD_ID=
+LABEL org.dsnode.build-id="${DSNODE_BUILD_ID}"

@@ -13,6 +13,10 @@ fail):
 3. ``send`` messages go out in list order per peer;
 4. ``reply`` entries are released in list order.
 
+``apply`` carries notices only (which slots were applied, snapshots
+installed): the cores apply chosen commands to their own state machines, so
+the shell has nothing to do with them beyond logging and metrics.
+
 Cores never perform these effects themselves and never read a clock.
 """
 

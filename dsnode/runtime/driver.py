@@ -115,6 +115,7 @@ class Driver:
         self._records_since_checkpoint = 0
         self._checkpoint_task: asyncio.Task | None = None
         self.stopped = asyncio.Event()
+        self._last_leader: str | None = None
         self.heard: dict[str, int] = {}  # peer -> tick we last heard from it
         self.peer_acked: dict[str, int] = {}  # peer -> highest slot it accepted from us
         self.counters: collections.Counter = collections.Counter()
@@ -353,7 +354,13 @@ class Driver:
         expired = self._deadlines.pop(self.tick_count, None)
         if expired:
             self._expire(expired)
-        if self._parked and self.core.leader_of(GROUP) is not None:
+        leader = self.core.leader_of(GROUP)
+        if leader != self._last_leader:
+            self._last_leader = leader
+            g = self.core.groups[GROUP]
+            log.info("leader_changed", group=GROUP, leader=leader, role=g.role.value,
+                     ballot=list(g.ballot if g.role.value == "leader" else g.acceptor.promised))
+        if self._parked and leader is not None:
             parked, self._parked = self._parked, []
             for p in parked:
                 if not p.done:

@@ -269,7 +269,7 @@ class ClientConnection(asyncio.Protocol):
 
     def write_frames(self, frames: list[bytes]) -> None:
         if not self.closed and self.transport is not None:
-            self.transport.writelines(frames)
+            self.transport.write(b"".join(frames))
 
     def _fatal(self, code: str, message: str) -> None:
         """Answer with id 0 and close: the stream cannot be trusted any more."""

@@ -3,8 +3,10 @@
 - ``base_image``: the image to build on. ``$DSNODE_TEST_BASE_IMAGE`` when set (for example
   python:3.11-slim where a registry is reachable), else dsnode-base:bookworm from
   deploy/build-base-image.sh, which is cached on the machine between runs.
-- ``dsnode_image``: the repository's Dockerfile built once per session under a unique tag;
-  the tag is removed at the end of the session (the layer cache stays, like the base image).
+- ``dsnode_image``: the repository's Dockerfile built once per session under a unique tag,
+  with build arg DSNODE_BUILD_ID=<session>; every image carrying that label (both stages, the
+  compose test's too) is removed at the end of the session. The layer cache below them stays,
+  like the base image, so the next run builds in seconds.
   Before building, deploy/wheelhouse.sh fills deploy/wheelhouse/ on the host so the build
   needs no network from inside containers; ``DSNODE_TEST_WHEELHOUSE=0`` skips that.
 - ``measurements``: numbers printed in the terminal summary (image size, build time, time to
@@ -18,7 +20,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from dockerctl import LABEL, REPO, SESSION, CommandFailed, docker_available, run
+from dockerctl import REPO, SESSION, CommandFailed, docker_available, run
 
 _measurements: dict[str, str] = {}
 
@@ -59,7 +61,7 @@ def dsnode_image(base_image: str, measurements: dict[str, str], session_id: str)
     tag = f"dsnode-test:{session_id}"
     cmd = [
         "docker", "build", "--build-arg", f"BASE_IMAGE={base_image}",
-        "--label", LABEL, "--tag", tag, str(REPO),
+        "--build-arg", f"DSNODE_BUILD_ID={session_id}", "--tag", tag, str(REPO),
     ]  # fmt: skip
     started = time.monotonic()
     try:
@@ -77,7 +79,7 @@ def dsnode_image(base_image: str, measurements: dict[str, str], session_id: str)
         yield tag
     finally:
         remove_labelled(session_id)
-        run(["docker", "image", "rm", "--force", tag], check=False, timeout=120)
+        remove_built_images(session_id)
 
 
 def remove_labelled(session_id: str) -> None:
@@ -89,6 +91,14 @@ def remove_labelled(session_id: str) -> None:
     vols = run(["docker", "volume", "ls", "-q", "--filter", label], check=False).stdout.split()
     if vols:
         run(["docker", "volume", "rm", "--force", *vols], check=False, timeout=120)
+
+
+def remove_built_images(session_id: str) -> None:
+    """Every image this session built (both stages, any tag), keeping the layer cache below."""
+    label = f"label=org.dsnode.build-id={session_id}"
+    ids = run(["docker", "images", "-aq", "--filter", label], check=False).stdout.split()
+    if ids:
+        run(["docker", "rmi", "--force", "--no-prune", *set(ids)], check=False, timeout=300)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

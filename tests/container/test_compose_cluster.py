@@ -79,9 +79,10 @@ class Cluster:
         out = []
         for service in NODES:
             try:
-                out.append(logs(self.container(service), tail=30))
-            except (CommandFailed, AssertionError) as e:
-                out.append(f"{service}: {e}")
+                ids = self.compose("ps", "--all", "-q", service).split()
+            except CommandFailed as e:
+                return str(e)
+            out.extend(logs(i, tail=30) for i in ids)
         return "\n".join(out)
 
 
@@ -109,6 +110,9 @@ def cluster(dsnode_image: str, base_image: str, session_id: str) -> Iterator[Clu
         "BASE_IMAGE": base_image,
         "DSNODE_BIND": "127.0.0.1",
         "DSNODE_HEALTH_INTERVAL": "1s",
+        "DSNODE_BUILD_ID": session_id,
+        # Build with the docker CLI, as the session fixture did: its layer cache is then reused.
+        "COMPOSE_DOCKER_CLI_BUILD": "1",
         **{f"DSNODE_PORT{i}": str(ports[s]) for i, s in enumerate(NODES, start=1)},
     }
     c = Cluster(project, image, env, ports)
