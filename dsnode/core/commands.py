@@ -81,6 +81,18 @@ def keys_of(cmd: Command) -> tuple[bytes, ...]:
     return (cmd.key,)
 
 
+def size_of(cmd: Command) -> int:
+    """Approximate payload bytes of a command (keys and values), for batching limits."""
+    if isinstance(cmd, Put):
+        return len(cmd.key) + len(cmd.value) + 16
+    if isinstance(cmd, Txn):
+        n = sum(len(k) + 8 for k, _ in cmd.compares)
+        for sub in (*cmd.then, *cmd.otherwise):
+            n += len(sub.key) + (len(sub.value) if isinstance(sub, SubPut) else 0) + 8
+        return n + 16
+    return len(cmd.key) + 16
+
+
 # ---------------------------------------------------------------- encoding
 # Compact msgpack-friendly lists; the first element is a one-letter tag.
 

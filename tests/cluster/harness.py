@@ -38,7 +38,8 @@ START_TIMEOUT_S = 20.0  # python start-up + imports + WAL recovery, on a loaded 
 EXIT_TIMEOUT_S = 15.0
 IO_TIMEOUT_S = 10.0
 POLL_S = 0.02
-# A one-node cluster elects itself after one election timeout: keep start-ups short.
+# A one-node cluster elects itself after one election timeout: keep its start-ups short.
+# (Applied only to nodes started without --peers; multi-node clusters keep the defaults.)
 FAST_ELECTION = ("--election-timeout-ms", "100", "--heartbeat-interval-ms", "20")
 
 
@@ -320,8 +321,8 @@ class ServerPool:
     ) -> ServerProcess:
         """A not-yet-started server with its own data dir and log file under ``base``.
 
-        ``args`` are extra flags; they come after :data:`FAST_ELECTION`, so a test can
-        override its timings.
+        ``args`` are extra flags. Without ``--peers`` (a one-node cluster) they come after
+        :data:`FAST_ELECTION`, so a test can still override those timings.
         """
         n = next(self._n)
         srv = ServerProcess(
@@ -329,7 +330,7 @@ class ServerPool:
             self.base / f"server{n}.log",
             node_id=node_id,
             port=port,
-            args=(*FAST_ELECTION, *args),
+            args=args if "--peers" in args else (*FAST_ELECTION, *args),
             env=env,
             auth_token=auth_token,
         )

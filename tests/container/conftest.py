@@ -5,8 +5,8 @@
   deploy/build-base-image.sh, which is cached on the machine between runs.
 - ``dsnode_image``: the repository's Dockerfile built once per session under a unique tag,
   with build arg DSNODE_BUILD_ID=<session>; every image carrying that label (both stages, the
-  compose test's too) is removed at the end of the session. The layer cache below them stays,
-  like the base image, so the next run builds in seconds.
+  compose test's too) is removed with its untagged parent layers at the end of the session,
+  so a run leaves only the base image behind (cached on purpose).
   Before building, deploy/wheelhouse.sh fills deploy/wheelhouse/ on the host so the build
   needs no network from inside containers; ``DSNODE_TEST_WHEELHOUSE=0`` skips that.
 - ``measurements``: numbers printed in the terminal summary (image size, build time, time to
@@ -94,11 +94,11 @@ def remove_labelled(session_id: str) -> None:
 
 
 def remove_built_images(session_id: str) -> None:
-    """Every image this session built (both stages, any tag), keeping the layer cache below."""
+    """Every image this session built (both stages, any tag), with their untagged parents."""
     label = f"label=org.dsnode.build-id={session_id}"
     ids = run(["docker", "images", "-aq", "--filter", label], check=False).stdout.split()
     if ids:
-        run(["docker", "rmi", "--force", "--no-prune", *set(ids)], check=False, timeout=300)
+        run(["docker", "rmi", "--force", *set(ids)], check=False, timeout=300)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -107,6 +107,30 @@ def test_commands_are_batched_into_one_slot_and_pipelined():
     assert len(slots) == 1
 
 
+def test_large_values_are_split_across_slots_and_messages_by_bytes():
+    """Batching is bounded by bytes as well as count, so no slot and no Accept
+    grows past what a peer frame can carry (a 1 MiB value times 64 would)."""
+    cfg = PaxosConfig(election_timeout_ticks=10, heartbeat_interval_ticks=2,
+                      snapshot_interval_slots=1000, leader_stickiness=False,
+                      batch_bytes_max=100_000, message_bytes_max=250_000)
+    c = Cluster(cfg)
+    c.elect("a")
+    sent: list = []
+    for i in range(10):
+        c.nodes["a"].propose(0, i, Put(b"k%d" % i, b"x" * 60_000))
+    r = c.nodes["a"].ready()
+    c.disk["a"].extend(r.persist)
+    sent = [m for _dst, m in r.send if isinstance(m, Accept)]
+    for dst, msg in r.send:
+        c.queue.append(("a", dst, to_wire(msg)))
+    c.replies["a"].extend(r.reply)
+    c.settle()
+    assert sorted(x.token for x in c.replies["a"]) == list(range(10))
+    assert sent and all(sum(len(v) for _s, v in m.entries) <= 250_000 for m in sent)
+    slots = {s for m in sent for s, _v in m.entries}
+    assert len(slots) >= 5  # at most one 60 kB command fits in a 100 kB slot with another
+
+
 def test_follower_rejects_client_write_with_leader_hint():
     """A follower answers a write definitely (no effect) with a leader hint."""
     c = Cluster()

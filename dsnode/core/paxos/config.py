@@ -11,6 +11,8 @@ class PaxosConfig:
     heartbeat_interval_ticks: int = 2
     inflight_slots_max: int = 32
     batch_commands_max: int = 64
+    batch_bytes_max: int = 256 * 1024  # one slot's commands, keys and values together
+    message_bytes_max: int = 1024 * 1024  # values in one Accept or Learn (one entry may exceed)
     accept_slots_per_msg_max: int = 32
     snapshot_interval_slots: int = 256
     snapshot_chunk_bytes: int = 64 * 1024
@@ -27,6 +29,8 @@ class PaxosConfig:
         for name in (
             "inflight_slots_max",
             "batch_commands_max",
+            "batch_bytes_max",
+            "message_bytes_max",
             "accept_slots_per_msg_max",
             "snapshot_interval_slots",
             "snapshot_chunk_bytes",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from dsnode.core.commands import STALE, Get
+from dsnode.core.commands import STALE, Get, size_of
 from dsnode.core.effects import Reply
 from dsnode.core.errors import InvariantBroken, PeerMisbehaved
 from dsnode.core.paxos import records as rec
@@ -67,6 +67,18 @@ class Outbox:
     apply: list[Any] = field(default_factory=list)
     reply: list[Reply] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
+
+
+def _batch_len(queue: list[tuple[Any, Any, Any]], max_count: int, max_bytes: int) -> int:
+    """How many queued commands go into the next slot: bounded by count and bytes, >= 1."""
+    size = 0
+    n = 0
+    for _token, _rid, cmd in queue[:max_count]:
+        size += size_of(cmd)
+        if n and size > max_bytes:
+            break
+        n += 1
+    return max(n, 1)
 
 
 def _unavailable(token: Any, why: str, indeterminate: bool) -> Reply:
@@ -226,8 +238,9 @@ class PaxosGroup:
             return
         new: list[tuple[int, bytes]] = []
         while p.queue and p.next_slot - 1 - self.log.chosen_through < self.cfg.inflight_slots_max:
-            batch = p.queue[: self.cfg.batch_commands_max]
-            del p.queue[: self.cfg.batch_commands_max]
+            n = _batch_len(p.queue, self.cfg.batch_commands_max, self.cfg.batch_bytes_max)
+            batch = p.queue[:n]
+            del p.queue[:n]
             slot = p.next_slot
             p.next_slot += 1
             value = pack_batch([(rid, cmd) for _t, rid, cmd in batch])
@@ -282,21 +295,35 @@ class PaxosGroup:
         for m in self.members:
             entries: tuple = ()
             if retransmit and m != self.me:
-                entries = tuple(
+                missing = [
                     (s, v) for s, v in sorted(p.proposals.items()) if not self.learner.voted(s, m)
-                )[: self.cfg.accept_slots_per_msg_max]
+                ]
+                entries = tuple(next(self._chunks(missing), ()))
             self._send(m, Accept(self.group, self.ballot, entries, commit, p.read_seq))
         self._drain_local()
 
     def _broadcast_accepts(self, entries: list[tuple[int, bytes]]) -> None:
         p = self.proposer
-        n = self.cfg.accept_slots_per_msg_max
         commit = self.log.chosen_through
-        for i in range(0, len(entries), n):
-            msg = Accept(self.group, self.ballot, tuple(entries[i : i + n]), commit, p.read_seq)
+        for chunk in self._chunks(entries):
+            msg = Accept(self.group, self.ballot, tuple(chunk), commit, p.read_seq)
             for m in self.members:
                 self._send(m, msg)
         self._drain_local()
+
+    def _chunks(self, entries: list[tuple[int, bytes]]):
+        """Split (slot, value) entries into messages bounded by count and bytes."""
+        cap_n, cap_b = self.cfg.accept_slots_per_msg_max, self.cfg.message_bytes_max
+        chunk: list[tuple[int, bytes]] = []
+        size = 0
+        for e in entries:
+            if chunk and (len(chunk) >= cap_n or size + len(e[1]) > cap_b):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(e)
+            size += len(e[1])
+        if chunk:
+            yield chunk
 
     # ================================================================ peer input
     def step(self, frm: str, msg: Any) -> None:
@@ -514,7 +541,8 @@ class PaxosGroup:
             )
             return
         # An empty Learn tells the asker we cannot help (we restarted, or lag).
-        self._send(frm, Learn(self.group, log.entries(m.from_slot, self.cfg.catchup_entries_max)))
+        entries = log.entries(m.from_slot, self.cfg.catchup_entries_max)
+        self._send(frm, Learn(self.group, tuple(next(self._chunks(list(entries)), ()))))
 
     def _on_learn(self, frm: str, m: Learn) -> None:
         if not m.entries:
