@@ -19,7 +19,6 @@ import asyncio
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +29,7 @@ from cluster_harness import (  # noqa: E402
     Workload,
     WorkloadConfig,
     check_linearizable,
-    kill_leader_and_time_failover,
+    repeated_failover,
 )
 from harness import ServerPool  # noqa: E402
 
@@ -42,15 +41,7 @@ async def run(rounds: int, seed: int, serve_args: list[str], base: Path) -> list
         cluster = await asyncio.to_thread(lambda: Cluster(pool, args=serve_args).start())
         work = Workload(cluster.endpoints(), seed, WorkloadConfig(timeout_ms=2000)).start()
         await work.wait_acked(50, timeout=30)
-        for i in range(rounds):
-            # run a while with all three up, so the round starts from a settled cluster
-            await work.wait_acked(50, timeout=30, after=time.monotonic())
-            old, took, first = await kill_leader_and_time_failover(cluster, work)
-            times.append(took)
-            print(f"round {i + 1}: killed leader {old}; first write acknowledged via "
-                  f"{first.node} after {took * 1000:.0f} ms", flush=True)
-            await asyncio.to_thread(cluster.nodes[old].restart)
-            await asyncio.to_thread(cluster.wait_caught_up, old, 30.0)
+        times = await repeated_failover(cluster, work, rounds)
         await work.stop()
         check_linearizable(work.history)
     finally:

@@ -45,8 +45,15 @@ if [[ $(id -u) -ne 0 ]]; then
     exit 2
 fi
 if ! command -v debootstrap >/dev/null 2>&1; then
-    log "debootstrap is missing: apt-get update && apt-get install -y debootstrap"
-    exit 2
+    if command -v apt-get >/dev/null 2>&1; then
+        log "installing debootstrap from the Debian archive"
+        apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            debootstrap >/dev/null
+    else
+        log "debootstrap is missing and there is no apt-get to install it"
+        exit 2
+    fi
 fi
 
 # The first Debian mirror configured for apt (deb822 .sources files or one-line sources.list).
@@ -96,7 +103,7 @@ if [[ $force -eq 1 || ! -s "$tarball" ]]; then
         # debootstrap may leave /proc or /sys mounted inside the chroot when it fails.
         local m
         for m in proc sys dev/pts dev; do
-            mountpoint -q "$rootfs/$m" 2>/dev/null && umount -l "$rootfs/$m" || true
+            if mountpoint -q "$rootfs/$m" 2>/dev/null; then umount -l "$rootfs/$m" || true; fi
         done
         rm -rf "$work"
     }

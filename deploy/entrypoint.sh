@@ -12,7 +12,7 @@
 # POSIX sh on purpose: the official python image and the debootstrap base both have /bin/sh.
 set -eu
 
-default_config=/etc/dsnode/dsnode.toml
+default_config="${DSNODE_DEFAULT_CONFIG:-/etc/dsnode/dsnode.toml}"
 
 if [ "$#" -eq 0 ]; then
     set -- serve

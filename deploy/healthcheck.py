@@ -4,7 +4,8 @@ Runs ``dsnode status --endpoints HOST:PORT --output json`` against the node in t
 and exits 0 (healthy) or 1 (unhealthy), printing one line for ``docker inspect``.
 
 The endpoint is ``$DSNODE_HEALTH_ENDPOINT`` when set, else the port of ``listen`` (from
-``$DSNODE_LISTEN``, else the config file the entrypoint would pick) on 127.0.0.1.
+``$DSNODE_LISTEN``, else the config file the entrypoint would pick) on 127.0.0.1. The token is
+``auth_token`` from the same places (``$DSNODE_AUTH_TOKEN`` first).
 Standard library only, so that a broken install still gives a clear message.
 """
 
@@ -21,22 +22,26 @@ DEFAULT_PORT = 7379
 TIMEOUT_S = 4.0
 
 
-def endpoint() -> str:
+def node_settings() -> tuple[str, str | None]:
+    """(endpoint, auth token) of the node in this container, as the entrypoint configures it."""
     explicit = os.environ.get("DSNODE_HEALTH_ENDPOINT")
-    if explicit:
-        return explicit
     listen = os.environ.get("DSNODE_LISTEN")
-    if not listen:
+    token = os.environ.get("DSNODE_AUTH_TOKEN")
+    if not (explicit or listen) or token is None:
         path = os.environ.get("DSNODE_CONFIG") or DEFAULT_CONFIG
         try:
             with open(path, "rb") as f:
-                listen = tomllib.load(f).get("listen")
+                doc = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError):
-            listen = None
+            doc = {}
+        listen = listen or doc.get("listen")
+        token = token if token is not None else doc.get("auth_token")
+    if explicit:
+        return explicit, token or None
     port = DEFAULT_PORT
     if isinstance(listen, str) and listen.rpartition(":")[2].isdigit():
         port = int(listen.rpartition(":")[2])
-    return f"127.0.0.1:{port}"
+    return f"127.0.0.1:{port}", token or None
 
 
 def is_ready(output: str) -> bool:
@@ -49,10 +54,16 @@ def is_ready(output: str) -> bool:
 
 
 def main() -> int:
-    addr = endpoint()
+    addr, token = node_settings()
     cmd = [sys.executable, "-m", "dsnode", "status", "--endpoints", addr, "--output", "json"]
+    cmd += ["--timeout", str(TIMEOUT_S / 2)]
+    env = dict(os.environ)
+    if token:
+        env["DSNODE_TOKEN"] = token  # not on the command line, where `ps` would show it
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=TIMEOUT_S, check=False, env=env
+        )
     except subprocess.TimeoutExpired:
         print(f"unhealthy: dsnode status {addr} timed out after {TIMEOUT_S}s")
         return 1

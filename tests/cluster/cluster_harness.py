@@ -651,3 +651,19 @@ async def kill_leader_and_time_failover(
     await asyncio.to_thread(srv.wait_exit, 10)
     first = await work.wait_acked(1, timeout, after=t_kill, via=survivors)
     return leader, first.t_ret - t_kill, first
+
+
+async def repeated_failover(cluster: Cluster, work: Workload, rounds: int) -> list[float]:
+    """``rounds`` times: SIGKILL the leader under load, time the failover, restart the node
+    and wait until it has caught up. Returns the failover times in seconds."""
+    times: list[float] = []
+    for i in range(rounds):
+        # run a while with all nodes up, so each round starts from a settled cluster
+        await work.wait_acked(50, timeout=30, after=time.monotonic())
+        old, took, first = await kill_leader_and_time_failover(cluster, work)
+        times.append(took)
+        print(f"round {i + 1}: killed leader {old}; first write acknowledged via "
+              f"{first.node} after {took * 1000:.0f} ms", flush=True)
+        await asyncio.to_thread(cluster.nodes[old].restart)
+        await asyncio.to_thread(cluster.wait_caught_up, old, 30.0)
+    return times

@@ -29,8 +29,10 @@ from cluster_harness import (
     check_linearizable,
     final_reads,
     kill_leader_and_time_failover,
+    median,
     node_status,
     put_once,
+    repeated_failover,
 )
 from harness import RawConn, ServerPool
 
@@ -64,7 +66,7 @@ async def test_leader_sigkill_under_load_fails_over_and_the_node_catches_up(
     survivors; the killed node restarts and applies up to the leader's commit."""
     cluster = Cluster(pool).start()
     work = Workload(cluster.endpoints(), seed, WorkloadConfig(timeout_ms=2000)).start()
-    await work.wait_acked(50, timeout=20)
+    await work.wait_acked(150, timeout=30)
 
     old, took, first = await kill_leader_and_time_failover(cluster, work)
     print(f"\nfailover: SIGKILL of leader {old} -> first acknowledged write via "
@@ -94,7 +96,7 @@ async def test_sigstopped_leader_is_replaced_and_steps_down_after_sigcont(
     serving; after SIGCONT the old leader steps down, one leader remains, no split brain."""
     cluster = Cluster(pool).start()
     work = Workload(cluster.endpoints(), seed, WorkloadConfig(timeout_ms=1000)).start()
-    await work.wait_acked(50, timeout=20)
+    await work.wait_acked(150, timeout=30)
     old = await asyncio.to_thread(cluster.wait_leader)
     st = await asyncio.to_thread(node_status, cluster.nodes[old])
     assert st is not None
@@ -146,7 +148,7 @@ async def test_follower_restarted_after_compaction_catches_up_by_snapshot(
 
     def compacted_past() -> bool:
         s = node_status(cluster.nodes[leader])
-        return s is not None and s["paxos"]["snapshot_index"] >= lagging_from + 150
+        return s is not None and s["paxos"]["snapshot_index"] >= lagging_from + 300
 
     deadline = time.monotonic() + 60
     while not await asyncio.to_thread(compacted_past):
@@ -180,7 +182,7 @@ async def test_lost_majority_refuses_writes_then_recovers(pool: ServerPool, seed
     commit) and none is acknowledged; restart them: writes succeed, nothing acked is lost."""
     cluster = Cluster(pool).start()
     work = Workload(cluster.endpoints(), seed, WorkloadConfig(timeout_ms=1000)).start()
-    await work.wait_acked(50, timeout=20)
+    await work.wait_acked(150, timeout=30)
     leader = await asyncio.to_thread(cluster.wait_leader)
     victims = [n for n in sorted(cluster.nodes) if n != leader]
     for nid in victims:
@@ -195,7 +197,7 @@ async def test_lost_majority_refuses_writes_then_recovers(pool: ServerPool, seed
         return h.count(lambda r: r.is_write and r.t_call >= t_dead and r.outcome in
                        ("fail", "indeterminate"))
 
-    await async_wait(lambda: failed_after() >= 10, 30, "10 failed writes without a majority")
+    await async_wait(lambda: failed_after() >= 20, 30, "20 failed writes without a majority")
     t_restart = time.monotonic()
     bad = [r for r in h.recs if r.is_write and r.t_call >= t_dead and r.outcome == "ok"
            and r.t_ret <= t_restart]
@@ -232,3 +234,20 @@ async def test_whole_cluster_sigkill_mid_load_keeps_every_acknowledged_write(
     await work.wait_acked(30, timeout=30, after=time.monotonic())
     final = await finish(cluster, work)
     print(f"{acked_before} writes acknowledged before the crash; final state {len(final)} keys")
+
+
+# ====================================================================== slow variants
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_failover_time_median_of_10_leader_kills(pool: ServerPool, seed: int) -> None:
+    """The failover figure for the report: 10 leader SIGKILLs under load (each node restarted
+    and caught up before the next), median time to the first acknowledged write."""
+    cluster = Cluster(pool).start()
+    work = Workload(cluster.endpoints(), seed, WorkloadConfig(timeout_ms=2000)).start()
+    await work.wait_acked(150, timeout=30)
+    times = await repeated_failover(cluster, work, 10)
+    await finish(cluster, work)
+    ms = sorted(t * 1000 for t in times)
+    print(f"failover over {len(ms)} leader kills: median {median(ms):.0f} ms, "
+          f"min {ms[0]:.0f} ms, max {ms[-1]:.0f} ms")
+    assert median(ms) < 5000

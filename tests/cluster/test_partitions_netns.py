@@ -1,0 +1,143 @@
+"""Network partitions between real nodes, each in its own network namespace.
+
+tests/cluster/netns.py builds the namespaces (one per node, a bridge in a hub
+namespace, the test process attached from the root namespace) and cuts links
+with iptables DROP rules inside a node's namespace. The client workload and the
+linearizability check are those of test_replication.py (cluster_harness).
+
+Needs root, ``ip`` (iproute2) and ``iptables``; skipped with the reason otherwise.
+Every namespace, veth and process is removed even when a test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cluster_harness import (
+    Cluster,
+    Workload,
+    WorkloadConfig,
+    async_wait,
+    check_acked_writes_survive,
+    check_linearizable,
+    final_reads,
+    node_status,
+)
+from harness import ServerPool
+from netns import NetLab, NetnsUnavailable, NsServer, sweep_stale, unavailable_reason
+
+pytestmark = [pytest.mark.cluster, pytest.mark.netns, pytest.mark.timeout(180)]
+
+IDS = ["n1", "n2", "n3"]
+
+
+@pytest.fixture
+def lab_cluster(tmp_path: Path) -> Iterator[tuple[NetLab, Cluster]]:
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    sweep_stale()
+    lab = NetLab(IDS)
+    pool = ServerPool(tmp_path)
+    try:
+        try:
+            lab.setup()
+        except NetnsUnavailable as e:
+            pytest.skip(str(e))
+
+        def make(nid: str, addr: tuple[str, int], flags: tuple[str, ...]) -> NsServer:
+            srv = NsServer(lab, nid, tmp_path, flags)
+            pool.servers.append(srv)  # the pool's close() kills it
+            return srv
+
+        cluster = Cluster(pool, args=(), make_server=make,
+                          addrs={nid: (lab.ip[nid], 7379) for nid in IDS})
+        yield lab, cluster
+    finally:
+        pool.close()  # processes first: a namespace lives on while a process is inside
+        lab.close()
+        left = lab.leftovers()
+        assert not left, f"network namespaces/links left behind: {left}"
+
+
+async def isolate_leader_round(lab: NetLab, cluster: Cluster, work: Workload) -> None:
+    """Isolate the leader; the majority elects and serves; the old leader acknowledges
+    nothing while cut off; heal; everyone converges on one leader."""
+    old = await asyncio.to_thread(cluster.wait_leader, IDS, 30.0)
+    majority = [n for n in IDS if n != old]
+    await asyncio.to_thread(lab.isolate, old)
+    t_cut = time.monotonic()
+
+    new = await asyncio.to_thread(cluster.wait_leader, majority, 30.0)
+    assert new != old
+    await work.wait_acked(30, timeout=30, after=time.monotonic(), via=majority)
+
+    # the isolated node gives up leadership (it hears from no quorum) and keeps
+    # answering its clients, with failures only
+    def stepped_down() -> bool:
+        st = node_status(cluster.nodes[old])
+        return st is not None and st["paxos"]["role"] != "leader"
+
+    deadline = time.monotonic() + 20
+    while not await asyncio.to_thread(stepped_down):
+        assert time.monotonic() < deadline, f"{old} still leader: {cluster.describe()}"
+        await asyncio.sleep(0.05)
+    h = work.history
+
+    def failed_via_old() -> int:
+        return h.count(lambda r: r.node == old and r.t_call >= t_cut and r.outcome in
+                       ("fail", "indeterminate"))
+
+    await async_wait(lambda: failed_via_old() >= 10, 30,
+                     f"10 failed ops through the isolated {old}")
+    t_heal = time.monotonic()
+    await asyncio.to_thread(lab.heal)
+
+    served = [r for r in h.recs if r.node == old and r.t_call >= t_cut and r.outcome == "ok"
+              and r.t_ret is not None and r.t_ret < t_heal]
+    assert not served, "the isolated old leader answered ok:\n" + "\n".join(
+        f"  {r.kind} {r.key!r} {r.value!r} -> {r.result}" for r in served[:10])
+
+    # converge: one leader all agree on, the old one caught up and serving again
+    await asyncio.to_thread(cluster.wait_leader, IDS, 30.0)
+    await work.wait_acked(10, timeout=30, after=time.monotonic(), via=[old])
+    print(f"isolated leader {old}; majority elected {new}; "
+          f"{failed_via_old()} ops via {old} failed while cut off")
+
+
+async def _finish(cluster: Cluster, work: Workload) -> None:
+    history = await work.stop()
+    final = await final_reads(history, cluster.nodes["n1"].addr, "n1", work.keys)
+    check_acked_writes_survive(history, final)
+    check_linearizable(history)
+    await asyncio.to_thread(cluster.wait_caught_up, "n1", 30.0)
+    await asyncio.to_thread(cluster.wait_caught_up, "n2", 30.0)
+    await asyncio.to_thread(cluster.wait_caught_up, "n3", 30.0)
+    leader = await asyncio.to_thread(cluster.check_single_leader)
+    print(f"converged on {leader}: {cluster.describe()}")
+
+
+async def test_isolated_leader_is_replaced_and_acknowledges_nothing(
+    lab_cluster: tuple[NetLab, Cluster], seed: int
+) -> None:
+    lab, cluster = lab_cluster
+    await asyncio.to_thread(cluster.start)
+    work = Workload(cluster.endpoints(), seed, WorkloadConfig(timeout_ms=1000)).start()
+    await work.wait_acked(50, timeout=30)
+    await isolate_leader_round(lab, cluster, work)
+    await _finish(cluster, work)
+
+
+@pytest.mark.slow
+async def test_repeated_leader_isolation(lab_cluster: tuple[NetLab, Cluster], seed: int) -> None:
+    lab, cluster = lab_cluster
+    await asyncio.to_thread(cluster.start)
+    work = Workload(cluster.endpoints(), seed, WorkloadConfig(timeout_ms=1000)).start()
+    await work.wait_acked(50, timeout=30)
+    for _ in range(4):
+        await isolate_leader_round(lab, cluster, work)
+    await _finish(cluster, work)
