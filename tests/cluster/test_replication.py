@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from cluster_harness import (
     Cluster,
+    History,
     Workload,
     WorkloadConfig,
     async_wait,
@@ -251,3 +252,25 @@ async def test_failover_time_median_of_10_leader_kills(pool: ServerPool, seed: i
     print(f"failover over {len(ms)} leader kills: median {median(ms):.0f} ms, "
           f"min {ms[0]:.0f} ms, max {ms[-1]:.0f} ms")
     assert median(ms) < 5000
+
+
+# ====================================================================== the checks themselves
+def test_history_checks_catch_a_stale_read_and_a_lost_write() -> None:
+    """The recording and both checks flag what they must (no processes involved)."""
+    h = History()
+    w = h.invoke(0, "n1", {"op": "put", "key": b"k", "value": b"a"})
+    h.complete(w, {"id": 1, "ok": True, "succeeded": True, "version": 1})
+    w2 = h.invoke(0, "n1", {"op": "put", "key": b"k", "value": b"b"})
+    h.complete(w2, {"id": 2, "ok": True, "succeeded": True, "version": 2})
+    lost = h.invoke(1, "n2", {"op": "put", "key": b"k", "value": b"c"})
+    h.lost(lost, "client_deadline")
+    assert lost.outcome == "indeterminate" and lost.ret is None
+    check_linearizable(h)
+    check_acked_writes_survive(h, {b"k": (b"b", 2)})
+    check_acked_writes_survive(h, {b"k": (b"c", 3)})  # the unknown write may have landed
+    with pytest.raises(AssertionError, match="final value"):
+        check_acked_writes_survive(h, {b"k": (b"a", 1)})  # acked "b" lost
+    r = h.invoke(2, "n3", {"op": "get", "key": b"k"})
+    h.complete(r, {"id": 3, "ok": True, "value": b"a", "version": 1})  # stale read
+    with pytest.raises(AssertionError, match="not linearizable"):
+        check_linearizable(h)
