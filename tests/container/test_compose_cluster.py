@@ -29,7 +29,6 @@ from dockerctl import (
 pytestmark = [
     pytest.mark.container,
     pytest.mark.timeout(1800),
-    pytest.mark.xfail(reason="needs Multi-Paxos replication (issue 3)", strict=False),
 ]
 
 NODES = ("node1", "node2", "node3")
