@@ -73,9 +73,11 @@ def _reply(status: int, body: dict[str, Any], chunked: bool = False) -> bytes:
                                                          len(data) - half, data[half:])  # fmt: skip
         return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n%s") % (status, reason.encode(), payload)  # fmt: skip
-    return (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-        % (status, reason.encode(), len(data), data)
+    return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        status,
+        reason.encode(),
+        len(data),
+        data,
     )
 
 
@@ -211,7 +213,9 @@ def test_parse_response() -> None:
     assert parse_response(full[:10]) is None
     closing = b"HTTP/1.1 503 X\r\nConnection: close\r\ncontent-length: 0\r\n\r\n"
     assert parse_response(closing) == (len(closing), 503, b"", False)
-    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
     assert parse_response(chunked) == (len(chunked), 200, b"abcde", True)
     for cut in range(len(chunked) - 1):
         assert parse_response(chunked[:cut]) is None
@@ -364,12 +368,13 @@ def test_compare_parse_check_perf_and_ratios() -> None:
     text = (
         " 60 / 60 Booooooo! 100.00% 1m0s\r"
         "PASS: Throughput is 14875 writes/s\n"
-        "FAIL: Slowest request took too long: 1.2s\n"
+        "Slowest request took too long: 1.2s\n"
         "PASS: Stddev is 0.05s\n"
         "FAIL\n"
     )
     perf = mod.parse_check_perf(text, 1)
     assert perf["writes_s"] == 14875 and not perf["passed"]
+    assert "Slowest request took too long: 1.2s" in perf["verdicts"]
     assert mod.parse_check_perf("FAIL: Throughput too low: 812 writes/s\n", 1)["writes_s"] == 812
     rows = [
         {"system": s, "op": op, "inflight": i, "ops_s": v, "p50_us": 1000.0, "p99_us": 2000.0}

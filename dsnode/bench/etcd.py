@@ -401,7 +401,9 @@ class EtcdTarget(Target):
         if conn in self._idle:
             self._idle.remove(conn)
         if conn.busy:
-            # A request was on the wire: treat it like a dropped connection.
+            # A request was on the wire: its outcome is unknown; drop the whole target
+            # (like a lost pipelined connection) and let the runner reconnect.
+            conn.fail(CONNECTION_LOST)
             self.close()
         elif self._waiting and self._open and self._connecting == 0:
             self._grow()
