@@ -122,6 +122,9 @@ class Node:
         return PaxosConfig(
             election_timeout_ticks=cfg.ticks(cfg.election_timeout_ms),
             heartbeat_interval_ticks=cfg.ticks(cfg.heartbeat_interval_ms),
+            # A leader steps down after an election timeout without a quorum's acks: long
+            # enough to ride out a pause of the followers' event loops (a snapshot, a GC).
+            leader_quorum_timeout_ticks=cfg.ticks(cfg.election_timeout_ms),
             snapshot_interval_slots=cfg.snapshot_interval_slots,
         )
 
