@@ -182,7 +182,7 @@ class Driver:
             elif tag == FWD_REPLY:
                 self._on_forward_reply(m)
             elif tag == HEARTBEAT:
-                pass  # hearing anything at all is what the failure detector needs
+                self.counters["heartbeats_received"] += 1  # `heard` above is what counts
             else:
                 self.counters["malformed_peer_message"] += 1
         self._schedule_flush()
