@@ -19,6 +19,9 @@ class FaultConfig:
     one_way_weight: int = 1
     heal_weight: int = 2
     weather_weight: int = 1
+    # a node starts phase 1 at once, skipping pre-vote: safety must not rest on
+    # pre-vote, and without this contested elections become too rare to test
+    campaign_weight: int = 1
     loss_max: float = 0.1
     dup_max: float = 0.1
     mid_ready_crash_chance: float = 0.5  # crash between a Ready's append and fsync
@@ -73,7 +76,7 @@ class FaultSchedule:
         self._run_scheduled(now)
         if rng.random() >= cfg.event_chance:
             return
-        kinds = ["crash", "restart", "partition", "one_way", "heal", "weather"]
+        kinds = ["crash", "restart", "partition", "one_way", "heal", "weather", "campaign"]
         weights = [
             cfg.crash_weight,
             cfg.restart_weight,
@@ -81,6 +84,7 @@ class FaultSchedule:
             cfg.one_way_weight,
             cfg.heal_weight,
             cfg.weather_weight,
+            cfg.campaign_weight,
         ]
         kind = rng.choices(kinds, weights)[0]
         self.events += 1
@@ -105,6 +109,13 @@ class FaultSchedule:
         elif kind == "heal":
             w.net.heal()
             w.trace(now, "-", "heal")
+        elif kind == "campaign":
+            up = [n for n in w.node_ids if w.up[n] and w.groups_of(n)]
+            if up:
+                node = rng.choice(up)
+                group = rng.choice(sorted(w.groups_of(node), key=str))
+                w.cores[node].campaign(group)
+                w.trace(now, node, "campaign", f"group {group}")
         else:
             w.net.loss = rng.uniform(0, cfg.loss_max)
             w.net.dup = rng.uniform(0, cfg.dup_max)

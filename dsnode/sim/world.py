@@ -86,6 +86,7 @@ def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
         leader_stickiness=rng.random() < 0.5,
         inflight_slots_max=rng.choice((2, 8, 32)),
         batch_commands_max=rng.choice((1, 4, 64)),
+        pre_vote=rng.random() < 0.8,  # the default, with the old direct elections kept in play
     )
     faults = dataclasses.replace(
         cfg.faults,
@@ -93,6 +94,7 @@ def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
         mid_ready_crash_chance=rng.random(),
         crash_after_vote_chance=rng.choice((0.0, 0.05, 0.2)),
         down_ticks_max=rng.choice((10, 40, 150)),
+        campaign_weight=rng.choice((1, 3, 8)),
     )
     return dataclasses.replace(cfg, paxos=paxos, faults=faults, delay_max_ticks=rng.randint(1, 5))
 

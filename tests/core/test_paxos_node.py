@@ -5,6 +5,7 @@ PMS = Paxos Made Simple; PMMC = Paxos Made Moderately Complex.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import msgpack
@@ -13,9 +14,16 @@ import pytest
 from dsnode.core.commands import STALE, Get, Put
 from dsnode.core.effects import Ready
 from dsnode.core.errors import PeerMisbehaved
-from dsnode.core.paxos import Applied, PaxosConfig, PaxosNode, SnapshotInstalled
+from dsnode.core.paxos import Applied, PaxosConfig, PaxosNode, Role, SnapshotInstalled
 from dsnode.core.paxos import records as rec
-from dsnode.core.paxos.messages import Accept, Prepare, from_wire, to_wire
+from dsnode.core.paxos.messages import (
+    Accept,
+    Prepare,
+    PreVote,
+    PreVoteReply,
+    from_wire,
+    to_wire,
+)
 
 NODES = ("a", "b", "c")
 CFG = PaxosConfig(
@@ -303,6 +311,10 @@ def test_message_from_unknown_group_or_non_member_is_dropped_and_counted():
         ["px.prepare", 0, [1], 1],
         ["px.nope", 0],
         ["px.accept", 0, [1, "b"], [], -1, 0],
+        ["px.prevote", 0, [1, "b"], -1],
+        ["px.prevote", 0, [1, "b"]],
+        ["px.prevote_reply", 0, [1, "b"], "yes"],
+        ["px.prevote_reply", 0, "b", True],
         "garbage",
     ],
 )
@@ -311,6 +323,170 @@ def test_malformed_wire_message_is_rejected_as_peer_misbehaviour(wire):
         from_wire(wire)
 
 
-def test_messages_round_trip_through_msgpack():
-    m = Accept(3, (2, "a"), ((5, b"v"),), 4, 7)
+@pytest.mark.parametrize(
+    "m",
+    [
+        Accept(3, (2, "a"), ((5, b"v"),), 4, 7),
+        PreVote("meta", (4, "b"), 17),
+        PreVoteReply(3, (4, "b"), False),
+    ],
+)
+def test_messages_round_trip_through_msgpack(m):
     assert from_wire(msgpack.unpackb(msgpack.packb(to_wire(m)), raw=False)) == m
+
+
+# ---------------------------------------------------------------- pre-vote
+# Raft thesis 9.6 (pre-vote), as in etcd raft's MsgPreVote: a node first asks
+# whether a quorum would elect it, changing no state, and runs phase 1 only then.
+
+# the defaults: pre_vote and leader_stickiness on
+STICKY = PaxosConfig(
+    election_timeout_ticks=10, heartbeat_interval_ticks=2, snapshot_interval_slots=1000
+)
+
+
+def ballot_state(c: Cluster, n: str, group=0):
+    g = c.nodes[n].groups[group]
+    return g.max_round, g.acceptor.promised, len(c.disk[n])
+
+
+def test_isolated_node_does_not_raise_its_ballot_while_it_cannot_reach_a_quorum():
+    """A node cut off from every peer keeps asking for pre-votes, but since a
+    pre-vote raises no round, promises nothing and persists nothing, its
+    max_round, its promise and its disk stay exactly as they were."""
+    c = Cluster(STICKY)
+    c.elect("a")
+    c.tick(5)
+    c.cut = {"c"}
+    before = ballot_state(c, "c")
+    sent: list = []
+    for _ in range(300):
+        c.nodes["c"].tick()
+        r = c.drain("c")
+        sent.extend(type(m) for _dst, m in r.send)
+        assert c.nodes["c"].groups[0].role in (Role.FOLLOWER, Role.PRECANDIDATE)
+    assert ballot_state(c, "c") == before
+    assert PreVote in sent and Prepare not in sent
+
+
+def test_without_pre_vote_an_isolated_node_keeps_raising_its_ballot():
+    """The old behaviour (pre_vote=False), kept for comparison: every election
+    timeout raises max_round and persists a promise of the new ballot."""
+    c = Cluster(PaxosConfig(pre_vote=False))
+    c.elect("a")
+    c.cut = {"c"}
+    round0, promised0, disk0 = ballot_state(c, "c")
+    c.tick(300)
+    round1, promised1, disk1 = ballot_state(c, "c")
+    assert round1 > round0 + 5 and promised1 > promised0 and disk1 > disk0
+
+
+@pytest.mark.parametrize("pre_vote, deposed", [(True, False), (False, True)])
+def test_after_heal_the_existing_leader_keeps_leading(pre_vote, deposed):
+    """With pre-vote, a node that rejoins after a long partition holds no
+    promise above the leader's ballot, so it accepts the leader's next Accept:
+    no nack, no step-down, no new ballot. Without pre-vote its inflated promise
+    nacks the leader, which steps down (the problem pre-vote fixes)."""
+    c = Cluster(dataclasses.replace(STICKY, pre_vote=pre_vote))
+    c.elect("a")
+    ballot = c.nodes["a"].groups[0].ballot
+    c.cut = {"c"}
+    c.tick(300)
+    assert c.nodes["a"].is_leader(0)
+    c.cut = set()
+    still_leading = True
+    for _ in range(60):
+        c.tick()
+        still_leading &= c.nodes["a"].is_leader(0) and c.nodes["a"].groups[0].ballot == ballot
+    assert still_leading is not deposed
+    if not deposed:
+        assert [c.nodes[n].leader_of(0) for n in NODES] == ["a", "a", "a"]
+        c.nodes["a"].propose(0, "t", Put(b"k", b"v"), request_id=("cl", 1))
+        c.tick(3)
+        assert c.nodes["c"].state_machine(0).kv.get(b"k") == (b"v", 1)
+
+
+def test_prevote_is_refused_while_the_voter_hears_a_live_leader():
+    """A member that heard a live leader within the election timeout refuses
+    the pre-vote (so does the leader), and answering changes none of its
+    state. The pre-candidate, short of a quorum, never starts phase 1."""
+    c = Cluster(STICKY)
+    c.elect("a")
+    c.tick(3)
+    voter = c.nodes["c"]
+    before = ballot_state(c, "c")
+    voter.step("b", PreVote(0, (99, "b"), 0))
+    r = c.drain("c")
+    assert r.send == [("b", PreVoteReply(0, (99, "b"), False))]
+    assert not r.persist and ballot_state(c, "c") == before
+    assert voter.groups[0].max_round < 99  # a pre-vote's ballot is not a round seen
+    c.nodes["b"].groups[0].become_precandidate()
+    c.settle()
+    assert c.nodes["b"].groups[0].role is Role.PRECANDIDATE
+    assert c.nodes["a"].is_leader(0)
+    assert c.nodes["a"].dropped["prevote_while_leader_live"] == 1
+    assert c.nodes["c"].dropped["prevote_while_leader_live"] == 2
+
+
+def test_prevote_is_granted_once_the_leader_is_silent_for_an_election_timeout():
+    c = Cluster(STICKY)
+    c.elect("a")
+    c.tick(3)
+    del c.nodes["a"]  # the leader dies
+    voter = c.nodes["c"]
+    for _ in range(STICKY.election_timeout_ticks):
+        voter.tick()
+    voter.step("b", PreVote(0, (2, "b"), 0))
+    assert c.drain("c").send == [("b", PreVoteReply(0, (2, "b"), True))]
+
+
+def test_prevote_quorum_leads_to_a_real_election():
+    """Grants from a quorum (the pre-candidate's own included) turn it into a
+    candidate that runs phase 1 with the ballot it asked about."""
+    c = Cluster(STICKY)
+    g = c.nodes["b"].groups[0]
+    g.become_precandidate()
+    asked = g.prevote_ballot
+    assert ballot_state(c, "b") == (0, (0, ""), 0)  # nothing raised, nothing persisted
+    c.settle()
+    assert c.nodes["b"].is_leader(0) and g.ballot == asked
+    assert [c.nodes[n].leader_of(0) for n in NODES] == ["b", "b", "b"]
+
+
+def test_followers_elect_a_new_leader_through_prevote_after_the_leader_dies():
+    """Liveness: once the leader is silent, timers fire, pre-votes are granted
+    and exactly one follower wins phase 1."""
+    c = Cluster(STICKY)
+    c.elect("a")
+    c.tick(3)
+    del c.nodes["a"]
+    c.tick(100)
+    assert [n for n in ("b", "c") if c.nodes[n].is_leader(0)] in (["b"], ["c"])
+
+
+def test_candidate_cut_off_after_its_prevote_does_not_keep_raising_its_ballot():
+    """A candidate whose phase 1 stalls goes back through pre-vote, not straight
+    to a higher ballot: one raise for the election it was granted, no more."""
+    c = Cluster(STICKY)
+    g = c.nodes["b"].groups[0]
+    c.cut = {"b"}
+    g.become_candidate()
+    c.tick()  # handles its own prepare: one promise, persisted
+    after_one = ballot_state(c, "b")
+    assert after_one[1] == g.ballot
+    c.tick(300)
+    assert ballot_state(c, "b") == after_one
+    assert not c.nodes["b"].is_leader(0)
+
+
+def test_single_member_group_elects_itself_on_its_first_timeout():
+    """A group of one is its own quorum: its own pre-vote grant suffices, so
+    it is leader on the tick its election timer first fires."""
+    node = PaxosNode("a", {0: ("a",)}, random.Random(1), PaxosConfig())
+    g = node.groups[0]
+    for _ in range(g.timeout):
+        assert not node.is_leader(0)
+        node.tick()
+    assert node.is_leader(0)
+    node.propose(0, "t", Put(b"k", b"v"), request_id=("cl", 1))
+    assert node.ready().reply[0].result == {"succeeded": True, "version": 1}

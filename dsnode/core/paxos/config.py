@@ -22,6 +22,10 @@ class PaxosConfig:
     leader_quorum_timeout_ticks: int = 20
     # followers that heard from a live leader ignore other nodes' prepares
     leader_stickiness: bool = True
+    # a follower whose election timer fires first asks for pre-votes (no round
+    # raised, nothing promised or persisted) and runs phase 1 only once a quorum
+    # hears no live leader; False: straight to phase 1, as before
+    pre_vote: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval_ticks < self.election_timeout_ticks:

@@ -1,9 +1,18 @@
 """One Multi-Paxos group (one partition, or the metadata group) on one node.
 
-Driven only through ``step``, ``tick``, ``propose``, ``read`` and ``flush``;
-every effect goes into the shared ``Outbox`` that ``PaxosNode.ready`` drains.
+Driven only through ``step``, ``tick``, ``propose``, ``read``, ``flush`` and
+``campaign``; every effect goes into the shared ``Outbox`` that
+``PaxosNode.ready`` drains.
 Messages to this node itself take the same code path through a local queue.
-Roles change only in ``become_follower``/``become_candidate``/``become_leader``.
+Roles change only in ``become_follower``/``become_precandidate``/
+``become_candidate``/``become_leader``.
+
+Elections (``PaxosConfig.pre_vote``, Raft thesis 9.6): a follower whose timer
+fires becomes a pre-candidate and asks every member whether it would promise
+the next ballot. Neither side changes any state for that question, so a node
+cut off from a quorum never raises its round and cannot depose the leader it
+rejoins (its higher promise would nack the leader's accepts). Only with grants
+from a quorum, itself included, does it become a candidate and run phase 1.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from dsnode.core.paxos.messages import (
     CatchupReq,
     Learn,
     Prepare,
+    PreVote,
+    PreVoteReply,
     Promise,
     SnapChunk,
 )
@@ -39,6 +50,7 @@ from dsnode.core.paxos.statemachine import DedupKV, pack_batch
 
 class Role(Enum):
     FOLLOWER = "follower"
+    PRECANDIDATE = "precandidate"
     CANDIDATE = "candidate"
     LEADER = "leader"
 
@@ -118,6 +130,8 @@ class PaxosGroup:
         self.role = Role.FOLLOWER
         self.ballot: Ballot = (0, node_id)
         self.promises: dict[str, Promise] = {}
+        self.prevote_ballot: Ballot = (0, node_id)
+        self.prevotes: set[str] = set()
         self.proposer: Proposer | None = None
         self.learner: Learner | None = None
         self.elapsed = 0
@@ -141,9 +155,35 @@ class PaxosGroup:
         self.proposer = None
         self.learner = None
         self.promises = {}
+        self.prevotes = set()
         self._reset_catchup()
         self.elapsed = 0
         self.timeout = self._random_timeout()
+
+    def become_precandidate(self) -> None:
+        """Ask for pre-votes on the ballot ``become_candidate`` would use.
+
+        Changes no ballot state: ``max_round``, the acceptor's promise and the
+        disk stay as they are (etcd raft ``becomePreCandidate`` likewise keeps
+        the term). The own grant counts at once, so a group of one goes
+        straight on to phase 1.
+        """
+        if self.role is Role.LEADER:
+            raise InvariantBroken("a leader does not become a pre-candidate")
+        self.role = Role.PRECANDIDATE
+        self.promises = {}
+        self.prevote_ballot = (max(self.max_round, self.acceptor.promised[0]) + 1, self.me)
+        self.prevotes = {self.me}
+        self.leader_hint = None
+        self.elapsed = 0
+        self.timeout = self._random_timeout()
+        if len(self.prevotes) >= self.quorum:
+            self.become_candidate()
+            return
+        msg = PreVote(self.group, self.prevote_ballot, self.log.chosen_through)
+        for m in self.members:
+            if m != self.me:
+                self._send(m, msg)
 
     def become_candidate(self) -> None:
         self._fail_pending("leadership lost")
@@ -154,6 +194,7 @@ class PaxosGroup:
         self.max_round = max(self.max_round, self.acceptor.promised[0]) + 1
         self.ballot = (self.max_round, self.me)
         self.promises = {}
+        self.prevotes = set()
         self.leader_hint = None
         self.elapsed = 0
         self.timeout = self._random_timeout()
@@ -209,6 +250,16 @@ class PaxosGroup:
         p.reads.clear()
 
     # ================================================================ client inputs
+    def campaign(self) -> None:
+        """Start phase 1 now, skipping pre-vote (an operator's or a test's
+        input; etcd's leadership transfer skips pre-vote as well). Safety never
+        rests on pre-vote, so the simulator uses this to stage contested
+        elections that pre-vote would otherwise make rare."""
+        if self.role is Role.LEADER:
+            return
+        self.become_candidate()
+        self._drain_local()
+
     def propose(self, token: Any, cmd: Any, rid: Any = None) -> None:
         if self.role is not Role.LEADER:
             self.out.reply.append(
@@ -279,7 +330,7 @@ class PaxosGroup:
         else:
             self.elapsed += 1
             if self.elapsed >= self.timeout:
-                self.become_candidate()
+                self._election_timeout()
         if (
             self.catchup_peer is not None
             and self.log.chosen_through < self.catchup_target
@@ -287,6 +338,19 @@ class PaxosGroup:
         ):
             self._send_catchup()
         self._drain_local()
+
+    def _election_timeout(self) -> None:
+        if not self.cfg.pre_vote:
+            self.become_candidate()
+        elif self.role is Role.PRECANDIDATE:
+            # No quorum granted in time: back off (a wider window each time, as
+            # for a failed phase 1) and ask again when the follower timer fires.
+            self.failed_elections += 1
+            self.become_follower()
+        else:
+            # A follower, or a candidate whose phase 1 stalled: a candidate cut
+            # off after its pre-vote must not go on raising its round either.
+            self.become_precandidate()
 
     def _heartbeat(self, retransmit: bool) -> None:
         p = self.proposer
@@ -346,6 +410,10 @@ class PaxosGroup:
             self._on_prepare(frm, msg)
         elif t is Promise:
             self._on_promise(frm, msg)
+        elif t is PreVote:
+            self._on_prevote(frm, msg)
+        elif t is PreVoteReply:
+            self._on_prevote_reply(frm, msg)
         elif t is CatchupReq:
             self._on_catchup_req(frm, msg)
         elif t is Learn:
@@ -377,6 +445,30 @@ class PaxosGroup:
         if self.role is Role.LEADER:
             return True
         return self.now - self.heard_leader_at < self.cfg.election_timeout_ticks
+
+    # ---------------------------------------------------------------- pre-vote
+    def _on_prevote(self, frm: str, m: PreVote) -> None:
+        """Grant unless a live leader was heard within the election timeout.
+
+        The node we follow asking for itself has stepped down, so it is no
+        live leader. Answering changes nothing here: no ``_see_round``, no
+        promise, no record. ``m.chosen_through`` is deliberately no condition
+        (see ``PreVote``).
+        """
+        granted = frm == self.leader_hint or not self._leader_recent()
+        if not granted:
+            self.out.dropped["prevote_while_leader_live"] += 1
+        self._send(frm, PreVoteReply(self.group, m.ballot, granted))
+
+    def _on_prevote_reply(self, frm: str, m: PreVoteReply) -> None:
+        if self.role is not Role.PRECANDIDATE or m.ballot != self.prevote_ballot:
+            self.out.dropped["stale_prevote_reply"] += 1
+            return
+        if not m.granted:
+            return
+        self.prevotes.add(frm)
+        if len(self.prevotes) >= self.quorum:
+            self.become_candidate()
 
     # ---------------------------------------------------------------- phase 1
     def _on_prepare(self, frm: str, m: Prepare) -> None:

@@ -110,7 +110,35 @@ class SnapChunk:
     crc: int
 
 
-Message = Prepare | Promise | Accept | Accepted | CatchupReq | Learn | SnapChunk
+@dataclass(frozen=True, slots=True)
+class PreVote:
+    """Pre-vote (Raft thesis 9.6; etcd ``MsgPreVote``): "would you promise
+    ``ballot`` if I asked?". Asking and answering change no state: the asker
+    has not raised its round, nobody promises, nothing is persisted.
+
+    ``chosen_through`` is the asker's log position, for traces only: it is not
+    a grant condition, since in Paxos any node may lead safely (phase 1
+    recovers every chosen value), so a log test could only cost liveness.
+    """
+
+    group: Any
+    ballot: Ballot
+    chosen_through: int
+
+
+@dataclass(frozen=True, slots=True)
+class PreVoteReply:
+    """Answer to the ``PreVote`` for ``ballot``: ``granted`` unless the voter
+    heard from a live leader within the election timeout."""
+
+    group: Any
+    ballot: Ballot
+    granted: bool
+
+
+Message = (
+    Prepare | Promise | Accept | Accepted | CatchupReq | Learn | SnapChunk | PreVote | PreVoteReply
+)
 
 _KINDS: dict[str, type] = {
     "px.prepare": Prepare,
@@ -120,6 +148,8 @@ _KINDS: dict[str, type] = {
     "px.catchup": CatchupReq,
     "px.learn": Learn,
     "px.snap": SnapChunk,
+    "px.prevote": PreVote,
+    "px.prevote_reply": PreVoteReply,
 }
 _TAGS = {cls: tag for tag, cls in _KINDS.items()}
 _FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in _KINDS.values()}
@@ -159,6 +189,12 @@ def _bytes(x: Any) -> bytes:
     raise PeerMisbehaved(f"bad bytes {x!r}")
 
 
+def _bool(x: Any) -> bool:
+    if isinstance(x, bool):
+        return x
+    raise PeerMisbehaved(f"bad bool {x!r}")
+
+
 def _entries(x: Any) -> tuple[tuple[int, bytes], ...]:
     try:
         return tuple((_int(s), _bytes(v)) for s, v in x)
@@ -194,6 +230,10 @@ def from_wire(x: Any) -> Message:
             return CatchupReq(g, _int(args[1]), _int(args[2]), _int(args[3]))
         if cls is Learn:
             return Learn(g, _entries(args[1]))
+        if cls is PreVote:
+            return PreVote(g, _ballot(args[1]), _int(args[2]))
+        if cls is PreVoteReply:
+            return PreVoteReply(g, _ballot(args[1]), _bool(args[2]))
         return SnapChunk(
             g, _int(args[1]), _int(args[2]), _int(args[3]), _bytes(args[4]), _int(args[5])
         )

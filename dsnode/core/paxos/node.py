@@ -1,7 +1,8 @@
 """``PaxosNode``: every Multi-Paxos group hosted by one node, behind one API.
 
 Inputs: ``step(from_peer, msg)``, ``tick()``, ``propose(group, token, cmd,
-request_id)``, ``read(group, token, cmd)``; one drain, ``ready()``. Recovery:
+request_id)``, ``read(group, token, cmd)``, ``campaign(group)``; one drain,
+``ready()``. Recovery:
 ``recover(records)`` on a fresh node, before any input. The shell must keep the
 ordering contract of ``dsnode.core.effects``.
 """
@@ -69,6 +70,12 @@ class PaxosNode:
             return
         g.read(token, cmd)
         self._dirty.add(group)
+
+    def campaign(self, group: Any) -> None:
+        """Start phase 1 in ``group`` now, without a pre-vote; no-op for a leader."""
+        g = self.groups.get(group)
+        if g is not None:
+            g.campaign()
 
     # ------------------------------------------------------------ drain
     def ready(self) -> Ready:
