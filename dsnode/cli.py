@@ -294,7 +294,7 @@ def get_command(
     if show_version:
         click.echo(f"version: {res.version}", err=True)
     if raw:
-        out = click.get_binary_stream("stdout")
+        out = sys.stdout.buffer
         out.write(res.value)
         out.flush()
         return
@@ -333,7 +333,7 @@ def put_command(
     when --if-version did not match). A failed --if-version exits 0.
     """
     s = _settings(endpoints, timeout, token, output)
-    data = click.get_binary_stream("stdin").read() if value in (None, "-") else value.encode()
+    data = sys.stdin.buffer.read() if value in (None, "-") else value.encode()
     res = _run(s, lambda c: c.put(key, data, if_version))
     if s.output == "json":
         _print_json({"succeeded": res.succeeded, "version": res.version})
