@@ -22,6 +22,7 @@ import atexit
 import contextlib
 import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -48,8 +49,38 @@ class HarnessError(AssertionError):
 
 
 # ---------------------------------------------------------------- ports
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port() -> int:
-    """A loopback TCP port nobody listens on right now (the kernel picks it)."""
+    """A loopback TCP port nobody uses right now.
+
+    Picked below the kernel's ephemeral range when possible: a port from that range can be
+    taken as the local end of some unrelated outgoing connection while a node is down
+    between a kill and its restart, and the restart would then fail to bind.
+    """
+    lo, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    if lo > 11000:
+        for _ in range(50):
+            port = rng.randrange(10000, lo)
+            if _bindable(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -201,6 +201,9 @@ async def run_load_and_stop(
     reached_wait = asyncio.ensure_future(reached.wait())
     await asyncio.wait({all_done, reached_wait}, timeout=60,
                        return_when=asyncio.FIRST_COMPLETED)
+    reached_wait.cancel()
+    if all_done.done():
+        all_done.result()  # a worker failed (e.g. a malformed answer): show that
     assert reached.is_set(), (
         f"load ended before {stop_after_acks} acks ({cycle.acks})" + srv.output_tail())
     in_flight = sum(g.outcome == "unanswered" for g in cycle.groups)
@@ -276,7 +279,7 @@ async def test_acknowledged_writes_survive_repeated_sigkill_mid_load(
         assert rc == -signal.SIGKILL, srv.output_tail()
         srv.restart()
         await verify_after_restart(srv, model, cycle, mode)
-    assert sum(1 for _, ver in model.state.values() if ver) > 300
+    assert sum(1 for _, ver in model.state.values() if ver) > 100, "the load wrote little"
 
 
 # ====================================================================== SIGTERM / SIGINT

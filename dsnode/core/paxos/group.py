@@ -294,7 +294,9 @@ class PaxosGroup:
             del p.queue[:n]
             slot = p.next_slot
             p.next_slot += 1
-            value = pack_batch([(rid, cmd) for _t, rid, cmd in batch])
+            items = [(rid, cmd) for _t, rid, cmd in batch]
+            value = pack_batch(items)
+            p.batches[slot] = (value, items)
             for i, (token, _rid, _cmd) in enumerate(batch):
                 p.tokens[(slot, i)] = token
             p.proposals[slot] = value
@@ -562,7 +564,11 @@ class PaxosGroup:
         if log.applied < log.chosen_through:
             p = self.proposer
             for slot, value in log.to_apply():
-                results = self.sm.apply_value(value)
+                cached = p.batches.pop(slot, None) if p is not None else None
+                if cached is not None and cached[0] == value:
+                    results = self.sm.apply_items(cached[1])
+                else:
+                    results = self.sm.apply_value(value)
                 self.out.apply.append(Applied(self.group, slot, value))
                 if p is not None and p.tokens:
                     for i, result in enumerate(results):
@@ -695,6 +701,7 @@ class PaxosGroup:
         if p is not None:
             for s in [s for s in p.proposals if s <= index]:
                 del p.proposals[s]
+                p.batches.pop(s, None)
                 self.learner.votes.pop(s, None)
             for key in [k for k in p.tokens if k[0] <= index]:
                 self.out.reply.append(_unavailable(p.tokens.pop(key), "outcome unknown", True))

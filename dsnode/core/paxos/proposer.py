@@ -66,6 +66,9 @@ class Proposer:
     proposals: dict[int, bytes] = field(default_factory=dict)  # in flight, not chosen
     queue: list[tuple[Any, Any, Any]] = field(default_factory=list)  # (token, rid, cmd)
     tokens: dict[tuple[int, int], Any] = field(default_factory=dict)  # (slot, i) -> token
+    # slot -> (value, its decoded commands) for slots this leader filled itself, so that
+    # applying them needs no decoding; used only while the chosen value is that same value
+    batches: dict[int, tuple[bytes, list]] = field(default_factory=dict)
     read_seq: int = 0
     read_wanted: bool = False
     reads: list[PendingRead] = field(default_factory=list)

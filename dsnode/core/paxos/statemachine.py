@@ -36,7 +36,11 @@ class DedupKV:
 
     def apply_value(self, value: bytes) -> list[dict]:
         """Apply one chosen entry; one result per command in the batch."""
-        return [self.apply(rid, cmd) for rid, cmd in unpack_batch(value)]
+        return self.apply_items(unpack_batch(value))
+
+    def apply_items(self, items: list[tuple[list | None, Command]]) -> list[dict]:
+        """Apply an entry's already-decoded commands (what ``unpack_batch`` gives)."""
+        return [self.apply(rid, cmd) for rid, cmd in items]
 
     def apply(self, rid: list | None, cmd: Command) -> dict:
         if rid is None:
