@@ -52,7 +52,7 @@ HEARTBEAT = "hb"  # [HEARTBEAT]: membership liveness, sent to every peer each he
 class Pending:
     """One client request in flight. ``done`` guards against answering twice."""
 
-    __slots__ = ("conn", "rid", "write", "done", "cmd", "deadline", "sent", "fwd_id")
+    __slots__ = ("conn", "rid", "write", "done", "cmd", "deadline", "sent", "fwd_id", "bucket")
 
     def __init__(self, conn: Any, rid: int, write: bool) -> None:
         self.conn = conn
@@ -64,6 +64,15 @@ class Pending:
         # True once the command may have reached a proposer (so a failure is indeterminate)
         self.sent = False
         self.fwd_id = 0
+        self.bucket: dict | None = None  # its timer-wheel slot, left as soon as it is answered
+
+    def finish(self) -> None:
+        """Answered: drop out of the timer wheel so nothing keeps it (or its value) alive."""
+        self.done = True
+        self.cmd = None
+        if self.bucket is not None:
+            self.bucket.pop(self, None)
+            self.bucket = None
 
 
 class Forwarded:
@@ -106,8 +115,8 @@ class Driver:
         self._tick_seconds = tick_seconds
         self._heartbeat_ticks = heartbeat_ticks
         self.tick_count = 0
-        # timer wheel: tick -> requests whose deadline is that tick
-        self._deadlines: dict[int, list[Pending]] = collections.defaultdict(list)
+        # timer wheel: tick -> requests (as dict keys, for O(1) removal) due at that tick
+        self._deadlines: dict[int, dict[Pending, None]] = collections.defaultdict(dict)
         self._parked: list[Pending] = []
         self._forwarded: dict[int, Pending] = {}
         self._fwd_ids = itertools.count(1)
@@ -124,7 +133,9 @@ class Driver:
     def submit(self, pending: Pending, cmd: Command, timeout_s: float) -> None:
         pending.cmd = cmd
         pending.deadline = self.tick_count + max(1, int(timeout_s / self._tick_seconds) + 1)
-        self._deadlines[pending.deadline].append(pending)
+        bucket = self._deadlines[pending.deadline]
+        bucket[pending] = None
+        pending.bucket = bucket
         self._dispatch(pending)
         self._schedule_flush()
 
@@ -367,9 +378,9 @@ class Driver:
                     self._dispatch(p)
         self._schedule_flush()
 
-    def _expire(self, expired: list[Pending]) -> None:
+    def _expire(self, expired: dict[Pending, None]) -> None:
         out = []
-        for p in expired:
+        for p in list(expired):
             if not p.done:
                 if p.fwd_id:
                     self._forwarded.pop(p.fwd_id, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import random
 import signal
@@ -153,6 +154,9 @@ class Node:
         except Exception as e:
             raise StartupError(f"cannot replay the write-ahead log: {e}") from None
         self.core = core
+        # What recovery built lives long: keep the cyclic GC from rescanning it forever.
+        gc.collect()
+        gc.freeze()
         self.log.info(
             "recovered",
             snapshot_lsn=recovered.snapshot_lsn,

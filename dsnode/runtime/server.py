@@ -64,7 +64,7 @@ class ClientServer:
             p: Pending = r.token
             if p.done:
                 continue
-            p.done = True
+            p.finish()
             finished += 1
             if r.error is None:
                 body = r.result
