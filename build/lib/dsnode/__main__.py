@@ -1,3 +1,0 @@
-from dsnode.cli import main
-
-main()
