@@ -29,17 +29,14 @@ Usage: ``python bench/compare_etcd.py [--duration 10] [--warmup 2] [--json out.j
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -47,103 +44,29 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when loaded by path
 
-from dsnode.bench.targets import DsnodeTarget, TargetError  # noqa: E402
-
-_procs: list[subprocess.Popen[bytes]] = []
-_tmpdirs: list[str] = []
+from _procs import (  # noqa: E402
+    REPO,
+    apt_install,
+    child_env,
+    cleanup,
+    communicate,
+    free_ports,
+    install_signal_handlers,
+    log,
+    run_dsnode_bench,
+    spawn,
+    start_dsnode_cluster,
+    stop,
+    tail,
+    tmpdir,
+)
 
 INFLIGHTS = (64, 256)
 
 
 # --------------------------------------------------------------------------- plumbing
-
-
-def log(msg: str) -> None:
-    print(f"[compare] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (held open together so none repeats)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra or {})
-    return env
-
-
-def spawn(
-    argv: list[str], logfile: Path, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    """Start a long-running child in its own session (so we can kill its whole group)."""
-    out = open(logfile, "wb")  # noqa: SIM115 - closed with the process
-    p = subprocess.Popen(
-        argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO
-    )
-    out.close()
-    _procs.append(p)
-    return p
-
-
-def stop(p: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """SIGTERM the child's process group, then SIGKILL if it lingers."""
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(timeout=5)
-    if p in _procs:
-        _procs.remove(p)
-
-
-def cleanup() -> None:
-    for p in list(_procs):
-        try:
-            stop(p, timeout=10)
-        except Exception as exc:  # keep cleaning up
-            log(f"could not stop pid {p.pid}: {exc!r}")
-    for d in _tmpdirs:
-        shutil.rmtree(d, ignore_errors=True)
-    _tmpdirs.clear()
-
-
-def _on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-def tail(path: Path, n: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
 
 
 def _dpkg_binary(package: str, name: str) -> str | None:
@@ -170,15 +93,7 @@ def ensure_etcd() -> tuple[str, str]:
     found = find_etcd_binaries()
     if found:
         return found
-    log("installing etcd-server and etcd-client from Debian packages")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run(
-        ["apt-get", "install", "-y", "etcd-server", "etcd-client"],
-        check=True,
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
+    apt_install("etcd-server", "etcd-client")
     found = find_etcd_binaries()
     if not found:
         raise SystemExit("etcd/etcdctl not found after installing etcd-server and etcd-client")
@@ -252,13 +167,10 @@ def run_check_perf(etcdctl: str, client_ports: list[int], load: str) -> dict[str
     eps = ",".join(f"127.0.0.1:{p}" for p in client_ports)
     argv = [etcdctl, "--endpoints", eps, "check", "perf", f"--load={load}", "--auto-compact"]
     log("ETCDCTL_API=3 " + " ".join(argv))
-    p = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env={**os.environ, "ETCDCTL_API": "3"}, start_new_session=True,
+    p, out, _ = communicate(
+        argv, 400, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "ETCDCTL_API": "3"},
     )  # fmt: skip
-    _procs.append(p)  # type: ignore[arg-type]
-    out, _ = p.communicate(timeout=400)
-    _procs.remove(p)  # type: ignore[arg-type]
     return parse_check_perf(out.decode(errors="replace"), p.returncode)
 
 
@@ -283,54 +195,6 @@ def parse_check_perf(text: str, returncode: int = 0) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- dsnode
-
-
-async def _dsnode_status(port: int) -> dict[str, Any] | None:
-    t = DsnodeTarget("127.0.0.1", port)
-    try:
-        await t.connect()
-        st = await asyncio.wait_for(t.request({"op": "status"}), 5)
-        return st if st.get("ok") else None
-    except (OSError, TimeoutError, TargetError):
-        return None
-    finally:
-        t.close()
-
-
-def _leader_of(st: dict[str, Any] | None) -> str | None:
-    if not st or not st.get("ready"):
-        return None
-    parts = st.get("partitions") or []
-    return parts[0].get("leader") if parts else None
-
-
-def start_dsnode_cluster(
-    work: Path, cmd: list[str], nodes: int = 3
-) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
-    ports = free_ports(nodes)
-    ids = [f"n{i + 1}" for i in range(nodes)]
-    peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in zip(ids, ports, strict=True))
-    procs = []
-    for nid, port in zip(ids, ports, strict=True):
-        argv = [*cmd, "serve", "--node-id", nid, "--listen", f"127.0.0.1:{port}",
-                "--peers", peers, "--data-dir", str(work / f"dsnode-{nid}")]  # fmt: skip
-        procs.append(spawn(argv, work / f"dsnode-{nid}.log", child_env()))
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        for nid, p in zip(ids, procs, strict=True):
-            if p.poll() is not None:
-                raise SystemExit(f"dsnode {nid} exited with {p.returncode}:\n"
-                                 f"{tail(work / f'dsnode-{nid}.log')}")  # fmt: skip
-        leaders = [_leader_of(asyncio.run(_dsnode_status(port))) for port in ports]
-        if leaders[0] is not None and all(ld == leaders[0] for ld in leaders):
-            log(f"dsnode cluster ready, leader {leaders[0]}")
-            return procs, ports
-        time.sleep(0.3)
-    raise SystemExit("dsnode cluster has no common leader after 90s:\n"
-                     + tail(work / "dsnode-n1.log"))  # fmt: skip
-
-
 # --------------------------------------------------------------------------- runs
 
 
@@ -339,7 +203,6 @@ def run_bench(
     args: argparse.Namespace,
 ) -> dict[str, Any]:  # fmt: skip
     argv = [
-        sys.executable, "-m", "dsnode.bench",
         "--target", target,
         "--endpoints", ",".join(f"127.0.0.1:{p}" for p in ports),
         "--mix", f"{op}=1",
@@ -356,16 +219,7 @@ def run_bench(
     ]  # fmt: skip
     log(f"dsnode bench --target {target} --mix {op}=1 --inflight {inflight} "
         f"--connections {min(connections, inflight)} ({args.duration}s)")  # fmt: skip
-    p = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(),
-        start_new_session=True, cwd=REPO,
-    )  # fmt: skip
-    _procs.append(p)  # type: ignore[arg-type]
-    out, err = p.communicate(timeout=args.duration + args.warmup + 180)
-    _procs.remove(p)  # type: ignore[arg-type]
-    if p.returncode != 0:
-        raise SystemExit(f"dsnode bench failed ({p.returncode}): {err.decode(errors='replace')}")
-    return json.loads(out)
+    return run_dsnode_bench(argv, timeout=args.duration + args.warmup + 180)
 
 
 def preload(target: str, ports: list[int], connections: int, args: argparse.Namespace) -> None:
@@ -377,11 +231,8 @@ def preload(target: str, ports: list[int], connections: int, args: argparse.Name
         "--connections", str(min(connections, 64)), "--inflight", "64",
         "--requests", str(args.keyspace), "--output", "json", "--no-progress",
     ]  # fmt: skip
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         env=child_env(), start_new_session=True, cwd=REPO)  # fmt: skip
-    _procs.append(p)  # type: ignore[arg-type]
-    _, err = p.communicate(timeout=600)
-    _procs.remove(p)  # type: ignore[arg-type]
+    p, _, err = communicate(argv, 600, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=child_env(), cwd=REPO)  # fmt: skip
     if p.returncode != 0:
         raise SystemExit(f"preload failed ({p.returncode}): {err.decode(errors='replace')}")
 
@@ -495,8 +346,7 @@ def main() -> int:
     args = ap.parse_args()
     dsnode_cmd = shlex.split(args.dsnode_cmd)
 
-    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(s, _on_signal)
+    install_signal_handlers(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
     rows: list[dict[str, Any]] = []
     raw: dict[str, Any] = {}
     perf: dict[str, Any] | None = None
@@ -505,8 +355,7 @@ def main() -> int:
         version = etcd_version(etcd)
         raw["etcd_version"] = version
         raw["loadavg_start"] = os.getloadavg()
-        work = Path(tempfile.mkdtemp(prefix="dsnode-compare-etcd-"))
-        _tmpdirs.append(str(work))
+        work = tmpdir("dsnode-compare-etcd-")
 
         eprocs, eports = start_etcd(work, etcd)
         log(f"etcd {version}: 3 members, client ports {eports}")

@@ -24,116 +24,40 @@ Usage: ``python bench/compare_redis.py [--duration 10] [--warmup 2] [--processes
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
 import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when loaded by path
 
-from dsnode.bench.targets import DsnodeTarget, RedisTarget, TargetError  # noqa: E402
+from _procs import (  # noqa: E402
+    apt_install,
+    cleanup,
+    communicate,
+    free_port,
+    install_signal_handlers,
+    log,
+    run_dsnode_bench,
+    spawn,
+    start_dsnode,
+    stop,
+    tmpdir,
+    wait_ready,
+)
 
-_procs: list[subprocess.Popen[bytes]] = []
-_tmpdirs: list[str] = []
-
-
-# --------------------------------------------------------------------------- plumbing
-
-
-def log(msg: str) -> None:
-    print(f"[compare] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra or {})
-    return env
-
-
-def spawn(
-    argv: list[str], logfile: Path, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    """Start a long-running child in its own session (so we can kill its whole group)."""
-    out = open(logfile, "wb")  # noqa: SIM115 - closed with the process
-    p = subprocess.Popen(
-        argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO
-    )
-    out.close()
-    _procs.append(p)
-    return p
-
-
-def stop(p: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """SIGTERM the child's process group, then SIGKILL if it lingers."""
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(timeout=5)
-    if p in _procs:
-        _procs.remove(p)
-
-
-def cleanup() -> None:
-    for p in list(_procs):
-        try:
-            stop(p, timeout=10)
-        except Exception as exc:  # keep cleaning up
-            log(f"could not stop pid {p.pid}: {exc!r}")
-    for d in _tmpdirs:
-        shutil.rmtree(d, ignore_errors=True)
-    _tmpdirs.clear()
-
-
-def _on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-def tail(path: Path, n: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
+from dsnode.bench.targets import RedisTarget, TargetError  # noqa: E402
 
 
 def ensure_redis() -> None:
     if shutil.which("redis-server") and shutil.which("redis-benchmark"):
         return
-    log("installing redis-server and redis-tools from Debian packages")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run(
-        ["apt-get", "install", "-y", "redis-server", "redis-tools"],
-        check=True,
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
+    apt_install("redis-server", "redis-tools")
 
 
 # --------------------------------------------------------------------------- servers
@@ -147,34 +71,6 @@ async def _probe_redis(port: int) -> bool:
         return False
     t.close()
     return True
-
-
-async def _probe_dsnode(port: int) -> bool:
-    """Ready when ``status`` says so, or (without ``status``) when a put succeeds."""
-    t = DsnodeTarget("127.0.0.1", port)
-    try:
-        await t.connect()
-        st = await asyncio.wait_for(t.request({"op": "status"}), 5)
-        if st.get("ok"):
-            return bool(st.get("ready"))
-        return await asyncio.wait_for(t.put(b"__compare_ready__", b""), 5) is None
-    except (OSError, TimeoutError, TargetError):
-        return False
-    finally:
-        t.close()
-
-
-def wait_ready(
-    name: str, p: subprocess.Popen[bytes], probe: Any, logfile: Path, timeout: float
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if p.poll() is not None:
-            raise SystemExit(f"{name} exited with {p.returncode}:\n{tail(logfile)}")
-        if asyncio.run(probe()):
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"{name} not ready after {timeout:.0f}s:\n{tail(logfile)}")
 
 
 def start_redis(work: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -199,20 +95,6 @@ def start_redis(work: Path) -> tuple[subprocess.Popen[bytes], int]:
     return p, port
 
 
-def start_dsnode(
-    work: Path, name: str, fsync: bool, cmd: list[str]
-) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    addr = f"127.0.0.1:{port}"
-    logfile = work / f"{name}.log"
-    env = child_env(None if fsync else {"DSNODE_FSYNC": "false"})
-    argv = [*cmd, "serve", "--node-id", "n1", "--listen", addr,
-            "--peers", f"n1={addr}", "--data-dir", str(work / name)]  # fmt: skip
-    p = spawn(argv, logfile, env)
-    wait_ready(f"dsnode serve ({name})", p, lambda: _probe_dsnode(port), logfile, 60)
-    return p, port
-
-
 def redis_config_set(port: int, key: str, value: str) -> None:
     subprocess.run(
         ["redis-cli", "-h", "127.0.0.1", "-p", str(port), "CONFIG", "SET", key, value],
@@ -228,7 +110,6 @@ def redis_config_set(port: int, key: str, value: str) -> None:
 def run_bench(target: str, port: int, inflight: int, args: argparse.Namespace) -> dict[str, Any]:
     conns = 1 if inflight == 1 else args.connections
     argv = [
-        sys.executable, "-m", "dsnode.bench",
         "--target", target,
         "--endpoints", f"127.0.0.1:{port}",
         "--mix", "put=1",
@@ -242,27 +123,14 @@ def run_bench(target: str, port: int, inflight: int, args: argparse.Namespace) -
         "--no-progress",
     ]  # fmt: skip
     log(f"dsnode bench --target {target} --inflight {inflight} ({args.duration}s)")
-    p = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(),
-        start_new_session=True, cwd=REPO,
-    )  # fmt: skip
-    _procs.append(p)  # type: ignore[arg-type]
-    out, err = p.communicate(timeout=args.duration + args.warmup + 180)
-    _procs.remove(p)  # type: ignore[arg-type]
-    if p.returncode != 0:
-        raise SystemExit(f"dsnode bench failed ({p.returncode}): {err.decode(errors='replace')}")
-    return json.loads(out)
+    return run_dsnode_bench(argv, timeout=args.duration + args.warmup + 180)
 
 
 def run_redis_benchmark(port: int, n: int) -> dict[str, Any]:
     argv = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", "64", "-d", "100",
             "-t", "set", "-n", str(n), "-q"]  # fmt: skip
     log(" ".join(argv))
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         start_new_session=True)  # fmt: skip
-    _procs.append(p)  # type: ignore[arg-type]
-    out, _ = p.communicate(timeout=600)
-    _procs.remove(p)  # type: ignore[arg-type]
+    p, out, _ = communicate(argv, 600, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     text = out.decode(errors="replace").replace("\r", "\n")
     m = re.search(r"SET:\s*([\d.]+)\s+requests per second(?:,\s*p50=([\d.]+)\s*msec)?", text)
     if p.returncode != 0 or not m:
@@ -341,14 +209,12 @@ def main() -> int:
     args = ap.parse_args()
     dsnode_cmd = shlex.split(args.dsnode_cmd)
 
-    for s in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, _on_signal)
+    install_signal_handlers(signal.SIGTERM, signal.SIGHUP)
     rows: list[dict[str, Any]] = []
     raw: dict[str, Any] = {}
     try:
         ensure_redis()
-        work = Path(tempfile.mkdtemp(prefix="dsnode-compare-"))
-        _tmpdirs.append(str(work))
+        work = tmpdir("dsnode-compare-")
 
         redis, rport = start_redis(work)
         log(f"redis-server on 127.0.0.1:{rport} (appendfsync always)")
