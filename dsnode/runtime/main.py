@@ -261,6 +261,7 @@ class Node:
                 "snapshot_index": group.log.snap_index,
                 "peers": peer_info,
                 "dropped": dict(core.dropped),
+                "malformed_peer_messages": driver.counters["malformed_peer_message"],
             },
             "keys": len(group.sm.kv),
             "revision": group.sm.kv.revision,
