@@ -500,3 +500,25 @@ async def test_restart_with_same_peers_is_fine_but_other_peers_or_node_id_is_ref
     first.restart()  # same --peers as before: fine
     state = await read_keys(first.addr, [key])
     assert state[key] == (b"v" + key, version)
+
+
+@pytest.mark.parametrize("damage", [b"", b"\xc1garbage", b"\x93\x01\x02\x03"])
+async def test_corrupt_cluster_identity_file_refuses_to_start(
+    pool: ServerPool, damage: bytes
+) -> None:
+    """The data directory's identity file (which node and cluster it belongs to) is
+    checked like the log: a damaged one is a clear start-up error naming it (exit 2),
+    never silently replaced; the data is still there once it is repaired."""
+    first = pool.start()
+    [(key, version)] = await write_sequentially(first, 1, "idfile")
+    assert first.terminate() == 0
+    ident = first.data_dir / "cluster.msgpack"
+    good = ident.read_bytes()
+    ident.write_bytes(damage)
+    rc, out = pool.run_to_exit(data_dir=first.data_dir, port=first.port)
+    assert rc == 2, out
+    assert "cluster.msgpack" in single_error_line(out)
+    ident.write_bytes(good)
+    first.restart()
+    state = await read_keys(first.addr, [key])
+    assert state[key] == (b"v" + key, version)
