@@ -12,8 +12,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-
-from tests.cluster.harness import (
+from harness import (
     RawConn,
     ServerPool,
     assert_error,
