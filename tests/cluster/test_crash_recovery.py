@@ -20,7 +20,7 @@ import random
 import signal
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,13 +40,6 @@ Entry = tuple[bytes | None, int]  # (value, version); (None, 0) is absent
 ABSENT: Entry = (None, 0)
 
 
-@pytest.fixture
-def pool(tmp_path: Path) -> Iterator[ServerPool]:
-    p = ServerPool(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 # ====================================================================== reading state

@@ -7,9 +7,6 @@ or stale peer message is dropped and counted, never a crash.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import msgpack
 import pytest
 from harness import (
@@ -28,11 +25,6 @@ pytestmark = pytest.mark.cluster
 TOKEN = "peer-secret"
 
 
-@pytest.fixture
-def pool(tmp_path: Path) -> Iterator[ServerPool]:
-    p = ServerPool(tmp_path)
-    yield p
-    p.close()
 
 
 def _start_n1_of_two(pool: ServerPool, *extra: str):

@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from cluster_harness import (
@@ -40,13 +38,6 @@ from harness import RawConn, ServerPool
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
 
 
-@pytest.fixture
-def pool(tmp_path: Path) -> Iterator[ServerPool]:
-    p = ServerPool(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 async def finish(cluster: Cluster, work: Workload, via: str | None = None) -> dict:

@@ -671,13 +671,6 @@ async def test_auth_correct_hello_then_requests_work(servers: Servers) -> None:
 
 
 # ====================================================================== start-up errors
-@pytest.fixture
-def pool(tmp_path: Path) -> Iterator[ServerPool]:
-    p = ServerPool(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 async def test_port_in_use_exits_2_with_one_line(servers: Servers, pool: ServerPool) -> None:
