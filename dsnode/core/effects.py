@@ -17,6 +17,14 @@ fail):
 installed): the cores apply chosen commands to their own state machines, so
 the shell has nothing to do with them beyond logging and metrics.
 
+``snapshots`` hands out work the core does not do inside one input: each entry
+(``SnapshotWanted``) carries a writer over a point-in-time capture of a state
+machine. The shell advances ``writer.step(n)`` a bounded piece at a time (one
+piece per event-loop turn, so no turn stalls) until it returns True, then
+calls the core's ``snapshot_ready(group, index, writer.result())``; only then
+does the core persist the snapshot record and compact. A shell that crashes
+or drops the work loses nothing but the compaction.
+
 Cores never perform these effects themselves and never read a clock.
 """
 
@@ -46,6 +54,7 @@ class Ready:
     send: list[tuple[str, Any]] = field(default_factory=list)
     apply: list[Any] = field(default_factory=list)
     reply: list[Reply] = field(default_factory=list)
+    snapshots: list[Any] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.persist or self.send or self.apply or self.reply)
+        return bool(self.persist or self.send or self.apply or self.reply or self.snapshots)

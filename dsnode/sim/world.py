@@ -23,6 +23,7 @@ from typing import Any
 from dsnode.core.errors import InvariantBroken
 from dsnode.core.paxos import PaxosConfig, PaxosNode
 from dsnode.core.paxos.acceptor import Acceptor
+from dsnode.core.paxos.group import SnapshotWanted
 from dsnode.sim.checkers import SafetyChecker, SafetyViolation
 from dsnode.sim.disk import SimDisk
 from dsnode.sim.faults import FaultConfig, FaultSchedule
@@ -57,6 +58,9 @@ class SimConfig:
     acceptor_cls: type = Acceptor
     check_budget: int = 200_000
     swarm: bool = True  # draw timing and fault parameters per seed
+    # KV entries a node's shell encodes per tick for a requested snapshot; 0 = all
+    # at once, inside the same drain (so the snapshot is persisted a drain later)
+    snapshot_entries_per_tick: int = 0
 
 
 @dataclass(slots=True)
@@ -96,7 +100,13 @@ def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
         down_ticks_max=rng.choice((10, 40, 150)),
         campaign_weight=rng.choice((1, 3, 8)),
     )
-    return dataclasses.replace(cfg, paxos=paxos, faults=faults, delay_max_ticks=rng.randint(1, 5))
+    return dataclasses.replace(
+        cfg,
+        paxos=paxos,
+        faults=faults,
+        delay_max_ticks=rng.randint(1, 5),
+        snapshot_entries_per_tick=rng.choice((0, 1, 2)),
+    )
 
 
 class SimWorld:
@@ -119,6 +129,8 @@ class SimWorld:
         self.disks = {n: SimDisk() for n in self.node_ids}
         self.up = {n: False for n in self.node_ids}
         self.cores: dict[str, PaxosNode | None] = {n: None for n in self.node_ids}
+        # snapshots a node's shell is still encoding (SnapshotWanted), per node
+        self.snap_jobs: dict[str, list[SnapshotWanted]] = {n: [] for n in self.node_ids}
         self.checker = SafetyChecker(self.groups)
         self.faults = FaultSchedule(self._sub(), self, cfg.faults)
         self.crash_rng = self._sub()
@@ -144,6 +156,7 @@ class SimWorld:
             node, self.groups_of(node), self._sub(), self.cfg.paxos, self.cfg.acceptor_cls
         )
         self.checker.on_restart(node)
+        self.snap_jobs[node] = []
         core.recover(self.disks[node].records())
         self.cores[node] = core
         self.up[node] = True
@@ -159,6 +172,7 @@ class SimWorld:
         self.checker.on_durable(node, survived)
         self.cores[node] = None
         self.up[node] = False
+        self.snap_jobs[node] = []  # the encoding in progress dies with the process
         self.trace(self.now, node, "crash", f"mid_ready={mid_ready} survived={len(survived)}")
         self.workload.on_node_crash(self.now, node)
 
@@ -182,6 +196,28 @@ class SimWorld:
             self.checker.on_apply(node, notice)
         for reply in r.reply:
             self.workload.on_reply(now, node, reply)
+        if r.snapshots:
+            self.snap_jobs[node].extend(r.snapshots)
+            if self.cfg.snapshot_entries_per_tick == 0:
+                self._advance_snapshots(node, None)
+                self._drain(node)
+
+    def _advance_snapshots(self, node: str, budget: int | None) -> None:
+        """Encode each pending snapshot one piece further (``None``: to the end);
+        hand finished ones back to the core, as the runtime driver does."""
+        core = self.cores[node]
+        keep = []
+        for job in self.snap_jobs[node]:
+            w = job.writer
+            if budget is None:
+                while not w.step(1 << 30):
+                    pass
+            elif not w.step(budget):
+                keep.append(job)
+                continue
+            core.snapshot_ready(job.group, job.index, w.result())
+            self.trace(self.now, node, "snapshot", f"group={job.group} index={job.index}")
+        self.snap_jobs[node] = keep
 
     def run_tick(self, faulty: bool) -> None:
         self.now += 1
@@ -198,6 +234,8 @@ class SimWorld:
                 continue
             for src, msg in inbox.get(n, ()):
                 core.step(src, msg)
+            if self.snap_jobs[n]:
+                self._advance_snapshots(n, self.cfg.snapshot_entries_per_tick or None)
             core.tick()
         self.workload.on_tick(now)
         for n in self.node_ids:

@@ -24,6 +24,7 @@ from dsnode.core.paxos.messages import (
     from_wire,
     to_wire,
 )
+from dsnode.core.paxos.statemachine import DedupKV
 
 NODES = ("a", "b", "c")
 CFG = PaxosConfig(
@@ -44,6 +45,10 @@ class Cluster:
         self.replies: dict[str, list] = {n: [] for n in NODES}
         self.applied: dict[str, list] = {n: [] for n in NODES}
         self.cut: set[str] = set()  # isolated nodes
+        # Requested snapshots (Ready.snapshots): encoded at once by default, like a
+        # shell with unlimited time; when held, they wait here for the test.
+        self.hold_snapshots = False
+        self.snap_jobs: dict[str, list] = {n: [] for n in NODES}
 
     def _make(self, n: str) -> PaxosNode:
         return PaxosNode(n, self.groups, random.Random(n), self.cfg)
@@ -56,7 +61,18 @@ class Cluster:
                 self.queue.append((n, dst, to_wire(msg)))  # through the wire form
         self.applied[n].extend(r.apply)
         self.replies[n].extend(r.reply)
+        self.snap_jobs[n].extend(r.snapshots)
+        if not self.hold_snapshots and self.snap_jobs[n]:
+            self.finish_snapshots(n)
+            self.drain(n)
         return r
+
+    def finish_snapshots(self, n: str) -> None:
+        jobs, self.snap_jobs[n] = self.snap_jobs[n], []
+        for job in jobs:
+            while not job.writer.step(3):
+                pass
+            self.nodes[n].snapshot_ready(job.group, job.index, job.writer.result())
 
     def settle(self, rounds: int = 50) -> None:
         for _ in range(rounds):
@@ -490,3 +506,95 @@ def test_single_member_group_elects_itself_on_its_first_timeout():
     assert node.is_leader(0)
     node.propose(0, "t", Put(b"k", b"v"), request_id=("cl", 1))
     assert node.ready().reply[0].result == {"succeeded": True, "version": 1}
+
+
+def _snap_cluster(interval: int = 4) -> Cluster:
+    c = Cluster(dataclasses.replace(CFG, snapshot_interval_slots=interval))
+    c.hold_snapshots = True
+    c.elect("a")
+    return c
+
+
+def _put(c: Cluster, i: int) -> None:
+    c.nodes["a"].propose(0, i, Put(b"k%d" % i, b"v%d" % i), request_id=("cl", i + 1))
+    c.settle()
+
+
+def _snapshot_records(c: Cluster, n: str) -> list[list]:
+    return [r for r in map(rec.decode, c.disk[n]) if r[0] == rec.SNAPSHOT]
+
+
+def test_group_does_not_compact_until_the_shell_returns_the_snapshot():
+    """The core only captures the state and hands out the encoding
+    (``Ready.snapshots``); persisting the record and compacting the log and
+    the acceptor wait for ``snapshot_ready``, and until then the previous
+    (index, blob) pair stays what catch-up and checkpoints see."""
+    c = _snap_cluster(interval=4)
+    for i in range(4):
+        _put(c, i)
+    g = c.nodes["a"].groups[0]
+    (job,) = c.snap_jobs["a"]
+    assert job.index == g.log.applied == 4 and g.snap_pending == 4
+    assert g.log.snap_index == 0 and g.log.snap_blob is None
+    assert all(s in g.log.chosen for s in range(1, 5)) and 1 in g.acceptor.accepted
+    assert not _snapshot_records(c, "a")
+    _put(c, 4)  # applying goes on while the snapshot is encoded
+    assert g.log.applied == 5
+    c.finish_snapshots("a")
+    c.drain("a")
+    assert g.snap_pending is None
+    assert (g.log.snap_index, g.acceptor.snap_index) == (4, 4)
+    assert all(s not in g.log.chosen for s in range(1, 5)) and 5 in g.log.chosen
+    assert 4 not in g.acceptor.accepted
+    (snap,) = _snapshot_records(c, "a")
+    assert snap[2] == 4 and snap[3] == g.log.snap_blob
+    restored = DedupKV.restore(snap[3])
+    assert restored.kv.get(b"k3") == (b"v3", 4) and restored.kv.get(b"k4") == (None, 0)
+
+
+def test_no_second_snapshot_starts_while_one_is_pending():
+    """At most one snapshot per group is in the shell's hands; the next one is
+    taken on the first apply after the pending one came back."""
+    c = _snap_cluster(interval=2)
+    for i in range(7):
+        _put(c, i)
+    g = c.nodes["a"].groups[0]
+    assert [j.index for j in c.snap_jobs["a"]] == [2]
+    c.finish_snapshots("a")
+    c.drain("a")
+    assert g.log.snap_index == 2 and not c.snap_jobs["a"]
+    _put(c, 7)
+    assert [j.index for j in c.snap_jobs["a"]] == [8]
+
+
+def test_snapshot_result_that_is_not_pending_is_dropped():
+    """A result the group did not ask for (an earlier incarnation's, or one
+    overtaken by an installed snapshot) neither persists nor compacts."""
+    c = _snap_cluster(interval=4)
+    for i in range(4):
+        _put(c, i)
+    (job,) = c.snap_jobs["a"]
+    g = c.nodes["a"].groups[0]
+    c.nodes["a"].snapshot_ready(0, 3, b"junk")
+    c.drain("a")
+    assert g.log.snap_index == 0 and g.snap_pending == 4 and not _snapshot_records(c, "a")
+    assert c.nodes["a"].dropped["snapshot_not_pending"] == 1
+    c.finish_snapshots("a")
+    c.nodes["a"].snapshot_ready(0, 4, b"again")  # a duplicate of one already taken
+    c.drain("a")
+    assert len(_snapshot_records(c, "a")) == 1 and g.log.snap_blob != b"again"
+
+
+def test_restart_drops_a_pending_snapshot_and_recovers_from_the_last_persisted():
+    """A crash while a snapshot is being encoded loses only the compaction:
+    recovery rebuilds the same state from the accept records."""
+    c = _snap_cluster(interval=4)
+    for i in range(5):
+        _put(c, i)
+    assert c.snap_jobs["a"]
+    c.snap_jobs["a"] = []  # the shell died with it
+    fresh = PaxosNode("a", c.groups, random.Random(1), c.cfg)
+    fresh.recover(c.disk["a"])
+    g = fresh.groups[0]
+    assert g.snap_pending is None and g.log.snap_index == 0
+    assert 4 in g.acceptor.accepted

@@ -9,6 +9,8 @@ after a delete and re-create (PROTOCOL.md, "Keys, values, versions").
 
 from __future__ import annotations
 
+import itertools
+
 import msgpack
 
 from dsnode.core.commands import (
@@ -112,9 +114,19 @@ class KVStore:
 
     # ------------------------------------------------------------ snapshots
     def snapshot(self) -> bytes:
-        # The dict goes to msgpack as it is (values are (value, version) tuples):
-        # no per-key Python objects are built, which keeps the event loop's pause short.
-        return msgpack.packb([SNAPSHOT_FORMAT, self.revision, self._data], use_bin_type=True)
+        """The whole store in one go (tests, small stores); same bytes as the writer's."""
+        w = self.snapshot_writer()
+        while not w.step(len(self._data) + 1):
+            pass
+        return w.result()
+
+    def snapshot_writer(self) -> SnapshotWriter:
+        """A point-in-time capture now, encoded later in steps by :class:`SnapshotWriter`.
+
+        The capture is a shallow ``dict.copy()`` (values are immutable
+        ``(value, version)`` tuples), so applying may go on while it is encoded.
+        """
+        return SnapshotWriter(self.revision, self._data.copy())
 
     @classmethod
     def restore(cls, blob: bytes) -> KVStore:
@@ -130,3 +142,53 @@ class KVStore:
 
     def items(self):
         return self._data.items()
+
+
+class SnapshotWriter:
+    """Encodes a captured KV map piecewise; the bytes equal one ``packb`` of
+    ``[SNAPSHOT_FORMAT, revision, data]`` (msgpack lets a map header be
+    followed by its entries packed one by one), so :meth:`KVStore.restore`
+    reads them unchanged.
+
+    Pure: whoever drives it (the shell) decides how many entries go per
+    ``step``, so no single step holds the caller for long.
+    """
+
+    __slots__ = ("_packer", "_parts", "_items", "_left")
+
+    def __init__(self, revision: int, data: dict[bytes, tuple[bytes, int]]) -> None:
+        self._packer = msgpack.Packer(use_bin_type=True)
+        pk = self._packer
+        self._parts: list[bytes] = [
+            pk.pack_array_header(3) + pk.pack(SNAPSHOT_FORMAT) + pk.pack(revision)
+            + pk.pack_map_header(len(data))
+        ]
+        self._items = iter(data.items())
+        self._left = len(data)
+
+    @property
+    def remaining(self) -> int:
+        return self._left
+
+    def step(self, max_entries: int) -> bool:
+        """Encode up to ``max_entries`` more entries; True once all are encoded."""
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        n = min(max_entries, self._left)
+        if n:
+            pack = self._packer.pack
+            items = self._items
+            self._parts.append(
+                b"".join([pack(k) + pack(v) for k, v in itertools.islice(items, n)])
+            )
+            self._left -= n
+        return self._left == 0
+
+    def parts(self) -> list[bytes]:
+        """The encoded pieces in order (their concatenation is :meth:`result`)."""
+        if self._left:
+            raise ValueError(f"snapshot not fully encoded: {self._left} entries left")
+        return self._parts
+
+    def result(self) -> bytes:
+        return b"".join(self.parts())

@@ -72,12 +72,24 @@ class SnapshotInstalled:
     index: int
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotWanted:
+    """Work in ``Ready.snapshots``: encode ``writer`` (a capture of the state
+    machine at ``index``) step by step, then call ``snapshot_ready(group,
+    index, writer.result())``. Until then the group starts no other snapshot."""
+
+    group: Any
+    index: int
+    writer: Any  # DedupSnapshotWriter: step(n) -> bool, result() -> bytes
+
+
 @dataclass(slots=True)
 class Outbox:
     persist: list[bytes] = field(default_factory=list)
     send: list[tuple[str, Any]] = field(default_factory=list)
     apply: list[Any] = field(default_factory=list)
     reply: list[Reply] = field(default_factory=list)
+    snapshots: list[SnapshotWanted] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
 
 
@@ -144,6 +156,8 @@ class PaxosGroup:
         self.snap_in: tuple[int, int, int] | None = None  # (index, total, crc)
         self.snap_buf = bytearray()
         self._catchup_turn = 0
+        # index of the snapshot handed to the shell and not yet back (snapshot_ready)
+        self.snap_pending: int | None = None
         self.become_follower()
 
     # ================================================================ roles
@@ -575,7 +589,10 @@ class PaxosGroup:
                         token = p.tokens.pop((slot, i), None)
                         if token is not None:
                             self.out.reply.append(Reply(token, result=result))
-            if log.applied - log.snap_index >= self.cfg.snapshot_interval_slots:
+            if (
+                self.snap_pending is None
+                and log.applied - log.snap_index >= self.cfg.snapshot_interval_slots
+            ):
                 self._take_snapshot()
         if self.proposer is not None and self.proposer.reads:
             self._serve_reads()
@@ -592,8 +609,27 @@ class PaxosGroup:
         p.reads = keep
 
     def _take_snapshot(self) -> None:
+        """Capture the state machine at ``applied`` (shallow copies, cheap) and
+        hand its encoding to the shell; ``snapshot_ready`` persists and compacts.
+
+        Applying goes on meanwhile. ``log.snap_index``/``snap_blob`` (served to
+        catching-up peers, written by checkpoints) keep the previous snapshot
+        until then, so they always form a consistent pair.
+        """
         index = self.log.applied
-        blob = self.sm.snapshot()
+        self.snap_pending = index
+        self.out.snapshots.append(SnapshotWanted(self.group, index, self.sm.snapshot_writer()))
+
+    def snapshot_ready(self, index: int, blob: bytes) -> None:
+        """The shell encoded the snapshot requested at ``index``: persist it, then
+        compact the log and the acceptor up to it."""
+        if index != self.snap_pending:
+            # Requested by an earlier incarnation, or overtaken by an installed snapshot.
+            self.out.dropped["snapshot_not_pending"] += 1
+            return
+        self.snap_pending = None
+        if index <= self.log.snap_index:
+            return
         self.out.persist.append(rec.snapshot(self.group, index, blob))
         self.log.compact(index, blob)
         self.acceptor.compact(index)
@@ -695,6 +731,9 @@ class PaxosGroup:
             self.out.persist.append(rec.snapshot(self.group, index, blob))
         self.sm = DedupKV.restore(blob)
         self.log.install(index, blob)
+        if self.snap_pending is not None and self.snap_pending <= index:
+            self.snap_pending = None  # its result would be older than this state: dropped
+
         self.acceptor.compact(index)
         self.out.apply.append(SnapshotInstalled(self.group, index))
         p = self.proposer

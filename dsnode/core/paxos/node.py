@@ -1,7 +1,8 @@
 """``PaxosNode``: every Multi-Paxos group hosted by one node, behind one API.
 
 Inputs: ``step(from_peer, msg)``, ``tick()``, ``propose(group, token, cmd,
-request_id)``, ``read(group, token, cmd)``, ``campaign(group)``; one drain,
+request_id)``, ``read(group, token, cmd)``, ``campaign(group)``,
+``snapshot_ready(group, index, blob)``; one drain,
 ``ready()``. Recovery:
 ``recover(records)`` on a fresh node, before any input. The shell must keep the
 ordering contract of ``dsnode.core.effects``.
@@ -77,14 +78,22 @@ class PaxosNode:
         if g is not None:
             g.campaign()
 
+    def snapshot_ready(self, group: Any, index: int, blob: bytes) -> None:
+        """The shell finished the ``SnapshotWanted(group, index, ...)`` writer: ``blob``
+        is the state machine at ``index``. Persists it and compacts (see
+        ``PaxosGroup.snapshot_ready``); unknown groups are ignored."""
+        g = self.groups.get(group)
+        if g is not None:
+            g.snapshot_ready(index, blob)
+
     # ------------------------------------------------------------ drain
     def ready(self) -> Ready:
         for group in sorted(self._dirty, key=str):
             self.groups[group].flush()
         self._dirty.clear()
         o = self.out
-        r = Ready(o.persist, o.send, o.apply, o.reply)
-        o.persist, o.send, o.apply, o.reply = [], [], [], []
+        r = Ready(o.persist, o.send, o.apply, o.reply, o.snapshots)
+        o.persist, o.send, o.apply, o.reply, o.snapshots = [], [], [], [], []
         return r
 
     # ------------------------------------------------------------ recovery

@@ -14,7 +14,7 @@ from __future__ import annotations
 import msgpack
 
 from dsnode.core.commands import Command, decode, encode
-from dsnode.core.kv.store import KVStore
+from dsnode.core.kv.store import KVStore, SnapshotWriter
 
 
 def pack_batch(items: list[tuple[list | None, Command]]) -> bytes:
@@ -57,8 +57,16 @@ class DedupKV:
         return result
 
     def snapshot(self) -> bytes:
-        table = [[c, s, r] for c, (s, r) in self.last.items()]
-        return msgpack.packb([self.kv.snapshot(), table], use_bin_type=True)
+        """The whole state in one go; same bytes as :meth:`snapshot_writer` gives."""
+        return msgpack.packb([self.kv.snapshot(), self._table()], use_bin_type=True)
+
+    def snapshot_writer(self) -> DedupSnapshotWriter:
+        """Capture the state now (shallow copies); encode it later, step by step."""
+        return DedupSnapshotWriter(self.kv.snapshot_writer(), self._table())
+
+    def _table(self) -> list[list]:
+        # Results are fresh dicts per applied command and never changed afterwards.
+        return [[c, s, r] for c, (s, r) in self.last.items()]
 
     @classmethod
     def restore(cls, blob: bytes) -> DedupKV:
@@ -67,3 +75,50 @@ class DedupKV:
         sm.kv = KVStore.restore(kv_blob)
         sm.last = {(tuple(c) if isinstance(c, list) else c): (s, r) for c, s, r in table}
         return sm
+
+
+def _bin_header(n: int) -> bytes:
+    """The msgpack bin header for ``n`` bytes (spec: bin 8/16/32)."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+class DedupSnapshotWriter:
+    """Encodes a captured ``DedupKV`` piecewise into exactly the bytes of
+    :meth:`DedupKV.snapshot` at capture time (``[kv_blob, table]``).
+
+    ``step(n)`` encodes up to ``n`` KV entries; the step after the last entry
+    only joins the pieces (one copy) and encodes the dedup table. The shell
+    calls ``step`` once per event-loop turn until it returns True, then hands
+    :meth:`result` to the core's ``snapshot_ready``.
+    """
+
+    __slots__ = ("_kv", "_table", "_blob")
+
+    def __init__(self, kv: SnapshotWriter, table: list[list]) -> None:
+        self._kv = kv
+        self._table = table
+        self._blob: bytes | None = None
+
+    def step(self, max_entries: int) -> bool:
+        if self._blob is not None:
+            return True
+        if self._kv.remaining:
+            self._kv.step(max_entries)
+            return False
+        parts = self._kv.parts()
+        kv_len = sum(map(len, parts))
+        head = b"\x92" + _bin_header(kv_len)  # fixarray of 2, then the KV blob as bin
+        table = msgpack.packb(self._table, use_bin_type=True)
+        self._blob = b"".join([head, *parts, table])
+        self._kv = None  # type: ignore[assignment]  # free the pieces
+        self._table = []
+        return True
+
+    def result(self) -> bytes:
+        if self._blob is None:
+            raise ValueError("snapshot not fully encoded")
+        return self._blob
