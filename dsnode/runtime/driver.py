@@ -131,6 +131,7 @@ class Driver:
         self._records_since_checkpoint = 0
         self._checkpoint_task: asyncio.Task | None = None
         self.stopped = asyncio.Event()
+        self._fatal: BaseException | None = None
         self._last_leader: str | None = None
         self.heard: dict[str, int] = {}  # peer -> tick we last heard from it
         self.peer_acked: dict[str, int] = {}  # peer -> highest slot it accepted from us
@@ -289,14 +290,30 @@ class Driver:
         """Encode one piece of a requested snapshot per loop turn (I/O and
         ticks run in between); the finished blob goes back to the core a turn
         later, which persists the record and compacts."""
-        if job.writer.step(SNAPSHOT_ENTRIES_PER_STEP):
+        try:
+            finished = job.writer.step(SNAPSHOT_ENTRIES_PER_STEP)
+        except Exception as e:  # our bug: stop the node rather than go on without snapshots
+            self._fail(e)
+            return
+        if finished:
             self._loop.call_soon(self._snapshot_done, job)
         else:
             self._loop.call_soon(self._snapshot_step, job)
 
+    def _fail(self, error: BaseException) -> None:
+        """A broken local invariant: the driver task ends with ``error`` and the node exits."""
+        log.error("driver_failed", error=repr(error))
+        if self._fatal is None:
+            self._fatal = error
+        self._kick.set()
+
     def _snapshot_done(self, job: SnapshotWanted) -> None:
-        blob = job.writer.result()
-        self.core.snapshot_ready(job.group, job.index, blob)
+        try:
+            blob = job.writer.result()
+            self.core.snapshot_ready(job.group, job.index, blob)
+        except Exception as e:
+            self._fail(e)
+            return
         log.debug("snapshot_encoded", group=job.group, index=job.index, bytes=len(blob))
         self._schedule_flush()
 
@@ -319,6 +336,8 @@ class Driver:
         while True:
             await self._kick.wait()
             self._kick.clear()
+            if self._fatal is not None:
+                raise self._fatal
             if not waiting:
                 if self.stopped.is_set():
                     return
