@@ -40,11 +40,12 @@ class StartupError(Exception):
 
 
 # ---------------------------------------------------------------- identity
-def check_identity(config: NodeConfig, data_dir: Path) -> None:
+def check_identity(config: NodeConfig, data_dir: Path) -> dict[str, str]:
     """Bind the data directory to this node and its cluster on first start.
 
     Afterwards membership comes from the data directory: the same ``--peers``
-    is fine, a different node id, cluster id or peer list is an error.
+    is fine, no ``--peers`` means the stored ones, a different node id,
+    cluster id or peer list is an error. Returns the cluster's members.
     """
     path = data_dir / IDENTITY_FILE
     want = {
@@ -71,7 +72,10 @@ def check_identity(config: NodeConfig, data_dir: Path) -> None:
                 f"({_fmt_peers(have.get('peers'))}); membership changes go through the cluster, "
                 "not the command line"
             )
-        return
+        stored = have.get("peers")
+        if not isinstance(stored, dict) or config.node_id not in stored:
+            raise StartupError(f"data dir {data_dir}: {IDENTITY_FILE} is corrupt (peers)")
+        return dict(stored)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         f.write(msgpack.packb(want, use_bin_type=True))
@@ -83,6 +87,7 @@ def check_identity(config: NodeConfig, data_dir: Path) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+    return dict(want["peers"])
 
 
 def _fmt_peers(peers: object) -> str:
@@ -117,6 +122,7 @@ class Node:
         self.net: PeerNetwork | None = None
         self.core: PaxosNode | None = None
         self.bound: tuple[str, int] | None = None
+        self.peers: dict[str, str] = config.cluster_peers  # replaced by the data dir's record
 
     def paxos_config(self) -> PaxosConfig:
         cfg = self.config
@@ -132,7 +138,7 @@ class Node:
     async def start(self) -> None:
         cfg = self.config
         data_dir = prepare_data_dir(cfg)
-        check_identity(cfg, data_dir)
+        self.peers = check_identity(cfg, data_dir)
         wal = WriteAheadLog(data_dir / "wal", fsync=cfg.fsync, segment_bytes=cfg.wal_segment_bytes)
         try:
             recovered = wal.recover()
@@ -143,7 +149,7 @@ class Node:
         self.wal = wal
         for repair in recovered.repairs:
             self.log.warning("wal_repaired", what=repair)
-        peers = cfg.cluster_peers
+        peers = self.peers
         seed = int.from_bytes(os.urandom(8), "big")
         core = PaxosNode(cfg.node_id, {GROUP: tuple(peers)}, random.Random(seed),
                          self.paxos_config())
@@ -219,7 +225,7 @@ class Node:
         assert self.driver is not None and self.wal is not None and self.core is not None
         cfg = self.config
         core, driver = self.core, self.driver
-        peers = cfg.cluster_peers
+        peers = self.peers
         leader = core.leader_of(GROUP)
         group = core.groups[GROUP]
         commit = group.log.chosen_through

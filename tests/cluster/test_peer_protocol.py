@@ -128,3 +128,27 @@ async def test_malformed_peer_messages_are_dropped_and_counted_not_fatal(pool):
     async with await RawConn.open(n2.addr) as c:
         got = assert_ok(await c.call("get", key=b"k", timeout=10))
         assert got["value"] == b"v"
+
+
+async def test_restart_without_peers_takes_membership_from_the_data_dir(pool):
+    """PROTOCOL.md: once a data directory holds a cluster, membership comes from it. A
+    node restarted with no --peers at all rejoins its cluster, not a cluster of one."""
+    p1, p2 = free_port(), free_port()
+    peers = f"n1=127.0.0.1:{p1},n2=127.0.0.1:{p2}"
+    n1 = pool.new("--peers", peers, node_id="n1", port=p1)
+    n2 = pool.new("--peers", peers, node_id="n2", port=p2)
+    n1.spawn()
+    n2.start()
+    n1.wait_ready()
+    async with await RawConn.open(n2.addr) as c:
+        assert_ok(await c.call("put", key=b"m", value=b"1", timeout=10))
+    assert n1.terminate() == 0
+    n1.extra_args = [a for a in n1.extra_args if a not in ("--peers", peers)]
+    n1.restart()
+    st = n1.wait_ready()
+    assert sorted(m["node_id"] for m in st["members"]) == ["n1", "n2"]
+    async with await RawConn.open(n1.addr) as c:
+        assert_ok(await c.call("put", key=b"m", value=b"2", timeout=10))
+    async with await RawConn.open(n2.addr) as c:
+        got = assert_ok(await c.call("get", key=b"m", timeout=10))
+        assert got["value"] == b"2"
