@@ -36,7 +36,7 @@ PROTOCOL_VERSION = 1
 class ClientServer:
     """Shared state of all client connections of one node."""
 
-    def __init__(self, config: NodeConfig, driver_factory: Callable[..., Driver] | None = None):
+    def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.limits = Limits(config.max_key_bytes, config.max_value_bytes, config.max_txn_ops)
         self.driver: Driver | None = None
