@@ -209,6 +209,8 @@ class Driver:
     def _on_forward(self, peer: str, m: list) -> None:
         try:
             _, fwd_id, group, enc, _timeout_ms = m
+            if type(fwd_id) is not int or group not in self.core.groups:
+                raise ValueError("bad forward id or group")
             cmd = commands.decode(enc)
         except (ValueError, TypeError, IndexError, KeyError):
             self.counters["malformed_peer_message"] += 1
@@ -226,6 +228,14 @@ class Driver:
     def _on_forward_reply(self, m: list) -> None:
         try:
             _, fwd_id, result, error = m
+            if type(fwd_id) is not int:
+                raise ValueError("bad forward id")
+            if error is not None:
+                code, message, indeterminate = error
+                if not (isinstance(code, str) and isinstance(message, str)):
+                    raise ValueError("bad error")
+            elif not isinstance(result, dict):
+                raise ValueError("bad result")
         except (ValueError, TypeError):
             self.counters["malformed_peer_message"] += 1
             return
@@ -233,7 +243,6 @@ class Driver:
         if p is None or p.done:
             return
         if error is not None:
-            code, message, indeterminate = error
             if code == UNAVAILABLE and not indeterminate and p.deadline > self.tick_count:
                 p.sent = False
                 p.fwd_id = 0

@@ -267,7 +267,8 @@ class Node:
                 "snapshot_index": group.log.snap_index,
                 "peers": peer_info,
                 "dropped": dict(core.dropped),
-                "malformed_peer_messages": driver.counters["malformed_peer_message"],
+                "malformed_peer_messages": driver.counters["malformed_peer_message"]
+                + (self.net.malformed if self.net is not None else 0),
             },
             "keys": len(group.sm.kv),
             "revision": group.sm.kv.revision,

@@ -102,6 +102,8 @@ async def test_malformed_peer_messages_are_dropped_and_counted_not_fatal(pool):
         msgpack.packb([["px.nonsense", 0]]),
         msgpack.packb([["fwd", "id?", 0, ["Z"], 5]]),  # unknown command tag
         msgpack.packb([["fwdr", 999, None, None]]),  # answer to nothing
+        msgpack.packb([["fwdr", [1], None, "oops"]]),  # unhashable id, error not a triple
+        msgpack.packb([["fwd", 1, {"g": 1}, ["P", b"k", b"v", None], 5]]),  # unknown group
         msgpack.packb([["px.promise", 99, [1, "n2"], True, [1, "n2"], 0, []]]),  # no group 99
         b"\xc1",  # not msgpack at all
     ]
@@ -111,7 +113,7 @@ async def test_malformed_peer_messages_are_dropped_and_counted_not_fatal(pool):
 
     def counted() -> dict | None:
         st = answers()
-        if st and st["paxos"]["malformed_peer_messages"] >= 5:
+        if st and st["paxos"]["malformed_peer_messages"] >= 7:
             return st
         return None
 
