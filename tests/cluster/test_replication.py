@@ -196,7 +196,9 @@ async def test_lost_majority_refuses_writes_then_recovers(pool: ServerPool, seed
     assert not bad, f"writes acknowledged without a majority: {bad[:5]}"
     codes = {r.error["code"] for r in h.recs if r.is_write and r.t_call >= t_dead
              and r.error is not None}
-    assert codes <= {"unavailable", "timeout", "client_deadline"}, codes
+    # A client whose connection went to a killed node sees it drop: an unknown outcome too.
+    codes_seen = {c.split(":")[0] for c in codes}
+    assert codes_seen <= {"unavailable", "timeout", "client_deadline", "connection_lost"}, codes
 
     for nid in victims:
         cluster.nodes[nid].spawn()
