@@ -20,12 +20,12 @@ from __future__ import annotations
 import random
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
 from dsnode.core.commands import STALE, Get, size_of
-from dsnode.core.effects import Reply
+from dsnode.core.effects import Ready, Reply
 from dsnode.core.errors import InvariantBroken, PeerMisbehaved
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
@@ -83,14 +83,22 @@ class SnapshotWanted:
     writer: Any  # DedupSnapshotWriter: step(n) -> bool, result() -> bytes
 
 
+_READY_FIELDS = tuple(f.name for f in fields(Ready))
+
+
 @dataclass(slots=True)
-class Outbox:
-    persist: list[bytes] = field(default_factory=list)
-    send: list[tuple[str, Any]] = field(default_factory=list)
-    apply: list[Any] = field(default_factory=list)
-    reply: list[Reply] = field(default_factory=list)
-    snapshots: list[SnapshotWanted] = field(default_factory=list)
+class Outbox(Ready):
+    """What the groups of one node have produced since the last drain, plus the
+    running count of what they dropped (which is never drained)."""
+
     dropped: Counter = field(default_factory=Counter)
+
+    def take(self) -> Ready:
+        """Hand over everything produced so far as a ``Ready`` and start afresh."""
+        r = Ready(**{name: getattr(self, name) for name in _READY_FIELDS})
+        for name in _READY_FIELDS:
+            setattr(self, name, [])
+        return r
 
 
 def _batch_len(queue: list[tuple[Any, Any, Any]], max_count: int, max_bytes: int) -> int:

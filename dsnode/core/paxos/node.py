@@ -91,10 +91,7 @@ class PaxosNode:
         for group in sorted(self._dirty, key=str):
             self.groups[group].flush()
         self._dirty.clear()
-        o = self.out
-        r = Ready(o.persist, o.send, o.apply, o.reply, o.snapshots)
-        o.persist, o.send, o.apply, o.reply, o.snapshots = [], [], [], [], []
-        return r
+        return self.out.take()
 
     # ------------------------------------------------------------ recovery
     def recover(self, records: Iterable[bytes]) -> None:
