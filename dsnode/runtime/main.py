@@ -23,7 +23,7 @@ import msgpack
 
 from dsnode import __version__
 from dsnode.config import SETTINGS, ConfigError, NodeConfig, load_config, parse_addr
-from dsnode.core.paxos.config import PaxosConfig
+from dsnode.core.paxos.config import PaxosConfig, bound_for
 from dsnode.core.paxos.node import PaxosNode
 from dsnode.runtime import logs, sdnotify
 from dsnode.runtime.driver import GROUP, Driver
@@ -32,6 +32,9 @@ from dsnode.runtime.server import ClientServer
 from dsnode.runtime.wal import WALCorruptError, WriteAheadLog
 
 EXIT_CONFIG = 2
+# Room beyond one client frame for what wraps it between peers (a forwarded
+# request's header, a batch's request ids): peer frames may be this much larger.
+PEER_FRAME_SLACK_BYTES = 64 * 1024
 IDENTITY_FILE = "cluster.msgpack"
 
 
@@ -133,6 +136,8 @@ class Node:
             # enough to ride out a pause of the followers' event loops (a snapshot, a GC).
             leader_quorum_timeout_ticks=cfg.ticks(cfg.election_timeout_ms),
             snapshot_interval_slots=cfg.snapshot_interval_slots,
+            # one slot value holds at most one client frame's command (plus its request id)
+            peer_message_bytes_max=bound_for(cfg.max_frame_bytes + PEER_FRAME_SLACK_BYTES),
         )
 
     async def start(self) -> None:
@@ -176,7 +181,8 @@ class Node:
         if len(peers) > 1:
             self.net = PeerNetwork(
                 cfg.node_id, peers, cluster_id=cfg.cluster_id, token=cfg.auth_token,
-                on_messages=self._on_peer_messages, max_frame_bytes=cfg.max_frame_bytes,
+                on_messages=self._on_peer_messages,
+                max_frame_bytes=self.core.config.peer_message_bytes_max + PEER_FRAME_SLACK_BYTES,
                 rng=random.Random(seed ^ 0x5EED),
             )
         self.driver = Driver(

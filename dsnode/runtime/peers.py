@@ -11,6 +11,13 @@ Queues are bounded: when a peer is unreachable or slow, messages beyond
 ``queue_max`` are dropped and counted. The protocols above (Paxos) treat the
 network as lossy and retransmit, so dropping is safe, while queueing without
 bound is not.
+
+Frames between peers may be larger than client frames: the limit is the
+cores' ``peer_message_bytes_max`` (every message they build fits, checked
+where they build it) plus room for forwarded client requests. A message that
+still does not fit is never retried in a loop: it is dropped, counted
+(``oversized`` in the link's stats, shown by ``status``) and logged once per
+peer.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ class PeerLink:
         self.sent = 0
         self.received = 0
         self.dropped = 0
+        self.oversized = 0
+        self.largest_frame = 0  # bytes of the largest frame sent to this peer
         self.connects = 0
         self.connected = asyncio.Event()
         self.lost = asyncio.Event()
@@ -74,13 +83,19 @@ class PeerLink:
             half = len(batch) // 2
             if half == 0:
                 self.dropped += 1
-                log.error("peer_message_too_large", peer=self.peer_id, bytes=len(payload))
+                self.oversized += 1
+                if self.oversized == 1:
+                    log.error("peer_message_too_large", peer=self.peer_id, bytes=len(payload),
+                              max_frame_bytes=self.net.max_frame_bytes,
+                              note="our bug: counted in status, logged once per peer")
                 return
             self.queue = batch[:half]
             self.flush()
             self.queue = batch[half:]
             self.flush()
             return
+        if len(payload) > self.largest_frame:
+            self.largest_frame = len(payload)
         self.transport.write(HEADER.pack(len(payload)) + payload)
         self.sent += len(batch)
 
@@ -117,6 +132,8 @@ class PeerLink:
             "sent": self.sent,
             "received": self.received,
             "dropped": self.dropped,
+            "oversized": self.oversized,
+            "largest_frame": self.largest_frame,
             "connects": self.connects,
         }
 

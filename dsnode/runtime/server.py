@@ -159,7 +159,7 @@ class ClientConnection(asyncio.Protocol):
         except FrameError as e:
             self._fatal(e.code, e.message)
             return
-        max_frame = self.server.config.max_frame_bytes
+        max_frame = self.decoder.max_frame_bytes
         for payload in frames:
             try:
                 obj = unpack_payload(payload, max_frame)
@@ -258,6 +258,7 @@ class ClientConnection(asyncio.Protocol):
         self._send({"id": rid, "ok": True, "node_id": cfg.node_id, "cluster_id": cfg.cluster_id,
                     "protocol": PROTOCOL_VERSION, "server_version": __version__})
         self.server.connections.discard(self)  # not a client: no client limits or shutdown
+        self.decoder.raise_limit(net.max_frame_bytes)
         self.peer_link = net.accept(peer_id, self.transport)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ output

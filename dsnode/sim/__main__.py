@@ -12,7 +12,7 @@ import dataclasses
 import sys
 import time
 
-from dsnode.sim.broken import BROKEN
+from dsnode.sim.broken import BROKEN, LIVENESS_BROKEN, configure
 from dsnode.sim.trace import Trace
 from dsnode.sim.world import SimConfig, SimWorld
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--keys", type=int, default=6)
     ap.add_argument("--no-swarm", action="store_true", help="fixed timing and fault mix")
-    ap.add_argument("--broken", choices=sorted(BROKEN), help="run a deliberately broken variant")
+    ap.add_argument("--broken", choices=sorted(BROKEN) + sorted(LIVENESS_BROKEN), help="run a deliberately broken variant")
     ap.add_argument("--trace", action="store_true", help="print every event")
     ap.add_argument("--tick-ms", type=float, default=10.0, help="for cluster-seconds only")
     args = ap.parse_args(argv)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         swarm=not args.no_swarm,
     )
     if args.broken:
-        cfg = dataclasses.replace(cfg, acceptor_cls=BROKEN[args.broken])
+        cfg = configure(cfg, args.broken)
     seeds = (
         range(args.seed, args.seed + 1) if args.seed is not None else (args.seeds or range(0, 1))
     )

@@ -3,6 +3,8 @@ for some seed (tests/sim/test_sim_catches_bugs.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.messages import Ballot
 
@@ -30,4 +32,35 @@ class NackFreeAcceptor(Acceptor):
             self.promised = max(saved, self.promised)
 
 
+class UnboundedPromiseAcceptor(Acceptor):
+    """Answers phase 1 the old way: every accepted value above its snapshot in
+    one message, whatever the byte budget and whatever its log knows to be
+    chosen. After a restart of every node such a promise outgrows the peer
+    frame limit, the network drops it and no candidate ever wins: a liveness
+    failure, not a safety one (see ``LIVENESS_BROKEN``)."""
+
+    __slots__ = ()
+
+    def on_prepare(self, m, records, chosen_through=0, budget=0):
+        return super().on_prepare(dataclasses.replace(m, from_slot=0), records, 0, 1 << 62)
+
+
 BROKEN = {"forgetful-acceptor": ForgetfulAcceptor, "nack-free-acceptor": NackFreeAcceptor}
+# variants that break liveness (the simulator's leader-after-heal check catches them);
+# the cores' own message bound is lifted for them, as if it did not exist
+LIVENESS_BROKEN = {"unbounded-promises": UnboundedPromiseAcceptor}
+
+
+def configure(cfg, name: str):
+    """``cfg`` (a ``SimConfig``) running the broken variant ``name``."""
+    if name in BROKEN:
+        return dataclasses.replace(cfg, acceptor_cls=BROKEN[name])
+    frame = cfg.frame_bytes_max or cfg.paxos.peer_message_bytes_max
+    return dataclasses.replace(
+        cfg,
+        acceptor_cls=LIVENESS_BROKEN[name],
+        paxos=dataclasses.replace(cfg.paxos, peer_message_bytes_max=1 << 62),
+        frame_bytes_max=frame,
+        large_value_chance=max(cfg.large_value_chance, 0.5),
+        faults=dataclasses.replace(cfg.faults, crash_all_weight=2),
+    )

@@ -18,6 +18,9 @@ class FaultConfig:
     partition_weight: int = 2
     one_way_weight: int = 1
     heal_weight: int = 2
+    # every node crashes at once (power cut, `docker compose restart`): outside the
+    # "at most f down" model, so only liveness after the restarts is at stake
+    crash_all_weight: int = 0  # the swarm turns it on for a third of the seeds
     weather_weight: int = 1
     # a node starts phase 1 at once, skipping pre-vote: safety must not rest on
     # pre-vote, and without this contested elections become too rare to test
@@ -76,7 +79,9 @@ class FaultSchedule:
         self._run_scheduled(now)
         if rng.random() >= cfg.event_chance:
             return
-        kinds = ["crash", "restart", "partition", "one_way", "heal", "weather", "campaign"]
+        kinds = [
+            "crash", "restart", "partition", "one_way", "heal", "weather", "campaign", "crash_all"
+        ]
         weights = [
             cfg.crash_weight,
             cfg.restart_weight,
@@ -85,6 +90,7 @@ class FaultSchedule:
             cfg.heal_weight,
             cfg.weather_weight,
             cfg.campaign_weight,
+            cfg.crash_all_weight,
         ]
         kind = rng.choices(kinds, weights)[0]
         self.events += 1
@@ -92,6 +98,11 @@ class FaultSchedule:
             candidates = [n for n in w.node_ids if w.up[n] and self.can_crash(n)]
             if candidates:
                 self._crash(rng.choice(candidates))
+        elif kind == "crash_all":
+            w.trace(now, "-", "crash-all")
+            for n in w.node_ids:
+                if w.up[n]:
+                    self._crash(n)
         elif kind == "restart":
             down = [n for n in w.node_ids if not w.up[n]]
             if down:

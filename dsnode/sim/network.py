@@ -11,9 +11,17 @@ import heapq
 import random
 from typing import Any
 
+from dsnode.core.paxos.messages import wire_size
+
 
 class SimNetwork:
-    def __init__(self, rng: random.Random, nodes: list[str], delay_max_ticks: int = 3) -> None:
+    def __init__(
+        self,
+        rng: random.Random,
+        nodes: list[str],
+        delay_max_ticks: int = 3,
+        frame_bytes_max: int = 1 << 62,
+    ) -> None:
         self.rng = rng
         self.nodes = nodes
         self.queue: list[tuple[int, int, str, str, Any]] = []
@@ -25,6 +33,9 @@ class SimNetwork:
             (a, b): rng.randint(1, delay_max_ticks) for a in nodes for b in nodes if a != b
         }
         self.cut: set[tuple[str, str]] = set()
+        # like the runtime transport, a message larger than a peer frame never arrives
+        self.frame_bytes_max = frame_bytes_max
+        self.oversized = 0
         self.sent = 0
         self.delivered = 0
 
@@ -47,6 +58,9 @@ class SimNetwork:
     def send(self, now: int, src: str, dst: str, msg: Any) -> None:
         self.sent += 1
         if (src, dst) in self.cut:
+            return
+        if wire_size(msg) > self.frame_bytes_max:
+            self.oversized += 1
             return
         rng = self.rng
         if self.loss and rng.random() < self.loss:

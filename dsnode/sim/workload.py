@@ -68,6 +68,8 @@ class Workload:
         keys: int = 6,
         op_timeout_ticks: int = 80,
         start_chance: float = 0.3,
+        large_value_chance: float = 0.0,
+        value_bytes_max: int = 1000,
     ) -> None:
         self.rng = rng
         self.world = world
@@ -76,6 +78,8 @@ class Workload:
         self.keys = [b"k%d" % i for i in range(keys)]
         self.op_timeout_ticks = op_timeout_ticks
         self.start_chance = start_chance
+        self.large_value_chance = large_value_chance
+        self.value_bytes_max = value_bytes_max
         self.issuing = True
         self.final_keys: list[bytes] = []
         self.ops: list[ClientOp] = []
@@ -129,6 +133,9 @@ class Workload:
         op.if_version = if_version
         if kind == "put":
             op.value = b"v%d" % op.id
+            if self.large_value_chance and self.rng.random() < self.large_value_chance:
+                size = self.rng.randint(self.value_bytes_max // 2, self.value_bytes_max)
+                op.value += b"." * (size - len(op.value))
         op.invoke_tick = now
         op.invoke_seq = self.world.next_event()
         self.ops.append(op)
@@ -143,6 +150,9 @@ class Workload:
         node = c.target.get(op.group)
         if node is None or not w.up[node] or op.kind == "sget":
             up = [m for m in members if w.up[m]]
+            if not up:  # every replica is down (crash-all): try again next tick
+                c.retry_at = now + 1
+                return
             node = self.rng.choice(up)
         op.attempts += 1
         c.token = (c.name, op.id, op.attempts)

@@ -23,6 +23,7 @@ from typing import Any
 from dsnode.core.errors import InvariantBroken
 from dsnode.core.paxos import PaxosConfig, PaxosNode
 from dsnode.core.paxos.acceptor import Acceptor
+from dsnode.core.paxos.config import bound_for
 from dsnode.core.paxos.group import SnapshotWanted
 from dsnode.sim.checkers import SafetyChecker, SafetyViolation
 from dsnode.sim.disk import SimDisk
@@ -39,6 +40,11 @@ SIM_PAXOS = PaxosConfig(
     snapshot_chunk_bytes=200,
     catchup_entries_max=8,
     leader_quorum_timeout_ticks=20,
+    # small byte budgets, so that large values (SimConfig.value_bytes_max) make
+    # every bounded message kind (chunked promises, catch-up, accepts) split
+    batch_bytes_max=1024,
+    message_bytes_max=2048,
+    peer_message_bytes_max=bound_for(4096, 2048),
 )
 
 
@@ -61,6 +67,13 @@ class SimConfig:
     # KV entries a node's shell encodes per tick for a requested snapshot; 0 = all
     # at once, inside the same drain (so the snapshot is persisted a drain later)
     snapshot_entries_per_tick: int = 0
+    # share of puts whose value is large: up to value_bytes_max (the sim's value limit)
+    large_value_chance: float = 0.0
+    value_bytes_max: int = 1000
+    # the network's frame limit; 0: the cores' own bound (paxos.peer_message_bytes_max)
+    frame_bytes_max: int = 0
+    # after the heal, every group must have a leader within this many ticks
+    leader_after_heal_ticks_max: int = 300
 
 
 @dataclass(slots=True)
@@ -99,6 +112,7 @@ def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
         crash_after_vote_chance=rng.choice((0.0, 0.05, 0.2)),
         down_ticks_max=rng.choice((10, 40, 150)),
         campaign_weight=rng.choice((1, 3, 8)),
+        crash_all_weight=max(cfg.faults.crash_all_weight, rng.choice((0, 0, 1))),
     )
     return dataclasses.replace(
         cfg,
@@ -106,6 +120,7 @@ def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
         faults=faults,
         delay_max_ticks=rng.randint(1, 5),
         snapshot_entries_per_tick=rng.choice((0, 1, 2)),
+        large_value_chance=max(cfg.large_value_chance, rng.choice((0.0, 0.05, 0.3))),
     )
 
 
@@ -125,7 +140,12 @@ class SimWorld:
         self.groups: dict[Any, tuple[str, ...]] = {}
         for g in range(cfg.groups):
             self.groups[g] = tuple(sorted(self._sub().sample(self.node_ids, r)))
-        self.net = SimNetwork(self._sub(), self.node_ids, cfg.delay_max_ticks)
+        self.net = SimNetwork(
+            self._sub(),
+            self.node_ids,
+            cfg.delay_max_ticks,
+            cfg.frame_bytes_max or cfg.paxos.peer_message_bytes_max,
+        )
         self.disks = {n: SimDisk() for n in self.node_ids}
         self.up = {n: False for n in self.node_ids}
         self.cores: dict[str, PaxosNode | None] = {n: None for n in self.node_ids}
@@ -135,7 +155,13 @@ class SimWorld:
         self.faults = FaultSchedule(self._sub(), self, cfg.faults)
         self.crash_rng = self._sub()
         self.workload = Workload(
-            self._sub(), self, cfg.clients, cfg.keys, op_timeout_ticks=cfg.op_timeout_ticks
+            self._sub(),
+            self,
+            cfg.clients,
+            cfg.keys,
+            op_timeout_ticks=cfg.op_timeout_ticks,
+            large_value_chance=cfg.large_value_chance,
+            value_bytes_max=cfg.value_bytes_max,
         )
         for n in self.node_ids:
             self.restart(n)
@@ -251,6 +277,13 @@ class SimWorld:
         self.net.dup = 0.0
         self.trace(self.now, "-", "heal-all")
 
+    def leaderless_groups(self) -> list:
+        return [
+            g
+            for g, members in self.groups.items()
+            if not any(self.cores[m].is_leader(g) for m in members)
+        ]
+
     def converged(self) -> bool:
         if not self.workload.idle():
             return False
@@ -273,9 +306,20 @@ class SimWorld:
             self.heal()
             self.workload.issuing = False
             stage = "drain"
+            healed_at = self.now
             deadline = self.now + cfg.heal_ticks_max
+            leaders_by = self.now + cfg.leader_after_heal_ticks_max
             while True:
                 self.run_tick(faulty=False)
+                if leaders_by and self.now >= leaders_by:
+                    missing = self.leaderless_groups()
+                    if missing:
+                        raise SafetyViolation(
+                            f"liveness: no leader in group(s) {missing} within "
+                            f"{cfg.leader_after_heal_ticks_max} ticks of the heal at {healed_at}"
+                            f" ({self.net.oversized} oversized messages dropped)"
+                        )
+                    leaders_by = 0
                 if self.converged():
                     if stage == "final":
                         break

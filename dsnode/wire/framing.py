@@ -45,6 +45,14 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._buf)
 
+    @property
+    def max_frame_bytes(self) -> int:
+        return self._max
+
+    def raise_limit(self, max_frame_bytes: int) -> None:
+        """A connection that turned out to carry peer traffic takes larger frames."""
+        self._max = max(self._max, max_frame_bytes)
+
     def feed(self, data: bytes) -> list[bytes]:
         if self._error is not None:
             raise self._error

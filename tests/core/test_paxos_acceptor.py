@@ -132,11 +132,11 @@ def test_acceptor_recovers_promise_and_values_from_records():
     assert a.accepted == {2: (B2, b"v")}
 
 
-def test_acceptor_compaction_drops_chosen_slots_and_reports_snap_index():
-    """Slots in a snapshot are chosen; the promise says so via snap_index
+def test_acceptor_compaction_drops_chosen_slots_and_reports_them_chosen():
+    """Slots in a snapshot are chosen; the promise says so via chosen_through
     instead of listing their values."""
     a = acc_with(B1, {1: (B1, b"x"), 2: (B1, b"y"), 3: (B1, b"z")})
     a.compact(2)
     reply = a.on_prepare(Prepare(G, B2, 1), [])
-    assert reply.snap_index == 2
+    assert reply.chosen_through == 2
     assert reply.accepted == ((3, B1, b"z"),)

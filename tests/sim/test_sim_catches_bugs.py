@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 
-from dsnode.sim.broken import BROKEN
+from dsnode.sim.broken import BROKEN, LIVENESS_BROKEN, configure
 from dsnode.sim.world import SimConfig, SimWorld
 
 SEARCH = range(0, 2000)  # stops at the first seed that catches the bug
@@ -26,3 +26,30 @@ def test_sim_catches_broken_acceptor_with_a_safety_violation(variant):
         if not res.ok and "convergence" not in res.error:
             return
     pytest.fail(f"no seed in {SEARCH} caught {variant}")
+
+
+@pytest.mark.parametrize("variant", sorted(LIVENESS_BROKEN))
+def test_sim_catches_unbounded_messages_with_the_liveness_check(variant):
+    """An acceptor that reports its whole accepted tail in one promise (the
+    bug behind a cluster that stayed leaderless after a full restart) is
+    caught by the leader-within-N-ticks-after-heal check: its promises
+    outgrow the network's frame limit, so no candidate ever wins."""
+    base = SimConfig(large_value_chance=0.5)
+    for seed in SEARCH:
+        res = SimWorld(seed, configure(base, variant)).run()
+        if not res.ok:
+            assert "liveness: no leader" in res.error, res.error
+            return
+    pytest.fail(f"no seed in {SEARCH} caught {variant}")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_sim_full_restarts_with_large_values_stay_live(seed):
+    """The same stress as above (every node crashing at once, half the puts
+    carrying values up to the sim's value limit, small message budgets) with
+    the real acceptor: every run elects leaders after the heal, converges and
+    passes the safety checks."""
+    cfg = SimConfig(large_value_chance=0.5)
+    cfg = dataclasses.replace(cfg, faults=dataclasses.replace(cfg.faults, crash_all_weight=2))
+    res = SimWorld(seed, cfg).run()
+    assert res.ok, f"{res.error}\nrepro: python -m dsnode.sim --seed {seed}"

@@ -4,7 +4,12 @@ Rules (Paxos Made Simple, section 2.2; Paxos Made Moderately Complex,
 section 3, "Acceptors"):
 
 - P1b: promise a ballot >= the current promise, and report every value
-  accepted in the asked-for slots; a lower ballot gets a nack.
+  accepted in the asked-for slots that this node does not already know to be
+  chosen; a lower ballot gets a nack. The report is cut into pieces of at
+  most ``budget`` bytes of values (at least one entry each): the candidate
+  asks again, same ballot, from ``more_from``. Answering the same ballot
+  again changes nothing, and a higher promise in between turns the next ask
+  into a nack, so the pieces together are as good as one report.
 - P2b: accept a value for a slot unless a higher ballot was promised.
 - Durability: a promise or an accept is recorded (``records``) before the
   reply leaves the node; the shell keeps that order (``effects.Ready``).
@@ -16,7 +21,9 @@ from typing import Any
 
 from dsnode.core.errors import PeerMisbehaved
 from dsnode.core.paxos import records as rec
+from dsnode.core.paxos.config import MESSAGE_BYTES_MAX
 from dsnode.core.paxos.messages import (
+    ENTRY_OVERHEAD_BYTES,
     ZERO_BALLOT,
     Accept,
     Accepted,
@@ -37,15 +44,39 @@ class Acceptor:
         self.snap_index = 0
 
     # ------------------------------------------------------------ phase 1
-    def on_prepare(self, m: Prepare, records: list[bytes]) -> Promise:
+    def on_prepare(
+        self,
+        m: Prepare,
+        records: list[bytes],
+        chosen_through: int = 0,
+        budget: int = MESSAGE_BYTES_MAX,
+    ) -> Promise:
+        """``chosen_through``: this node's log knows every slot up to it as
+        chosen; ``budget``: bytes of values in one reply."""
+        known = max(self.snap_index, chosen_through)
         if m.ballot < self.promised:
-            return Promise(self.group, m.ballot, False, self.promised, self.snap_index)
+            return Promise(self.group, m.ballot, False, self.promised, known)
         if m.ballot > self.promised:
             self.promised = m.ballot
             self._record_promise(m.ballot, records)
-        start = max(m.from_slot, self.snap_index + 1)
-        acc = tuple(sorted((s, b, v) for s, (b, v) in self.accepted.items() if s >= start))
-        return Promise(self.group, m.ballot, True, self.promised, self.snap_index, acc)
+        start = max(m.from_slot, known + 1)
+        acc, more_from = self._report(start, budget)
+        return Promise(self.group, m.ballot, True, self.promised, known, acc, more_from)
+
+    def _report(self, start: int, budget: int) -> tuple[tuple, int]:
+        """Accepted slots from ``start`` in order, cut before ``budget`` bytes
+        (values plus per-entry overhead; always at least one entry)."""
+        out = []
+        size = 0
+        accepted = self.accepted
+        for s in sorted(s for s in accepted if s >= start):
+            b, v = accepted[s]
+            cost = len(v) + ENTRY_OVERHEAD_BYTES
+            if out and size + cost > budget:
+                return tuple(out), s
+            out.append((s, b, v))
+            size += cost
+        return tuple(out), 0
 
     def _record_promise(self, ballot: Ballot, records: list[bytes]) -> None:
         records.append(rec.promise(self.group, ballot))

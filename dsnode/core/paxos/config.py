@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dsnode.core.paxos.messages import ENTRY_OVERHEAD_BYTES, MESSAGE_OVERHEAD_BYTES
+
+MESSAGE_BYTES_MAX = 1024 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class PaxosConfig:
@@ -12,7 +16,13 @@ class PaxosConfig:
     inflight_slots_max: int = 32
     batch_commands_max: int = 64
     batch_bytes_max: int = 256 * 1024  # one slot's commands, keys and values together
-    message_bytes_max: int = 1024 * 1024  # values in one Accept or Learn (one entry may exceed)
+    # values in one Accept, Learn or Promise (a message of one entry may exceed it)
+    message_bytes_max: int = MESSAGE_BYTES_MAX
+    # hard bound on any message the core builds, checked at every send: at least
+    # message_bytes_max plus the largest single slot value (one client command,
+    # bounded by the client frame limit), plus framing; the transport's peer frame
+    # limit is set from the same number
+    peer_message_bytes_max: int = 17 * 1024 * 1024 + 64 * 1024
     accept_slots_per_msg_max: int = 32
     snapshot_interval_slots: int = 256
     snapshot_chunk_bytes: int = 64 * 1024
@@ -35,6 +45,7 @@ class PaxosConfig:
             "batch_commands_max",
             "batch_bytes_max",
             "message_bytes_max",
+            "peer_message_bytes_max",
             "accept_slots_per_msg_max",
             "snapshot_interval_slots",
             "snapshot_chunk_bytes",
@@ -43,3 +54,14 @@ class PaxosConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.peer_message_bytes_max < bound_for(self.batch_bytes_max, self.message_bytes_max):
+            raise ValueError(
+                "peer_message_bytes_max must hold message_bytes_max and one full batch plus framing"
+            )
+
+
+def bound_for(largest_value_bytes: int, message_bytes_max: int = MESSAGE_BYTES_MAX) -> int:
+    """The least ``peer_message_bytes_max`` for slot values of up to
+    ``largest_value_bytes``: one message holds at most ``message_bytes_max``
+    of entries, or one entry that alone exceeds it, plus its framing."""
+    return MESSAGE_OVERHEAD_BYTES + max(message_bytes_max, largest_value_bytes + ENTRY_OVERHEAD_BYTES)

@@ -33,6 +33,7 @@ from dsnode.core.paxos.config import PaxosConfig
 from dsnode.core.paxos.learner import Learner
 from dsnode.core.paxos.log import Log
 from dsnode.core.paxos.messages import (
+    ENTRY_OVERHEAD_BYTES,
     Accept,
     Accepted,
     Ballot,
@@ -43,6 +44,7 @@ from dsnode.core.paxos.messages import (
     PreVoteReply,
     Promise,
     SnapChunk,
+    wire_size,
 )
 from dsnode.core.paxos.proposer import PendingRead, Proposer, merge_promises
 from dsnode.core.paxos.statemachine import DedupKV, pack_batch
@@ -150,6 +152,8 @@ class PaxosGroup:
         self.role = Role.FOLLOWER
         self.ballot: Ballot = (0, node_id)
         self.promises: dict[str, Promise] = {}
+        # pieces of promises still coming in (chunked phase-1 replies), per acceptor
+        self.promise_parts: dict[str, dict[int, tuple[Ballot, bytes]]] = {}
         self.prevote_ballot: Ballot = (0, node_id)
         self.prevotes: set[str] = set()
         self.proposer: Proposer | None = None
@@ -166,6 +170,9 @@ class PaxosGroup:
         self._catchup_turn = 0
         # index of the snapshot handed to the shell and not yet back (snapshot_ready)
         self.snap_pending: int | None = None
+        # highest chosen_through written in a commit record (records.COMMIT)
+        self.commit_persisted = 0
+        self.recovery_gaps = 0
         self.become_follower()
 
     # ================================================================ roles
@@ -177,6 +184,7 @@ class PaxosGroup:
         self.proposer = None
         self.learner = None
         self.promises = {}
+        self.promise_parts = {}
         self.prevotes = set()
         self._reset_catchup()
         self.elapsed = 0
@@ -216,6 +224,7 @@ class PaxosGroup:
         self.max_round = max(self.max_round, self.acceptor.promised[0]) + 1
         self.ballot = (self.max_round, self.me)
         self.promises = {}
+        self.promise_parts = {}
         self.prevotes = set()
         self.leader_hint = None
         self.elapsed = 0
@@ -229,6 +238,7 @@ class PaxosGroup:
         res = merge_promises(self.promises, self.log.chosen_through + 1, self.log.chosen_through)
         self.role = Role.LEADER
         self.promises = {}
+        self.promise_parts = {}
         self._reset_catchup()
         self.failed_elections = 0
         self.leader_hint = self.me
@@ -338,6 +348,9 @@ class PaxosGroup:
     def tick(self) -> None:
         self.now += 1
         cfg = self.cfg
+        if self.log.chosen_through > self.commit_persisted:
+            self.commit_persisted = self.log.chosen_through
+            self.out.persist.append(rec.commit(self.group, self.commit_persisted))
         if self.role is Role.LEADER:
             p = self.proposer
             if self.now - self.last_heartbeat >= cfg.heartbeat_interval_ticks:
@@ -400,16 +413,18 @@ class PaxosGroup:
         self._drain_local()
 
     def _chunks(self, entries: list[tuple[int, bytes]]):
-        """Split (slot, value) entries into messages bounded by count and bytes."""
+        """Split (slot, value) entries into messages bounded by count and bytes
+        (values plus per-entry overhead; a single entry may exceed the budget)."""
         cap_n, cap_b = self.cfg.accept_slots_per_msg_max, self.cfg.message_bytes_max
         chunk: list[tuple[int, bytes]] = []
         size = 0
         for e in entries:
-            if chunk and (len(chunk) >= cap_n or size + len(e[1]) > cap_b):
+            cost = len(e[1]) + ENTRY_OVERHEAD_BYTES
+            if chunk and (len(chunk) >= cap_n or size + cost > cap_b):
                 yield chunk
                 chunk, size = [], 0
             chunk.append(e)
-            size += len(e[1])
+            size += cost
         if chunk:
             yield chunk
 
@@ -448,6 +463,12 @@ class PaxosGroup:
             raise PeerMisbehaved(f"unknown message {t.__name__}")
 
     def _send(self, to: str, msg: Any) -> None:
+        size = wire_size(msg)
+        if size > self.cfg.peer_message_bytes_max:
+            raise InvariantBroken(
+                f"{type(msg).__name__} of {size} bytes exceeds peer_message_bytes_max "
+                f"{self.cfg.peer_message_bytes_max}"
+            )
         if to == self.me:
             self._local.append(msg)
         else:
@@ -508,7 +529,9 @@ class PaxosGroup:
             # merely lost touch with it. Ignoring a prepare is always safe.
             self.out.dropped["prepare_while_leader_live"] += 1
             return
-        reply = self.acceptor.on_prepare(m, self.out.persist)
+        reply = self.acceptor.on_prepare(
+            m, self.out.persist, self.log.chosen_through, self.cfg.message_bytes_max
+        )
         if (
             reply.ok
             and frm != self.me
@@ -524,9 +547,22 @@ class PaxosGroup:
             if self.role is Role.CANDIDATE and m.ballot == self.ballot:
                 self.become_follower()
             return
-        if self.role is not Role.CANDIDATE or m.ballot != self.ballot:
+        if self.role is not Role.CANDIDATE or m.ballot != self.ballot or frm in self.promises:
             self.out.dropped["stale_promise"] += 1
             return
+        if m.more_from or frm in self.promise_parts:
+            # A piece of a chunked report: keep it, ask for the next one.
+            parts = self.promise_parts.setdefault(frm, {})
+            for slot, ballot, value in m.accepted:
+                cur = parts.get(slot)
+                if cur is None or ballot > cur[0]:
+                    parts[slot] = (ballot, value)
+            if m.more_from:
+                self._send(frm, Prepare(self.group, self.ballot, m.more_from))
+                return
+            del self.promise_parts[frm]
+            acc = tuple((slot, b, v) for slot, (b, v) in sorted(parts.items()))
+            m = Promise(m.group, m.ballot, True, m.promised, m.chosen_through, acc)
         self.promises[frm] = m
         if len(self.promises) >= self.quorum:
             self.become_leader()
@@ -555,7 +591,7 @@ class PaxosGroup:
                 a = acc.get(s)
                 if a is None or a[0] != m.ballot:
                     break
-                log.learn(s, a[1])
+                log.learn(s, a[1])  # our own accept record holds it
             s += 1
         self._advance()
         if log.chosen_through < m.commit:
@@ -576,10 +612,21 @@ class PaxosGroup:
             p.acked_seq[frm] = m.read_seq
         for s in m.slots:
             if self.learner.vote(s, frm):
-                self.log.learn(s, p.proposals.pop(s))
+                self._learn(s, p.proposals.pop(s))
         self._advance()
 
     # ---------------------------------------------------------------- learning / apply
+    def _learn(self, slot: int, value: bytes) -> None:
+        """``value`` is chosen in ``slot``. Unless our own acceptor's record
+        already holds it, record it, so a commit record can cover the slot."""
+        log = self.log
+        if slot <= log.snap_index or slot in log.chosen:
+            return
+        a = self.acceptor.accepted.get(slot)
+        if a is None or a[1] != value:
+            self.out.persist.append(rec.chosen(self.group, slot, value))
+        log.learn(slot, value)
+
     def _advance(self) -> None:
         log = self.log
         log.advance()
@@ -664,12 +711,16 @@ class PaxosGroup:
         if self.now - self.catchup_sent_at >= self.cfg.catchup_retry_ticks:
             self._send_catchup()
 
-    def _send_catchup(self) -> None:
+    def _send_catchup(self, to: str | None = None) -> None:
+        """Ask ``to`` (default: the catch-up peer) for what comes next."""
+        to = to or self.catchup_peer
+        if to is None:
+            return  # catch-up was called off (a role change) while a reply was on its way
         self.catchup_sent_at = self.now
         idx, off = 0, 0
         if self.snap_in is not None:
             idx, off = self.snap_in[0], len(self.snap_buf)
-        self._send(self.catchup_peer, CatchupReq(self.group, self.log.chosen_through + 1, idx, off))
+        self._send(to, CatchupReq(self.group, self.log.chosen_through + 1, idx, off))
 
     def _on_catchup_req(self, frm: str, m: CatchupReq) -> None:
         log = self.log
@@ -692,7 +743,7 @@ class PaxosGroup:
                 self._reset_catchup()
             return
         for slot, value in m.entries:
-            self.log.learn(slot, value)
+            self._learn(slot, value)
         self._after_catchup_progress()
 
     def _after_catchup_progress(self) -> None:
@@ -721,7 +772,7 @@ class PaxosGroup:
             self.snap_buf = bytearray()
         self.snap_buf += m.data
         if len(self.snap_buf) < m.total:
-            self._send_catchup()
+            self._send_catchup(self.catchup_peer or frm)
             return
         blob = bytes(self.snap_buf)
         self.snap_in = None
@@ -756,10 +807,33 @@ class PaxosGroup:
     # ---------------------------------------------------------------- recovery
     def recover_record(self, r: list) -> None:
         tag = r[0]
-        if tag == rec.PROMISE:
-            self.acceptor.recover_promise(r[2])
-        elif tag == rec.ACCEPT:
+        if tag == rec.ACCEPT:
             self.acceptor.recover_accept(r[2], r[3], r[4])
+        elif tag == rec.COMMIT:
+            self._recover_commit(r[2])
+        elif tag == rec.CHOSEN:
+            self.log.learn(r[2], r[3])
+        elif tag == rec.PROMISE:
+            self.acceptor.recover_promise(r[2])
         elif tag == rec.SNAPSHOT:
             self.install_snapshot(r[2], r[3], persist=False)
         self.max_round = max(self.max_round, self.acceptor.promised[0])
+
+    def _recover_commit(self, through: int) -> None:
+        """Slots up to ``through`` are chosen; each value is in an earlier
+        record: a chosen record (already in the log) or our last accept."""
+        log, accepted = self.log, self.acceptor.accepted
+        for s in range(log.chosen_through + 1, through + 1):
+            if s in log.chosen:
+                continue
+            a = accepted.get(s)
+            if a is None:
+                self.recovery_gaps += 1  # cannot happen with an intact log; learn it anew
+                break
+            log.learn(s, a[1])
+        log.advance()
+        self.commit_persisted = max(self.commit_persisted, log.chosen_through)
+
+    def finish_recovery(self) -> None:
+        """After the last record: apply the chosen prefix the records proved."""
+        self._advance()

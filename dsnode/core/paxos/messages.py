@@ -36,17 +36,22 @@ class Prepare:
 class Promise:
     """Phase 1b. ``ok`` false is a nack carrying the higher ``promised``.
 
-    ``accepted`` lists ``(slot, ballot, value)`` for slots above both
-    ``from_slot`` and ``snap_index``; slots up to ``snap_index`` are chosen
-    and compacted at this acceptor (ask it for a snapshot).
+    ``chosen_through``: every slot up to it is chosen at this node (in its
+    log or its snapshot); the new leader learns those by catch-up from it and
+    never proposes into them. ``accepted`` lists ``(slot, ballot, value)``
+    for slots above both ``from_slot`` and ``chosen_through``, in slot order
+    and bounded by the byte budget: when it was cut short, ``more_from`` is
+    the next slot to ask for (the candidate sends ``Prepare`` again, same
+    ballot, from there); 0 means the report is complete.
     """
 
     group: Any
     ballot: Ballot
     ok: bool
     promised: Ballot
-    snap_index: int
+    chosen_through: int
     accepted: tuple[tuple[int, Ballot, bytes], ...] = ()
+    more_from: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +160,30 @@ _TAGS = {cls: tag for tag, cls in _KINDS.items()}
 _FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in _KINDS.values()}
 
 
-def is_message(msg: object) -> bool:
-    return type(msg) in _TAGS
+# Bytes a message costs on the wire beyond its values: tag, group, ballots,
+# counters (generous: a ballot's node id is at most 63 bytes).
+MESSAGE_OVERHEAD_BYTES = 256
+ENTRY_OVERHEAD_BYTES = 96  # per (slot, [ballot,] value) entry
+
+
+def wire_size(msg: Message) -> int:
+    """An upper bound on ``msg``'s encoded size, cheap enough for every send."""
+    t = type(msg)
+    if t is Accept or t is Learn:
+        entries = msg.entries
+        return MESSAGE_OVERHEAD_BYTES + sum(len(v) for _s, v in entries) + (
+            ENTRY_OVERHEAD_BYTES * len(entries)
+        )
+    if t is Promise:
+        acc = msg.accepted
+        return MESSAGE_OVERHEAD_BYTES + sum(len(v) for _s, _b, v in acc) + (
+            ENTRY_OVERHEAD_BYTES * len(acc)
+        )
+    if t is SnapChunk:
+        return MESSAGE_OVERHEAD_BYTES + len(msg.data)
+    if t is Accepted:
+        return MESSAGE_OVERHEAD_BYTES + 10 * len(msg.slots)
+    return MESSAGE_OVERHEAD_BYTES
 
 
 def to_wire(msg: Message) -> list:
@@ -208,6 +235,8 @@ def from_wire(x: Any) -> Message:
         raise PeerMisbehaved("not a paxos message")
     cls = _KINDS[x[0]]
     args = x[1:]
+    if cls is Promise and len(args) == len(_FIELDS[cls]) - 1:
+        args = [*args, 0]  # from a node that predates chunked promises: complete
     if len(args) != len(_FIELDS[cls]):
         raise PeerMisbehaved(f"{x[0]}: wrong field count")
     g = args[0]
@@ -218,7 +247,10 @@ def from_wire(x: Any) -> Message:
             return Prepare(g, _ballot(args[1]), _int(args[2]))
         if cls is Promise:
             acc = tuple((_int(s), _ballot(b), _bytes(v)) for s, b, v in args[5])
-            return Promise(g, _ballot(args[1]), bool(args[2]), _ballot(args[3]), _int(args[4]), acc)
+            return Promise(
+                g, _ballot(args[1]), _bool(args[2]), _ballot(args[3]), _int(args[4]), acc,
+                _int(args[6]),
+            )
         if cls is Accept:
             return Accept(g, _ballot(args[1]), _entries(args[2]), _int(args[3]), _int(args[4]))
         if cls is Accepted:

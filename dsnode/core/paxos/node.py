@@ -105,16 +105,17 @@ class PaxosNode:
             g = self.groups.get(r[1])
             if g is not None:
                 g.recover_record(r)
+        for g in self.groups.values():
+            g.finish_recovery()
 
     def checkpoint(self) -> bytes:
         """The node's durable Paxos state as one blob of records, for a WAL snapshot.
 
-        Per group: its latest state-machine snapshot, its promise and every
-        accepted value above the snapshot. Replaying these through
-        :meth:`recover` rebuilds exactly the state that the records persisted
+        Per group: its latest state-machine snapshot, its promise, every
+        accepted value above the snapshot, the chosen values its acceptor does
+        not hold and a commit record for its chosen prefix. Replaying these
+        through :meth:`recover` rebuilds the state that the records persisted
         so far would, so the WAL may drop everything before the checkpoint.
-        Values this node only learned (never accepted) are not included: like
-        after any restart, it learns them again from its peers.
         """
         out: list[bytes] = []
         for gid in sorted(self.groups, key=str):
@@ -127,6 +128,14 @@ class PaxosNode:
             for slot in sorted(a.accepted):
                 ballot, value = a.accepted[slot]
                 out.append(rec.accept(gid, slot, ballot, value))
+            log = g.log
+            for slot in range(log.snap_index + 1, log.chosen_through + 1):
+                value = log.chosen[slot]
+                held = a.accepted.get(slot)
+                if held is None or held[1] != value:
+                    out.append(rec.chosen(gid, slot, value))
+            if log.chosen_through > log.snap_index:
+                out.append(rec.commit(gid, log.chosen_through))
         return msgpack.packb(out, use_bin_type=True)
 
     # ------------------------------------------------------------ queries

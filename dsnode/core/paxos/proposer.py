@@ -6,8 +6,9 @@ section 3, "Leaders", "Scouts" and "Commanders"):
 - after phase 1 over all open slots, a new leader re-proposes, for every slot
   some acceptor in its quorum reported, the value with the highest ballot;
   slots below the highest reported one that nobody reported get a no-op;
-- slots an acceptor reports as compacted (``snap_index``) are chosen: the
-  leader must learn them (snapshot) and never propose into them;
+- slots an acceptor reports as chosen (``Promise.chosen_through``: in its
+  log or compacted into its snapshot) are chosen: the leader must learn them
+  (catch-up by log or snapshot) and never propose into them;
 - new commands go into fresh slots above all of that, many per slot, many
   slots in flight (bounded by ``inflight_slots_max``).
 """
@@ -23,7 +24,7 @@ from dsnode.core.paxos.messages import NOOP, Ballot, Promise
 @dataclass(slots=True)
 class Phase1Result:
     proposals: dict[int, bytes]  # slots to re-propose, in the new ballot
-    snap_index: int  # highest compaction point reported
+    snap_index: int  # highest chosen_through reported (chosen there, learn by catch-up)
     snap_peer: str | None  # who reported it
     recovery_end: int  # every slot up to here is settled by the recovery
 
@@ -35,8 +36,8 @@ def merge_promises(
     snap_index, snap_peer = chosen_through, None
     for node in sorted(promises):
         p = promises[node]
-        if p.snap_index > snap_index:
-            snap_index, snap_peer = p.snap_index, node
+        if p.chosen_through > snap_index:
+            snap_index, snap_peer = p.chosen_through, node
         for slot, ballot, value in p.accepted:
             cur = best.get(slot)
             if cur is None or ballot > cur[0]:

@@ -7,10 +7,19 @@ Each record is msgpack bytes of a list whose first element is its type tag:
   for ``slot`` at that ballot (this also implies a promise of that ballot);
 - ``["snapshot", group, index, blob]``: the group's state machine at
   ``index`` (``blob`` from ``DedupKV.snapshot``); everything at or below
-  ``index`` is chosen and may be dropped from the WAL.
+  ``index`` is chosen and may be dropped from the WAL;
+- ``["chosen", group, slot, value]``: ``value`` is chosen in ``slot``; written
+  when this node learns a chosen value that its own acceptor does not hold
+  (catch-up, or a leader whose own accept was overtaken);
+- ``["commit", group, through]``: every slot up to ``through`` is chosen, and
+  each one's value is in an earlier record (a ``chosen`` record, else the
+  last ``accept`` record of that slot). Written lazily, at most once a tick
+  per group, so a restarted node knows its chosen prefix without asking.
 
 Recovery (``PaxosNode.recover``) replays them in append order; a later
-snapshot supersedes earlier accepts for the slots it covers.
+snapshot supersedes earlier accepts for the slots it covers. A ``commit``
+record is valid where it stands because the log is append-only: a crash may
+cut a suffix, never a record out of the middle.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from dsnode.core.paxos.messages import Ballot
 PROMISE = "promise"
 ACCEPT = "accept"
 SNAPSHOT = "snapshot"
+CHOSEN = "chosen"
+COMMIT = "commit"
 
 
 def promise(group: Any, ballot: Ballot) -> bytes:
@@ -38,6 +49,14 @@ def snapshot(group: Any, index: int, blob: bytes) -> bytes:
     return msgpack.packb([SNAPSHOT, group, index, blob], use_bin_type=True)
 
 
+def chosen(group: Any, slot: int, value: bytes) -> bytes:
+    return msgpack.packb([CHOSEN, group, slot, value], use_bin_type=True)
+
+
+def commit(group: Any, through: int) -> bytes:
+    return msgpack.packb([COMMIT, group, through], use_bin_type=True)
+
+
 def decode(raw: bytes) -> list:
     """The record as a list; ballots come back as ``(round, node)`` tuples."""
     rec = msgpack.unpackb(raw, raw=False)
@@ -46,10 +65,6 @@ def decode(raw: bytes) -> list:
         rec[2] = tuple(rec[2])
     elif tag == ACCEPT:
         rec[3] = tuple(rec[3])
-    elif tag != SNAPSHOT:
+    elif tag not in (SNAPSHOT, CHOSEN, COMMIT):
         raise ValueError(f"unknown record tag {tag!r}")
     return rec
-
-
-def group_of(raw: bytes) -> Any:
-    return msgpack.unpackb(raw, raw=False)[1]
