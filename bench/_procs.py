@@ -79,12 +79,12 @@ def tmpdir(prefix: str) -> Path:
 
 
 def spawn(
-    argv: list[str], logfile: Path, env: dict[str, str] | None = None
+    argv: list[str], logfile: Path, env: dict[str, str] | None = None, cwd: Path = REPO
 ) -> subprocess.Popen[bytes]:
     """Start a long-running child in its own session (so we can kill its whole group)."""
     out = open(logfile, "wb")  # noqa: SIM115 - closed with the process
     p = subprocess.Popen(
-        argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO
+        argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd
     )
     out.close()
     CHILDREN.append(p)
