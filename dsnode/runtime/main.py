@@ -23,6 +23,7 @@ import msgpack
 
 from dsnode import __version__
 from dsnode.config import SETTINGS, ConfigError, NodeConfig, load_config, parse_addr
+from dsnode.core.membership.incarnations import Incarnations
 from dsnode.core.paxos.config import PaxosConfig, bound_for
 from dsnode.core.paxos.node import PaxosNode
 from dsnode.runtime import logs, sdnotify
@@ -36,6 +37,7 @@ EXIT_CONFIG = 2
 # request's header, a batch's request ids): peer frames may be this much larger.
 PEER_FRAME_SLACK_BYTES = 64 * 1024
 IDENTITY_FILE = "cluster.msgpack"
+MEMBERS_FILE = "members.msgpack"  # per peer: its incarnation and highest slot seen accepted
 
 
 class StartupError(Exception):
@@ -43,12 +45,29 @@ class StartupError(Exception):
 
 
 # ---------------------------------------------------------------- identity
-def check_identity(config: NodeConfig, data_dir: Path) -> dict[str, str]:
+def write_atomically(path: Path, obj: object) -> None:
+    """Replace ``path`` with msgpack ``obj``: temp file, fsync, rename, fsync the directory."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(msgpack.packb(obj, use_bin_type=True))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def check_identity(config: NodeConfig, data_dir: Path) -> tuple[dict[str, str], str]:
     """Bind the data directory to this node and its cluster on first start.
 
     Afterwards membership comes from the data directory: the same ``--peers``
     is fine, no ``--peers`` means the stored ones, a different node id,
-    cluster id or peer list is an error. Returns the cluster's members.
+    cluster id or peer list is an error. Returns the cluster's members and
+    the data directory's incarnation (made when the directory was first
+    bound; a directory from before incarnations gets one now).
     """
     path = data_dir / IDENTITY_FILE
     want = {
@@ -78,19 +97,27 @@ def check_identity(config: NodeConfig, data_dir: Path) -> dict[str, str]:
         stored = have.get("peers")
         if not isinstance(stored, dict) or config.node_id not in stored:
             raise StartupError(f"data dir {data_dir}: {IDENTITY_FILE} is corrupt (peers)")
-        return dict(stored)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(msgpack.packb(want, use_bin_type=True))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(data_dir, os.O_RDONLY)
+        incarnation = have.get("incarnation")
+        if incarnation is None:
+            incarnation = os.urandom(16).hex()
+            write_atomically(path, {**have, "incarnation": incarnation})
+        elif not isinstance(incarnation, str):
+            raise StartupError(f"data dir {data_dir}: {IDENTITY_FILE} is corrupt (incarnation)")
+        return dict(stored), incarnation
+    incarnation = os.urandom(16).hex()
+    write_atomically(path, {**want, "incarnation": incarnation})
+    return dict(want["peers"]), incarnation
+
+
+def load_pins(data_dir: Path) -> Incarnations:
+    """The peers' pinned incarnations (``MEMBERS_FILE``); none yet on a new directory."""
+    path = data_dir / MEMBERS_FILE
+    if not path.exists():
+        return Incarnations()
     try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return dict(want["peers"])
+        return Incarnations.decode(msgpack.unpackb(path.read_bytes(), raw=False))
+    except Exception as e:
+        raise StartupError(f"data dir {data_dir}: {MEMBERS_FILE} is corrupt ({e})") from None
 
 
 def _fmt_peers(peers: object) -> str:
@@ -126,6 +153,10 @@ class Node:
         self.core: PaxosNode | None = None
         self.bound: tuple[str, int] | None = None
         self.peers: dict[str, str] = config.cluster_peers  # replaced by the data dir's record
+        self.pins = Incarnations()
+        self.data_dir: Path | None = None
+        self.refused: str | None = None  # why the cluster refused this node as a member
+        self.stop_event: asyncio.Event | None = None
 
     def paxos_config(self) -> PaxosConfig:
         cfg = self.config
@@ -143,7 +174,9 @@ class Node:
     async def start(self) -> None:
         cfg = self.config
         data_dir = prepare_data_dir(cfg)
-        self.peers = check_identity(cfg, data_dir)
+        self.data_dir = data_dir
+        self.peers, incarnation = check_identity(cfg, data_dir)
+        self.pins = load_pins(data_dir)
         wal = WriteAheadLog(data_dir / "wal", fsync=cfg.fsync, segment_bytes=cfg.wal_segment_bytes)
         try:
             recovered = wal.recover()
@@ -184,6 +217,8 @@ class Node:
                 on_messages=self._on_peer_messages,
                 max_frame_bytes=self.core.config.peer_message_bytes_max + PEER_FRAME_SLACK_BYTES,
                 rng=random.Random(seed ^ 0x5EED),
+                incarnation=incarnation, pins=self.pins, save_pins=self.save_pins,
+                log_end=lambda: core.log_end(GROUP), on_refused=self.on_refused,
             )
         self.driver = Driver(
             core, wal, server.deliver, self.net,
@@ -208,6 +243,32 @@ class Node:
         self.bound = (sock[0], sock[1])
         if self.net is not None:
             self.net.start()
+
+    def save_pins(self) -> None:
+        """Persist the pins now (before a newly pinned peer's link carries anything)."""
+        assert self.data_dir is not None
+        write_atomically(self.data_dir / MEMBERS_FILE, self.pins.encode())
+
+    def on_refused(self, reason: str) -> None:
+        """A peer refused us as a member (a wiped or rolled-back data directory): stop,
+        and exit with status 2 naming the reason, instead of ever voting."""
+        if self.refused is None:
+            self.refused = reason
+            self.log.critical("refused_by_cluster", reason=reason)
+            if self.stop_event is not None:
+                self.stop_event.set()
+
+    async def _track_accepted(self) -> None:
+        """Every second, raise the pinned accepted-slot watermarks from what peers acked
+        (the leader's view) and persist them off the event loop."""
+        assert self.driver is not None
+        while True:
+            await asyncio.sleep(1.0)
+            changed = False
+            for peer, slot in list(self.driver.peer_acked.items()):
+                changed |= self.pins.saw_accepted(peer, slot)
+            if changed:
+                await asyncio.to_thread(self.save_pins)
 
     def _on_peer_messages(self, peer: str, batch: list) -> None:
         assert self.driver is not None
@@ -285,12 +346,15 @@ class Node:
 
     async def run(self, stop: asyncio.Event) -> None:
         assert self.driver is not None and self.client_server is not None
+        self.stop_event = stop
         driver_task = asyncio.create_task(self.driver.run(), name="driver")
         watchdog = asyncio.create_task(sdnotify.watchdog_loop(), name="watchdog")
+        tracker = asyncio.create_task(self._track_accepted(), name="pins")
         sdnotify.notify(f"READY=1\nSTATUS=serving on {self.config.listen}")
         self.log.info("serving", listen=self.config.listen, version=__version__)
         stop_task = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({driver_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        tracker.cancel()
         if driver_task in done:
             stop_task.cancel()
             watchdog.cancel()
@@ -365,6 +429,8 @@ async def _serve(config: NodeConfig) -> int:
             await node.wal.close()
         raise
     await node.run(stop)
+    if node.refused is not None:
+        raise StartupError(node.refused)
     return 0
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import msgpack
 
+from dsnode.core.membership.incarnations import REFUSAL_PREFIX, Incarnations
 from dsnode.runtime.logs import get_logger
 from dsnode.wire.framing import HEADER, FrameDecoder, FrameError, unpack_payload
 
@@ -121,6 +122,9 @@ class PeerLink:
 
     def deliver(self, batch: object) -> None:
         if not isinstance(batch, list):
+            if isinstance(batch, dict) and isinstance(batch.get("refused"), str):
+                self.net.refused_by(self.peer_id, batch["refused"])
+                return
             self.net.malformed += 1
             return
         self.received += len(batch)
@@ -152,7 +156,8 @@ class PeerProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         hello = {"id": 1, "op": "hello", "peer": self.net.node_id,
-                 "cluster_id": self.net.cluster_id, "client": "dsnode-peer"}
+                 "cluster_id": self.net.cluster_id, "client": "dsnode-peer",
+                 **self.net.identity()}
         if self.net.token is not None:
             hello["token"] = self.net.token
         payload = self.net.packer.pack(hello)
@@ -173,11 +178,21 @@ class PeerProtocol(asyncio.Protocol):
                 continue
             if not self.handshaken:
                 if isinstance(obj, dict) and obj.get("ok") is True and obj.get("id") == 1:
+                    reason = self.net.admit(self.link.peer_id, obj)
+                    if reason is not None:
+                        # It must not vote: tell it why (it exits), and never attach.
+                        payload = self.net.packer.pack({"refused": reason})
+                        self.transport.write(HEADER.pack(len(payload)) + payload)  # type: ignore[union-attr]
+                        self.transport.close()  # type: ignore[union-attr]
+                        return
                     self.handshaken = True
                     self.link.attach(self.transport)  # type: ignore[arg-type]
                 else:
                     err = obj.get("error") if isinstance(obj, dict) else obj
                     log.warning("peer_handshake_refused", peer=self.link.peer_id, answer=err)
+                    message = err.get("message") if isinstance(err, dict) else None
+                    if isinstance(message, str) and REFUSAL_PREFIX in message:
+                        self.net.refused_by(self.link.peer_id, message)
                     self.transport.close()  # type: ignore[union-attr]
                     return
                 continue
@@ -209,6 +224,11 @@ class PeerNetwork:
         max_frame_bytes: int,
         queue_max: int = 10_000,
         rng: random.Random | None = None,
+        incarnation: str = "",
+        pins: Incarnations | None = None,
+        save_pins: Callable[[], None] | None = None,
+        log_end: Callable[[], int] | None = None,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -219,9 +239,45 @@ class PeerNetwork:
         self.packer = msgpack.Packer(use_bin_type=True)
         self.links = {pid: PeerLink(self, pid, addr) for pid, addr in peers.items() if pid != node_id}
         self.malformed = 0
+        self.refusals = 0  # peers we refused as stale (wiped or rolled-back data directories)
+        self.incarnation = incarnation
+        self.pins = pins if pins is not None else Incarnations()
+        self._save_pins = save_pins
+        self._log_end = log_end
+        self._on_refused = on_refused
         self._rng = rng or random.Random(node_id)
         self._tasks: list[asyncio.Task] = []
         self._closing = False
+
+    # ------------------------------------------------------------ identity
+    def identity(self) -> dict:
+        """What a hello (or its answer) says about this node's data directory."""
+        if not self.incarnation:
+            return {}
+        return {"incarnation": self.incarnation,
+                "log_end": self._log_end() if self._log_end is not None else 0}
+
+    def admit(self, peer_id: str, hello: dict) -> str | None:
+        """Check a peer's identity from its hello (or its answer to ours): the reason
+        to refuse it, or None. A peer met for the first time is pinned, and the pin
+        is on disk before its link carries anything."""
+        inc = hello.get("incarnation")
+        if not isinstance(inc, str):
+            return None  # a node from before incarnations: nothing to compare
+        log_end = hello.get("log_end")
+        reason = self.pins.check(peer_id, inc, log_end if type(log_end) is int else 0)
+        if reason is not None:
+            self.refusals += 1
+            log.error("peer_refused", peer=peer_id, reason=reason)
+            return reason
+        if self.pins.admit(peer_id, inc) and self._save_pins is not None:
+            self._save_pins()
+        return None
+
+    def refused_by(self, peer_id: str, reason: str) -> None:
+        log.critical("refused_by_peer", peer=peer_id, reason=reason)
+        if self._on_refused is not None:
+            self._on_refused(reason)
 
     def send(self, peer_id: str, msg: Any) -> None:
         link = self.links.get(peer_id)

@@ -255,8 +255,13 @@ class ClientConnection(asyncio.Protocol):
         if net is None or peer_id not in net.links:
             self._fatal(errors.UNAUTHENTICATED, f"peer hello: {peer_id!r} is not a cluster member")
             return
+        reason = net.admit(peer_id, obj)
+        if reason is not None:
+            self._fatal(errors.UNAUTHENTICATED, f"peer hello: {reason}")
+            return
         self._send({"id": rid, "ok": True, "node_id": cfg.node_id, "cluster_id": cfg.cluster_id,
-                    "protocol": PROTOCOL_VERSION, "server_version": __version__})
+                    "protocol": PROTOCOL_VERSION, "server_version": __version__,
+                    **net.identity()})
         self.server.connections.discard(self)  # not a client: no client limits or shutdown
         self.decoder.raise_limit(net.max_frame_bytes)
         self.peer_link = net.accept(peer_id, self.transport)  # type: ignore[arg-type]

@@ -143,6 +143,12 @@ class PaxosNode:
         g = self.groups[group]
         return g.me if g.role is Role.LEADER else g.leader_hint
 
+    def log_end(self, group: Any) -> int:
+        """The highest slot this node's log holds anything for (accepted, chosen or
+        in the snapshot): a healthy node's never falls below what it acknowledged."""
+        g = self.groups[group]
+        return max(g.log.snap_index, g.log.chosen_through, max(g.acceptor.accepted, default=0))
+
     def is_leader(self, group: Any) -> bool:
         return self.groups[group].role is Role.LEADER
 

@@ -1,0 +1,1 @@
+"""Pure membership pieces: who may take part in the cluster's protocols."""
