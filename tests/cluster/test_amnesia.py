@@ -77,7 +77,7 @@ async def test_node_with_a_wiped_data_directory_is_refused_and_exits_2(
     assert "incarnation" in line
     written.update(await put_many(laddr, "after", 20))
     await check_all(laddr, written)
-    for nid, node in cluster.nodes.items():
+    for nid in cluster.nodes:
         if nid != victim:
             st = cluster.statuses([nid])[nid]
             assert st is not None and st["ready"], (nid, st)
