@@ -73,17 +73,31 @@ def test_get_of_binary_value_is_escaped_in_text_and_exact_with_raw(run, srv):
     srv.call(lambda: srv.server.data.__setitem__(b"bin", (b"\xff\x00ok", 4)))
     r = run("get", "bin")
     assert r.exit_code == 0
-    assert r.stdout == "\\xff\x00ok\n" and "not UTF-8" in r.stderr
+    assert r.stdout == "\\xff\\x00ok\n" and "not UTF-8" in r.stderr
     r = run("get", "bin", "--raw")
     assert r.stdout_bytes == b"\xff\x00ok"
+    r = run("get", "bin", "--hex")
+    assert r.exit_code == 0 and r.stdout == "ff006f6b\n"
 
 
-def test_get_missing_key_exits_1_in_text_mode_and_prints_null_in_json(run):
+def test_get_escapes_terminal_control_bytes_and_backslashes_only_when_needed(run, srv):
+    srv.call(lambda: srv.server.data.__setitem__(b"esc", (b"red\x1b[31m\\x", 1)))
+    srv.call(lambda: srv.server.data.__setitem__(b"plain", ("a\\b\ttab\nline é".encode(), 1)))
+    r = run("get", "esc")
+    assert r.exit_code == 0 and "\x1b" not in r.stdout
+    assert r.stdout == "red\\x1b[31m\\\\x\n" and "escaped" in r.stderr
+    r = run("get", "plain")
+    assert r.stdout == "a\\b\ttab\nline é\n" and r.stderr == ""
+
+
+def test_get_missing_key_is_not_found_with_exit_1_in_both_formats(run):
     r = run("get", "nope")
-    assert r.exit_code == 1 and r.stderr == "error: key not found: nope\n"
+    assert r.exit_code == 1 and r.stderr == "error: not_found: key not found: nope\n"
     r = run("--output", "json", "get", "nope")
-    assert r.exit_code == 0
-    assert json.loads(r.stdout) == {"key": "nope", "value": None, "version": 0}
+    assert r.exit_code == 1 and r.stderr == ""
+    assert json.loads(r.stdout) == {
+        "error": {"code": "not_found", "message": "key not found: nope"}
+    }
 
 
 def test_json_output_uses_text_or_b64_suffix(run, srv):
@@ -162,9 +176,11 @@ def test_parse_txn_spec_defaults_to_empty_lists():
 def test_status_text_and_json(run):
     r = run("status")
     assert r.exit_code == 0
-    assert "node_id: n1" in r.stdout and "ready: true" in r.stdout
-    assert "  n1  127.0.0.1:1  alive" in r.stdout
-    assert "  0  leader=n1  replicas=n1" in r.stdout
+    lines = r.stdout.splitlines()
+    assert lines[:4] == ["node_id: n1", "cluster_id: c1", "ready: true", "leader: n1"]
+    assert "  NODE_ID  ADDR         STATE" in lines and "  n1       127.0.0.1:1  alive" in lines
+    assert "  ID  LEADER  REPLICAS" in lines and "  0   n1      n1" in lines
+    assert "{" not in r.stdout
     doc = json.loads(run("status", "-o", "json").stdout)
     assert doc["cluster_id"] == "c1" and doc["partitions"][0]["leader"] == "n1"
 
@@ -177,18 +193,24 @@ def test_server_error_exits_1_with_one_line_message(srv):
 
     srv.call(lambda: setattr(srv.server, "hook", hook))
     r = CliRunner().invoke(main, ["--endpoints", srv.endpoint, "put", "k", "v"])
-    assert r.exit_code == 1
+    assert r.exit_code == 3  # the write's outcome is unknown
     assert r.stderr.startswith("error: unavailable: no leader for partition 3")
-    assert "outcome unknown" in r.stderr and r.stderr.count("\n") == 1
+    assert "outcome unknown: the write may or may not have happened" in r.stderr
+    assert r.stderr.count("\n") == 1
+    r = CliRunner().invoke(main, ["--endpoints", srv.endpoint, "-o", "json", "put", "k", "v"])
+    assert r.exit_code == 3
+    err = json.loads(r.stdout)["error"]
+    assert err["code"] == "unavailable" and err["outcome_unknown"] is True
 
 
 def test_unreachable_endpoint_exits_1_and_bad_endpoint_exits_2():
     with fs.ThreadedFakeServer() as gone:
         endpoint = gone.endpoint
     r = CliRunner().invoke(main, ["get", "k", "--endpoints", endpoint, "--timeout", "0.3"])
-    assert r.exit_code == 1 and r.stderr.startswith("error: unavailable: ")
+    assert r.exit_code == 1 and r.stderr.startswith("error: connect_failed: ")
+    assert endpoint in r.stderr and "DSNODE_ENDPOINTS" in r.stderr
     r = CliRunner().invoke(main, ["get", "k", "--endpoints", "nonsense"])
-    assert r.exit_code == 2
+    assert r.exit_code == 2 and r.stderr.startswith("error: usage: --endpoints")
 
 
 def test_token_option_and_env_send_hello_first():
