@@ -236,3 +236,122 @@ def test_main_is_callable_entry_point_and_lists_client_commands():
     assert r.exit_code == 0
     for name in ("get", "put", "del", "txn", "status"):
         assert f"  {name} " in r.stdout
+
+
+# --------------------------------------------------------------------------- error contract
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "problem"),
+    [
+        (("put", "", "v"), None, "KEY must not be empty"),
+        (("get", ""), None, "KEY must not be empty"),
+        (("del", ""), None, "KEY must not be empty"),
+        (("txn",), '{"then": [{"op": "put", "key": "a", "value": "1"},'
+                   ' {"op": "delete", "key": "a"}]}', "written twice"),
+        (("txn",), '{"then": [{"op": "get", "key": ""}]}', "must not be empty"),
+        (("txn",), "{not json", "not valid JSON"),
+        (("txn",), '{"then": [{"op": "get", "key": "a", "valeu": "x"}]}', "unknown field"),
+        (("put", "k"), b"", "--allow-empty"),
+        (("-o", "json", "get", "k", "--raw"), None, "text output"),
+        (("-o", "json", "get", "k", "--show-version"), None, "text output"),
+        (("get", "k", "--raw", "--hex"), None, "exclude"),
+    ],
+)
+def test_inputs_rejected_before_sending_exit_2_with_one_error_line(run, srv, args, stdin, problem):
+    r = run(*args, input=stdin)
+    assert r.exit_code == 2, r.output
+    out = r.stdout if "json" in args else r.stderr
+    if "json" in args:
+        err = json.loads(out)["error"]
+        assert err["code"] == "usage" and problem in err["message"]
+    else:
+        assert out.startswith("error: usage: ") and problem in out and out.count("\n") == 1
+    assert srv.call(lambda: list(srv.server.requests)) == []
+
+
+def test_etcd_style_value_compare_says_only_version_compares_exist(run, srv):
+    spec = '{"if": [{"key": "a", "target": "VALUE", "result": "EQUAL", "value": "x"}]}'
+    r = run("txn", input=spec)
+    assert r.exit_code == 2 and "only version compares exist" in r.stderr
+    assert srv.call(lambda: list(srv.server.requests)) == []
+
+
+def test_click_usage_errors_follow_the_error_contract_in_text_and_json(run):
+    r = run("get")
+    assert r.exit_code == 2 and r.stderr.startswith("error: usage: Missing argument 'KEY'")
+    assert r.stderr.count("\n") == 1
+    r = run("-o", "json", "put", "k", "v", "--if-version", "x")
+    assert r.exit_code == 2 and json.loads(r.stdout)["error"]["code"] == "usage"
+
+
+def test_put_with_empty_stdin_needs_allow_empty(run, srv):
+    r = run("put", "k", "--allow-empty", input=b"")
+    assert r.exit_code == 0, r.output
+    assert srv.call(lambda: dict(srv.server.data))[b"k"] == (b"", 1)
+    assert run("put", "k2", "", input=b"").exit_code == 0  # an explicit empty VALUE is fine
+
+
+def test_txn_text_output_escapes_keys_and_values(run, srv):
+    srv.call(lambda: srv.server.data.__setitem__(b"v", (b"x\x1by\nz", 3)))
+    spec = {"then": [{"op": "put", "key_b64": base64.b64encode(b"a\x1b[2J").decode(),
+                      "value": "1"}, {"op": "get", "key": "v"}]}
+    r = run("txn", input=json.dumps(spec))
+    assert r.exit_code == 0, r.output
+    assert "\x1b" not in r.stdout
+    assert r.stdout == "succeeded: true\nput a\\x1b[2J: version 1\nget v: x\\x1by\\x0az (version 3)\n"
+
+
+def test_status_check_exits_1_when_the_node_is_not_ready(srv):
+    async def hook(req, conn):
+        if req.get("op") == "status":
+            return fs.ok(req, node_id="n1", cluster_id="c1", ready=False, members=[],
+                         partitions=[{"id": 0, "replicas": ["n1"], "leader": None}])
+        return None
+
+    srv.call(lambda: setattr(srv.server, "hook", hook))
+    runner = CliRunner()
+    r = runner.invoke(main, ["--endpoints", srv.endpoint, "status"])
+    assert r.exit_code == 0 and "ready: false" in r.stdout and "leader: -" in r.stdout
+    r = runner.invoke(main, ["--endpoints", srv.endpoint, "status", "--check"])
+    assert r.exit_code == 1
+    r = runner.invoke(main, ["--endpoints", srv.endpoint, "-o", "json", "status", "--check"])
+    assert r.exit_code == 1 and json.loads(r.stdout)["ready"] is False
+
+
+def test_endpoint_health_and_status_over_every_endpoint(srv):
+    with fs.ThreadedFakeServer() as gone:
+        dead = gone.endpoint
+    runner = CliRunner()
+    r = runner.invoke(main, ["--endpoints", srv.endpoint, "endpoint", "health"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines()[0].split() == ["ENDPOINT", "HEALTH", "TOOK", "ERROR"]
+    assert r.stdout.splitlines()[1].split()[:2] == [srv.endpoint, "true"]
+    eps = f"{srv.endpoint},{dead}"
+    r = runner.invoke(main, ["--endpoints", eps, "endpoint", "health", "-o", "json"])
+    assert r.exit_code == 1
+    rows = {e["endpoint"]: e for e in json.loads(r.stdout)["endpoints"]}
+    assert rows[srv.endpoint]["health"] is True and rows[srv.endpoint]["error"] is None
+    assert rows[dead]["health"] is False and "connect_failed" in rows[dead]["error"]
+    r = runner.invoke(main, ["--endpoints", eps, "endpoint", "status"])
+    assert r.exit_code == 1
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:3] == ["ENDPOINT", "NODE", "ID"]
+    assert any(line.startswith(srv.endpoint) and " n1 " in line for line in lines)
+    r = runner.invoke(main, ["--endpoints", srv.endpoint, "endpoint", "status", "-o", "json"])
+    assert r.exit_code == 0
+    (row,) = json.loads(r.stdout)["endpoints"]
+    assert row["node_id"] == "n1" and row["leader"] == "n1" and row["ready"] is True
+
+
+def test_help_lists_real_commands_and_describes_options():
+    r = CliRunner().invoke(main, ["--help"])
+    assert "partitioned" not in r.stdout and "endpoint" in r.stdout
+    for cmd in (["del"], ["local-cluster"], ["bench"], ["endpoint", "health"]):
+        r = CliRunner().invoke(main, [*cmd, "--help"])
+        assert r.exit_code == 0
+        options = r.stdout.split("Options:")[1]
+        for line in options.splitlines():
+            if line.startswith("  -") and "--help" not in line:
+                # every option line carries a description after the flag(s)
+                assert len(line.split("  ")) > 2 or line.rstrip().endswith("]"), line
