@@ -132,7 +132,7 @@ def test_run_local_survives_a_sigkilled_node_and_restarts_it(tmp_path, clusters)
     assert dsnode("put", "before", "1", endpoints=survivors).returncode == 0
 
     os.kill(pids["n3"], signal.SIGKILL)
-    wait_until(lambda: "node n3 (127.0.0.1:%d) killed by SIGKILL" % ports[2] in lc.output(),
+    wait_until(lambda: f"node n3 (127.0.0.1:{ports[2]}) killed by SIGKILL" in lc.output(),
                20.0, "the kill to be reported", lc.output)
     assert lc.proc.poll() is None, lc.output()  # the cluster did not stop
     assert "the others keep serving; restarting it in 0.5s" in lc.output()
