@@ -355,3 +355,44 @@ def test_help_lists_real_commands_and_describes_options():
             if line.startswith("  -") and "--help" not in line:
                 # every option line carries a description after the flag(s)
                 assert len(line.split("  ")) > 2 or line.rstrip().endswith("]"), line
+
+
+# --------------------------------------------------------------------------- serve flags
+
+
+def test_serve_flags_have_descriptions_and_types_from_the_settings_model():
+    from dsnode.config import SETTINGS
+    from dsnode.runtime.main import serve_command
+
+    params = {p.name: p for p in serve_command.params}
+    for name in SETTINGS:
+        p = params[name]
+        assert p.help and not p.help.startswith("["), f"--{name} has no description"
+    assert params["max_key_bytes"].type.name == "integer"
+    assert params["clock_drift_max"].type.name == "float"
+    assert params["fsync"].type.name == "boolean"
+    assert list(params["log_level"].type.choices) == ["debug", "info", "warning", "error"]
+    assert list(params["log_format"].type.choices) == ["auto", "console", "json"]
+    assert params["listen"].type.name == "text"
+    r = CliRunner().invoke(main, ["serve", "--help"])
+    assert "--max-key-bytes INTEGER" in r.stdout and "--fsync BOOLEAN" in r.stdout
+    assert "[debug|info|warning|error]" in r.stdout
+
+
+def test_serve_flags_still_override_environment_and_toml(monkeypatch, tmp_path):
+    import dsnode.runtime.main as serve_main
+
+    seen = []
+    monkeypatch.setattr(serve_main, "run", lambda config: seen.append(config) or 0)
+    toml = tmp_path / "node.toml"
+    toml.write_text("max_key_bytes = 7\nfsync = true\nlog_level = 'error'\n")
+    env = {"DSNODE_FSYNC": "true", "DSNODE_MAX_KEY_BYTES": "9"}
+    r = CliRunner().invoke(main, ["serve", "--config", str(toml), "--fsync", "false",
+                                  "--max-key-bytes", "11"], env=env)
+    assert r.exit_code == 0, r.output
+    cfg = seen[-1]
+    assert (cfg.fsync, cfg.max_key_bytes, cfg.log_level) == (False, 11, "error")
+    r = CliRunner().invoke(main, ["serve", "--config", str(toml)], env=env)
+    assert (seen[-1].fsync, seen[-1].max_key_bytes) == (True, 9)
+    r = CliRunner().invoke(main, ["serve", "--max-key-bytes", "0"])
+    assert r.exit_code == 2 and "max_key_bytes" in r.stderr  # range still checked by pydantic

@@ -436,7 +436,28 @@ def _settings_options(f):
     return f
 
 
-@click.command("serve", context_settings={"max_content_width": 100})
+class _ServeCommand(click.Command):
+    """A bad flag is bad configuration like any other: one line ``dsnode: ...`` naming the
+    setting on stderr, exit 2 (PROTOCOL.md), not click's usage text."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.BadParameter as e:
+            if e.param is not None and e.param.name in SETTINGS:
+                where = f"{e.param.name} (from {e.param.opts[0]})"
+            else:
+                where = e.param.opts[0] if e.param is not None else "flag"
+            message = e.message.split(" Recognized values:")[0]
+            if isinstance(e.param.type if e.param is not None else None, click.types.BoolParamType):
+                message += " (use true or false)"
+            print(f"dsnode: invalid setting {where}: {message}", file=sys.stderr)
+        except click.UsageError as e:
+            print(f"dsnode: {e.format_message()} (see 'dsnode serve --help')", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+
+
+@click.command("serve", cls=_ServeCommand, context_settings={"max_content_width": 100})
 @click.option("--config", "config_file", type=str, default=None,
               help="TOML file with settings [env: DSNODE_CONFIG]")
 @_settings_options
