@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import pytest
 from harness import ServerPool, _bindable, free_port, sync_call, wait_until
+
+from dsnode.client import SyncClient
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
@@ -253,3 +256,37 @@ def test_a_put_that_cannot_reach_a_leader_is_unavailable_not_a_timeout(pool: Ser
     assert r.returncode == 1, r.stderr
     assert r.stderr.startswith(b"error: unavailable: no leader reachable"), r.stderr
     assert b"outcome unknown" not in r.stderr
+
+
+def test_bench_writes_under_its_prefix_and_cleanup_deletes_what_it_wrote(pool: ServerPool):
+    n1 = pool.start("--fsync", "false")
+    ep = n1.listen
+
+    def keys() -> int:
+        r = dsnode("-o", "json", "status", endpoints=ep)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["keys"]
+
+    assert dsnode("put", "mine", "precious", endpoints=ep).returncode == 0
+    bench = ("bench", "--endpoints", ep, "--connections", "2", "--inflight", "8",
+             "--requests", "400", "--keyspace", "40", "--mix", "put=1,get=1,txn=1",
+             "--output", "json")
+    r = dsnode(*bench, "--prefix", "tmp/", endpoints=ep, timeout=60)
+    assert r.returncode == 0, r.stderr
+    written = keys() - 1
+    assert 0 < written <= 40
+    with SyncClient(ep, timeout=10) as c:  # keys padded to --key-size 16: tmp/k00000000007
+        under_prefix = sum(c.get(f"tmp/k{i:011d}").version > 0 for i in range(40))
+    assert under_prefix == written
+    assert dsnode("get", "mine", endpoints=ep).stdout == b"precious\n"
+
+    r = dsnode(*bench, "--cleanup", endpoints=ep, timeout=60)  # default prefix bench/
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["config"]["prefix"] == "bench/" and report["cleanup"]["errors"] == 0
+    assert report["cleanup"]["deleted"] > 0
+    assert keys() == 1 + written  # every bench/ key is gone; tmp/ and mine are untouched
+    assert dsnode("get", "mine", endpoints=ep).stdout == b"precious\n"
+    r = dsnode("bench", "--endpoints", ep, "--requests", "1", "--prefix", "x" * 20,
+               endpoints=ep)
+    assert r.returncode == 2 and b"--prefix" in r.stderr
