@@ -396,3 +396,36 @@ def test_serve_flags_still_override_environment_and_toml(monkeypatch, tmp_path):
     assert (seen[-1].fsync, seen[-1].max_key_bytes) == (True, 9)
     r = CliRunner().invoke(main, ["serve", "--max-key-bytes", "0"])
     assert r.exit_code == 2 and "max_key_bytes" in r.stderr  # range still checked by pydantic
+
+
+def test_write_without_an_answer_is_outcome_unknown_with_exit_3(srv):
+    async def hook(req, conn):
+        return fs.SILENT if req.get("op") in ("put", "txn") else None
+
+    srv.call(lambda: setattr(srv.server, "hook", hook))
+    runner = CliRunner()
+    r = runner.invoke(main, ["--endpoints", srv.endpoint, "--timeout", "0.4", "put", "k", "v"])
+    assert r.exit_code == 3
+    assert r.stderr.startswith("error: deadline_exceeded: no answer from the server within 0.4s")
+    assert "outcome unknown: the write may or may not have happened" in r.stderr
+    r = runner.invoke(main, ["--endpoints", srv.endpoint, "--timeout", "0.4", "-o", "json",
+                             "txn"], input="{}")
+    assert r.exit_code == 3
+    assert json.loads(r.stdout)["error"]["outcome_unknown"] is True
+
+
+def test_put_without_value_refuses_to_read_a_terminal():
+    import os
+    import pty
+    import subprocess
+
+    master, slave = pty.openpty()
+    try:
+        r = subprocess.run([sys.executable, "-m", "dsnode", "put", "k"], stdin=slave,
+                           capture_output=True, timeout=20,
+                           env={**os.environ, "DSNODE_ENDPOINTS": "127.0.0.1:1"})
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert r.returncode == 2
+    assert r.stderr.decode().startswith("error: usage: no VALUE given and stdin is a terminal")
