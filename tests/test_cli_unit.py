@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -347,14 +348,17 @@ def test_endpoint_health_and_status_over_every_endpoint(srv):
 def test_help_lists_real_commands_and_describes_options():
     r = CliRunner().invoke(main, ["--help"])
     assert "partitioned" not in r.stdout and "endpoint" in r.stdout
-    for cmd in (["del"], ["local-cluster"], ["bench"], ["endpoint", "health"]):
-        r = CliRunner().invoke(main, [*cmd, "--help"])
-        assert r.exit_code == 0
-        options = r.stdout.split("Options:")[1]
-        for line in options.splitlines():
-            if line.startswith("  -") and "--help" not in line:
-                # every option line carries a description after the flag(s)
-                assert len(line.split("  ")) > 2 or line.rstrip().endswith("]"), line
+    ctx = click.Context(main)
+    for path in (["get"], ["put"], ["del"], ["txn"], ["status"], ["local-cluster"], ["bench"],
+                 ["endpoint", "health"], ["endpoint", "status"]):
+        cmd: Any = main
+        for name in path:
+            cmd = cmd.get_command(ctx, name)
+        for p in cmd.params:
+            if isinstance(p, click.Option):
+                assert p.help, f"dsnode {' '.join(path)} {p.opts[0]} has no description"
+        r = CliRunner().invoke(main, [*path, "--help"])
+        assert r.exit_code == 0, r.output
 
 
 # --------------------------------------------------------------------------- serve flags
