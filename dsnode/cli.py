@@ -273,15 +273,6 @@ def _run(settings: Settings, action: Callable[[Client], Awaitable[T]]) -> T:
 # --------------------------------------------------------------------------- output helpers
 
 
-def _text(data: bytes) -> str:
-    """Bytes as safe text: escaped when not plain UTF-8 (see cli_format.escape)."""
-    return escape(data)[0]
-
-
-def _jsonable(obj: Any) -> Any:
-    return jsonable(obj)
-
-
 def _print_json(obj: dict[str, Any]) -> None:
     click.echo(json.dumps(jsonable(obj), ensure_ascii=False))
 
