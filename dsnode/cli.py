@@ -290,6 +290,11 @@ def _key_arg(key: str) -> bytes:
 
 # --------------------------------------------------------------------------- the group
 
+# click >= 8.2 raises this (a UsageError) for a group invoked without a subcommand.
+_NO_ARGS_IS_HELP: type[Exception] = getattr(
+    click.exceptions, "NoArgsIsHelpError", type("_Never", (Exception,), {})
+)
+
 
 class LazyGroup(click.Group):
     """A click group whose optional subcommands are imported on first use.
@@ -352,6 +357,9 @@ class LazyGroup(click.Group):
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except CommandError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except _NO_ARGS_IS_HELP as exc:  # `dsnode` alone: the help, as click shows it
             exc.show()
             sys.exit(exc.exit_code)
         except click.UsageError as exc:

@@ -290,3 +290,18 @@ def test_bench_writes_under_its_prefix_and_cleanup_deletes_what_it_wrote(pool: S
     r = dsnode("bench", "--endpoints", ep, "--requests", "1", "--prefix", "x" * 20,
                endpoints=ep)
     assert r.returncode == 2 and b"--prefix" in r.stderr
+
+
+def test_serve_on_a_port_in_use_fails_before_creating_or_logging_anything(tmp_path):
+    import socket
+
+    data = tmp_path / "fresh"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([*DSNODE, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir",
+                            str(data), "--log-format", "json"], capture_output=True, timeout=30)
+    assert r.returncode == 2 and r.stdout == b""
+    assert r.stderr.decode() == f"dsnode: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert not data.exists()
