@@ -70,8 +70,11 @@ class NodeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
-    node_id: str = "n1"
-    listen: str = f"127.0.0.1:{DEFAULT_PORT}"
+    node_id: str = Field(default="n1", description="this node's id, unique in the cluster")
+    listen: str = Field(
+        default=f"127.0.0.1:{DEFAULT_PORT}",
+        description="HOST:PORT to listen on, for clients and peers alike",
+    )
     advertise: str | None = Field(
         default=None, description="address peers use for this node; defaults to its --peers entry"
     )
@@ -79,25 +82,40 @@ class NodeConfig(BaseModel):
         default=None, description="initial cluster ID=HOST:PORT,...; defaults to this node alone"
     )
     data_dir: Path | None = Field(default=None, description="defaults to ./dsnode-data/<node_id>")
-    cluster_id: str = "dsnode"
-    auth_token: str | None = None
+    cluster_id: str = Field(
+        default="dsnode", description="cluster name; nodes of another cluster are refused"
+    )
+    auth_token: str | None = Field(
+        default=None, description="token clients and peers must send in hello; none: no auth"
+    )
 
     # limits
-    max_frame_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=1 << 30)
-    max_key_bytes: int = Field(default=1024, ge=1, le=1 << 20)
-    max_value_bytes: int = Field(default=1024 * 1024, ge=0, le=1 << 30)
-    max_txn_ops: int = Field(default=128, ge=1, le=100_000)
+    max_frame_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, le=1 << 30, description="largest frame accepted, bytes"
+    )
+    max_key_bytes: int = Field(default=1024, ge=1, le=1 << 20, description="longest key, bytes")
+    max_value_bytes: int = Field(
+        default=1024 * 1024, ge=0, le=1 << 30, description="largest value, bytes"
+    )
+    max_txn_ops: int = Field(
+        default=128, ge=1, le=100_000, description="compares plus sub-ops allowed in one txn"
+    )
     inflight_requests_max: int = Field(
         default=4096, ge=1, description="requests in flight per node before load is shed"
     )
     connection_inflight_max: int = Field(
         default=1024, ge=1, description="requests in flight per client connection before it is paused"
     )
-    max_connections: int = Field(default=4096, ge=1)
+    max_connections: int = Field(default=4096, ge=1, description="client connections at once")
 
     # durability and storage
-    fsync: bool = True
-    wal_segment_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
+    fsync: bool = Field(
+        default=True, description="fsync the log before acknowledging a write (false: survives "
+        "a killed process, not a power loss)",
+    )
+    wal_segment_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=4096, description="size of one write-ahead log file, bytes"
+    )
     snapshot_every_records: int = Field(
         default=100_000, ge=1,
         description="WAL records between checkpoints that let old log segments be deleted",
@@ -107,16 +125,34 @@ class NodeConfig(BaseModel):
     )
 
     # time
-    tick_interval_ms: int = Field(default=10, ge=1, le=10_000)
-    heartbeat_interval_ms: int = Field(default=50, ge=1)
-    election_timeout_ms: int = Field(default=500, ge=1)
-    clock_drift_max: float = Field(default=0.1, ge=0.0, lt=1.0)
-    request_timeout_ms: int = Field(default=10_000, ge=1)
-    shutdown_timeout_ms: int = Field(default=8_000, ge=100, le=60_000)
+    tick_interval_ms: int = Field(
+        default=10, ge=1, le=10_000, description="timer resolution of the protocol cores, ms"
+    )
+    heartbeat_interval_ms: int = Field(
+        default=50, ge=1, description="leader heartbeat period, ms (below the election timeout)"
+    )
+    election_timeout_ms: int = Field(
+        default=500, ge=1, description="silence from the leader before another node takes over, ms"
+    )
+    clock_drift_max: float = Field(
+        default=0.1, ge=0.0, lt=1.0,
+        description="assumed bound on clock rate differences between nodes (0.1 = 10%)",
+    )
+    request_timeout_ms: int = Field(
+        default=10_000, ge=1, description="deadline of a request that sends no timeout_ms, ms"
+    )
+    shutdown_timeout_ms: int = Field(
+        default=8_000, ge=100, le=60_000,
+        description="time in-flight requests get to finish on SIGTERM, ms",
+    )
 
     # logging
-    log_format: Literal["auto", "console", "json"] = "auto"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "console", "json"] = Field(
+        default="auto", description="auto: console on a terminal, else json lines"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="least severe log level written"
+    )
 
     @field_validator("node_id", "cluster_id")
     @classmethod

@@ -21,6 +21,10 @@ if [ ! -x "$VENV/bin/python" ]; then
     fi
 fi
 stamp="$VENV/.dsnode-installed$extras"
+if [ -z "$extras" ] && [ -f "$VENV/.dsnode-installed[test]" ] &&
+   [ ! "$ROOT/pyproject.toml" -nt "$VENV/.dsnode-installed[test]" ]; then
+    stamp="$VENV/.dsnode-installed[test]"  # installed with the test extras: a superset
+fi
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
     log="$VENV/pip-install.log"
     if ! { "$VENV/bin/python" -m pip install --upgrade pip &&

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -73,17 +74,31 @@ def test_get_of_binary_value_is_escaped_in_text_and_exact_with_raw(run, srv):
     srv.call(lambda: srv.server.data.__setitem__(b"bin", (b"\xff\x00ok", 4)))
     r = run("get", "bin")
     assert r.exit_code == 0
-    assert r.stdout == "\\xff\x00ok\n" and "not UTF-8" in r.stderr
+    assert r.stdout == "\\xff\\x00ok\n" and "not UTF-8" in r.stderr
     r = run("get", "bin", "--raw")
     assert r.stdout_bytes == b"\xff\x00ok"
+    r = run("get", "bin", "--hex")
+    assert r.exit_code == 0 and r.stdout == "ff006f6b\n"
 
 
-def test_get_missing_key_exits_1_in_text_mode_and_prints_null_in_json(run):
+def test_get_escapes_terminal_control_bytes_and_backslashes_only_when_needed(run, srv):
+    srv.call(lambda: srv.server.data.__setitem__(b"esc", (b"red\x1b[31m\\x", 1)))
+    srv.call(lambda: srv.server.data.__setitem__(b"plain", ("a\\b\ttab\nline é".encode(), 1)))
+    r = run("get", "esc")
+    assert r.exit_code == 0 and "\x1b" not in r.stdout
+    assert r.stdout == "red\\x1b[31m\\\\x\n" and "escaped" in r.stderr
+    r = run("get", "plain")
+    assert r.stdout == "a\\b\ttab\nline é\n" and r.stderr == ""
+
+
+def test_get_missing_key_is_not_found_with_exit_1_in_both_formats(run):
     r = run("get", "nope")
-    assert r.exit_code == 1 and r.stderr == "error: key not found: nope\n"
+    assert r.exit_code == 1 and r.stderr == "error: not_found: key not found: nope\n"
     r = run("--output", "json", "get", "nope")
-    assert r.exit_code == 0
-    assert json.loads(r.stdout) == {"key": "nope", "value": None, "version": 0}
+    assert r.exit_code == 1 and r.stderr == ""
+    assert json.loads(r.stdout) == {
+        "error": {"code": "not_found", "message": "key not found: nope"}
+    }
 
 
 def test_json_output_uses_text_or_b64_suffix(run, srv):
@@ -162,9 +177,11 @@ def test_parse_txn_spec_defaults_to_empty_lists():
 def test_status_text_and_json(run):
     r = run("status")
     assert r.exit_code == 0
-    assert "node_id: n1" in r.stdout and "ready: true" in r.stdout
-    assert "  n1  127.0.0.1:1  alive" in r.stdout
-    assert "  0  leader=n1  replicas=n1" in r.stdout
+    lines = r.stdout.splitlines()
+    assert lines[:4] == ["node_id: n1", "cluster_id: c1", "ready: true", "leader: n1"]
+    assert "  NODE_ID  ADDR         STATE" in lines and "  n1       127.0.0.1:1  alive" in lines
+    assert "  ID  LEADER  REPLICAS" in lines and "  0   n1      n1" in lines
+    assert "{" not in r.stdout
     doc = json.loads(run("status", "-o", "json").stdout)
     assert doc["cluster_id"] == "c1" and doc["partitions"][0]["leader"] == "n1"
 
@@ -177,18 +194,24 @@ def test_server_error_exits_1_with_one_line_message(srv):
 
     srv.call(lambda: setattr(srv.server, "hook", hook))
     r = CliRunner().invoke(main, ["--endpoints", srv.endpoint, "put", "k", "v"])
-    assert r.exit_code == 1
+    assert r.exit_code == 3  # the write's outcome is unknown
     assert r.stderr.startswith("error: unavailable: no leader for partition 3")
-    assert "outcome unknown" in r.stderr and r.stderr.count("\n") == 1
+    assert "outcome unknown: the write may or may not have happened" in r.stderr
+    assert r.stderr.count("\n") == 1
+    r = CliRunner().invoke(main, ["--endpoints", srv.endpoint, "-o", "json", "put", "k", "v"])
+    assert r.exit_code == 3
+    err = json.loads(r.stdout)["error"]
+    assert err["code"] == "unavailable" and err["outcome_unknown"] is True
 
 
 def test_unreachable_endpoint_exits_1_and_bad_endpoint_exits_2():
     with fs.ThreadedFakeServer() as gone:
         endpoint = gone.endpoint
     r = CliRunner().invoke(main, ["get", "k", "--endpoints", endpoint, "--timeout", "0.3"])
-    assert r.exit_code == 1 and r.stderr.startswith("error: unavailable: ")
+    assert r.exit_code == 1 and r.stderr.startswith("error: connect_failed: ")
+    assert endpoint in r.stderr and "DSNODE_ENDPOINTS" in r.stderr
     r = CliRunner().invoke(main, ["get", "k", "--endpoints", "nonsense"])
-    assert r.exit_code == 2
+    assert r.exit_code == 2 and r.stderr.startswith("error: usage: --endpoints")
 
 
 def test_token_option_and_env_send_hello_first():
@@ -214,3 +237,199 @@ def test_main_is_callable_entry_point_and_lists_client_commands():
     assert r.exit_code == 0
     for name in ("get", "put", "del", "txn", "status"):
         assert f"  {name} " in r.stdout
+
+
+# --------------------------------------------------------------------------- error contract
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "problem"),
+    [
+        (("put", "", "v"), None, "KEY must not be empty"),
+        (("get", ""), None, "KEY must not be empty"),
+        (("del", ""), None, "KEY must not be empty"),
+        (("txn",), '{"then": [{"op": "put", "key": "a", "value": "1"},'
+                   ' {"op": "delete", "key": "a"}]}', "written twice"),
+        (("txn",), '{"then": [{"op": "get", "key": ""}]}', "must not be empty"),
+        (("txn",), "{not json", "not valid JSON"),
+        (("txn",), '{"then": [{"op": "get", "key": "a", "valeu": "x"}]}', "unknown field"),
+        (("put", "k"), b"", "--allow-empty"),
+        (("-o", "json", "get", "k", "--raw"), None, "text output"),
+        (("-o", "json", "get", "k", "--show-version"), None, "text output"),
+        (("get", "k", "--raw", "--hex"), None, "exclude"),
+    ],
+)
+def test_inputs_rejected_before_sending_exit_2_with_one_error_line(run, srv, args, stdin, problem):
+    r = run(*args, input=stdin)
+    assert r.exit_code == 2, r.output
+    out = r.stdout if "json" in args else r.stderr
+    if "json" in args:
+        err = json.loads(out)["error"]
+        assert err["code"] == "usage" and problem in err["message"]
+    else:
+        assert out.startswith("error: usage: ") and problem in out and out.count("\n") == 1
+    assert srv.call(lambda: list(srv.server.requests)) == []
+
+
+def test_etcd_style_value_compare_says_only_version_compares_exist(run, srv):
+    spec = '{"if": [{"key": "a", "target": "VALUE", "result": "EQUAL", "value": "x"}]}'
+    r = run("txn", input=spec)
+    assert r.exit_code == 2 and "only version compares exist" in r.stderr
+    assert srv.call(lambda: list(srv.server.requests)) == []
+
+
+def test_click_usage_errors_follow_the_error_contract_in_text_and_json(run):
+    r = run("get")
+    assert r.exit_code == 2 and r.stderr.startswith("error: usage: Missing argument 'KEY'")
+    assert r.stderr.count("\n") == 1
+    r = run("-o", "json", "put", "k", "v", "--if-version", "x")
+    assert r.exit_code == 2 and json.loads(r.stdout)["error"]["code"] == "usage"
+
+
+def test_put_with_empty_stdin_needs_allow_empty(run, srv):
+    r = run("put", "k", "--allow-empty", input=b"")
+    assert r.exit_code == 0, r.output
+    assert srv.call(lambda: dict(srv.server.data))[b"k"] == (b"", 1)
+    assert run("put", "k2", "", input=b"").exit_code == 0  # an explicit empty VALUE is fine
+
+
+def test_txn_text_output_escapes_keys_and_values(run, srv):
+    srv.call(lambda: srv.server.data.__setitem__(b"v", (b"x\x1by\nz", 3)))
+    spec = {"then": [{"op": "put", "key_b64": base64.b64encode(b"a\x1b[2J").decode(),
+                      "value": "1"}, {"op": "get", "key": "v"}]}
+    r = run("txn", input=json.dumps(spec))
+    assert r.exit_code == 0, r.output
+    assert "\x1b" not in r.stdout
+    assert r.stdout == "succeeded: true\nput a\\x1b[2J: version 1\nget v: x\\x1by\\x0az (version 3)\n"
+
+
+def test_status_check_exits_1_when_the_node_is_not_ready(srv):
+    async def hook(req, conn):
+        if req.get("op") == "status":
+            return fs.ok(req, node_id="n1", cluster_id="c1", ready=False, members=[],
+                         partitions=[{"id": 0, "replicas": ["n1"], "leader": None}])
+        return None
+
+    srv.call(lambda: setattr(srv.server, "hook", hook))
+    runner = CliRunner()
+    r = runner.invoke(main, ["--endpoints", srv.endpoint, "status"])
+    assert r.exit_code == 0 and "ready: false" in r.stdout and "leader: -" in r.stdout
+    r = runner.invoke(main, ["--endpoints", srv.endpoint, "status", "--check"])
+    assert r.exit_code == 1
+    r = runner.invoke(main, ["--endpoints", srv.endpoint, "-o", "json", "status", "--check"])
+    assert r.exit_code == 1 and json.loads(r.stdout)["ready"] is False
+
+
+def test_endpoint_health_and_status_over_every_endpoint(srv):
+    with fs.ThreadedFakeServer() as gone:
+        dead = gone.endpoint
+    runner = CliRunner()
+    r = runner.invoke(main, ["--endpoints", srv.endpoint, "endpoint", "health"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines()[0].split() == ["ENDPOINT", "HEALTH", "TOOK", "ERROR"]
+    assert r.stdout.splitlines()[1].split()[:2] == [srv.endpoint, "true"]
+    eps = f"{srv.endpoint},{dead}"
+    r = runner.invoke(main, ["--endpoints", eps, "endpoint", "health", "-o", "json"])
+    assert r.exit_code == 1
+    rows = {e["endpoint"]: e for e in json.loads(r.stdout)["endpoints"]}
+    assert rows[srv.endpoint]["health"] is True and rows[srv.endpoint]["error"] is None
+    assert rows[dead]["health"] is False and "connect_failed" in rows[dead]["error"]
+    r = runner.invoke(main, ["--endpoints", eps, "endpoint", "status"])
+    assert r.exit_code == 1
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:3] == ["ENDPOINT", "NODE", "ID"]
+    assert any(line.startswith(srv.endpoint) and " n1 " in line for line in lines)
+    r = runner.invoke(main, ["--endpoints", srv.endpoint, "endpoint", "status", "-o", "json"])
+    assert r.exit_code == 0
+    (row,) = json.loads(r.stdout)["endpoints"]
+    assert row["node_id"] == "n1" and row["leader"] == "n1" and row["ready"] is True
+
+
+def test_help_lists_real_commands_and_describes_options():
+    r = CliRunner().invoke(main, ["--help"])
+    assert "partitioned" not in r.stdout and "endpoint" in r.stdout
+    ctx = click.Context(main)
+    for path in (["get"], ["put"], ["del"], ["txn"], ["status"], ["local-cluster"], ["bench"],
+                 ["endpoint", "health"], ["endpoint", "status"]):
+        cmd: Any = main
+        for name in path:
+            cmd = cmd.get_command(ctx, name)
+        for p in cmd.params:
+            if isinstance(p, click.Option):
+                assert p.help, f"dsnode {' '.join(path)} {p.opts[0]} has no description"
+        r = CliRunner().invoke(main, [*path, "--help"])
+        assert r.exit_code == 0, r.output
+
+
+# --------------------------------------------------------------------------- serve flags
+
+
+def test_serve_flags_have_descriptions_and_types_from_the_settings_model():
+    from dsnode.config import SETTINGS
+    from dsnode.runtime.main import serve_command
+
+    params = {p.name: p for p in serve_command.params}
+    for name in SETTINGS:
+        p = params[name]
+        assert p.help and not p.help.startswith("["), f"--{name} has no description"
+    assert params["max_key_bytes"].type.name == "integer"
+    assert params["clock_drift_max"].type.name == "float"
+    assert params["fsync"].type.name == "boolean"
+    assert list(params["log_level"].type.choices) == ["debug", "info", "warning", "error"]
+    assert list(params["log_format"].type.choices) == ["auto", "console", "json"]
+    assert params["listen"].type.name == "text"
+    r = CliRunner().invoke(main, ["serve", "--help"])
+    assert "--max-key-bytes INTEGER" in r.stdout and "--fsync BOOLEAN" in r.stdout
+    assert "[debug|info|warning|error]" in r.stdout
+
+
+def test_serve_flags_still_override_environment_and_toml(monkeypatch, tmp_path):
+    import dsnode.runtime.main as serve_main
+
+    seen = []
+    monkeypatch.setattr(serve_main, "run", lambda config: seen.append(config) or 0)
+    toml = tmp_path / "node.toml"
+    toml.write_text("max_key_bytes = 7\nfsync = true\nlog_level = 'error'\n")
+    env = {"DSNODE_FSYNC": "true", "DSNODE_MAX_KEY_BYTES": "9"}
+    r = CliRunner().invoke(main, ["serve", "--config", str(toml), "--fsync", "false",
+                                  "--max-key-bytes", "11"], env=env)
+    assert r.exit_code == 0, r.output
+    cfg = seen[-1]
+    assert (cfg.fsync, cfg.max_key_bytes, cfg.log_level) == (False, 11, "error")
+    r = CliRunner().invoke(main, ["serve", "--config", str(toml)], env=env)
+    assert (seen[-1].fsync, seen[-1].max_key_bytes) == (True, 9)
+    r = CliRunner().invoke(main, ["serve", "--max-key-bytes", "0"])
+    assert r.exit_code == 2 and "max_key_bytes" in r.stderr  # range still checked by pydantic
+
+
+def test_write_without_an_answer_is_outcome_unknown_with_exit_3(srv):
+    async def hook(req, conn):
+        return fs.SILENT if req.get("op") in ("put", "txn") else None
+
+    srv.call(lambda: setattr(srv.server, "hook", hook))
+    runner = CliRunner()
+    r = runner.invoke(main, ["--endpoints", srv.endpoint, "--timeout", "0.4", "put", "k", "v"])
+    assert r.exit_code == 3
+    assert r.stderr.startswith("error: deadline_exceeded: no answer from the server within 0.4s")
+    assert "outcome unknown: the write may or may not have happened" in r.stderr
+    r = runner.invoke(main, ["--endpoints", srv.endpoint, "--timeout", "0.4", "-o", "json",
+                             "txn"], input="{}")
+    assert r.exit_code == 3
+    assert json.loads(r.stdout)["error"]["outcome_unknown"] is True
+
+
+def test_put_without_value_refuses_to_read_a_terminal():
+    import os
+    import pty
+    import subprocess
+
+    master, slave = pty.openpty()
+    try:
+        r = subprocess.run([sys.executable, "-m", "dsnode", "put", "k"], stdin=slave,
+                           capture_output=True, timeout=20,
+                           env={**os.environ, "DSNODE_ENDPOINTS": "127.0.0.1:1"})
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert r.returncode == 2
+    assert r.stderr.decode().startswith("error: usage: no VALUE given and stdin is a terminal")

@@ -159,6 +159,17 @@ def _inherit_group_settings(
     help="Report format (json: one object on stdout).",
 )
 @click.option(
+    "--prefix",
+    default="bench/",
+    help="Every key the bench writes or reads starts with this, so it stays out of the "
+    "rest of the keyspace (counts towards --key-size).",
+)
+@click.option(
+    "--cleanup",
+    is_flag=True,
+    help="Afterwards, delete every key the run wrote (batched txns on one connection).",
+)
+@click.option(
     "--progress/--no-progress",
     default=None,
     show_default=False,
@@ -187,6 +198,8 @@ def bench_command(
     connect_timeout: float,
     drain_timeout: float,
     output: str,
+    prefix: str,
+    cleanup: bool,
     progress: bool | None,
 ) -> None:
     """Benchmark a dsnode (or Redis) server with pipelined puts, gets and txns.
@@ -215,6 +228,8 @@ def bench_command(
             processes=processes,
             connect_timeout=connect_timeout,
             drain_timeout=drain_timeout,
+            prefix=prefix,
+            cleanup=cleanup,
         ).validated()
     except BenchError as exc:
         raise click.UsageError(str(exc)) from None

@@ -118,6 +118,8 @@ class BenchConfig:
     processes: int = 1
     connect_timeout: float = 5.0
     drain_timeout: float = 5.0
+    prefix: str = "bench/"
+    cleanup: bool = False
 
     def validated(self) -> BenchConfig:
         """Check and normalise (default endpoint port, duration default, clamps)."""
@@ -145,10 +147,11 @@ class BenchConfig:
         if self.warmup < 0:
             raise BenchError("--warmup must be >= 0")
         digits = len(str(self.keyspace - 1))
-        if self.key_size < digits + 1:
+        need = len(self.prefix.encode()) + digits + 1
+        if self.key_size < need:
             raise BenchError(
-                f"--key-size {self.key_size} too small for --keyspace {self.keyspace} "
-                f"(needs >= {digits + 1})"
+                f"--key-size {self.key_size} too small for --prefix {self.prefix!r} and "
+                f"--keyspace {self.keyspace} (needs >= {need})"
             )
         if self.consistency not in CONSISTENCIES:
             raise BenchError(f"--consistency must be one of {CONSISTENCIES}")
@@ -246,8 +249,9 @@ class _Load:
         self.last_connect_error: str | None = None
         rng = random.Random(f"dsnode-bench/{config.seed}/value")
         self.value = rng.randbytes(config.value_size)
-        self.key_fmt = b"k%0" + str(config.key_size - 1).encode() + b"d"
+        self.key_fmt = key_format(config)
         self.keyspace = config.keyspace
+        self.written: bytearray | None = bytearray(config.keyspace) if config.cleanup else None
         self.txn_ops = config.txn_ops
 
     def stop_issuing(self) -> None:
@@ -351,26 +355,35 @@ class _Conn:
         def done(code: str | None) -> None:
             self._complete(op, t0, recorded, code)
 
-        key = load.key_fmt % int(rng.random() * load.keyspace)
+        idx = int(rng.random() * load.keyspace)
+        key = load.key_fmt % idx
         if op == "put":
+            if load.written is not None:
+                load.written[idx] = 1
             target.start_put(key, load.value, done)
         elif op == "get":
             target.start_get(key, done)
         else:
-            target.start_txn(self._txn_ops(key), done)
+            target.start_txn(self._txn_ops(idx), done)
 
-    def _txn_ops(self, first_key: bytes) -> list[TxnOp]:
+    def _txn_ops(self, first: int) -> list[TxnOp]:
         load = self.load
-        keys = [first_key]
-        seen = {first_key}
-        while len(keys) < load.txn_ops:
-            k = load.key_fmt % int(self.rng.random() * load.keyspace)
-            if k not in seen:
-                seen.add(k)
-                keys.append(k)
+        idxs = [first]
+        seen = {first}
+        while len(idxs) < load.txn_ops:
+            i = int(self.rng.random() * load.keyspace)
+            if i not in seen:
+                seen.add(i)
+                idxs.append(i)
+        written = load.written
+        if written is not None:
+            for i in idxs[::2]:
+                written[i] = 1
         # Alternate put, get, put, ... on distinct keys (each key written at most once).
+        fmt = load.key_fmt
         return [
-            ("put", k, load.value) if i % 2 == 0 else ("get", k, None) for i, k in enumerate(keys)
+            ("put", fmt % k, load.value) if i % 2 == 0 else ("get", fmt % k, None)
+            for i, k in enumerate(idxs)
         ]
 
     def _complete(self, op: str, t0: int, recorded: bool, code: str | None) -> None:
@@ -504,6 +517,7 @@ async def run_process(
         last_connect_error=load.last_connect_error,
         server_info=dict(info),
         interrupted=load.interrupted,
+        written=bytes(load.written) if load.written is not None else None,
     )
 
 
@@ -581,7 +595,63 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
         results = _run_multi(config, shards, progress)
     if progress is not None:
         progress.close()
-    return BenchReport.merge(config.to_json(), ops, results)
+    report = BenchReport.merge(config.to_json(), ops, results)
+    if config.cleanup:
+        with asyncio.Runner(loop_factory=_new_loop) as runner:
+            report.cleanup = runner.run(cleanup_written(config, results))
+    return report
+
+
+def key_format(config: BenchConfig) -> bytes:
+    """``%`` format of the keys: the prefix, ``k``, the index zero-padded to key_size."""
+    prefix = config.prefix.encode()
+    width = config.key_size - len(prefix) - 1
+    return prefix.replace(b"%", b"%%") + b"k%0" + str(width).encode() + b"d"
+
+
+CLEANUP_BATCH = 64  # deletes per txn (under the server's default max_txn_ops of 128)
+CLEANUP_CONCURRENCY = 16  # txns in flight on the cleanup connection
+
+
+async def cleanup_written(config: BenchConfig, results: Sequence[ProcessResult]) -> dict[str, int]:
+    """Delete every key some process wrote (or may have written), in batched txns over one
+    connection to the first endpoint; returns ``{"deleted", "errors"}`` (failed batches)."""
+    written = bytearray(config.keyspace)
+    for r in results:
+        if r.written is not None:
+            for i, b in enumerate(r.written):
+                if b:
+                    written[i] = 1
+    fmt = key_format(config)
+    keys = [fmt % i for i, b in enumerate(written) if b]
+    host, port = parse_endpoint(config.endpoints[0], get_target(config.target).default_port)
+    options = TargetOptions(token=config.token, connect_timeout=config.connect_timeout)
+    target = get_target(config.target)(host, port, options)
+    try:
+        await target.connect()
+    except (OSError, TimeoutError, TargetError) as exc:
+        raise BenchError(f"--cleanup: cannot connect to {host}:{port}: {exc!r}") from None
+    batches = [keys[i:i + CLEANUP_BATCH] for i in range(0, len(keys), CLEANUP_BATCH)]
+    deleted = errors = 0
+    sem = asyncio.Semaphore(CLEANUP_CONCURRENCY)
+
+    async def one(batch: list[bytes]) -> None:
+        nonlocal deleted, errors
+        async with sem:
+            code = await target.txn([("delete", k, None) for k in batch])
+        if code is None:
+            deleted += len(batch)
+        else:
+            errors += 1
+
+    try:
+        await asyncio.gather(*(one(b) for b in batches))
+    finally:
+        target.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await target.wait_closed()
+    return {"deleted": deleted, "errors": errors}
 
 
 def _child_main(

@@ -66,6 +66,9 @@ class ProcessResult:
     last_connect_error: str | None = None
     server_info: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
+    written: bytes | None = None
+    """With ``--cleanup``: byte i is 1 when key i of the keyspace was written (or may have
+    been: a put whose answer never came counts)."""
 
 
 @dataclass
@@ -103,6 +106,8 @@ class BenchReport:
     server_info: dict[str, Any]
     interrupted: bool
     processes: int
+    cleanup: dict[str, Any] | None = None
+    """With ``--cleanup``: ``{"deleted", "errors"}`` of the delete pass after the run."""
 
     @classmethod
     def merge(
@@ -172,6 +177,7 @@ class BenchReport:
             "connect_errors": self.connect_errors,
             "last_connect_error": self.last_connect_error,
             "interrupted": self.interrupted,
+            "cleanup": self.cleanup,
             "histograms": {op: _encode(r.histogram) for op, r in self.per_op.items() if r.ok},
         }
 
@@ -233,6 +239,12 @@ class BenchReport:
             lines.append(
                 f"failed connection attempts: {self.connect_errors} "
                 f"(last: {self.last_connect_error})"
+            )
+        if self.cleanup is not None:
+            lines.append(
+                f"cleanup: deleted the {self.cleanup['deleted']} keys written under "
+                f"{c.get('prefix')!r}" + (f" ({self.cleanup['errors']} delete batches failed)"
+                                          if self.cleanup["errors"] else "")
             )
         return "\n".join(lines)
 

@@ -19,7 +19,9 @@ from dsnode.client.client import (
 from dsnode.client.errors import (
     BadRequest,
     Conflict,
+    ConnectFailed,
     ConnectionLost,
+    DeadlineExceeded,
     DsnodeError,
     Internal,
     Overloaded,
@@ -53,5 +55,7 @@ __all__ = [
     "Overloaded",
     "Internal",
     "ConnectionLost",
+    "ConnectFailed",
+    "DeadlineExceeded",
     "error_from_wire",
 ]

@@ -15,20 +15,29 @@ Endpoints
     ``endpoints`` is a list of ``host:port`` (or one comma-separated string). The client
     connects to the first reachable one; when a connection is lost, the next connect starts
     at the next endpoint (round-robin). After a full round of failed connects it backs off
-    exponentially (50 ms doubling to 1 s, with jitter), always within the caller's deadline.
-    If ``token`` is set, ``hello`` with it is the first request on every new connection.
+    exponentially (50 ms doubling to 1 s, with jitter). Waiting for a connection is bounded
+    by ``dial_timeout`` (default 2 s, and never past the call's deadline): a call that gets
+    no connection in that time fails with :class:`ConnectFailed` (definite, nothing sent),
+    and so does a round in which every endpoint refused the connection outright (nothing
+    listening there), at once. If ``token`` is set, ``hello`` with it is the first request on
+    every new connection. With ``discover=True`` the client asks the first node that answers
+    for its ``status`` and adds the other members' addresses to its endpoints (as etcd's
+    client does), so a later failover can reach nodes it was not told about.
 
 Deadlines
     Every call has a deadline, ``timeout`` seconds (per call, else the client default) from
     the call's start. It bounds connecting, retries and waiting, and is sent to the server as
-    ``timeout_ms`` (the time left when the frame is sent).
+    ``timeout_ms``: the time left when the frame is sent, less a margin (10%, at most
+    200 ms) so that the server's own answer at its deadline (``timeout``, or ``unavailable``
+    when it never found a leader) reaches the client before the client gives up. With no
+    answer at all by the deadline the call raises :class:`DeadlineExceeded`.
 
 Retry rule (the important one)
     Reads (``get``, ``status``, ``hello``) are retried within the deadline after a lost
     connection, ``unavailable`` or ``overloaded``. A write (``put``, ``delete``, ``txn``, and
     any op sent through :meth:`Client.request` that is not a known read) is NEVER sent again
     once it may have reached the server: if its connection drops or its deadline passes
-    after it was written, the call raises :class:`ConnectionLost` or :class:`Timeout` with
+    after it was written, the call raises :class:`ConnectionLost` or a :class:`Timeout` with
     ``indeterminate=True``. A write is retried only when it provably had no effect: it was
     never written to a socket (no connection yet, connection already closed), or the server
     answered ``unavailable``/``overloaded`` with ``indeterminate=false``. ``conflict`` is
@@ -50,10 +59,11 @@ import msgpack
 
 from dsnode.client.errors import (
     CONNECTION_LOST,
+    ConnectFailed,
     ConnectionLost,
+    DeadlineExceeded,
     DsnodeError,
     Internal,
-    Timeout,
     TooLarge,
     Unavailable,
     error_from_wire,
@@ -79,9 +89,12 @@ __all__ = [
     "parse_endpoints",
     "READ_OPS",
     "DEFAULT_TIMEOUT",
+    "DEFAULT_DIAL_TIMEOUT",
 ]
 
 DEFAULT_TIMEOUT = 5.0
+DEFAULT_DIAL_TIMEOUT = 2.0
+_SERVER_MARGIN_MAX_S = 0.2  # timeout_ms is sent this much (or 10%) below the client deadline
 CLIENT_NAME = "dsnode-py/0.1"
 
 READ_OPS = frozenset({"get", "status", "hello"})
@@ -399,15 +412,22 @@ class Client:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         pool_size: int = 1,
         client_name: str = CLIENT_NAME,
+        dial_timeout: float = DEFAULT_DIAL_TIMEOUT,
+        discover: bool = False,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
+        if dial_timeout <= 0:
+            raise ValueError("dial_timeout must be > 0")
         if pool_size < 1:
             raise ValueError("pool_size must be >= 1")
         if max_frame_bytes < 1:
             raise ValueError("max_frame_bytes must be >= 1")
         self._endpoints = parse_endpoints(endpoints)
         self.timeout = float(timeout)
+        self.dial_timeout = float(dial_timeout)
+        self._discover = discover
+        self._discovered = False
         self._token = token
         self._client_name = client_name
         self._max_frame_bytes = max_frame_bytes
@@ -425,11 +445,17 @@ class Client:
 
     # -- lifecycle
 
+    @property
+    def endpoints(self) -> list[str]:
+        """The endpoints the client may connect to (with discovered members, if any)."""
+        return [_fmt_endpoint(h, p) for h, p in self._endpoints]
+
     async def connect(self) -> None:
         """Open every pool connection (first reachable endpoint, round-robin on failure).
 
-        Raises :class:`Unavailable` if no endpoint is reachable within ``timeout``, or the
-        ``hello`` error (e.g. :class:`Unauthenticated`) if the token is refused.
+        Raises :class:`ConnectFailed` if no endpoint is reachable within ``dial_timeout``
+        (or ``timeout``, if shorter), or the ``hello`` error (e.g. :class:`Unauthenticated`)
+        if the token is refused.
         """
         self._check_open()
         deadline = self._bind_loop().time() + self.timeout
@@ -617,10 +643,11 @@ class Client:
         """One attempt on one connection. Indeterminate only once the frame was written."""
         remaining = deadline - loop.time()
         if remaining <= 0:
-            raise Timeout(f"deadline of {budget:g}s passed before the request was sent")
+            raise DeadlineExceeded(f"deadline of {budget:g}s passed before the request was sent")
         rid = next(self._ids)
         msg["id"] = rid
-        msg["timeout_ms"] = int(remaining * 1000) or 1
+        server_s = remaining - min(remaining * 0.1, _SERVER_MARGIN_MAX_S)
+        msg["timeout_ms"] = int(server_s * 1000) or 1
         payload = self._packer.pack(msg)
         if len(payload) > self._max_frame_bytes:
             raise TooLarge(
@@ -636,7 +663,9 @@ class Client:
             except _Closed as exc:
                 raise ConnectionLost(exc.reason + "; not sent") from None
             except TimeoutError:
-                raise Timeout(f"deadline of {budget:g}s passed waiting to send; not sent") from None
+                raise DeadlineExceeded(
+                    f"deadline of {budget:g}s passed waiting to send; not sent"
+                ) from None
         if not conn.open:
             raise ConnectionLost(conn.close_reason + "; not sent")
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
@@ -649,7 +678,9 @@ class Client:
         except _Closed as exc:
             raise ConnectionLost(exc.reason, indeterminate=write) from None
         except _Expired:
-            raise Timeout(f"no answer within {budget:g}s", indeterminate=write) from None
+            raise DeadlineExceeded(
+                f"no answer from the server within {budget:g}s", indeterminate=write
+            ) from None
         finally:
             handle.cancel()
             conn.pending.pop(rid, None)
@@ -681,7 +712,8 @@ class Client:
     async def _acquire(self, deadline: float) -> _Connection:
         """Return an open connection, connecting (with round-robin and backoff) if needed.
 
-        Raises :class:`Unavailable` (definite) when the deadline passes without one.
+        Raises :class:`ConnectFailed` (definite) when the dial timeout or the deadline passes
+        without one, or at once when every endpoint refused the connection.
         """
         self._check_open()
         conn = self._pick() if len(self._slots) > 1 else None
@@ -692,6 +724,7 @@ class Client:
     async def _await_slot(self, slot: int, deadline: float) -> _Connection:
         loop = self._bind_loop()
         last: DsnodeError | None = None
+        deadline = min(deadline, loop.time() + self.dial_timeout)
         while True:
             conn = self._slots[slot]
             if conn is not None and conn.open:
@@ -705,6 +738,8 @@ class Client:
                 return await asyncio.wait_for(asyncio.shield(task), remaining)
             except TimeoutError:
                 break
+            except _AllRefused as exc:
+                raise self._connect_failed(exc.tried, "nothing listening") from None
             except DsnodeError as exc:
                 if not exc.retryable:
                     raise
@@ -713,8 +748,16 @@ class Client:
             if loop.time() + delay >= deadline:
                 break
             await asyncio.sleep(delay)
-        detail = last.message if last is not None else "still connecting"
-        raise Unavailable(f"no endpoint reachable before the deadline ({detail})")
+        tried = last.tried if isinstance(last, _RoundFailed) else [
+            f"{_fmt_endpoint(h, p)}: no answer yet" for h, p in self._endpoints
+        ]
+        raise self._connect_failed(tried, f"no connection within {self._dial_budget():g}s")
+
+    def _dial_budget(self) -> float:
+        return min(self.dial_timeout, self.timeout)
+
+    def _connect_failed(self, tried: list[str], why: str) -> ConnectFailed:
+        return ConnectFailed(f"could not connect ({why}): {'; '.join(tried)}", tried=tried)
 
     def _start_connect(self, slot: int) -> asyncio.Task[_Connection]:
         task = self._bind_loop().create_task(self._connect_round(slot))
@@ -737,12 +780,14 @@ class Client:
         loop = self._bind_loop()
         n = len(self._endpoints)
         errors: list[str] = []
+        refused = 0
         start = self._preferred
+        dial = self._dial_budget()
         for k in range(n):
             idx = (start + k) % n
             host, port = self._endpoints[idx]
             try:
-                async with asyncio.timeout(self.timeout):
+                async with asyncio.timeout(dial):
                     _, conn = await loop.create_connection(
                         lambda idx=idx: _Connection(
                             loop, idx, self._max_frame_bytes, self._on_lost
@@ -750,8 +795,15 @@ class Client:
                         host,
                         port,
                     )
-            except (OSError, TimeoutError) as exc:
-                errors.append(f"{host}:{port}: {exc or type(exc).__name__}")
+            except ConnectionRefusedError:
+                refused += 1
+                errors.append(f"{_fmt_endpoint(host, port)}: connection refused")
+                continue
+            except TimeoutError:
+                errors.append(f"{_fmt_endpoint(host, port)}: no answer within {dial:g}s")
+                continue
+            except OSError as exc:
+                errors.append(f"{_fmt_endpoint(host, port)}: {exc.strerror or exc}")
                 continue
             if self._token is not None:
                 try:
@@ -779,9 +831,39 @@ class Client:
             self._preferred = idx
             self._failed_rounds = 0
             self._slots[slot] = conn
+            if self._discover and not self._discovered:
+                self._discovered = True
+                await self._learn_members(loop, conn)
             return conn
         self._failed_rounds += 1
-        raise Unavailable("; ".join(errors))
+        if refused == n:
+            raise _AllRefused(errors)
+        raise _RoundFailed(errors)
+
+    async def _learn_members(self, loop: asyncio.AbstractEventLoop, conn: _Connection) -> None:
+        """Add the addresses of the members the node reports to the endpoints (best effort:
+        a node that does not answer ``status`` in time just teaches nothing)."""
+        budget = self._dial_budget()
+        try:
+            st = await self._send(loop, conn, {"op": "status"}, loop.time() + budget, budget,
+                                  False)
+        except DsnodeError:
+            return
+        members = st.get("members")
+        if not isinstance(members, list):
+            return
+        known = set(self._endpoints)
+        for m in members:
+            addr = m.get("addr") if isinstance(m, dict) else None
+            if not isinstance(addr, str):
+                continue
+            try:
+                (ep,) = parse_endpoints(addr)
+            except ValueError:
+                continue
+            if ep not in known:
+                known.add(ep)
+                self._endpoints.append(ep)
 
     def _on_lost(self, conn: _Connection) -> None:
         """A connection closed: the next connect starts at the next endpoint."""
@@ -809,6 +891,22 @@ class Client:
     def _check_open(self) -> None:
         if self._closed:
             raise ConnectionLost("client is closed", retryable=False)
+
+
+class _RoundFailed(Unavailable):
+    """Internal: one connect round failed on every endpoint; ``tried`` says how."""
+
+    def __init__(self, tried: list[str]) -> None:
+        super().__init__("; ".join(tried))
+        self.tried = tried
+
+
+class _AllRefused(_RoundFailed):
+    """Internal: every endpoint of the round refused the connection (nothing listening)."""
+
+
+def _fmt_endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _backoff(attempt: int) -> float:

@@ -1,9 +1,15 @@
-"""Client-side exceptions: one class per wire error code (PROTOCOL.md), plus ConnectionLost.
+"""Client-side exceptions: one class per wire error code (PROTOCOL.md), plus three failures
+the client detects itself and names with codes of its own, never sent on the wire:
+
+- ``connect_failed`` (:class:`ConnectFailed`): no endpoint accepted a connection within the
+  dial timeout. Nothing was sent.
+- ``connection_lost`` (:class:`ConnectionLost`): the connection closed before the answer.
+- ``deadline_exceeded`` (:class:`DeadlineExceeded`): the call's deadline passed before any
+  answer arrived (the server's own ``timeout`` is :class:`Timeout`).
 
 Every exception carries three facts a caller needs to decide what to do next:
 
-- ``code``: the wire error code (``"unavailable"``...), or ``"connection_lost"`` for
-  :class:`ConnectionLost`, which the client raises itself.
+- ``code``: the wire error code (``"unavailable"``...) or one of the client-side codes above.
 - ``retryable``: the condition is transient; trying again later may succeed.
 - ``indeterminate``: only meaningful for writes (``put``, ``delete``, ``txn``). ``False``
   promises the request had no effect and never will; ``True`` means it may or may not take
@@ -31,11 +37,20 @@ __all__ = [
     "Overloaded",
     "Internal",
     "ConnectionLost",
+    "ConnectFailed",
+    "DeadlineExceeded",
     "CONNECTION_LOST",
+    "CONNECT_FAILED",
+    "DEADLINE_EXCEEDED",
+    "CLIENT_CODES",
     "error_from_wire",
 ]
 
 CONNECTION_LOST = "connection_lost"
+CONNECT_FAILED = "connect_failed"
+DEADLINE_EXCEEDED = "deadline_exceeded"
+CLIENT_CODES = frozenset({CONNECTION_LOST, CONNECT_FAILED, DEADLINE_EXCEEDED})
+"""Codes of failures the client detects itself; no server sends them."""
 
 # Codes the protocol defines as always definite: the server never applied the request.
 _ALWAYS_DEFINITE = frozenset(
@@ -78,7 +93,7 @@ class DsnodeError(Exception):
     def __str__(self) -> str:
         text = f"{self.code}: {self.message}" if self.message else self.code
         if self.indeterminate:
-            text += " (outcome unknown: the write may or may not have taken effect)"
+            text += " (outcome unknown: the write may or may not have happened)"
         return text
 
     def __repr__(self) -> str:
@@ -167,6 +182,25 @@ class ConnectionLost(DsnodeError):
 
     code = CONNECTION_LOST
     default_retryable = True
+
+
+class ConnectFailed(Unavailable):
+    """No endpoint accepted a connection within the dial timeout (client-side; not a wire
+    code). Nothing was sent, so it is always definite. ``tried`` lists the endpoints with
+    what went wrong for each."""
+
+    code = CONNECT_FAILED
+
+    def __init__(self, message: str = "", *, tried: list[str] | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.tried = list(tried or [])
+
+
+class DeadlineExceeded(Timeout):
+    """The call's deadline passed with no answer from the server (client-side; not a wire
+    code). ``indeterminate`` is ``True`` for a write that had been sent."""
+
+    code = DEADLINE_EXCEEDED
 
 
 _BY_CODE: dict[str, type[DsnodeError]] = {

@@ -436,7 +436,15 @@ class Driver:
             if not p.done:
                 if p.fwd_id:
                     self._forwarded.pop(p.fwd_id, None)
-                out.append(Reply(p, error=(TIMEOUT, "request deadline passed before it completed",
-                                           p.write and p.sent)))
+                out.append(Reply(p, error=_deadline_error(p)))
         if out:
             self._deliver_local(out)
+
+
+def _deadline_error(p: Pending) -> tuple[str, str, bool]:
+    """The answer to a request whose deadline passed: ``unavailable`` (definite) when it was
+    never proposed or forwarded because no leader was reachable the whole time (no quorum,
+    as far as this node can tell), else ``timeout``, indeterminate for a write in flight."""
+    if not p.sent:
+        return (UNAVAILABLE, "no leader reachable before the deadline (no quorum?)", False)
+    return (TIMEOUT, "request deadline passed before it completed", p.write)

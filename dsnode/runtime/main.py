@@ -15,7 +15,9 @@ import gc
 import os
 import random
 import signal
+import socket
 import sys
+import typing
 from pathlib import Path
 
 import click
@@ -173,6 +175,17 @@ class Node:
 
     async def start(self) -> None:
         cfg = self.config
+        # The port first: a port in use fails before anything is created or logged.
+        listener = bind_listener(cfg.listen)
+        try:
+            await self._start(listener)
+        except BaseException:
+            if self.server_handle is None:
+                listener.close()
+            raise
+
+    async def _start(self, listener: socket.socket) -> None:
+        cfg = self.config
         data_dir = prepare_data_dir(cfg)
         self.data_dir = data_dir
         self.peers, incarnation = check_identity(cfg, data_dir)
@@ -230,15 +243,10 @@ class Node:
         server.driver = self.driver
         server.peer_network = self.net
         server.status_provider = self.status
-        host, port = parse_addr(cfg.listen, "listen")
         loop = asyncio.get_running_loop()
-        try:
-            self.server_handle = await loop.create_server(
-                server.protocol_factory, host, port, reuse_address=True, backlog=1024
-            )
-        except OSError as e:
-            reason = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
-            raise StartupError(f"cannot listen on {cfg.listen}: {reason}") from None
+        self.server_handle = await loop.create_server(
+            server.protocol_factory, sock=listener, backlog=1024
+        )
         sock = self.server_handle.sockets[0].getsockname()
         self.bound = (sock[0], sock[1])
         if self.net is not None:
@@ -396,6 +404,27 @@ class Node:
         self.log.info("stopped")
 
 
+def bind_listener(listen: str) -> socket.socket:
+    """A socket bound to ``listen`` (HOST:PORT), not yet listening; StartupError if the
+    address is in use or cannot be bound."""
+    host, port = parse_addr(listen, "listen")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise StartupError(f"cannot listen on {listen}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        reason = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise StartupError(f"cannot listen on {listen}: {reason}") from None
+    return sock
+
+
 def unpack_checkpoint(blob: bytes | None) -> list[bytes]:
     """The records a WAL snapshot (``PaxosNode.checkpoint``) holds."""
     if blob is None:
@@ -447,20 +476,60 @@ def run(config: NodeConfig) -> int:
 
 
 # ---------------------------------------------------------------- click command
+def _flag_type(name: str) -> click.ParamType:
+    """The click type of a setting's flag, from the pydantic field's annotation: INTEGER,
+    FLOAT, BOOLEAN, a Choice for a Literal, else TEXT. Values still go through
+    load_config (flags over env over TOML), which checks ranges."""
+    annotation = NodeConfig.model_fields[name].annotation
+    if annotation is bool:
+        return click.BOOL
+    if annotation is int:
+        return click.INT
+    if annotation is float:
+        return click.FLOAT
+    if typing.get_origin(annotation) is typing.Literal:
+        return click.Choice([str(a) for a in typing.get_args(annotation)])
+    return click.STRING
+
+
 def _settings_options(f):
     for name in reversed(SETTINGS):
         field = NodeConfig.model_fields[name]
         flag = "--" + name.replace("_", "-")
         default = field.default
+        if isinstance(default, bool):
+            default = str(default).lower()
         help_text = (field.description or "") + (
             f" [default: {default}]" if default is not None else ""
         )
         help_text += f" [env: DSNODE_{name.upper()}]"
-        f = click.option(flag, name, type=str, default=None, help=help_text.strip())(f)
+        f = click.option(flag, name, type=_flag_type(name), default=None,
+                         help=help_text.strip())(f)
     return f
 
 
-@click.command("serve", context_settings={"max_content_width": 100})
+class _ServeCommand(click.Command):
+    """A bad flag is bad configuration like any other: one line ``dsnode: ...`` naming the
+    setting on stderr, exit 2 (PROTOCOL.md), not click's usage text."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.BadParameter as e:
+            if e.param is not None and e.param.name in SETTINGS:
+                where = f"{e.param.name} (from {e.param.opts[0]})"
+            else:
+                where = e.param.opts[0] if e.param is not None else "flag"
+            message = e.message.split(" Recognized values:")[0]
+            if isinstance(e.param.type if e.param is not None else None, click.types.BoolParamType):
+                message += " (use true or false)"
+            print(f"dsnode: invalid setting {where}: {message}", file=sys.stderr)
+        except click.UsageError as e:
+            print(f"dsnode: {e.format_message()} (see 'dsnode serve --help')", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+
+
+@click.command("serve", cls=_ServeCommand, context_settings={"max_content_width": 100})
 @click.option("--config", "config_file", type=str, default=None,
               help="TOML file with settings [env: DSNODE_CONFIG]")
 @_settings_options

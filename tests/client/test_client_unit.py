@@ -19,7 +19,9 @@ from dsnode.client import (
     BadRequest,
     Client,
     Conflict,
+    ConnectFailed,
     ConnectionLost,
+    DeadlineExceeded,
     DsnodeError,
     Internal,
     Op,
@@ -510,3 +512,85 @@ async def test_pool_keeps_serving_on_survivors_and_refills_a_dropped_slot(server
         await server.wait_conns(3)
         assert (await c.get("again")).version == 0
         assert c.in_flight == 0
+
+
+# --------------------------------------------------------------------------- dial, discovery
+
+
+async def test_refused_endpoints_fail_at_once_with_connect_failed_naming_each():
+    gone = [await fs.FakeServer().start() for _ in range(2)]
+    eps = [g.endpoint for g in gone]
+    for g in gone:
+        await g.stop()
+    loop = asyncio.get_running_loop()
+    c = Client(eps, timeout=5.0, dial_timeout=3.0)
+    start = loop.time()
+    with pytest.raises(ConnectFailed) as info:
+        await c.get("k")
+    assert loop.time() - start < 0.5  # neither the dial timeout nor the deadline
+    err = info.value
+    assert isinstance(err, Unavailable) and err.code == "connect_failed"
+    assert not err.indeterminate and err.retryable
+    assert [t.split(": ")[0] for t in err.tried] == eps
+    assert all(t.endswith("connection refused") for t in err.tried)
+    await c.close()
+
+
+async def test_dial_timeout_bounds_the_wait_for_a_connection(monkeypatch):
+    """An endpoint that never completes the handshake: the call gives up after the dial
+    timeout, long before its own deadline."""
+    loop = asyncio.get_running_loop()
+
+    async def never(*args, **kwargs):
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(loop, "create_connection", never)
+    c = Client("192.0.2.1:7379", timeout=10.0, dial_timeout=0.3)
+    start = loop.time()
+    with pytest.raises(ConnectFailed) as info:
+        await c.put("k", "v")
+    assert 0.25 < loop.time() - start < 2.0
+    assert "0.3s" in str(info.value) and "192.0.2.1:7379" in str(info.value)
+    assert not info.value.indeterminate
+    await c.close()
+
+
+async def test_discover_learns_the_members_from_the_first_node_and_fails_over_to_them():
+    b = await fs.FakeServer().start()
+
+    async def members(req, conn):
+        if req.get("op") == "status":
+            return fs.ok(req, node_id="n1", cluster_id="c1", ready=True, partitions=[],
+                         members=[{"node_id": "n1", "addr": a.endpoint, "state": "alive"},
+                                  {"node_id": "n2", "addr": b.endpoint, "state": "alive"},
+                                  {"node_id": "n3", "addr": "not an address", "state": "dead"}])
+        return None
+
+    a = await fs.FakeServer(hook=members).start()
+    try:
+        async with Client(a.endpoint, timeout=2.0, discover=True) as c:
+            assert c.endpoints == [a.endpoint, b.endpoint]
+            await c.put("k", "v")
+            await a.stop()
+            got = await c.get("k2")  # a read: retried on the member it learned
+            assert got.value is None and _ops(b, "get")
+        async with Client(b.endpoint, timeout=2.0) as c:
+            assert c.endpoints == [b.endpoint]  # discovery is off by default
+            assert not _ops(b, "status")
+    finally:
+        await b.stop()
+
+
+async def test_client_deadline_is_deadline_exceeded_and_the_server_gets_a_margin(server):
+    async def silent(req, conn):
+        return fs.SILENT if req.get("op") == "put" else None
+
+    server.hook = silent
+    async with Client(server.endpoint, timeout=2.0) as c:
+        with pytest.raises(DeadlineExceeded) as info:
+            await c.put("k", "v", timeout=0.5)
+    err = info.value
+    assert isinstance(err, Timeout) and err.code == "deadline_exceeded" and err.indeterminate
+    assert "outcome unknown: the write may or may not have happened" in str(err)
+    sent = _ops(server, "put")[0]["timeout_ms"]
+    assert 400 <= sent <= 450  # 10% (at most 200 ms) below the client's own deadline

@@ -1,8 +1,9 @@
 """Load shedding and deadlines when no leader can be reached.
 
 PROTOCOL.md: `overloaded` is load shed before any effect (definite, retryable); the
-server answers `timeout` rather than nothing once a request's deadline passes, and says
-`indeterminate: false` only when it knows the request had no effect.
+server answers rather than nothing once a request's deadline passes (`unavailable` when it
+never found a leader to send it to, else `timeout`), and says `indeterminate: false` only
+when it knows the request had no effect.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _lonely_n1(pool: ServerPool, *extra: str):
 
 async def test_requests_past_the_inflight_cap_are_shed_as_overloaded_and_definite(pool):
     """With inflight_requests_max requests waiting, the next ones get `overloaded`
-    (retryable, definitely not applied); the waiting ones end in `timeout` at their
+    (retryable, definitely not applied); the waiting ones end in `unavailable` at their
     deadline, definite too because no leader ever saw them."""
     n1 = _lonely_n1(pool, "--inflight-requests-max", "8")
     async with await RawConn.open(n1.addr) as c:
@@ -54,7 +55,7 @@ async def test_requests_past_the_inflight_cap_are_shed_as_overloaded_and_definit
     for a in shed:
         assert_error(a, "overloaded", retryable=True, indeterminate=False)
     for a in waited:
-        assert_error(a, "timeout", retryable=True, indeterminate=False)
+        assert_error(a, "unavailable", retryable=True, indeterminate=False)
     # A status request is never shed: it does not count against the cap.
     st = sync_call(n1.addr, [{"id": 1, "op": "status"}], timeout=5)[-1]
     assert st["ok"] and st["inflight"] == 0

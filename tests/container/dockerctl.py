@@ -179,14 +179,21 @@ class Cli:
         ]  # fmt: skip
         done = run(cmd, check=False, timeout=self.timeout_s * 4 + 10, env=_pythonpath())
         if done.returncode != 0:
-            raise CommandFailed(f"dsnode {' '.join(args)} @ {endpoints}: {done.stderr.strip()}")
+            raise CommandFailed(
+                f"dsnode {' '.join(args)} @ {endpoints}: {done.stderr.strip()}{done.stdout.strip()}"
+            )
         return json.loads(done.stdout)
 
     def put(self, endpoints: str, key: str, value: str) -> dict[str, Any]:
         return self.run(endpoints, "put", key, value)
 
     def get(self, endpoints: str, key: str) -> str | None:
-        return self.run(endpoints, "get", key).get("value")
+        try:
+            return self.run(endpoints, "get", key).get("value")
+        except CommandFailed as e:  # a missing key is the error not_found (exit 1)
+            if '"not_found"' in str(e):
+                return None
+            raise
 
     def status(self, endpoints: str) -> dict[str, Any]:
         return self.run(endpoints, "status")
