@@ -30,7 +30,6 @@ configuration refuses anything else (``dsnode/config.py``).
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import errno
 import json
@@ -215,7 +214,7 @@ class AdminServer:
             body = await self._on_node_loop(self._status)
         except TimeoutError:
             return self._unresponsive()
-        return web.Response(text=json.dumps(jsonable(body)) + "\n",
+        return web.Response(text=json.dumps(body, default=_json_default) + "\n",
                             content_type="application/json")
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -230,15 +229,8 @@ class AdminServer:
         return resp
 
 
-def jsonable(obj: Any) -> Any:
-    """``status`` as JSON: bytes become text (or ``{"b64": ...}``), tuples lists."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
+def _json_default(obj: Any) -> Any:
+    """``status`` holds no bytes today; should one appear, show it rather than fail."""
     if isinstance(obj, bytes):
-        try:
-            return obj.decode()
-        except UnicodeDecodeError:
-            return {"b64": base64.b64encode(obj).decode()}
-    return obj
+        return obj.decode("utf-8", "backslashreplace")
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")

@@ -13,11 +13,12 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_driver import _answers, _connect
 
 from dsnode.config import load_config
 from dsnode.runtime.main import Node, StartupError
 from dsnode.runtime.metrics import Histogram, op_label, quantile
-from dsnode.wire.framing import FrameDecoder, pack_frame, unpack_payload
+from dsnode.wire.framing import pack_frame
 
 
 # ---------------------------------------------------------------- pure parts
@@ -54,25 +55,6 @@ def test_op_label_keeps_the_op_label_bounded() -> None:
 
 
 # ---------------------------------------------------------------- a node in-process
-class FakeTransport:
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.out += data
-
-    def get_extra_info(self, name: str):
-        return ("127.0.0.1", 1)
-
-    def pause_reading(self) -> None: ...
-
-    def resume_reading(self) -> None: ...
-
-    def close(self) -> None:
-        self.closed = True
-
-
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -122,22 +104,6 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
         for s in fam.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
-
-
-def _connect(node: Node):
-    conn = node.client_server.protocol_factory()
-    transport = FakeTransport()
-    conn.connection_made(transport)
-    return conn, transport
-
-
-async def _answers(transport: FakeTransport, n: int) -> list[dict]:
-    async with asyncio.timeout(10):
-        while True:
-            frames = FrameDecoder().feed(bytes(transport.out))
-            if len(frames) >= n:
-                return [unpack_payload(f) for f in frames]
-            await asyncio.sleep(0.005)
 
 
 async def test_metrics_count_the_requests_answered_by_op_and_outcome(tmp_path):
