@@ -94,6 +94,9 @@ VOLUME /var/lib/dsnode
 EXPOSE 7379
 
 STOPSIGNAL SIGTERM
+# healthcheck.py asks GET /readyz on the node's admin listener (metrics_listen, set to
+# 127.0.0.1:9379 by config/container.toml and the compose files), and falls back to
+# `dsnode status` when a config turns the listener off. See deploy/healthcheck.py for why.
 HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \
     CMD ["/opt/dsnode/bin/python", "/usr/local/lib/dsnode/healthcheck.py"]
 

@@ -1,11 +1,20 @@
-"""Container health check: healthy when this node answers `status` with ``ready: true``.
+"""Container health check: healthy when this node can serve linearizable requests.
 
-Runs ``dsnode status --endpoints HOST:PORT --output json`` against the node in this container
-and exits 0 (healthy) or 1 (unhealthy), printing one line for ``docker inspect``.
+Exits 0 (healthy) or 1 (unhealthy), printing one line for ``docker inspect``.
 
-The endpoint is ``$DSNODE_HEALTH_ENDPOINT`` when set, else the port of ``listen`` (from
-``$DSNODE_LISTEN``, else the config file the entrypoint would pick) on 127.0.0.1. The token is
-``auth_token`` from the same places (``$DSNODE_AUTH_TOKEN`` first).
+* When the node runs its admin listener (``metrics_listen``, from ``$DSNODE_METRICS_LISTEN``,
+  else the config file the entrypoint would pick; the image's and the compose files set it),
+  it asks ``GET /readyz`` there: 200 is healthy, anything else (503 with the node's reason,
+  no answer) is not.
+* Otherwise it runs ``dsnode status --endpoints HOST:PORT --output json`` and wants
+  ``"ready": true``. The endpoint is ``$DSNODE_HEALTH_ENDPOINT`` when set, else the port of
+  ``listen`` (``$DSNODE_LISTEN``, else the config file) on 127.0.0.1; the token is
+  ``auth_token`` from the same places (``$DSNODE_AUTH_TOKEN`` first).
+
+Why /readyz first: it is one HTTP request from the standard library instead of starting the
+dsnode client in a new Python process every few seconds; it needs no token; and it is
+answered by the admin thread, so a node whose event loop is stuck gets a prompt 503 ("event
+loop did not answer") rather than a client timeout. The same readiness rule backs both.
 Standard library only, so that a broken install still gives a clear message.
 """
 
@@ -16,10 +25,44 @@ import os
 import subprocess
 import sys
 import tomllib
+import urllib.error
+import urllib.request
 
 DEFAULT_CONFIG = "/etc/dsnode/dsnode.toml"
 DEFAULT_PORT = 7379
 TIMEOUT_S = 4.0
+
+
+def _config_file() -> dict:
+    path = os.environ.get("DSNODE_CONFIG") or DEFAULT_CONFIG
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+
+
+def admin_address() -> str | None:
+    """HOST:PORT of the node's admin listener, or None when it runs without one."""
+    listen = os.environ.get("DSNODE_METRICS_LISTEN")
+    if listen is None:
+        listen = _config_file().get("metrics_listen")
+    return listen if isinstance(listen, str) and listen else None
+
+
+def check_readyz(addr: str) -> int:
+    url = f"http://{addr}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as r:
+            reason = r.read().decode(errors="replace").strip()
+        print(f"healthy: {url}: {reason}")
+        return 0
+    except urllib.error.HTTPError as e:
+        reason = e.read().decode(errors="replace").strip()
+        print(f"unhealthy: {url} answered {e.code}: {reason}")
+    except (OSError, TimeoutError) as e:
+        print(f"unhealthy: {url}: {getattr(e, 'reason', e)}")
+    return 1
 
 
 def node_settings() -> tuple[str, str | None]:
@@ -28,12 +71,7 @@ def node_settings() -> tuple[str, str | None]:
     listen = os.environ.get("DSNODE_LISTEN")
     token = os.environ.get("DSNODE_AUTH_TOKEN")
     if not (explicit or listen) or token is None:
-        path = os.environ.get("DSNODE_CONFIG") or DEFAULT_CONFIG
-        try:
-            with open(path, "rb") as f:
-                doc = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError):
-            doc = {}
+        doc = _config_file()
         listen = listen or doc.get("listen")
         token = token if token is not None else doc.get("auth_token")
     if explicit:
@@ -54,6 +92,9 @@ def is_ready(output: str) -> bool:
 
 
 def main() -> int:
+    admin = admin_address()
+    if admin is not None:
+        return check_readyz(admin)
     addr, token = node_settings()
     cmd = [sys.executable, "-m", "dsnode", "status", "--endpoints", addr, "--output", "json"]
     cmd += ["--timeout", str(TIMEOUT_S / 2)]

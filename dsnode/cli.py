@@ -883,6 +883,7 @@ def _register_optional() -> None:
     main.add_lazy_command("serve", "dsnode.runtime.main", "serve_command")
     main.add_lazy_command("bench", "dsnode.bench.cli", "bench_command")
     main.add_lazy_command("local-cluster", "dsnode.runtime.local_cluster", "local_cluster_command")
+    main.add_lazy_command("top", "dsnode.top", "top_command")
 
 
 _register_optional()

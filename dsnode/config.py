@@ -12,6 +12,7 @@ Any problem raises :class:`ConfigError` with one line naming the setting.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -41,6 +42,16 @@ def parse_addr(text: str, what: str = "address") -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and addresses in 127.0.0.0/8 or ``::1``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_peers(text: str) -> dict[str, str]:
@@ -146,6 +157,17 @@ class NodeConfig(BaseModel):
         description="time in-flight requests get to finish on SIGTERM, ms",
     )
 
+    # observability
+    metrics_listen: str | None = Field(
+        default=None,
+        description="HOST:PORT of the admin HTTP listener (/metrics, /livez, /readyz, /status); "
+        "loopback only; default off",
+    )
+    livez_loop_stall_max_ms: int = Field(
+        default=5000, ge=200,
+        description="/livez fails once the event loop has not turned for this long",
+    )
+
     # logging
     log_format: Literal["auto", "console", "json"] = Field(
         default="auto", description="auto: console on a terminal, else json lines"
@@ -166,6 +188,18 @@ class NodeConfig(BaseModel):
     def _check_addr(cls, v: str | None) -> str | None:
         if v is not None:
             parse_addr(v)
+        return v
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _check_metrics_listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, _ = parse_addr(v, "metrics_listen")
+            if not is_loopback(host):
+                raise ValueError(
+                    f"{v!r} is not a loopback address: the admin listener has no TLS or "
+                    "authentication yet, so it binds 127.0.0.1, ::1 or localhost only"
+                )
         return v
 
     @field_validator("peers", mode="before")

@@ -25,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dsnode.core import commands
 from dsnode.core.commands import STALE, Command, Get
@@ -97,6 +98,14 @@ class Forwarded:
 Deliver = Callable[[list[Reply]], None]
 
 
+class DriverObserver(Protocol):
+    """What the driver tells the metrics (``NodeMetrics``) about."""
+
+    def on_tick(self, core: PaxosNode) -> None: ...
+
+    def on_snapshot(self, kind: str, seconds: float, size: int) -> None: ...
+
+
 class Driver:
     def __init__(
         self,
@@ -136,6 +145,11 @@ class Driver:
         self.heard: dict[str, int] = {}  # peer -> tick we last heard from it
         self.peer_acked: dict[str, int] = {}  # peer -> highest slot it accepted from us
         self.counters: collections.Counter = collections.Counter()
+        # metrics (dsnode/runtime/metrics.py): commands proposed per group, and an observer
+        # told about ticks and finished snapshots
+        self.proposals: collections.Counter = collections.Counter()
+        self.observer: DriverObserver | None = None
+        self._snapshot_started: dict[tuple[Any, int], float] = {}
 
     # ------------------------------------------------------------ client input
     def submit(self, pending: Pending, cmd: Command, timeout_s: float) -> None:
@@ -151,17 +165,22 @@ class Driver:
         cmd = p.cmd
         assert cmd is not None
         core = self.core
+        counters = self.counters
         if type(cmd) is Get and cmd.consistency == STALE:
+            counters["route_stale_local"] += 1
             core.read(GROUP, p, cmd)
             return
         leader = core.leader_of(GROUP)
         if leader == self.node_id:
+            counters["route_local"] += 1
             p.sent = True
             if type(cmd) is Get:
                 core.read(GROUP, p, cmd)
             else:
+                self.proposals[GROUP] += 1
                 core.propose(GROUP, p, cmd)
         elif leader is not None and self.net is not None and self.net.connected(leader):
+            counters["route_forward"] += 1
             fwd_id = next(self._fwd_ids)
             self._forwarded[fwd_id] = p
             p.sent = True
@@ -169,6 +188,7 @@ class Driver:
             timeout_ms = max(1, int((p.deadline - self.tick_count) * self._tick_seconds * 1000))
             self.net.send(leader, [FWD, fwd_id, GROUP, commands.encode(cmd), timeout_ms])
         else:
+            counters["route_park"] += 1
             self._parked.append(p)
 
     def _schedule_flush(self) -> None:
@@ -216,6 +236,7 @@ class Driver:
             self.counters["malformed_peer_message"] += 1
             return
         token = Forwarded(peer, fwd_id, type(cmd) is not Get)
+        self.counters["forwarded_in"] += 1
         if self.core.leader_of(group) != self.node_id:
             # Not proposed here: definitely no effect, so the origin may try again.
             self._reply_remote(token, None, (UNAVAILABLE, "not leader", False))
@@ -223,6 +244,7 @@ class Driver:
         if type(cmd) is Get:
             self.core.read(group, token, cmd)
         else:
+            self.proposals[group] += 1
             self.core.propose(group, token, cmd)
 
     def _on_forward_reply(self, m: list) -> None:
@@ -264,6 +286,7 @@ class Driver:
         self._flush_scheduled = False
         ready = self.core.ready()
         for job in ready.snapshots:
+            self._snapshot_started[(job.group, job.index)] = time.perf_counter()
             self._loop.call_soon(self._snapshot_step, job)
         if ready.persist:
             self.wal.append_many(ready.persist)
@@ -324,6 +347,9 @@ class Driver:
             self._fail(e)
             return
         log.debug("snapshot_encoded", group=job.group, index=job.index, bytes=len(blob))
+        started = self._snapshot_started.pop((job.group, job.index), None)
+        if self.observer is not None and started is not None:
+            self.observer.on_snapshot("state_machine", time.perf_counter() - started, len(blob))
         self._schedule_flush()
 
     async def run(self) -> None:
@@ -382,15 +408,19 @@ class Driver:
     # ------------------------------------------------------------ checkpoints
     def _start_checkpoint(self) -> None:
         """Write the node's durable state as a WAL snapshot so old segments can go."""
+        started = time.perf_counter()
         blob = self.core.checkpoint()
         lsn = self.wal.last_lsn
         self._records_since_checkpoint = 0
-        self._checkpoint_task = asyncio.create_task(self._write_checkpoint(lsn, blob))
+        self._checkpoint_task = asyncio.create_task(self._write_checkpoint(lsn, blob, started))
 
-    async def _write_checkpoint(self, lsn: int, blob: bytes) -> None:
+    async def _write_checkpoint(self, lsn: int, blob: bytes, started: float) -> None:
         try:
             await self.wal.write_snapshot(lsn, blob)
             log.info("checkpoint_written", lsn=lsn, bytes=len(blob))
+            if self.observer is not None:
+                self.observer.on_snapshot("wal_checkpoint", time.perf_counter() - started,
+                                          len(blob))
         finally:
             self._checkpoint_task = None
 
@@ -411,6 +441,8 @@ class Driver:
     def _on_tick(self) -> None:
         self.tick_count += 1
         self.core.tick()
+        if self.observer is not None:
+            self.observer.on_tick(self.core)
         if self.net is not None and self.tick_count % self._heartbeat_ticks == 0:
             for peer in self.net.links:
                 self.net.send(peer, [HEARTBEAT])

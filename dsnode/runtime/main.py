@@ -29,7 +29,9 @@ from dsnode.core.membership.incarnations import Incarnations
 from dsnode.core.paxos.config import PaxosConfig, bound_for
 from dsnode.core.paxos.node import PaxosNode
 from dsnode.runtime import logs, sdnotify
+from dsnode.runtime.admin import AdminError, AdminServer
 from dsnode.runtime.driver import GROUP, Driver
+from dsnode.runtime.metrics import NodeMetrics, node_registry
 from dsnode.runtime.peers import PeerNetwork
 from dsnode.runtime.server import ClientServer
 from dsnode.runtime.wal import WALCorruptError, WriteAheadLog
@@ -159,6 +161,8 @@ class Node:
         self.data_dir: Path | None = None
         self.refused: str | None = None  # why the cluster refused this node as a member
         self.stop_event: asyncio.Event | None = None
+        self.metrics = NodeMetrics()
+        self.admin: AdminServer | None = None
 
     def paxos_config(self) -> PaxosConfig:
         cfg = self.config
@@ -198,6 +202,7 @@ class Node:
         except OSError as e:
             raise StartupError(f"write-ahead log cannot be opened: {e}") from None
         self.wal = wal
+        wal.on_fsync = self.metrics.on_fsync
         for repair in recovered.repairs:
             self.log.warning("wal_repaired", what=repair)
         peers = self.peers
@@ -222,7 +227,7 @@ class Node:
             peers=",".join(peers),
             rng_seed=seed,
         )
-        server = ClientServer(cfg)
+        server = ClientServer(cfg, self.metrics)
         self.client_server = server
         if len(peers) > 1:
             self.net = PeerNetwork(
@@ -240,6 +245,7 @@ class Node:
             checkpoint_every_records=cfg.snapshot_every_records,
             heartbeat_ticks=cfg.ticks(cfg.heartbeat_interval_ms),
         )
+        self.driver.observer = self.metrics
         server.driver = self.driver
         server.peer_network = self.net
         server.status_provider = self.status
@@ -249,6 +255,8 @@ class Node:
         )
         sock = self.server_handle.sockets[0].getsockname()
         self.bound = (sock[0], sock[1])
+        if cfg.metrics_listen is not None:
+            await self.start_admin(cfg.metrics_listen)
         if self.net is not None:
             self.net.start()
 
@@ -278,6 +286,25 @@ class Node:
             if changed:
                 await asyncio.to_thread(self.save_pins)
 
+    async def start_admin(self, listen: str) -> None:
+        """The admin HTTP listener (dsnode/runtime/admin.py), in a thread of its own."""
+        assert self.client_server is not None
+        host, port = parse_addr(listen, "metrics_listen")
+        admin = AdminServer(
+            host, port,
+            node_loop=asyncio.get_running_loop(),
+            registry=node_registry(self),
+            ready=self.readiness,
+            status=self.client_server.status,
+            heartbeat=lambda: self.metrics.heartbeat,
+            stall_max_s=self.config.livez_loop_stall_max_ms / 1000,
+        )
+        try:
+            await admin.start()
+        except AdminError as e:
+            raise StartupError(f"metrics_listen: {e}") from None
+        self.admin = admin
+
     def _on_peer_messages(self, peer: str, batch: list) -> None:
         assert self.driver is not None
         self.driver.on_peer_messages(peer, batch)
@@ -296,6 +323,23 @@ class Node:
             return "alive"
         return "suspect" if age <= 4 * timeout else "dead"
 
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, reason): ready when this node can serve linearizable requests for every
+        partition it holds, i.e. each has a leader that is this node or one it is connected
+        to, and the node is not shutting down. ``status``'s ``ready`` and /readyz."""
+        if self.core is None or self.client_server is None:
+            return False, "starting"
+        if not self.client_server.accepting:
+            return False, "shutting down"
+        me = self.config.node_id
+        for gid in self.core.groups:
+            leader = self.core.leader_of(gid)
+            if leader is None:
+                return False, f"partition {gid}: no leader known"
+            if leader != me and (self.net is None or not self.net.connected(leader)):
+                return False, f"partition {gid}: leader {leader} is not reachable"
+        return True, "ready"
+
     def status(self) -> dict:
         assert self.driver is not None and self.wal is not None and self.core is not None
         cfg = self.config
@@ -304,9 +348,6 @@ class Node:
         leader = core.leader_of(GROUP)
         group = core.groups[GROUP]
         commit = group.log.chosen_through
-        ready = leader is not None and (
-            leader == cfg.node_id or (self.net is not None and self.net.connected(leader))
-        )
         peer_info = {}
         for pid in peers:
             if pid == cfg.node_id:
@@ -327,7 +368,7 @@ class Node:
         return {
             "node_id": cfg.node_id,
             "cluster_id": cfg.cluster_id,
-            "ready": ready and self.client_server is not None and self.client_server.accepting,
+            "ready": self.readiness()[0],
             "members": [
                 {"node_id": nid, "addr": addr, "state": self.member_state(nid)}
                 for nid, addr in peers.items()
@@ -358,6 +399,7 @@ class Node:
         driver_task = asyncio.create_task(self.driver.run(), name="driver")
         watchdog = asyncio.create_task(sdnotify.watchdog_loop(), name="watchdog")
         tracker = asyncio.create_task(self._track_accepted(), name="pins")
+        monitor = asyncio.create_task(self.metrics.loop_monitor(), name="loop-monitor")
         sdnotify.notify(f"READY=1\nSTATUS=serving on {self.config.listen}")
         self.log.info("serving", listen=self.config.listen, version=__version__)
         stop_task = asyncio.create_task(stop.wait())
@@ -366,10 +408,14 @@ class Node:
         if driver_task in done:
             stop_task.cancel()
             watchdog.cancel()
+            monitor.cancel()
+            if self.admin is not None:
+                await self.admin.close()
             driver_task.result()  # re-raises a fatal driver error (e.g. fsync failed)
             return
         await self.shutdown(driver_task)
         watchdog.cancel()
+        monitor.cancel()
 
     async def shutdown(self, driver_task: asyncio.Task) -> None:
         """Stop accepting, finish in-flight work within the deadline, flush, close."""
@@ -401,6 +447,8 @@ class Node:
             await self.net.close()
         if self.wal is not None:
             await self.wal.close()
+        if self.admin is not None:  # last: /readyz says "shutting down" until here
+            await self.admin.close()
         self.log.info("stopped")
 
 
@@ -454,6 +502,8 @@ async def _serve(config: NodeConfig) -> int:
     try:
         await node.start()
     except StartupError:
+        if node.admin is not None:
+            await node.admin.close()
         if node.wal is not None:
             await node.wal.close()
         raise

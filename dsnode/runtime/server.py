@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from dsnode import __version__
 from dsnode.core.effects import Reply
 from dsnode.runtime.driver import Driver, Pending
 from dsnode.runtime.logs import get_logger
+from dsnode.runtime.metrics import NodeMetrics, op_label
 from dsnode.wire import errors
 from dsnode.wire.framing import HEADER, FrameDecoder, FrameError, unpack_payload
 from dsnode.wire.requests import Limits, RequestError, parse_request, request_id
@@ -31,13 +33,26 @@ if TYPE_CHECKING:
 log = get_logger("dsnode.server")
 
 PROTOCOL_VERSION = 1
+_now = time.perf_counter
+
+
+class Request(Pending):
+    """A client's request in flight, with what its metrics need: its op and arrival time."""
+
+    __slots__ = ("op", "t0")
+
+    def __init__(self, conn: ClientConnection, rid: int, op: str, t0: float) -> None:
+        super().__init__(conn, rid, op != "get")
+        self.op = op
+        self.t0 = t0
 
 
 class ClientServer:
     """Shared state of all client connections of one node."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, metrics: NodeMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics if metrics is not None else NodeMetrics()
         self.limits = Limits(config.max_key_bytes, config.max_value_bytes, config.max_txn_ops)
         self.driver: Driver | None = None
         self.connections: set[ClientConnection] = set()
@@ -60,8 +75,12 @@ class ClientServer:
         header = HEADER.pack
         out: dict[ClientConnection, list[bytes]] = {}
         finished = 0
+        metrics = self.metrics
+        counts, latency = metrics.requests, metrics.latency
+        sent = 0
+        now = _now()
         for r in replies:
-            p: Pending = r.token
+            p: Request = r.token
             if p.done:
                 continue
             p.finish()
@@ -70,10 +89,14 @@ class ClientServer:
                 body = r.result
                 body["id"] = p.rid
                 body["ok"] = True
+                counts[(p.op, "ok")] += 1
             else:
                 code, message, indeterminate = r.error
                 body = errors.error_response(p.rid, code, message, indeterminate=indeterminate)
+                counts[(p.op, code)] += 1
+            latency[p.op].observe(now - p.t0)
             payload = pack(body)
+            sent += len(payload) + 4
             conn = p.conn
             frames = out.get(conn)
             if frames is None:
@@ -82,6 +105,7 @@ class ClientServer:
             frames.append(payload)
             conn.inflight -= 1
         self.inflight -= finished
+        metrics.sent_bytes += sent
         for conn, frames in out.items():
             conn.write_frames(frames)
             conn.maybe_resume()
@@ -96,6 +120,8 @@ class ClientServer:
             server_version=__version__,
             inflight=self.inflight,
             connections=len(self.connections),
+            event_loop=self.metrics.loop_status(),
+            metrics=self.metrics.summary(),
         )
         return body
 
@@ -124,7 +150,10 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         srv = self.server
+        srv.metrics.connections_accepted += 1
         if len(srv.connections) >= srv.config.max_connections or not srv.accepting:
+            if srv.accepting:
+                srv.metrics.load_shed["max_connections"] += 1
             self._fatal(errors.OVERLOADED if srv.accepting else errors.UNAVAILABLE,
                         "too many connections" if srv.accepting else "node is shutting down")
             return
@@ -154,6 +183,8 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self.peer_link is None:
+            self.server.metrics.received_bytes += len(data)
         try:
             frames = self.decoder.feed(data)
         except FrameError as e:
@@ -186,31 +217,35 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------ requests
     def _handle(self, rid: int, obj: dict) -> None:
         srv = self.server
+        counts = srv.metrics.requests
         try:
             req = parse_request(obj, srv.limits)
         except RequestError as e:
+            counts[(op_label(obj.get("op")), e.code)] += 1
             self._send(errors.error_response(rid, e.code, e.message))
             return
-        if req.op == "hello":
+        op = req.op
+        if op == "hello":
             self._hello(rid, obj)
             return
         if not self.authenticated:
-            self._send(errors.error_response(
-                rid, errors.UNAUTHENTICATED, "send hello with a valid token first"))
+            self._refuse(rid, op, errors.UNAUTHENTICATED, "send hello with a valid token first")
             return
-        if req.op == "status":
+        if op == "status":
+            counts[(op, "ok")] += 1
             self._send({"id": rid, "ok": True, **srv.status()})
             return
         if not srv.accepting:
-            self._send(errors.error_response(rid, errors.UNAVAILABLE, "node is shutting down"))
+            self._refuse(rid, op, errors.UNAVAILABLE, "node is shutting down")
             return
         if srv.inflight >= srv.config.inflight_requests_max:
-            self._send(errors.error_response(
-                rid, errors.OVERLOADED, "node has too many requests in flight; retry later"))
+            srv.metrics.load_shed["inflight_requests_max"] += 1
+            self._refuse(rid, op, errors.OVERLOADED,
+                         "node has too many requests in flight; retry later")
             return
         cmd = req.command
         assert cmd is not None and srv.driver is not None
-        pending = Pending(self, rid, req.op != "get")
+        pending = Request(self, rid, op, _now())
         self.inflight += 1
         srv.inflight += 1
         srv.idle.clear()
@@ -218,6 +253,11 @@ class ClientConnection(asyncio.Protocol):
         srv.driver.submit(pending, cmd, timeout_s)
         if self.inflight >= srv.config.connection_inflight_max:
             self._pause_reading()
+
+    def _refuse(self, rid: int, op: str, code: str, message: str) -> None:
+        """Answer a request with an error before it reaches the driver, and count it."""
+        self.server.metrics.requests[(op, code)] += 1
+        self._send(errors.error_response(rid, code, message))
 
     def _hello(self, rid: int, obj: dict) -> None:
         cfg = self.server.config
@@ -229,9 +269,10 @@ class ClientConnection(asyncio.Protocol):
             if not isinstance(token, str) or not hmac.compare_digest(
                 token.encode(), cfg.auth_token.encode()
             ):
-                self._send(errors.error_response(rid, errors.UNAUTHENTICATED, "bad or missing token"))
+                self._refuse(rid, "hello", errors.UNAUTHENTICATED, "bad or missing token")
                 return
             self.authenticated = True
+        self.server.metrics.requests[("hello", "ok")] += 1
         self._send({
             "id": rid, "ok": True, "node_id": cfg.node_id, "cluster_id": cfg.cluster_id,
             "protocol": PROTOCOL_VERSION, "server_version": __version__,
@@ -271,6 +312,8 @@ class ClientConnection(asyncio.Protocol):
         if self.closed or self.transport is None:
             return
         payload = self.server._packer.pack(body)
+        if self.peer_link is None:
+            self.server.metrics.sent_bytes += len(payload) + 4
         self.transport.write(HEADER.pack(len(payload)) + payload)
 
     def write_frames(self, frames: list[bytes]) -> None:
@@ -290,6 +333,7 @@ class ClientConnection(asyncio.Protocol):
     def _pause_reading(self) -> None:
         if not self._paused_reading and self.transport is not None and not self.closed:
             self._paused_reading = True
+            self.server.metrics.connection_pauses += 1
             self.transport.pause_reading()
 
     def maybe_resume(self) -> None:

@@ -35,8 +35,9 @@ import asyncio
 import os
 import re
 import struct
+import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,6 +340,8 @@ class WriteAheadLog:
         self._state = "new"  # new -> open -> closed
         self._failed: BaseException | None = None
         self.stats: dict[str, int] = {"fsyncs": 0, "records": 0, "bytes": 0, "snapshots": 0}
+        # Called after each group-commit round with (seconds it took, records it made durable).
+        self.on_fsync: Callable[[float, int], None] | None = None
 
     # ----------------------------------------------------------------------- properties
 
@@ -662,6 +665,7 @@ class WriteAheadLog:
         if self._dir_dirty:
             fds.append(self._dir_fd)
             self._dir_dirty = False
+        started = time.perf_counter()
         try:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, _fsync_all, fds)
@@ -678,8 +682,11 @@ class WriteAheadLog:
         for fd in self._unsynced[:retired]:
             os.close(fd)
         del self._unsynced[:retired]
+        made_durable = target - self._durable_lsn
         self._durable_lsn = max(self._durable_lsn, target)
         self.stats["fsyncs"] += 1
+        if self.on_fsync is not None:
+            self.on_fsync(time.perf_counter() - started, max(0, made_durable))
 
     # ----------------------------------------------------------------------- snapshots
 
