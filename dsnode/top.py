@@ -264,7 +264,7 @@ async def _once(settings: Settings, interval: float) -> list[Row]:
     finally:
         await poller.close()
     if not any(st is not None for st in second.statuses.values()):
-        raise CommandError(f"unavailable: no node answered at {settings.endpoints}")
+        raise CommandError(f"no node answered at {settings.endpoints}", "unavailable")
     return build_rows(first, second)
 
 
