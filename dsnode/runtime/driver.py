@@ -33,7 +33,7 @@ from dsnode.core import commands
 from dsnode.core.commands import STALE, Command, Get
 from dsnode.core.effects import Reply
 from dsnode.core.errors import PeerMisbehaved
-from dsnode.core.paxos.messages import Accepted, from_wire, to_wire
+from dsnode.core.paxos.messages import Accepted, Promise, from_wire, to_wire
 from dsnode.runtime.logs import get_logger
 from dsnode.wire.errors import TIMEOUT, UNAVAILABLE
 
@@ -51,6 +51,7 @@ GROUP = 0  # the one replicated group of this build (the ring splits it later)
 FWD = "fwd"  # [FWD, fwd_id, group, encoded command, timeout_ms]
 FWD_REPLY = "fwdr"  # [FWD_REPLY, fwd_id, result | None, [code, message, indeterminate] | None]
 HEARTBEAT = "hb"  # [HEARTBEAT]: membership liveness, sent to every peer each heartbeat interval
+PINS = "pins"  # [PINS, table]: the sender's member pins (core.membership.incarnations)
 
 # KV entries of a requested snapshot encoded per event-loop turn: about 2 ms of
 # msgpack for 100-byte values, so a snapshot never stalls the loop as a whole.
@@ -144,6 +145,10 @@ class Driver:
         self._last_leader: str | None = None
         self.heard: dict[str, int] = {}  # peer -> tick we last heard from it
         self.peer_acked: dict[str, int] = {}  # peer -> highest slot it accepted from us
+        # (peer, group) -> [highest slot it said it accepted, highest ballot it promised]:
+        # durable at the peer before it answered; pinned by the node (issue 15)
+        self.peer_seen: dict[tuple[str, Any], list] = {}
+        self.on_pins: Callable[[str, object], None] | None = None
         self.counters: collections.Counter = collections.Counter()
         # metrics (dsnode/runtime/metrics.py): commands proposed per group, and an observer
         # told about ticks and finished snapshots
@@ -211,20 +216,38 @@ class Driver:
                 except PeerMisbehaved:
                     self.counters["malformed_peer_message"] += 1
                     continue
-                if type(msg) is Accepted and msg.slots:
-                    top = max(msg.slots)
-                    if top > self.peer_acked.get(peer, 0):
-                        self.peer_acked[peer] = top
+                t = type(msg)
+                if (t is Accepted or t is Promise) and msg.ok:
+                    self._saw(peer, msg)
                 core.step(peer, msg)
             elif tag == FWD:
                 self._on_forward(peer, m)
             elif tag == FWD_REPLY:
                 self._on_forward_reply(m)
+            elif tag == PINS and len(m) == 2:
+                if self.on_pins is not None:
+                    self.on_pins(peer, m[1])
             elif tag == HEARTBEAT:
                 self.counters["heartbeats_received"] += 1  # `heard` above is what counts
             else:
                 self.counters["malformed_peer_message"] += 1
         self._schedule_flush()
+
+    def _saw(self, peer: str, msg: Accepted | Promise) -> None:
+        if type(msg) is Accepted:
+            top = max(msg.slots) if msg.slots else 0
+            if top > self.peer_acked.get(peer, 0):
+                self.peer_acked[peer] = top
+        else:
+            top = msg.accepted[-1][0] if msg.accepted else 0
+        seen = self.peer_seen.get((peer, msg.group))
+        if seen is None:
+            self.peer_seen[(peer, msg.group)] = [top, msg.promised]
+            return
+        if top > seen[0]:
+            seen[0] = top
+        if msg.promised > seen[1]:
+            seen[1] = msg.promised
 
     def _on_forward(self, peer: str, m: list) -> None:
         try:

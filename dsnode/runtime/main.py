@@ -30,7 +30,7 @@ from dsnode.core.paxos.config import PaxosConfig, bound_for
 from dsnode.core.paxos.node import PaxosNode
 from dsnode.runtime import logs, sdnotify
 from dsnode.runtime.admin import AdminError, AdminServer
-from dsnode.runtime.driver import GROUP, Driver
+from dsnode.runtime.driver import GROUP, PINS, Driver
 from dsnode.runtime.metrics import NodeMetrics, node_registry
 from dsnode.runtime.peers import PeerNetwork
 from dsnode.runtime.server import ClientServer
@@ -236,7 +236,7 @@ class Node:
                 max_frame_bytes=self.core.config.peer_message_bytes_max + PEER_FRAME_SLACK_BYTES,
                 rng=random.Random(seed ^ 0x5EED),
                 incarnation=incarnation, pins=self.pins, save_pins=self.save_pins,
-                log_end=lambda: core.log_end(GROUP), on_refused=self.on_refused,
+                summary=core.durable_summary, on_refused=self.on_refused,
             )
         self.driver = Driver(
             core, wal, server.deliver, self.net,
@@ -246,6 +246,7 @@ class Node:
             heartbeat_ticks=cfg.ticks(cfg.heartbeat_interval_ms),
         )
         self.driver.observer = self.metrics
+        self.driver.on_pins = self._on_pins
         server.driver = self.driver
         server.peer_network = self.net
         server.status_provider = self.status
@@ -274,17 +275,26 @@ class Node:
             if self.stop_event is not None:
                 self.stop_event.set()
 
-    async def _track_accepted(self) -> None:
-        """Every second, raise the pinned accepted-slot watermarks from what peers acked
-        (the leader's view) and persist them off the event loop."""
+    async def _track_pins(self) -> None:
+        """Every second: raise the pinned watermarks from what peers answered (slots
+        accepted, ballots promised), persist them off the event loop, and send the
+        table to every connected peer so the pins spread."""
         assert self.driver is not None
         while True:
             await asyncio.sleep(1.0)
             changed = False
-            for peer, slot in list(self.driver.peer_acked.items()):
-                changed |= self.pins.saw_accepted(peer, slot)
+            for (peer, group), (slot, ballot) in list(self.driver.peer_seen.items()):
+                changed |= self.pins.saw(peer, str(group), slot, ballot)
             if changed:
                 await asyncio.to_thread(self.save_pins)
+                if self.net is not None:
+                    table = self.pins.encode()
+                    for peer in self.net.links:
+                        self.net.send(peer, [PINS, table])
+
+    def _on_pins(self, peer: str, table: object) -> None:
+        if self.net is not None:
+            self.net.merge_pins(peer, table)
 
     async def start_admin(self, listen: str) -> None:
         """The admin HTTP listener (dsnode/runtime/admin.py), in a thread of its own."""
@@ -398,7 +408,7 @@ class Node:
         self.stop_event = stop
         driver_task = asyncio.create_task(self.driver.run(), name="driver")
         watchdog = asyncio.create_task(sdnotify.watchdog_loop(), name="watchdog")
-        tracker = asyncio.create_task(self._track_accepted(), name="pins")
+        tracker = asyncio.create_task(self._track_pins(), name="pins")
         monitor = asyncio.create_task(self.metrics.loop_monitor(), name="loop-monitor")
         sdnotify.notify(f"READY=1\nSTATUS=serving on {self.config.listen}")
         self.log.info("serving", listen=self.config.listen, version=__version__)

@@ -29,7 +29,11 @@ from typing import Any
 
 import msgpack
 
-from dsnode.core.membership.incarnations import REFUSAL_PREFIX, Incarnations
+from dsnode.core.membership.incarnations import (
+    REFUSAL_PREFIX,
+    Incarnations,
+    presented_from_wire,
+)
 from dsnode.runtime.logs import get_logger
 from dsnode.wire.framing import HEADER, FrameDecoder, FrameError, unpack_payload
 
@@ -227,7 +231,7 @@ class PeerNetwork:
         incarnation: str = "",
         pins: Incarnations | None = None,
         save_pins: Callable[[], None] | None = None,
-        log_end: Callable[[], int] | None = None,
+        summary: Callable[[], tuple[dict, dict]] | None = None,
         on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self.node_id = node_id
@@ -243,7 +247,7 @@ class PeerNetwork:
         self.incarnation = incarnation
         self.pins = pins if pins is not None else Incarnations()
         self._save_pins = save_pins
-        self._log_end = log_end
+        self._summary = summary
         self._on_refused = on_refused
         self._rng = rng or random.Random(node_id)
         self._tasks: list[asyncio.Task] = []
@@ -251,28 +255,54 @@ class PeerNetwork:
 
     # ------------------------------------------------------------ identity
     def identity(self) -> dict:
-        """What a hello (or its answer) says about this node's data directory."""
+        """What a hello (or its answer) says about this node's data directory, plus
+        the pins it holds (so they spread)."""
         if not self.incarnation:
             return {}
-        return {"incarnation": self.incarnation,
-                "log_end": self._log_end() if self._log_end is not None else 0}
+        log_end, promised = self._summary() if self._summary is not None else ({}, {})
+        return {"incarnation": self.incarnation, "log_end": log_end,
+                "promised": {g: list(b) for g, b in promised.items()},
+                "pins": self.pins.encode()}
 
     def admit(self, peer_id: str, hello: dict) -> str | None:
         """Check a peer's identity from its hello (or its answer to ours): the reason
-        to refuse it, or None. A peer met for the first time is pinned, and the pin
-        is on disk before its link carries anything."""
-        inc = hello.get("incarnation")
-        if not isinstance(inc, str):
+        to refuse it, or None. A peer met for the first time is pinned, the pins it
+        brings are merged, and both are on disk before its link carries anything."""
+        try:
+            presented = presented_from_wire(hello)
+        except ValueError as e:
+            return self._refuse(peer_id, f"{REFUSAL_PREFIX}: {e}")
+        if presented is None:
             return None  # a node from before incarnations: nothing to compare
-        log_end = hello.get("log_end")
-        reason = self.pins.check(peer_id, inc, log_end if type(log_end) is int else 0)
+        changed = self.merge_pins(peer_id, hello.get("pins"), save=False)
+        reason = self.pins.check(peer_id, presented)
         if reason is not None:
-            self.refusals += 1
-            log.error("peer_refused", peer=peer_id, reason=reason)
-            return reason
-        if self.pins.admit(peer_id, inc) and self._save_pins is not None:
+            if changed and self._save_pins is not None:
+                self._save_pins()
+            return self._refuse(peer_id, reason)
+        changed |= self.pins.admit(peer_id, presented.incarnation)
+        if changed and self._save_pins is not None:
             self._save_pins()
         return None
+
+    def merge_pins(self, peer_id: str, table: object, save: bool = True) -> bool:
+        """Merge a peer's pin table (from its hello or a periodic ``pins`` message)."""
+        if table is None:
+            return False
+        try:
+            theirs = Incarnations.decode(table)
+        except ValueError:
+            self.malformed += 1
+            return False
+        changed = self.pins.merge(theirs, self.node_id)
+        if changed and save and self._save_pins is not None:
+            self._save_pins()
+        return changed
+
+    def _refuse(self, peer_id: str, reason: str) -> str:
+        self.refusals += 1
+        log.error("peer_refused", peer=peer_id, reason=reason)
+        return reason
 
     def refused_by(self, peer_id: str, reason: str) -> None:
         log.critical("refused_by_peer", peer=peer_id, reason=reason)

@@ -51,10 +51,20 @@ BROKEN = {"forgetful-acceptor": ForgetfulAcceptor, "nack-free-acceptor": NackFre
 LIVENESS_BROKEN = {"unbounded-promises": UnboundedPromiseAcceptor}
 
 
+# variants of the world itself: "trusting-peers" admits a node whatever it lost
+# (no identity gate), so a wiped or rolled-back acceptor votes again
+WORLD_BROKEN = ("trusting-peers",)
+
+
 def configure(cfg, name: str):
     """``cfg`` (a ``SimConfig``) running the broken variant ``name``."""
     if name in BROKEN:
         return dataclasses.replace(cfg, acceptor_cls=BROKEN[name])
+    if name == "trusting-peers":
+        return dataclasses.replace(
+            cfg, identity_gate=False,
+            faults=dataclasses.replace(cfg.faults, amnesia_weight=3),
+        )
     frame = cfg.frame_bytes_max or cfg.paxos.peer_message_bytes_max
     return dataclasses.replace(
         cfg,

@@ -11,6 +11,10 @@
   KV state and dedup table.
 - ``linearizable``: the client history, per key (``linearizability.py``).
 - ``nothing acknowledged lost``: every acknowledged write is in the applied log.
+- ``amnesiacs never vote``: a node that came back with less durable state than
+  the votes it had already delivered (a wiped or rolled-back data directory)
+  never has another promise or accept delivered. Tracked here from the votes
+  themselves, independently of the pins that enforce it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ class SafetyViolation(AssertionError):
 
 
 class SafetyChecker:
-    def __init__(self, groups: dict[Any, tuple[str, ...]]) -> None:
+    def __init__(self, groups: dict[Any, tuple[str, ...]], check_amnesia: bool = True) -> None:
+        self.check_amnesia = check_amnesia
         self.groups = groups
         self.quorum = {g: len(m) // 2 + 1 for g, m in groups.items()}
         # (group, slot, ballot) -> {node: value}
@@ -37,6 +42,10 @@ class SafetyChecker:
         self.learned: dict[tuple, bytes] = {}  # (group, slot) -> value (applied anywhere)
         self.last_applied: dict[tuple, int] = {}  # (node, group) -> slot
         self.violations: list[str] = []
+        # node -> group -> [highest slot, highest ballot] its delivered votes showed
+        self.voted: dict[str, dict[str, list]] = {}
+        self.incarnation: dict[str, str] = {}
+        self.amnesiac: set[str] = set()
 
     def fail(self, text: str) -> None:
         self.violations.append(text)
@@ -65,6 +74,28 @@ class SafetyChecker:
             self.chosen[(group, slot)] = value
         elif cur != value:
             self.fail(f"two values chosen for {group}/{slot} ({how}): {cur!r} vs {value!r}")
+
+    def on_vote_delivered(self, node: str, group: str, slot: int, promised) -> None:
+        if node in self.amnesiac and self.check_amnesia:
+            self.fail(f"{node} voted after coming back with a wiped or rolled-back data directory")
+        v = self.voted.setdefault(node, {}).setdefault(group, [0, (0, "")])
+        v[0] = max(v[0], slot)
+        v[1] = max(v[1], promised)
+
+    def on_presented(self, node: str, p) -> None:
+        """``node`` (re)started presenting durable state ``p``: amnesiac if it is
+        less than what its votes already showed."""
+        old = self.incarnation.get(node)
+        self.incarnation[node] = p.incarnation
+        voted = self.voted.get(node, {})
+        lost = old is not None and old != p.incarnation and bool(voted)
+        for g, (slot, ballot) in voted.items():
+            if p.log_end.get(g, 0) < slot or p.promised.get(g, (0, "")) < ballot:
+                lost = True
+        if lost:
+            self.amnesiac.add(node)
+        else:
+            self.amnesiac.discard(node)
 
     def on_restart(self, node: str) -> None:
         for g, members in self.groups.items():

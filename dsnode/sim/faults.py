@@ -21,6 +21,8 @@ class FaultConfig:
     # every node crashes at once (power cut, `docker compose restart`): outside the
     # "at most f down" model, so only liveness after the restarts is at stake
     crash_all_weight: int = 0  # the swarm turns it on for a third of the seeds
+    # a node comes back with an empty or an old data directory (within the crash budget)
+    amnesia_weight: int = 0
     weather_weight: int = 1
     # a node starts phase 1 at once, skipping pre-vote: safety must not rest on
     # pre-vote, and without this contested elections become too rare to test
@@ -56,7 +58,7 @@ class FaultSchedule:
         for _, action, node in due:
             if action == "crash" and w.up[node] and self.can_crash(node):
                 self._crash(node)
-            elif action == "restart" and not w.up[node]:
+            elif action == "restart" and not w.up[node] and node not in w.retired:
                 w.restart(node)
 
     def _crash(self, node: str) -> None:
@@ -69,7 +71,7 @@ class FaultSchedule:
         w = self.world
         for members in w.groups.values():
             if node in members:
-                down = sum(1 for m in members if not w.up[m])
+                down = sum(1 for m in members if not w.up[m] or m in w.lost)
                 if down + 1 > (len(members) - 1) // 2:
                     return False
         return True
@@ -80,7 +82,8 @@ class FaultSchedule:
         if rng.random() >= cfg.event_chance:
             return
         kinds = [
-            "crash", "restart", "partition", "one_way", "heal", "weather", "campaign", "crash_all"
+            "crash", "restart", "partition", "one_way", "heal", "weather", "campaign", "crash_all",
+            "amnesia",
         ]
         weights = [
             cfg.crash_weight,
@@ -91,6 +94,7 @@ class FaultSchedule:
             cfg.weather_weight,
             cfg.campaign_weight,
             cfg.crash_all_weight,
+            cfg.amnesia_weight,
         ]
         kind = rng.choices(kinds, weights)[0]
         self.events += 1
@@ -98,13 +102,21 @@ class FaultSchedule:
             candidates = [n for n in w.node_ids if w.up[n] and self.can_crash(n)]
             if candidates:
                 self._crash(rng.choice(candidates))
+        elif kind == "amnesia":
+            candidates = [
+                n for n in w.node_ids if w.up[n] and self.can_crash(n) and n in w.pins.pins
+            ]
+            if candidates:
+                node = rng.choice(candidates)
+                w.amnesia(node, wipe=rng.random() < 0.5, rng=rng)
+                self.scheduled.append((w.now + rng.randint(1, 20), "restart", node))
         elif kind == "crash_all":
             w.trace(now, "-", "crash-all")
             for n in w.node_ids:
                 if w.up[n]:
                     self._crash(n)
         elif kind == "restart":
-            down = [n for n in w.node_ids if not w.up[n]]
+            down = [n for n in w.node_ids if not w.up[n] and n not in w.retired]
             if down:
                 w.restart(rng.choice(down))
         elif kind == "partition":

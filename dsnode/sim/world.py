@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dsnode.core.errors import InvariantBroken
+from dsnode.core.membership.incarnations import Incarnations, Presented
 from dsnode.core.paxos import PaxosConfig, PaxosNode
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.config import bound_for
 from dsnode.core.paxos.group import SnapshotWanted
+from dsnode.core.paxos.messages import Accepted, Promise
 from dsnode.sim.checkers import SafetyChecker, SafetyViolation
 from dsnode.sim.disk import SimDisk
 from dsnode.sim.faults import FaultConfig, FaultSchedule
@@ -74,6 +76,11 @@ class SimConfig:
     frame_bytes_max: int = 0
     # after the heal, every group must have a leader within this many ticks
     leader_after_heal_ticks_max: int = 300
+    # peers refuse a node whose data directory lost state (core.membership.incarnations);
+    # False only for the broken variant that must be caught
+    identity_gate: bool = True
+    # the direct "amnesiacs never vote" check (off: only the ground-truth checks remain)
+    check_amnesiac_votes: bool = True
 
 
 @dataclass(slots=True)
@@ -113,6 +120,7 @@ def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
         down_ticks_max=rng.choice((10, 40, 150)),
         campaign_weight=rng.choice((1, 3, 8)),
         crash_all_weight=max(cfg.faults.crash_all_weight, rng.choice((0, 0, 1))),
+        amnesia_weight=max(cfg.faults.amnesia_weight, rng.choice((0, 0, 1))),
     )
     return dataclasses.replace(
         cfg,
@@ -148,10 +156,20 @@ class SimWorld:
         )
         self.disks = {n: SimDisk() for n in self.node_ids}
         self.up = {n: False for n in self.node_ids}
+        # Identity (issue 15). The pins are one table for the whole world: the
+        # runtime spreads them by hello and gossip, the simulator assumes that
+        # spreading is done. A node presents its incarnation and durable state at
+        # its (re)start, like a hello; a refused node exits and stays out (retired).
+        self.incarnation = {n: f"{n}.0" for n in self.node_ids}
+        self.pins = Incarnations()
+        self.presented: dict[str, Presented] = {}
+        self.admitted: set[str] = set()
+        self.retired: set[str] = set()
+        self.lost: set[str] = set()  # came back amnesiac: out of the fault budget for good
         self.cores: dict[str, PaxosNode | None] = {n: None for n in self.node_ids}
         # snapshots a node's shell is still encoding (SnapshotWanted), per node
         self.snap_jobs: dict[str, list[SnapshotWanted]] = {n: [] for n in self.node_ids}
-        self.checker = SafetyChecker(self.groups)
+        self.checker = SafetyChecker(self.groups, cfg.check_amnesiac_votes)
         self.faults = FaultSchedule(self._sub(), self, cfg.faults)
         self.crash_rng = self._sub()
         self.workload = Workload(
@@ -186,6 +204,10 @@ class SimWorld:
         core.recover(self.disks[node].records())
         self.cores[node] = core
         self.up[node] = True
+        log_end, promised = core.durable_summary()
+        self.presented[node] = Presented(self.incarnation[node], log_end, promised)
+        self.admitted.discard(node)
+        self.checker.on_presented(node, self.presented[node])
         self.trace(self.now, node, "restart", f"{len(self.disks[node].durable)} records")
 
     def crash(self, node: str, mid_ready: bool) -> None:
@@ -259,7 +281,14 @@ class SimWorld:
             if core is None:
                 continue
             for src, msg in inbox.get(n, ()):
+                if src not in self.admitted and not self._admit(src):
+                    continue
+                t = type(msg)
+                if (t is Accepted or t is Promise) and msg.ok:
+                    self._saw_vote(src, msg)
                 core.step(src, msg)
+                if self.cores[n] is None:
+                    break  # n itself was just refused
             if self.snap_jobs[n]:
                 self._advance_snapshots(n, self.cfg.snapshot_entries_per_tick or None)
             core.tick()
@@ -268,27 +297,81 @@ class SimWorld:
             if self.up[n]:
                 self._drain(n)
 
+    def _admit(self, src: str) -> bool:
+        """The receiving side of a hello: may ``src`` take part? A refused node
+        exits (it stays down for the rest of the run)."""
+        if self.cores[src] is None:
+            return False  # crashed since it sent: its messages die with the connection
+        p = self.presented[src]
+        why = self.pins.check(src, p) if self.cfg.identity_gate else None
+        if why is not None:
+            self.trace(self.now, src, "refused", why[:60])
+            self.crash(src, mid_ready=False)
+            self.retired.add(src)
+            return False
+        self.pins.admit(src, p.incarnation)
+        self.admitted.add(src)
+        return True
+
+    def _saw_vote(self, src: str, msg) -> None:
+        g = str(msg.group)
+        if type(msg) is Accepted:
+            top = max(msg.slots) if msg.slots else 0
+        else:
+            top = msg.accepted[-1][0] if msg.accepted else 0
+        self.pins.saw(src, g, top, msg.promised)
+        self.checker.on_vote_delivered(src, g, top, msg.promised)
+
+    def amnesia(self, node: str, wipe: bool, rng: random.Random) -> None:
+        """Crash ``node`` and give it back an empty data directory (a new
+        incarnation) or an old copy of its own (a prefix of its durable records).
+
+        Only for a node its peers have met (pinned). An old copy that lost
+        nothing any peer saw it vote cannot be told from the real thing (nor,
+        in general, made safe: Paxos counts votes nobody observed), so such a
+        draw becomes a wipe; docs/OPERATIONS.md says never to restore an
+        acceptor from a backup."""
+        self.crash(node, mid_ready=False)
+        self.lost.add(node)
+        disk = self.disks[node]
+        how = "wiped"
+        if not wipe and disk.durable:
+            keep = rng.randint(0, len(disk.durable) - 1)
+            probe = PaxosNode(node, self.groups_of(node), random.Random(0), self.cfg.paxos)
+            probe.recover(disk.durable[:keep])
+            log_end, promised = probe.durable_summary()
+            if self.pins.check(node, Presented(self.incarnation[node], log_end, promised)):
+                disk.durable = disk.durable[:keep]
+                how = f"rolled back to {keep} records"
+        if how == "wiped":
+            self.disks[node] = SimDisk()
+            self.incarnation[node] = f"{node}.{self.next_event()}"
+        self.trace(self.now, node, "amnesia", how)
+
     def heal(self) -> None:
         for n in self.node_ids:
-            if not self.up[n]:
+            if not self.up[n] and n not in self.retired:
                 self.restart(n)
         self.net.heal()
         self.net.loss = 0.0
         self.net.dup = 0.0
         self.trace(self.now, "-", "heal-all")
 
+    def live_members(self, g: Any) -> list[str]:
+        return [m for m in self.groups[g] if m not in self.retired]
+
     def leaderless_groups(self) -> list:
         return [
             g
-            for g, members in self.groups.items()
-            if not any(self.cores[m].is_leader(g) for m in members)
+            for g in self.groups
+            if not any(self.cores[m].is_leader(g) for m in self.live_members(g))
         ]
 
     def converged(self) -> bool:
         if not self.workload.idle():
             return False
-        for g, members in self.groups.items():
-            cores = [self.cores[m] for m in members]
+        for g in self.groups:
+            cores = [self.cores[m] for m in self.live_members(g)]
             if not any(c.is_leader(g) for c in cores):
                 return False
             if len({c.applied_index(g) for c in cores}) != 1:
@@ -345,9 +428,9 @@ class SimWorld:
     def _final_checks(self, res: RunResult) -> None:
         ck = self.checker
         ck.check_learned_were_chosen()
-        for g, members in self.groups.items():
+        for g in self.groups:
             states = set()
-            for m in members:
+            for m in self.live_members(g):
                 sm = self.cores[m].state_machine(g)
                 last = repr(sorted(sm.last.items(), key=repr))
                 states.add((sm.kv.revision, tuple(sorted(sm.kv.items())), last))

@@ -30,7 +30,8 @@ MAX_TIMEOUT_MS = 24 * 3600 * 1000
 # Fields every op accepts besides its own.
 COMMON_FIELDS = frozenset({"id", "op", "timeout_ms"})
 OP_FIELDS: dict[str, frozenset[str]] = {
-    "hello": frozenset({"token", "client", "peer", "cluster_id", "incarnation", "log_end"}),
+    "hello": frozenset({"token", "client", "peer", "cluster_id", "incarnation", "log_end",
+                        "promised", "pins"}),
     "get": frozenset({"key", "consistency"}),
     "put": frozenset({"key", "value", "if_version"}),
     "delete": frozenset({"key", "if_version"}),
@@ -164,8 +165,9 @@ def parse_request(obj: object, limits: Limits) -> Request:
         for f in ("token", "client", "peer", "cluster_id", "incarnation"):
             if f in obj and not isinstance(obj[f], str):
                 raise _bad(f"field {f!r} must be str, got {_type_name(obj[f])}")
-        if "log_end" in obj and (type(obj["log_end"]) is not int or obj["log_end"] < 0):
-            raise _bad(f"field 'log_end' must be a non-negative int, got {_type_name(obj['log_end'])}")
+        for f in ("log_end", "promised", "pins"):
+            if f in obj and not isinstance(obj[f], dict):
+                raise _bad(f"field {f!r} must be a map, got {_type_name(obj[f])}")
     return Request(rid, op, cmd, timeout_ms, obj)
 
 

@@ -1,24 +1,30 @@
-"""Pins of each member's incarnation and accepted watermark (issue 15)."""
+"""Pins of each member's incarnation and watermarks (issue 15)."""
 
 from __future__ import annotations
 
 import pytest
 
-from dsnode.core.membership.incarnations import REFUSAL_PREFIX, Incarnations, Pin
+from dsnode.core.membership.incarnations import (
+    REFUSAL_PREFIX,
+    Incarnations,
+    Pin,
+    Presented,
+    presented_from_wire,
+)
 
 
 def test_a_member_met_for_the_first_time_is_pinned_and_then_admitted():
     inc = Incarnations()
-    assert inc.check("n2", "aaa", 0) is None
+    assert inc.check("n2", Presented("aaa")) is None
     assert inc.admit("n2", "aaa") is True
     assert inc.admit("n2", "aaa") is False
-    assert inc.check("n2", "aaa", 0) is None
+    assert inc.check("n2", Presented("aaa")) is None
 
 
 def test_a_new_incarnation_under_a_pinned_id_is_refused_naming_the_fix():
     """A wiped data directory comes back with a new incarnation: it must never vote."""
     inc = Incarnations({"n2": Pin("aaa")})
-    why = inc.check("n2", "bbb", 100)
+    why = inc.check("n2", Presented("bbb", {"0": 100}))
     assert why is not None and why.startswith(REFUSAL_PREFIX)
     assert "'bbb'" in why and "'aaa'" in why and "docs/OPERATIONS.md" in why
 
@@ -26,16 +32,51 @@ def test_a_new_incarnation_under_a_pinned_id_is_refused_naming_the_fix():
 def test_a_log_ending_below_what_the_member_accepted_is_refused():
     """A restored old backup keeps the incarnation but forgot accepted slots."""
     inc = Incarnations({"n2": Pin("aaa")})
-    assert inc.saw_accepted("n2", 50) is True
-    assert inc.saw_accepted("n2", 40) is False  # watermarks only rise
-    assert inc.check("n2", "aaa", 50) is None
-    why = inc.check("n2", "aaa", 49)
+    assert inc.saw("n2", "0", accepted=50) is True
+    assert inc.saw("n2", "0", accepted=40) is False  # watermarks only rise
+    assert inc.check("n2", Presented("aaa", {"0": 50})) is None
+    why = inc.check("n2", Presented("aaa", {"0": 49}))
     assert why is not None and "slot 49" in why and "slot 50" in why
+    assert inc.check("n2", Presented("aaa", {})) is not None  # no log at all for the group
+
+
+def test_a_promise_below_what_the_member_promised_is_refused():
+    """An old backup may also have lost a promise (no accept after it)."""
+    inc = Incarnations({"n2": Pin("aaa")})
+    inc.saw("n2", "0", promised=(5, "n1"))
+    assert inc.check("n2", Presented("aaa", {}, {"0": (5, "n1")})) is None
+    assert inc.check("n2", Presented("aaa", {}, {"0": (6, "n3")})) is None
+    why = inc.check("n2", Presented("aaa", {}, {"0": (4, "n3")}))
+    assert why is not None and "promised" in why
+
+
+def test_pins_spread_by_merge_without_overriding_a_conflict_or_our_own_entry():
+    mine = Incarnations({"n2": Pin("aaa", {"0": 3})})
+    theirs = Incarnations({"n2": Pin("aaa", {"0": 9}), "n3": Pin("ccc"), "n1": Pin("zzz"),
+                           "n4": Pin("ddd")})
+    mine.pins["n4"] = Pin("other")
+    assert mine.merge(theirs, me="n1") is True
+    assert mine.pins["n2"].accepted == {"0": 9}
+    assert mine.pins["n3"].incarnation == "ccc"
+    assert "n1" not in mine.pins
+    assert mine.pins["n4"].incarnation == "other"
+    assert mine.merge(theirs, me="n1") is False
 
 
 def test_pins_round_trip_and_bad_encodings_are_errors():
-    inc = Incarnations({"n2": Pin("aaa", 7)})
+    inc = Incarnations({"n2": Pin("aaa", {"0": 7}, {"0": (2, "n1")})})
     assert Incarnations.decode(inc.encode()).pins == inc.pins
-    for bad in ([], {"n2": "aaa"}, {"n2": ["aaa"]}, {"n2": ["aaa", "7"]}, {1: ["a", 1]}):
+    for bad in ([], {"n2": "aaa"}, {"n2": ["aaa"]}, {"n2": ["aaa", {"0": "7"}, {}]},
+                {1: ["a", {}, {}]}, {"n2": ["a", {}, {"0": [1]}]}):
         with pytest.raises(ValueError):
             Incarnations.decode(bad)
+
+
+def test_hello_identity_parsing():
+    assert presented_from_wire({}) is None
+    p = presented_from_wire({"incarnation": "x", "log_end": {"0": 4}, "promised": {"0": [1, "a"]}})
+    assert p == Presented("x", {"0": 4}, {"0": (1, "a")})
+    for bad in ({"incarnation": 5}, {"incarnation": "x", "log_end": {"0": -1}},
+                {"incarnation": "x", "promised": {"0": "b"}}, {"incarnation": "x", "log_end": []}):
+        with pytest.raises(ValueError):
+            presented_from_wire(bad)

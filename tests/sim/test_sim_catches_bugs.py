@@ -53,3 +53,32 @@ def test_sim_full_restarts_with_large_values_stay_live(seed):
     cfg = dataclasses.replace(cfg, faults=dataclasses.replace(cfg.faults, crash_all_weight=2))
     res = SimWorld(seed, cfg).run()
     assert res.ok, f"{res.error}\nrepro: python -m dsnode.sim --seed {seed}"
+
+
+@pytest.mark.parametrize("direct_check", [True, False])
+def test_sim_catches_peers_that_let_an_amnesiac_vote(direct_check):
+    """Issue 15: with no identity gate, a node that came back with a wiped or
+    rolled-back data directory votes again. The direct check (an amnesiac's
+    promise or accept is delivered) catches it; and without that check the
+    ground-truth checks do too (two values chosen for one slot, a lost write
+    or a non-linearizable history), which shows the hazard is real."""
+    cfg = configure(SimConfig(check_amnesiac_votes=direct_check), "trusting-peers")
+    for seed in SEARCH:
+        res = SimWorld(seed, dataclasses.replace(cfg)).run()
+        if res.ok or "convergence" in res.error or "liveness" in res.error:
+            continue
+        if direct_check:
+            assert "voted after coming back" in res.error, res.error
+        return
+    pytest.fail(f"no seed in {SEARCH} caught trusting peers")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_sim_amnesia_is_refused_and_the_rest_stays_safe_and_live(seed):
+    """Nodes come back wiped or rolled back; the gate refuses them (they stay
+    out), no amnesiac vote is ever delivered, and the others converge."""
+    cfg = SimConfig()
+    cfg = dataclasses.replace(cfg, faults=dataclasses.replace(cfg.faults, amnesia_weight=3))
+    w = SimWorld(seed, cfg)
+    res = w.run()
+    assert res.ok, f"{res.error}\nrepro: python -m dsnode.sim --seed {seed}"

@@ -4,23 +4,28 @@ Paxos assumes an acceptor keeps every promise and accepted value for ever. A
 node whose data directory was wiped (a replaced disk) or rolled back (an old
 backup restored) breaks that silently: it would vote again with none of what
 it had promised. Each data directory therefore gets an *incarnation* id when
-it is created, and every node pins, per peer, the incarnation it first met
-and the highest slot that peer is known to have accepted (``accepted``: from
-its answers to our accepts, which leave it only after its log is durable).
+it is created, and every node pins, per peer: the incarnation it first met,
+and per group the highest slot that peer was seen to accept and the highest
+ballot it was seen to promise (from its answers, which leave it only after
+its log is durable, so a healthy node's recovered state never falls below
+them).
 
-A peer that presents another incarnation than the pinned one, or a log that
-ends below what it was seen to accept, is refused at its hello: it never gets
-a link, so no promise or accept of it is ever counted. A member met for the
-first time (cluster formation, a node that never ran before) is pinned.
+A peer that presents another incarnation than the pinned one, or per group a
+log that ends below its accepted watermark or a promise below its promised
+watermark, is refused at its hello: it never gets a link, so no promise or
+accept of it is ever counted. A member met for the first time (cluster
+formation, a node that never ran before) is pinned. Pins spread: hellos and a
+periodic peer message carry the sender's table, merged with ``merge``, so a
+node that never met the wiped one still knows it.
 
 Pure: the runtime asks at every peer hello and persists ``encode()`` (before
-the link carries anything) when ``admit`` or ``saw_accepted`` changed it;
+the link carries anything) when ``admit``, ``saw`` or ``merge`` changed it;
 the simulator drives the same class.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 REFUSAL_PREFIX = "stale identity"
 RECOVERY_HINT = (
@@ -29,33 +34,55 @@ RECOVERY_HINT = (
     "give the node a new id (docs/OPERATIONS.md, 'Replacing a node's disk')"
 )
 
+Ballot = tuple[int, str]
+NO_BALLOT: Ballot = (0, "")
+
 
 @dataclass(slots=True)
 class Pin:
     incarnation: str
-    accepted: int = 0
+    accepted: dict[str, int] = field(default_factory=dict)  # group -> slot
+    promised: dict[str, Ballot] = field(default_factory=dict)  # group -> ballot
+
+
+@dataclass(frozen=True, slots=True)
+class Presented:
+    """What a peer says about its durable state at hello: per group (ids as
+    strings) the highest slot its log holds and the ballot it promised."""
+
+    incarnation: str
+    log_end: dict[str, int] = field(default_factory=dict)
+    promised: dict[str, Ballot] = field(default_factory=dict)
 
 
 class Incarnations:
     def __init__(self, pins: dict[str, Pin] | None = None) -> None:
         self.pins: dict[str, Pin] = dict(pins or {})
 
-    def check(self, peer: str, incarnation: str, log_end: int) -> str | None:
-        """Why ``peer`` (presenting ``incarnation`` and a log that ends at
-        ``log_end``) may not take part, or None if it may."""
+    def check(self, peer: str, p: Presented) -> str | None:
+        """Why ``peer`` presenting ``p`` may not take part, or None if it may."""
         pin = self.pins.get(peer)
         if pin is None:
             return None
-        if incarnation != pin.incarnation:
+        if p.incarnation != pin.incarnation:
             return (
                 f"{REFUSAL_PREFIX}: node {peer!r} presents data directory incarnation "
-                f"{incarnation!r}, the cluster knows it as {pin.incarnation!r}: {RECOVERY_HINT}"
+                f"{p.incarnation!r}, the cluster knows it as {pin.incarnation!r}: {RECOVERY_HINT}"
             )
-        if log_end < pin.accepted:
-            return (
-                f"{REFUSAL_PREFIX}: node {peer!r} has a log ending at slot {log_end}, but it "
-                f"accepted slot {pin.accepted} before: {RECOVERY_HINT}"
-            )
+        for g, slot in sorted(pin.accepted.items()):
+            have = p.log_end.get(g, 0)
+            if have < slot:
+                return (
+                    f"{REFUSAL_PREFIX}: node {peer!r} has a log ending at slot {have} in group "
+                    f"{g}, but it accepted slot {slot} before: {RECOVERY_HINT}"
+                )
+        for g, ballot in sorted(pin.promised.items()):
+            have_b = p.promised.get(g, NO_BALLOT)
+            if have_b < ballot:
+                return (
+                    f"{REFUSAL_PREFIX}: node {peer!r} promised ballot {list(have_b)} in group "
+                    f"{g}, but it promised {list(ballot)} before: {RECOVERY_HINT}"
+                )
         return None
 
     def admit(self, peer: str, incarnation: str) -> bool:
@@ -65,17 +92,49 @@ class Incarnations:
         self.pins[peer] = Pin(incarnation)
         return True
 
-    def saw_accepted(self, peer: str, slot: int) -> bool:
-        """``peer`` durably accepted ``slot``; True if its watermark rose."""
+    def saw(
+        self, peer: str, group: str, accepted: int = 0, promised: Ballot = NO_BALLOT
+    ) -> bool:
+        """``peer`` answered with durable state: it accepted ``accepted`` and promised
+        ``promised`` in ``group``. True if a watermark rose."""
         pin = self.pins.get(peer)
-        if pin is None or slot <= pin.accepted:
+        if pin is None:
             return False
-        pin.accepted = slot
-        return True
+        changed = False
+        if accepted > pin.accepted.get(group, 0):
+            pin.accepted[group] = accepted
+            changed = True
+        if promised > pin.promised.get(group, NO_BALLOT):
+            pin.promised[group] = promised
+            changed = True
+        return changed
+
+    def merge(self, other: Incarnations, me: str) -> bool:
+        """Take what another node pinned: unknown members, and higher watermarks
+        of the same incarnation. Our own entry and conflicting incarnations are
+        left alone. True if anything changed."""
+        changed = False
+        for peer, theirs in other.pins.items():
+            if peer == me:
+                continue
+            mine = self.pins.get(peer)
+            if mine is None:
+                self.pins[peer] = Pin(theirs.incarnation, dict(theirs.accepted),
+                                      dict(theirs.promised))
+                changed = True
+            elif mine.incarnation == theirs.incarnation:
+                for g, slot in theirs.accepted.items():
+                    changed |= self.saw(peer, g, accepted=slot)
+                for g, ballot in theirs.promised.items():
+                    changed |= self.saw(peer, g, promised=ballot)
+        return changed
 
     # ------------------------------------------------------------ persistence
     def encode(self) -> dict:
-        return {p: [pin.incarnation, pin.accepted] for p, pin in sorted(self.pins.items())}
+        return {
+            p: [pin.incarnation, dict(pin.accepted), {g: list(b) for g, b in pin.promised.items()}]
+            for p, pin in sorted(self.pins.items())
+        }
 
     @classmethod
     def decode(cls, obj: object) -> Incarnations:
@@ -83,13 +142,47 @@ class Incarnations:
             raise ValueError("member pins: expected a map")
         pins = {}
         for peer, v in obj.items():
-            if (
-                not isinstance(peer, str)
-                or not isinstance(v, list)
-                or len(v) != 2
-                or not isinstance(v[0], str)
-                or not isinstance(v[1], int)
-            ):
-                raise ValueError(f"member pins: bad entry for {peer!r}")
-            pins[peer] = Pin(v[0], v[1])
+            try:
+                inc, acc, prom = v
+                if not isinstance(peer, str) or not isinstance(inc, str):
+                    raise TypeError
+                accepted = {_str(g): _int(s) for g, s in acc.items()}
+                promised = {_str(g): _ballot(b) for g, b in prom.items()}
+            except (TypeError, ValueError, AttributeError):
+                raise ValueError(f"member pins: bad entry for {peer!r}") from None
+            pins[peer] = Pin(inc, accepted, promised)
         return cls(pins)
+
+
+def _str(x: object) -> str:
+    if not isinstance(x, str):
+        raise TypeError
+    return x
+
+
+def _int(x: object) -> int:
+    if type(x) is not int or x < 0:
+        raise TypeError
+    return x
+
+
+def _ballot(x: object) -> Ballot:
+    if not isinstance(x, list | tuple) or len(x) != 2 or type(x[0]) is not int:
+        raise TypeError
+    if not isinstance(x[1], str):
+        raise TypeError
+    return (x[0], x[1])
+
+
+def presented_from_wire(hello: dict) -> Presented | None:
+    """The identity part of a peer hello (or its answer); None if it has none (a node
+    from before incarnations). ``ValueError`` if it is malformed."""
+    inc = hello.get("incarnation")
+    if inc is None:
+        return None
+    try:
+        log_end = {_str(g): _int(s) for g, s in hello.get("log_end", {}).items()}
+        promised = {_str(g): _ballot(b) for g, b in hello.get("promised", {}).items()}
+        return Presented(_str(inc), log_end, promised)
+    except (TypeError, ValueError, AttributeError):
+        raise ValueError("malformed identity in peer hello") from None

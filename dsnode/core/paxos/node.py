@@ -149,6 +149,14 @@ class PaxosNode:
         g = self.groups[group]
         return max(g.log.snap_index, g.log.chosen_through, max(g.acceptor.accepted, default=0))
 
+    def durable_summary(self) -> tuple[dict[str, int], dict[str, tuple[int, str]]]:
+        """Per group (id as a string): ``log_end`` and the acceptor's promise, for
+        the peer hello's identity check (``core.membership.incarnations``)."""
+        return (
+            {str(g): self.log_end(g) for g in self.groups},
+            {str(g): grp.acceptor.promised for g, grp in self.groups.items()},
+        )
+
     def is_leader(self, group: Any) -> bool:
         return self.groups[group].role is Role.LEADER
 
