@@ -64,7 +64,19 @@ class Txn:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Form:
+    """Not a client command: the first value a new cluster chooses, naming it.
+
+    A group's first leader that finds nothing accepted anywhere proposes it
+    into slot 1 (``PaxosGroup.become_leader``), so the cluster's UUID is
+    agreed by Paxos; the state machine keeps the first one it applies."""
+
+    cluster_uuid: str
+
+
 Command = Get | Put | Delete | Txn
+CLIENT_COMMANDS = (Get, Put, Delete, Txn)
 
 
 def is_write(cmd: Command) -> bool:
@@ -129,6 +141,8 @@ def encode(cmd: Command) -> list:
         ]
     if isinstance(cmd, Get):
         return ["G", cmd.key, cmd.consistency]
+    if isinstance(cmd, Form):
+        return ["F", cmd.cluster_uuid]
     raise TypeError(f"not a command: {cmd!r}")
 
 
@@ -146,4 +160,6 @@ def decode(x: list) -> Command:
         )
     if tag == "G":
         return Get(x[1], x[2])
+    if tag == "F":
+        return Form(x[1])
     raise ValueError(f"unknown command tag {tag!r}")

@@ -64,6 +64,21 @@ def write_atomically(path: Path, obj: object) -> None:
         os.close(dfd)
 
 
+def record_cluster_uuid(data_dir: Path, uuid: str) -> None:
+    """Add the cluster's UUID (agreed at formation) to the identity file."""
+    path = data_dir / IDENTITY_FILE
+    have = msgpack.unpackb(path.read_bytes(), raw=False)
+    write_atomically(path, {**have, "cluster_uuid": uuid})
+
+
+def stored_cluster_uuid(data_dir: Path) -> str | None:
+    have = msgpack.unpackb((data_dir / IDENTITY_FILE).read_bytes(), raw=False)
+    uuid = have.get("cluster_uuid")
+    if uuid is not None and not isinstance(uuid, str):
+        raise StartupError(f"data dir {data_dir}: {IDENTITY_FILE} is corrupt (cluster_uuid)")
+    return uuid
+
+
 def check_identity(config: NodeConfig, data_dir: Path) -> tuple[dict[str, str], str]:
     """Bind the data directory to this node and its cluster on first start.
 
@@ -160,6 +175,7 @@ class Node:
         self.pins = Incarnations()
         self.data_dir: Path | None = None
         self.refused: str | None = None  # why the cluster refused this node as a member
+        self.cluster_uuid: str | None = None  # recorded in the identity file once formed
         self.stop_event: asyncio.Event | None = None
         self.metrics = NodeMetrics()
         self.admin: AdminServer | None = None
@@ -216,6 +232,14 @@ class Node:
         except Exception as e:
             raise StartupError(f"cannot replay the write-ahead log: {e}") from None
         self.core = core
+        stored = stored_cluster_uuid(data_dir)
+        formed = core.state_machine(GROUP).cluster_uuid
+        if stored is not None and formed is not None and stored != formed:
+            raise StartupError(
+                f"data dir {data_dir}: {IDENTITY_FILE} names cluster {stored} but the log "
+                f"belongs to cluster {formed}"
+            )
+        self.cluster_uuid = stored or formed
         # What recovery built lives long: keep the cyclic GC from rescanning it forever.
         gc.collect()
         gc.freeze()
@@ -238,6 +262,7 @@ class Node:
                 incarnation=incarnation, pins=self.pins, save_pins=self.save_pins,
                 summary=core.durable_summary, on_refused=self.on_refused,
             )
+            self.net.cluster_uuid = self.cluster_uuid
         self.driver = Driver(
             core, wal, server.deliver, self.net,
             node_id=cfg.node_id,
@@ -279,9 +304,17 @@ class Node:
         """Every second: raise the pinned watermarks from what peers answered (slots
         accepted, ballots promised), persist them off the event loop, and send the
         table to every connected peer so the pins spread."""
-        assert self.driver is not None
+        assert self.driver is not None and self.core is not None
         while True:
             await asyncio.sleep(1.0)
+            formed = self.core.state_machine(GROUP).cluster_uuid
+            if formed is not None and formed != self.cluster_uuid:
+                assert self.data_dir is not None
+                await asyncio.to_thread(record_cluster_uuid, self.data_dir, formed)
+                self.cluster_uuid = formed
+                if self.net is not None:
+                    self.net.cluster_uuid = formed
+                self.log.info("cluster_formed", cluster_uuid=formed)
             changed = False
             for (peer, group), (slot, ballot) in list(self.driver.peer_seen.items()):
                 changed |= self.pins.saw(peer, str(group), slot, ballot)
@@ -378,6 +411,7 @@ class Node:
         return {
             "node_id": cfg.node_id,
             "cluster_id": cfg.cluster_id,
+            "cluster_uuid": self.cluster_uuid,
             "ready": self.readiness()[0],
             "members": [
                 {"node_id": nid, "addr": addr, "state": self.member_state(nid)}

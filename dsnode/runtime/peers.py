@@ -32,6 +32,7 @@ import msgpack
 from dsnode.core.membership.incarnations import (
     REFUSAL_PREFIX,
     Incarnations,
+    check_cluster,
     presented_from_wire,
 )
 from dsnode.runtime.logs import get_logger
@@ -244,7 +245,10 @@ class PeerNetwork:
         self.links = {pid: PeerLink(self, pid, addr) for pid, addr in peers.items() if pid != node_id}
         self.malformed = 0
         self.refusals = 0  # peers we refused as stale (wiped or rolled-back data directories)
+        self.refused_by_peers: dict[str, str] = {}  # peers that refused us, and why
+        self.cluster_conflicts: dict[str, str] = {}  # peers of another formation: their uuid
         self.incarnation = incarnation
+        self.cluster_uuid: str | None = None  # agreed at formation (the Form command)
         self.pins = pins if pins is not None else Incarnations()
         self._save_pins = save_pins
         self._summary = summary
@@ -260,9 +264,12 @@ class PeerNetwork:
         if not self.incarnation:
             return {}
         log_end, promised = self._summary() if self._summary is not None else ({}, {})
-        return {"incarnation": self.incarnation, "log_end": log_end,
-                "promised": {g: list(b) for g, b in promised.items()},
-                "pins": self.pins.encode()}
+        out = {"incarnation": self.incarnation, "log_end": log_end,
+               "promised": {g: list(b) for g, b in promised.items()},
+               "pins": self.pins.encode()}
+        if self.cluster_uuid is not None:
+            out["cluster_uuid"] = self.cluster_uuid
+        return out
 
     def admit(self, peer_id: str, hello: dict) -> str | None:
         """Check a peer's identity from its hello (or its answer to ours): the reason
@@ -274,6 +281,10 @@ class PeerNetwork:
             return self._refuse(peer_id, f"{REFUSAL_PREFIX}: {e}")
         if presented is None:
             return None  # a node from before incarnations: nothing to compare
+        reason = check_cluster(peer_id, self.cluster_uuid, hello.get("cluster_uuid"))
+        if reason is not None:
+            self._cluster_conflict(peer_id, hello.get("cluster_uuid"))
+            return self._refuse(peer_id, reason)
         changed = self.merge_pins(peer_id, hello.get("pins"), save=False)
         reason = self.pins.check(peer_id, presented)
         if reason is not None:
@@ -299,15 +310,38 @@ class PeerNetwork:
             self._save_pins()
         return changed
 
+    def _majority_of_peers(self) -> int:
+        return min((len(self.links) + 1) // 2 + 1, len(self.links))
+
+    def _cluster_conflict(self, peer_id: str, theirs: object) -> None:
+        """A peer belongs to another formation of the cluster. Once a majority of
+        the members do, the stranger is this node: it gives up (exit 2)."""
+        self.cluster_conflicts[peer_id] = str(theirs)
+        if len(self.cluster_conflicts) >= self._majority_of_peers() and self._on_refused:
+            self._on_refused(
+                f"{REFUSAL_PREFIX}: node {self.node_id!r} holds data of cluster "
+                f"{self.cluster_uuid}, but a majority of the members "
+                f"({', '.join(sorted(self.cluster_conflicts))}) belong to cluster {theirs} "
+                f"(same cluster_id, another formation): this data directory is not this "
+                f"cluster's (docs/OPERATIONS.md, 'Replacing a node's disk')"
+            )
+
     def _refuse(self, peer_id: str, reason: str) -> str:
         self.refusals += 1
         log.error("peer_refused", peer=peer_id, reason=reason)
         return reason
 
     def refused_by(self, peer_id: str, reason: str) -> None:
-        log.critical("refused_by_peer", peer=peer_id, reason=reason)
-        if self._on_refused is not None:
-            self._on_refused(reason)
+        """A peer refused us as stale. Once a majority of the cluster has (so one
+        confused peer, or a stranger from another formation, cannot stop a healthy
+        node), this node gives up: ``on_refused`` (it exits with status 2). Until
+        then the refusing peers simply have no link to it."""
+        self.refused_by_peers[peer_id] = reason
+        log.error("refused_by_peer", peer=peer_id, reason=reason,
+                  refusals=len(self.refused_by_peers))
+        if len(self.refused_by_peers) >= self._majority_of_peers():
+            if self._on_refused is not None:
+                self._on_refused(reason)
 
     def send(self, peer_id: str, msg: Any) -> None:
         link = self.links.get(peer_id)

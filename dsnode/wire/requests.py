@@ -31,7 +31,7 @@ MAX_TIMEOUT_MS = 24 * 3600 * 1000
 COMMON_FIELDS = frozenset({"id", "op", "timeout_ms"})
 OP_FIELDS: dict[str, frozenset[str]] = {
     "hello": frozenset({"token", "client", "peer", "cluster_id", "incarnation", "log_end",
-                        "promised", "pins"}),
+                        "promised", "pins", "cluster_uuid"}),
     "get": frozenset({"key", "consistency"}),
     "put": frozenset({"key", "value", "if_version"}),
     "delete": frozenset({"key", "if_version"}),
@@ -162,7 +162,7 @@ def parse_request(obj: object, limits: Limits) -> Request:
     elif op == "txn":
         cmd = _txn(obj, limits)
     elif op == "hello":
-        for f in ("token", "client", "peer", "cluster_id", "incarnation"):
+        for f in ("token", "client", "peer", "cluster_id", "incarnation", "cluster_uuid"):
             if f in obj and not isinstance(obj[f], str):
                 raise _bad(f"field {f!r} must be str, got {_type_name(obj[f])}")
         for f in ("log_end", "promised", "pins"):

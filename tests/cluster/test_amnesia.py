@@ -97,15 +97,21 @@ async def test_node_restored_from_an_old_backup_is_refused(pool: ServerPool) -> 
     shutil.copytree(srv.data_dir, backup)
     srv.restart()
     written.update(await put_many(laddr, "second", 60))
-    members = cluster.nodes[leader].data_dir / "members.msgpack"
+    others = [n for n in cluster.nodes if n != victim]
 
-    def leader_pinned_it_high() -> bool:
-        if not members.exists():
-            return False
-        pins = msgpack.unpackb(members.read_bytes(), raw=False)
-        return victim in pins and pins[victim][1].get("0", 0) >= 60
+    def others_pinned_it_high() -> bool:
+        """The leader saw the victim accept slot 60 and more; the third node has it
+        by gossip (pins spread within about a second)."""
+        for n in others:
+            members = cluster.nodes[n].data_dir / "members.msgpack"
+            if not members.exists():
+                return False
+            pins = msgpack.unpackb(members.read_bytes(), raw=False)
+            if victim not in pins or pins[victim][1].get("0", 0) < 60:
+                return False
+        return True
 
-    await asyncio.to_thread(wait_until, leader_pinned_it_high, 20, "the leader's pin to rise")
+    await asyncio.to_thread(wait_until, others_pinned_it_high, 20, "the pins to rise and spread")
     assert srv.kill() == -signal.SIGKILL
     shutil.rmtree(srv.data_dir)
     shutil.copytree(backup, srv.data_dir)
@@ -144,3 +150,36 @@ async def test_corrupt_members_file_refuses_to_start(pool: ServerPool) -> None:
     rc = await asyncio.to_thread(srv.wait_exit, 30)
     assert rc == 2
     assert "members.msgpack" in single_error_line(srv.last_run_output())
+
+
+async def test_a_data_directory_of_another_formation_is_refused(pool: ServerPool) -> None:
+    """Two clusters created with the same cluster_id and node ids get different
+    UUIDs (chosen through Paxos at formation and shown by status). A node carrying
+    the other cluster's data directory is refused even by peers that never met it."""
+    first = Cluster(pool, 3).start()
+    await asyncio.to_thread(
+        wait_until,
+        lambda: len({(st or {}).get("cluster_uuid") for st in first.statuses().values()}) == 1
+        and None not in {(st or {}).get("cluster_uuid") for st in first.statuses().values()},
+        20, "every node of the first cluster to know its uuid")
+    uuids = {st["cluster_uuid"] for st in first.statuses().values()}
+    for srv in first.nodes.values():
+        assert srv.terminate() == 0
+    second = Cluster(pool, 3, addrs=first.endpoints())  # the same addresses and ids
+    for nid in ("n1", "n2"):
+        second.nodes[nid].spawn()
+    await asyncio.to_thread(second.wait_ready, ["n1", "n2"], 30.0)
+    await asyncio.to_thread(
+        wait_until,
+        lambda: all((second.statuses([n])[n] or {}).get("cluster_uuid") for n in ("n1", "n2")),
+        20, "the second cluster to form")
+    other = second.statuses(["n1"])["n1"]["cluster_uuid"]
+    assert other not in uuids
+    stranger = second.nodes["n3"]
+    shutil.copytree(first.nodes["n3"].data_dir, stranger.data_dir, dirs_exist_ok=True)
+    stranger.spawn()
+    line = await asyncio.to_thread(refused_and_exited, second, "n3")
+    assert "holds data of cluster" in line
+    for nid in ("n1", "n2"):  # a stranger refusing them back does not stop them
+        assert second.nodes[nid].running
+        assert second.statuses([nid])[nid]["ready"]

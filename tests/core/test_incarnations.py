@@ -80,3 +80,14 @@ def test_hello_identity_parsing():
                 {"incarnation": "x", "promised": {"0": "b"}}, {"incarnation": "x", "log_end": []}):
         with pytest.raises(ValueError):
             presented_from_wire(bad)
+
+
+def test_cluster_uuid_mismatch_is_refused_and_unknown_uuids_are_not_compared():
+    from dsnode.core.membership.incarnations import check_cluster
+
+    assert check_cluster("n2", None, "abc") is None  # we have not formed (or caught up) yet
+    assert check_cluster("n2", "abc", None) is None  # neither has the peer
+    assert check_cluster("n2", "abc", "abc") is None
+    why = check_cluster("n2", "abc", "def")
+    assert why is not None and why.startswith(REFUSAL_PREFIX) and "def" in why
+    assert check_cluster("n2", "abc", 7) is not None

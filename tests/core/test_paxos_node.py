@@ -32,6 +32,7 @@ CFG = PaxosConfig(
     heartbeat_interval_ticks=2,
     snapshot_interval_slots=1000,
     leader_stickiness=False,
+    formation_group=None,  # slot numbers in these tests start with the clients' commands
 )
 
 
@@ -598,3 +599,27 @@ def test_restart_drops_a_pending_snapshot_and_recovers_from_the_last_persisted()
     g = fresh.groups[0]
     assert g.snap_pending is None and g.log.snap_index == 0
     assert 4 in g.acceptor.accepted
+
+
+def test_first_leader_of_a_new_cluster_chooses_its_uuid_in_slot_1():
+    """Issue 15: the cluster UUID is agreed through Paxos: the first leader of
+    the formation group, finding nothing accepted anywhere, proposes a Form
+    command into slot 1; every replica applies the same UUID, it survives
+    snapshots and restarts, and a later leader does not form again."""
+    c = Cluster(dataclasses.replace(CFG, formation_group=0, snapshot_interval_slots=3))
+    c.elect("a")
+    c.tick(3)
+    uuids = {c.nodes[n].state_machine(0).cluster_uuid for n in NODES}
+    assert len(uuids) == 1 and None not in uuids
+    (uuid,) = uuids
+    for i in range(5):
+        c.nodes["a"].propose(0, i, Put(b"k%d" % i, b"v"), request_id=("cl", i + 1))
+        c.settle()
+    c.tick(3)
+    assert c.nodes["b"].groups[0].log.snap_index >= 3  # the UUID is in the snapshot now
+    c.crash_restart("b")
+    assert c.nodes["b"].state_machine(0).cluster_uuid == uuid
+    c.elect("c")
+    c.tick(3)
+    assert {c.nodes[n].state_machine(0).cluster_uuid for n in NODES} == {uuid}
+    assert DedupKV.restore(c.nodes["b"].groups[0].log.snap_blob).cluster_uuid == uuid

@@ -174,6 +174,22 @@ def _ballot(x: object) -> Ballot:
     return (x[0], x[1])
 
 
+def check_cluster(peer: str, mine: str | None, theirs: object) -> str | None:
+    """Why ``peer``, whose data directory belongs to cluster UUID ``theirs``, may not
+    join ours (``mine``), or None. Either side may not know its UUID yet (a cluster
+    still forming, a node that has not caught up): then there is nothing to compare."""
+    if theirs is None or mine is None:
+        return None
+    if not isinstance(theirs, str):
+        return f"{REFUSAL_PREFIX}: malformed cluster_uuid from {peer!r}"
+    if theirs != mine:
+        return (
+            f"{REFUSAL_PREFIX}: node {peer!r} holds data of cluster {theirs}, this is cluster "
+            f"{mine} (same cluster_id, another formation): {RECOVERY_HINT}"
+        )
+    return None
+
+
 def presented_from_wire(hello: dict) -> Presented | None:
     """The identity part of a peer hello (or its answer); None if it has none (a node
     from before incarnations). ``ValueError`` if it is malformed."""

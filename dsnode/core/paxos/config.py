@@ -36,6 +36,9 @@ class PaxosConfig:
     # raised, nothing promised or persisted) and runs phase 1 only once a quorum
     # hears no live leader; False: straight to phase 1, as before
     pre_vote: bool = True
+    # the group whose first chosen value (slot 1) names the cluster: a Form command
+    # with a fresh UUID (the metadata group); None: no group does
+    formation_group: object = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval_ticks < self.election_timeout_ticks:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from dsnode.core.commands import STALE, Get, size_of
+from dsnode.core.commands import STALE, Form, Get, size_of
 from dsnode.core.effects import Ready, Reply
 from dsnode.core.errors import InvariantBroken, PeerMisbehaved
 from dsnode.core.paxos import records as rec
@@ -257,6 +257,18 @@ class PaxosGroup:
                 value = self.log.chosen[slot]
             p.proposals[slot] = value
             self.learner.track(slot)
+        if (
+            self.group == self.cfg.formation_group
+            and res.recovery_end == 0
+            and not res.proposals
+            and self.sm.cluster_uuid is None
+        ):
+            # A new cluster: nothing was ever accepted by this quorum, so slot 1 is
+            # free; choosing the cluster's UUID there is how the members agree on it.
+            uuid = f"{self.rng.getrandbits(128):032x}"
+            p.proposals[1] = pack_batch([(None, Form(uuid))])
+            self.learner.track(1)
+            p.next_slot = 2
         if res.snap_peer is not None and res.snap_index > self.log.chosen_through:
             self._want_catchup(res.snap_peer, res.snap_index)
         self._broadcast_accepts(sorted(p.proposals.items()))

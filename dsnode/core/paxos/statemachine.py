@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import msgpack
 
-from dsnode.core.commands import Command, decode, encode
+from dsnode.core.commands import Command, Form, decode, encode
 from dsnode.core.kv.store import KVStore, SnapshotWriter
 
 
@@ -28,11 +28,12 @@ def unpack_batch(value: bytes) -> list[tuple[list | None, Command]]:
 
 
 class DedupKV:
-    __slots__ = ("kv", "last")
+    __slots__ = ("kv", "last", "cluster_uuid")
 
     def __init__(self) -> None:
         self.kv = KVStore()
         self.last: dict[object, tuple[int, dict]] = {}
+        self.cluster_uuid: str | None = None  # from the Form command (the metadata group)
 
     def apply_value(self, value: bytes) -> list[dict]:
         """Apply one chosen entry; one result per command in the batch."""
@@ -43,6 +44,10 @@ class DedupKV:
         return [self.apply(rid, cmd) for rid, cmd in items]
 
     def apply(self, rid: list | None, cmd: Command) -> dict:
+        if type(cmd) is Form:
+            if self.cluster_uuid is None:
+                self.cluster_uuid = cmd.cluster_uuid
+            return {"cluster_uuid": self.cluster_uuid}
         if rid is None:
             return self.kv.apply(cmd)
         client, seq = rid
@@ -58,11 +63,13 @@ class DedupKV:
 
     def snapshot(self) -> bytes:
         """The whole state in one go; same bytes as :meth:`snapshot_writer` gives."""
-        return msgpack.packb([self.kv.snapshot(), self._table()], use_bin_type=True)
+        return msgpack.packb(
+            [self.kv.snapshot(), self._table(), self.cluster_uuid], use_bin_type=True
+        )
 
     def snapshot_writer(self) -> DedupSnapshotWriter:
         """Capture the state now (shallow copies); encode it later, step by step."""
-        return DedupSnapshotWriter(self.kv.snapshot_writer(), self._table())
+        return DedupSnapshotWriter(self.kv.snapshot_writer(), self._table(), self.cluster_uuid)
 
     def _table(self) -> list[list]:
         # Results are fresh dicts per applied command and never changed afterwards.
@@ -70,8 +77,10 @@ class DedupKV:
 
     @classmethod
     def restore(cls, blob: bytes) -> DedupKV:
-        kv_blob, table = msgpack.unpackb(blob, raw=False)
+        parts = msgpack.unpackb(blob, raw=False)
+        kv_blob, table = parts[0], parts[1]
         sm = cls()
+        sm.cluster_uuid = parts[2] if len(parts) > 2 else None  # format of 0.1: no uuid
         sm.kv = KVStore.restore(kv_blob)
         sm.last = {(tuple(c) if isinstance(c, list) else c): (s, r) for c, s, r in table}
         return sm
@@ -88,7 +97,7 @@ def _bin_header(n: int) -> bytes:
 
 class DedupSnapshotWriter:
     """Encodes a captured ``DedupKV`` piecewise into exactly the bytes of
-    :meth:`DedupKV.snapshot` at capture time (``[kv_blob, table]``).
+    :meth:`DedupKV.snapshot` at capture time (``[kv_blob, table, cluster_uuid]``).
 
     ``step(n)`` encodes up to ``n`` KV entries; the step after the last entry
     only joins the pieces (one copy) and encodes the dedup table. The shell
@@ -96,11 +105,12 @@ class DedupSnapshotWriter:
     :meth:`result` to the core's ``snapshot_ready``.
     """
 
-    __slots__ = ("_kv", "_table", "_blob")
+    __slots__ = ("_kv", "_table", "_uuid", "_blob")
 
-    def __init__(self, kv: SnapshotWriter, table: list[list]) -> None:
+    def __init__(self, kv: SnapshotWriter, table: list[list], uuid: str | None) -> None:
         self._kv = kv
         self._table = table
+        self._uuid = uuid
         self._blob: bytes | None = None
 
     def step(self, max_entries: int) -> bool:
@@ -111,9 +121,11 @@ class DedupSnapshotWriter:
             return False
         parts = self._kv.parts()
         kv_len = sum(map(len, parts))
-        head = b"\x92" + _bin_header(kv_len)  # fixarray of 2, then the KV blob as bin
-        table = msgpack.packb(self._table, use_bin_type=True)
-        self._blob = b"".join([head, *parts, table])
+        head = b"\x93" + _bin_header(kv_len)  # fixarray of 3, then the KV blob as bin
+        tail = msgpack.packb(self._table, use_bin_type=True) + msgpack.packb(
+            self._uuid, use_bin_type=True
+        )
+        self._blob = b"".join([head, *parts, tail])
         self._kv = None  # type: ignore[assignment]  # free the pieces
         self._table = []
         return True
