@@ -47,6 +47,17 @@ class Request(Pending):
         self.t0 = t0
 
 
+def oversized_answer(rid: int, write: bool, size: int, limit: int) -> dict:
+    """The error sent instead of an answer larger than a frame: ``too_large`` for a read
+    (it had no effect), ``internal`` with an unknown outcome for a write (it happened,
+    but its answer cannot be delivered)."""
+    text = f"the answer of {size} bytes exceeds max_frame_bytes={limit}"
+    if not write:
+        return errors.error_response(rid, errors.TOO_LARGE, text)
+    return errors.error_response(rid, errors.INTERNAL, text + "; it may have taken effect",
+                                 indeterminate=True)
+
+
 class ClientServer:
     """Shared state of all client connections of one node."""
 
@@ -86,9 +97,8 @@ class ClientServer:
             p.finish()
             finished += 1
             if r.error is None:
-                body = r.result
-                body["id"] = p.rid
-                body["ok"] = True
+                # a new dict: the result may be the one the dedup table keeps
+                body = {"id": p.rid, "ok": True, **r.result}
                 counts[(p.op, "ok")] += 1
             else:
                 code, message, indeterminate = r.error
@@ -96,6 +106,9 @@ class ClientServer:
                 counts[(p.op, code)] += 1
             latency[p.op].observe(now - p.t0)
             payload = pack(body)
+            if len(payload) > self.config.max_frame_bytes:
+                payload = pack(oversized_answer(p.rid, p.write, len(payload),
+                                                self.config.max_frame_bytes))
             sent += len(payload) + 4
             conn = p.conn
             frames = out.get(conn)

@@ -164,3 +164,22 @@ def test_dedup_snapshot_writer_equals_one_shot_and_restores(n_keys, n_clients):
     assert w.result() == sm.snapshot()
     back = DedupKV.restore(w.result())
     assert dict(back.kv.items()) == dict(sm.kv.items()) and back.last == sm.last
+
+
+def test_txn_whose_gets_would_outgrow_a_frame_fails_with_no_effect():
+    """Issue 13: no answer may outgrow a frame. A transaction whose gets would
+    return more than TXN_RESULT_BYTES_MAX fails as too_large, definitely: its
+    writes are not applied, on every replica alike (it is decided by the state)."""
+    from dsnode.core.kv.store import ERROR_KEY, TXN_RESULT_BYTES_MAX
+
+    s = KVStore()
+    big = b"x" * (1024 * 1024)
+    n = TXN_RESULT_BYTES_MAX // len(big) + 1
+    for i in range(n):
+        s.apply(Put(b"k%d" % i, big))
+    rev = s.revision
+    r = s.apply(Txn((), tuple(SubGet(b"k%d" % i) for i in range(n)) + (SubPut(b"w", b"1"),)))
+    assert r[ERROR_KEY][0] == "too_large"
+    assert s.revision == rev and s.get(b"w") == (None, 0)
+    ok = s.apply(Txn((), tuple(SubGet(b"k%d" % i) for i in range(n - 1))))
+    assert ok["succeeded"] is True and len(ok["results"]) == n - 1

@@ -257,3 +257,18 @@ def test_promise_from_an_older_node_without_more_from_still_decodes():
 def test_accepted_and_heartbeat_sizes_do_not_depend_on_values():
     assert wire_size(Accepted(0, (1, "a"), True, (1, "a"), tuple(range(32)), 5)) < 1_000
     assert wire_size(Accept(0, (1, "a"), (), 5, 1)) < 1_000
+
+
+def test_txn_too_large_to_answer_is_a_definite_error_reply():
+    from dsnode.core.commands import SubGet, Txn
+
+    c = Cluster(CFG)
+    c.elect("a")
+    for i in range(5):
+        put_big(c, "a", i, size=1024 * 1024)
+        c.settle()
+    c.nodes["a"].propose(0, "t", Txn((), tuple(SubGet(b"k%d" % i) for i in range(5))),
+                         request_id=("cl", 50))
+    c.settle()
+    (reply,) = [r for r in c.replies["a"] if r.token == "t"]
+    assert reply.result is None and reply.error[0] == "too_large" and reply.error[2] is False

@@ -26,6 +26,12 @@ from dsnode.core.commands import (
 )
 
 SNAPSHOT_FORMAT = 2
+# A transaction's gets may return at most this many bytes of values in all; a
+# larger one fails with no effect (``ERROR_KEY``), the same on every replica, so
+# no answer ever outgrows a frame (the default max_frame_bytes is twice this).
+TXN_RESULT_BYTES_MAX = 4 * 1024 * 1024
+# A result holding this key is a definite failure: [code, message] (no effect).
+ERROR_KEY = "_error"
 
 
 class KVStore:
@@ -90,10 +96,12 @@ class KVStore:
         # every get first, then perform the writes under one new revision.
         results: list[dict] = []
         writes = False
+        got = 0
         for s in branch:
             if isinstance(s, SubGet):
                 value, version = self.get(s.key)
                 results.append({"value": value, "version": version})
+                got += len(value) if value is not None else 0
             elif isinstance(s, SubDelete):
                 existed = s.key in data
                 results.append({"existed": existed})
@@ -101,6 +109,9 @@ class KVStore:
             else:
                 results.append({"version": 0})  # filled in below
                 writes = True
+        if got > TXN_RESULT_BYTES_MAX:
+            return {ERROR_KEY: ["too_large", f"the transaction's gets would return {got} bytes, "
+                                             f"more than {TXN_RESULT_BYTES_MAX}: nothing done"]}
         if writes:
             self.revision += 1
             rev = self.revision

@@ -26,6 +26,7 @@ from typing import Any
 
 from dsnode.core.commands import STALE, Form, Get, size_of
 from dsnode.core.effects import Ready, Reply
+from dsnode.core.kv.store import ERROR_KEY
 from dsnode.core.errors import InvariantBroken, PeerMisbehaved
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
@@ -655,7 +656,11 @@ class PaxosGroup:
                     for i, result in enumerate(results):
                         token = p.tokens.pop((slot, i), None)
                         if token is not None:
-                            self.out.reply.append(Reply(token, result=result))
+                            err = result.get(ERROR_KEY)
+                            if err is None:
+                                self.out.reply.append(Reply(token, result=result))
+                            else:
+                                self.out.reply.append(Reply(token, error=(*err, False)))
             if (
                 self.snap_pending is None
                 and log.applied - log.snap_index >= self.cfg.snapshot_interval_slots
