@@ -26,8 +26,8 @@ from typing import Any
 
 from dsnode.core.commands import STALE, Form, Get, size_of
 from dsnode.core.effects import Ready, Reply
-from dsnode.core.kv.store import ERROR_KEY
 from dsnode.core.errors import InvariantBroken, PeerMisbehaved
+from dsnode.core.kv.store import ERROR_KEY
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.config import PaxosConfig
