@@ -4,8 +4,8 @@ Issue 13's scenario as a benchmark: 3 nodes, N MB of 256 KiB values written
 (all above the last snapshot with the default settings), every node SIGKILLed
 together and started again on its data directory; then the time from the
 restart to the first acknowledged write, and the largest peer message seen
-(from ``status`` where the build reports it, else from the nodes'
-``peer_message_too_large`` log lines).
+(``status`` ``paxos.largest_message_bytes`` where the build reports it, and
+the messages the nodes logged as ``peer_message_too_large``).
 
 With ``--baseline REV`` the same runs are made with that commit's code too,
 in the same invocation (a temporary git worktree), and the table prints both.
@@ -104,11 +104,12 @@ def largest_message(ports: list[int], work: Path) -> int:
     largest = 0
     for p in ports:
         st = asyncio.run(dsnode_status(p)) or {}
-        for info in st.get("paxos", {}).get("peers", {}).values():
-            largest = max(largest, info.get("link", {}).get("largest_frame", 0))
+        largest = max(largest, st.get("paxos", {}).get("largest_message_bytes", 0))
     for f in work.glob("*.after.log"):
-        for m in re.finditer(r"peer_message_too_large.*?bytes=(\d+)", f.read_text(errors="replace")):
-            largest = max(largest, int(m.group(1)))
+        for line in f.read_text(errors="replace").splitlines():
+            m = re.search(r'"?bytes"?\s*[=:]\s*(\d+)', line)
+            if "peer_message_too_large" in line and m:
+                largest = max(largest, int(m.group(1)))
     return largest
 
 

@@ -427,6 +427,7 @@ class Node:
                 "snapshot_index": group.log.snap_index,
                 "peers": peer_info,
                 "dropped": dict(core.dropped),
+                "largest_message_bytes": core.largest_message,
                 "malformed_peer_messages": driver.counters["malformed_peer_message"]
                 + (self.net.malformed if self.net is not None else 0),
             },

@@ -95,6 +95,7 @@ class Outbox(Ready):
     running count of what they dropped (which is never drained)."""
 
     dropped: Counter = field(default_factory=Counter)
+    largest_message: int = 0  # wire_size of the largest message built so far
 
     def take(self) -> Ready:
         """Hand over everything produced so far as a ``Ready`` and start afresh."""
@@ -477,6 +478,8 @@ class PaxosGroup:
 
     def _send(self, to: str, msg: Any) -> None:
         size = wire_size(msg)
+        if size > self.out.largest_message:
+            self.out.largest_message = size
         if size > self.cfg.peer_message_bytes_max:
             raise InvariantBroken(
                 f"{type(msg).__name__} of {size} bytes exceeds peer_message_bytes_max "

@@ -169,3 +169,8 @@ class PaxosNode:
     @property
     def dropped(self):
         return self.out.dropped
+
+    @property
+    def largest_message(self) -> int:
+        """Bytes (``messages.wire_size``) of the largest peer message built since start."""
+        return self.out.largest_message
