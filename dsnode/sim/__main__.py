@@ -12,7 +12,13 @@ import dataclasses
 import sys
 import time
 
-from dsnode.sim.broken import BROKEN, LIVENESS_BROKEN, WORLD_BROKEN, configure
+from dsnode.sim.broken import (
+    BROKEN,
+    BROKEN_GROUPS,
+    LIVENESS_BROKEN,
+    WORLD_BROKEN,
+    configure,
+)
 from dsnode.sim.trace import Trace
 from dsnode.sim.world import SimConfig, SimWorld
 
@@ -35,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--keys", type=int, default=6)
     ap.add_argument("--no-swarm", action="store_true", help="fixed timing and fault mix")
-    ap.add_argument("--broken", choices=sorted(BROKEN) + sorted(LIVENESS_BROKEN) + list(WORLD_BROKEN), help="run a deliberately broken variant")
+    ap.add_argument("--broken", choices=sorted(BROKEN) + sorted(BROKEN_GROUPS) + sorted(LIVENESS_BROKEN) + list(WORLD_BROKEN), help="run a deliberately broken variant")
     ap.add_argument("--trace", action="store_true", help="print every event")
     ap.add_argument("--tick-ms", type=float, default=10.0, help="for cluster-seconds only")
     args = ap.parse_args(argv)

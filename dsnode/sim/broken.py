@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from dsnode.core.effects import Reply
 from dsnode.core.paxos.acceptor import Acceptor
+from dsnode.core.paxos.group import PaxosGroup
 from dsnode.core.paxos.messages import Ballot
 
 
@@ -51,6 +53,22 @@ BROKEN = {"forgetful-acceptor": ForgetfulAcceptor, "nack-free-acceptor": NackFre
 LIVENESS_BROKEN = {"unbounded-promises": UnboundedPromiseAcceptor}
 
 
+class AnswersAnyValueGroup(PaxosGroup):
+    """The old leader bug: answers the commands it batched into a slot with the
+    results of whatever value was chosen there, even another leader's."""
+
+    def _answer(self, p, slot, n, results, mine):
+        for i, result in enumerate(results[:n]):
+            token = p.tokens.pop((slot, i), None)
+            if token is not None:
+                self.out.reply.append(Reply(token, result=result))
+        for i in range(len(results), n):
+            p.tokens.pop((slot, i), None)
+        return True
+
+
+BROKEN_GROUPS = {"answers-any-value": AnswersAnyValueGroup}
+
 # variants of the world itself: "trusting-peers" admits a node whatever it lost
 # (no identity gate), so a wiped or rolled-back acceptor votes again
 WORLD_BROKEN = ("trusting-peers",)
@@ -60,6 +78,8 @@ def configure(cfg, name: str):
     """``cfg`` (a ``SimConfig``) running the broken variant ``name``."""
     if name in BROKEN:
         return dataclasses.replace(cfg, acceptor_cls=BROKEN[name])
+    if name in BROKEN_GROUPS:
+        return dataclasses.replace(cfg, group_cls=BROKEN_GROUPS[name])
     if name == "trusting-peers":
         return dataclasses.replace(
             cfg, identity_gate=False,

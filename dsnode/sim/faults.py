@@ -23,6 +23,10 @@ class FaultConfig:
     crash_all_weight: int = 0  # the swarm turns it on for a third of the seeds
     # a node comes back with an empty or an old data directory (within the crash budget)
     amnesia_weight: int = 0
+    # a node stops (SIGSTOP, a long GC) for up to pause_ticks_max ticks, then goes on
+    # with a stale view: a leader that has not noticed it was deposed, say
+    pause_weight: int = 2
+    pause_ticks_max: int = 60
     weather_weight: int = 1
     # a node starts phase 1 at once, skipping pre-vote: safety must not rest on
     # pre-vote, and without this contested elections become too rare to test
@@ -83,7 +87,7 @@ class FaultSchedule:
             return
         kinds = [
             "crash", "restart", "partition", "one_way", "heal", "weather", "campaign", "crash_all",
-            "amnesia",
+            "amnesia", "pause",
         ]
         weights = [
             cfg.crash_weight,
@@ -95,6 +99,7 @@ class FaultSchedule:
             cfg.campaign_weight,
             cfg.crash_all_weight,
             cfg.amnesia_weight,
+            cfg.pause_weight,
         ]
         kind = rng.choices(kinds, weights)[0]
         self.events += 1
@@ -102,6 +107,10 @@ class FaultSchedule:
             candidates = [n for n in w.node_ids if w.up[n] and self.can_crash(n)]
             if candidates:
                 self._crash(rng.choice(candidates))
+        elif kind == "pause":
+            candidates = [n for n in w.node_ids if w.serving(n)]
+            if candidates:
+                w.pause(rng.choice(candidates), rng.randint(1, cfg.pause_ticks_max))
         elif kind == "amnesia":
             candidates = [
                 n for n in w.node_ids if w.up[n] and self.can_crash(n) and n in w.pins.pins

@@ -148,9 +148,9 @@ class Workload:
         w = self.world
         members = w.groups[op.group]
         node = c.target.get(op.group)
-        if node is None or not w.up[node] or op.kind == "sget":
-            up = [m for m in members if w.up[m]]
-            if not up:  # every replica is down (crash-all): try again next tick
+        if node is None or not w.serving(node) or op.kind == "sget":
+            up = [m for m in members if w.serving(m)]
+            if not up:  # every replica is down or paused: try again next tick
                 c.retry_at = now + 1
                 return
             node = self.rng.choice(up)

@@ -25,7 +25,7 @@ from dsnode.core.membership.incarnations import Incarnations, Presented
 from dsnode.core.paxos import PaxosConfig, PaxosNode
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.config import bound_for
-from dsnode.core.paxos.group import SnapshotWanted
+from dsnode.core.paxos.group import PaxosGroup, SnapshotWanted
 from dsnode.core.paxos.messages import Accepted, Promise
 from dsnode.sim.checkers import SafetyChecker, SafetyViolation
 from dsnode.sim.disk import SimDisk
@@ -47,6 +47,7 @@ SIM_PAXOS = PaxosConfig(
     batch_bytes_max=1024,
     message_bytes_max=2048,
     peer_message_bytes_max=bound_for(4096, 2048),
+    leader_probe_chance=0.05,
 )
 
 
@@ -64,6 +65,7 @@ class SimConfig:
     paxos: PaxosConfig = SIM_PAXOS
     faults: FaultConfig = field(default_factory=FaultConfig)
     acceptor_cls: type = Acceptor
+    group_cls: type = PaxosGroup
     check_budget: int = 200_000
     swarm: bool = True  # draw timing and fault parameters per seed
     # KV entries a node's shell encodes per tick for a requested snapshot; 0 = all
@@ -112,6 +114,7 @@ def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
         batch_commands_max=rng.choice((1, 4, 64)),
         pre_vote=rng.random() < 0.8,  # the default, with the old direct elections kept in play
     )
+    paxos = dataclasses.replace(paxos, leader_probe_chance=cfg.paxos.leader_probe_chance)
     faults = dataclasses.replace(
         cfg.faults,
         event_chance=rng.uniform(0.01, 0.1),
@@ -122,7 +125,7 @@ def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
         crash_all_weight=max(cfg.faults.crash_all_weight, rng.choice((0, 0, 1))),
         amnesia_weight=max(cfg.faults.amnesia_weight, rng.choice((0, 0, 1))),
     )
-    return dataclasses.replace(
+    out = dataclasses.replace(
         cfg,
         paxos=paxos,
         faults=faults,
@@ -130,6 +133,14 @@ def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
         snapshot_entries_per_tick=rng.choice((0, 1, 2)),
         large_value_chance=max(cfg.large_value_chance, rng.choice((0.0, 0.05, 0.3))),
     )
+    # A leader must hear a quorum's answers within its quorum timeout: at least one
+    # round trip of the slowest link (delay plus jitter, both ways) and a heartbeat.
+    rtt = 2 * (out.delay_max_ticks + 1) + out.paxos.heartbeat_interval_ticks + 1
+    if out.paxos.leader_quorum_timeout_ticks < rtt:
+        out = dataclasses.replace(
+            out, paxos=dataclasses.replace(out.paxos, leader_quorum_timeout_ticks=rtt)
+        )
+    return out
 
 
 class SimWorld:
@@ -166,6 +177,10 @@ class SimWorld:
         self.admitted: set[str] = set()
         self.retired: set[str] = set()
         self.lost: set[str] = set()  # came back amnesiac: out of the fault budget for good
+        # process pauses (SIGSTOP, a long GC): no ticks, no input until the tick given;
+        # messages that arrive meanwhile wait in ``held`` and are read on waking
+        self.paused_until: dict[str, int] = {}
+        self.held: dict[str, list] = {n: [] for n in self.node_ids}
         self.cores: dict[str, PaxosNode | None] = {n: None for n in self.node_ids}
         # snapshots a node's shell is still encoding (SnapshotWanted), per node
         self.snap_jobs: dict[str, list[SnapshotWanted]] = {n: [] for n in self.node_ids}
@@ -197,7 +212,8 @@ class SimWorld:
 
     def restart(self, node: str) -> None:
         core = PaxosNode(
-            node, self.groups_of(node), self._sub(), self.cfg.paxos, self.cfg.acceptor_cls
+            node, self.groups_of(node), self._sub(), self.cfg.paxos, self.cfg.acceptor_cls,
+            self.cfg.group_cls,
         )
         self.checker.on_restart(node)
         self.snap_jobs[node] = []
@@ -220,6 +236,8 @@ class SimWorld:
         self.checker.on_durable(node, survived)
         self.cores[node] = None
         self.up[node] = False
+        self.paused_until.pop(node, None)
+        self.held[node] = []  # the connections die with the process
         self.snap_jobs[node] = []  # the encoding in progress dies with the process
         self.trace(self.now, node, "crash", f"mid_ready={mid_ready} survived={len(survived)}")
         self.workload.on_node_crash(self.now, node)
@@ -280,7 +298,14 @@ class SimWorld:
             core = self.cores[n]
             if core is None:
                 continue
-            for src, msg in inbox.get(n, ()):
+            if self.paused_until.get(n, 0) > now:
+                self.held[n].extend(inbox.get(n, ()))
+                continue
+            arrived = inbox.get(n, [])
+            if self.held[n]:
+                arrived = self.held[n] + arrived
+                self.held[n] = []
+            for src, msg in arrived:
                 if src not in self.admitted and not self._admit(src):
                     continue
                 t = type(msg)
@@ -289,13 +314,23 @@ class SimWorld:
                 core.step(src, msg)
                 if self.cores[n] is None:
                     break  # n itself was just refused
+            if self.cores[n] is None:
+                continue
             if self.snap_jobs[n]:
                 self._advance_snapshots(n, self.cfg.snapshot_entries_per_tick or None)
             core.tick()
         self.workload.on_tick(now)
         for n in self.node_ids:
-            if self.up[n]:
+            if self.serving(n):
                 self._drain(n)
+
+    def serving(self, node: str) -> bool:
+        """Up and not paused: takes input and produces output."""
+        return self.up[node] and self.paused_until.get(node, 0) <= self.now
+
+    def pause(self, node: str, ticks: int) -> None:
+        self.paused_until[node] = self.now + ticks
+        self.trace(self.now, node, "pause", f"{ticks} ticks")
 
     def _admit(self, src: str) -> bool:
         """The receiving side of a hello: may ``src`` take part? A refused node
@@ -352,6 +387,7 @@ class SimWorld:
         for n in self.node_ids:
             if not self.up[n] and n not in self.retired:
                 self.restart(n)
+        self.paused_until.clear()
         self.net.heal()
         self.net.loss = 0.0
         self.net.dup = 0.0

@@ -623,3 +623,53 @@ def test_first_leader_of_a_new_cluster_chooses_its_uuid_in_slot_1():
     c.tick(3)
     assert {c.nodes[n].state_machine(0).cluster_uuid for n in NODES} == {uuid}
     assert DedupKV.restore(c.nodes["b"].groups[0].log.snap_blob).cluster_uuid == uuid
+
+
+def test_reply_belongs_to_the_value_chosen_not_to_the_slot():
+    """Issue 7: leader a batched a put into slot 1, but only a itself accepted
+    it; a newer leader chose another value there, and a learns that by
+    catch-up while it still thinks it leads. a must not answer its client
+    with the other value's result: the put failed definitely (its batch can
+    never be chosen: a value lives in one slot only), and a steps down."""
+    from dsnode.core.paxos.messages import Learn
+    from dsnode.core.paxos.statemachine import pack_batch
+
+    c = Cluster()
+    c.elect("a")
+    c.tick(3)
+    c.nodes["a"].propose(0, "mine", Put(b"k", b"from-a"), request_id=("ca", 1))
+    r = c.nodes["a"].ready()  # a's accepts never leave: a is cut off from now on
+    c.disk["a"].extend(r.persist)
+    slot = max(c.nodes["a"].groups[0].proposer.proposals)
+    other = pack_batch([(("cb", 1), Put(b"k", b"from-b"))])
+    c.nodes["a"].step("c", Learn(0, ((slot, other),)))
+    r = c.nodes["a"].ready()
+    (reply,) = [x for x in r.reply if x.token == "mine"]
+    assert reply.result is None
+    code, message, indeterminate = reply.error
+    assert code == "unavailable" and indeterminate is False, reply
+    assert not c.nodes["a"].is_leader(0)
+    assert c.nodes["a"].state_machine(0).kv.get(b"k") == (b"from-b", 1)
+
+
+def test_broken_variant_answers_with_the_other_value():
+    """The same interleaving with the old behaviour (sim/broken.py): the client
+    of a's put is told it succeeded although b's value was chosen."""
+    from dsnode.core.paxos.messages import Learn
+    from dsnode.core.paxos.statemachine import pack_batch
+    from dsnode.sim.broken import AnswersAnyValueGroup
+
+    node = PaxosNode("a", {0: NODES}, random.Random(1), CFG, group_cls=AnswersAnyValueGroup)
+    from dsnode.core.paxos.messages import Promise
+
+    node.campaign(0)
+    node.ready()
+    ballot = node.groups[0].ballot
+    node.step("b", Promise(0, ballot, True, ballot, 0))
+    assert node.is_leader(0)
+    node.propose(0, "mine", Put(b"k", b"from-a"), request_id=("ca", 1))
+    node.ready()
+    slot = max(node.groups[0].proposer.proposals)
+    node.step("c", Learn(0, ((slot, pack_batch([(("cb", 1), Put(b"k", b"from-b"))])),)))
+    (reply,) = [x for x in node.ready().reply if x.token == "mine"]
+    assert reply.result == {"succeeded": True, "version": 1}  # the lie the fix removes

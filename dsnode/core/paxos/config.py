@@ -39,6 +39,10 @@ class PaxosConfig:
     # the group whose first chosen value (slot 1) names the cluster: a Form command
     # with a fresh UUID (the metadata group); None: no group does
     formation_group: object = 0
+    # per tick, the chance that a leader also asks a random peer for chosen values past
+    # its own (a catch-up request is always safe); the simulator turns it on so that
+    # deposed leaders that have not noticed yet learn what a newer leader chose
+    leader_probe_chance: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval_ticks < self.election_timeout_ticks:

@@ -367,6 +367,15 @@ class PaxosGroup:
             self.out.persist.append(rec.commit(self.group, self.commit_persisted))
         if self.role is Role.LEADER:
             p = self.proposer
+            if (
+                cfg.leader_probe_chance
+                and self.catchup_peer is None
+                and self.snap_in is None
+                and self.rng.random() < cfg.leader_probe_chance
+            ):
+                others = [m for m in self.members if m != self.me]
+                if others:
+                    self._send_catchup(self.rng.choice(others))
             if self.now - self.last_heartbeat >= cfg.heartbeat_interval_ticks:
                 self._heartbeat(retransmit=True)
             fresh = sum(
@@ -646,31 +655,56 @@ class PaxosGroup:
     def _advance(self) -> None:
         log = self.log
         log.advance()
+        overtaken = False
         if log.applied < log.chosen_through:
             p = self.proposer
             for slot, value in log.to_apply():
                 cached = p.batches.pop(slot, None) if p is not None else None
-                if cached is not None and cached[0] == value:
+                mine = cached is not None and cached[0] == value
+                if mine:
                     results = self.sm.apply_items(cached[1])
                 else:
                     results = self.sm.apply_value(value)
                 self.out.apply.append(Applied(self.group, slot, value))
-                if p is not None and p.tokens:
-                    for i, result in enumerate(results):
-                        token = p.tokens.pop((slot, i), None)
-                        if token is not None:
-                            err = result.get(ERROR_KEY)
-                            if err is None:
-                                self.out.reply.append(Reply(token, result=result))
-                            else:
-                                self.out.reply.append(Reply(token, error=(*err, False)))
+                if cached is not None:
+                    overtaken |= not self._answer(p, slot, len(cached[1]), results, mine)
             if (
                 self.snap_pending is None
                 and log.applied - log.snap_index >= self.cfg.snapshot_interval_slots
             ):
                 self._take_snapshot()
+        if overtaken and self.role is Role.LEADER:
+            self.become_follower()  # someone with a higher ballot chose in our slots
         if self.proposer is not None and self.proposer.reads:
             self._serve_reads()
+
+    def _answer(self, p: Proposer, slot: int, n: int, results: list[dict], mine: bool) -> bool:
+        """Answer the ``n`` commands this leader batched into ``slot``, now chosen.
+
+        A reply belongs to the value that was chosen: only when that is our
+        batch (``mine``) do its commands get ``results``. Otherwise a newer
+        leader chose another value there (we learned it by catch-up), and our
+        batch can never be chosen anywhere: a leader proposes a value in one
+        slot only, and phase 1 carries values over in their own slots. So the
+        commands fail definitely, and False tells the caller to step down."""
+        tokens = p.tokens
+        if not mine:
+            for i in range(n):
+                token = tokens.pop((slot, i), None)
+                if token is not None:
+                    self.out.reply.append(_unavailable(
+                        token, "another leader chose a different value in its slot; "
+                        f"not applied; leader={self.leader_hint}", False))
+            return False
+        for i, result in enumerate(results):
+            token = tokens.pop((slot, i), None)
+            if token is not None:
+                err = result.get(ERROR_KEY)
+                if err is None:
+                    self.out.reply.append(Reply(token, result=result))
+                else:
+                    self.out.reply.append(Reply(token, error=(*err, False)))
+        return True
 
     def _serve_reads(self) -> None:
         p = self.proposer

@@ -33,13 +33,14 @@ class PaxosNode:
         rng: random.Random,
         config: PaxosConfig | None = None,
         acceptor_cls: type[Acceptor] = Acceptor,
+        group_cls: type[PaxosGroup] = PaxosGroup,
     ) -> None:
         self.node_id = node_id
         self.config = config or PaxosConfig()
         self.rng = rng
         self.out = Outbox()
         self.groups: dict[Any, PaxosGroup] = {
-            g: PaxosGroup(g, node_id, tuple(members), rng, self.out, self.config, acceptor_cls)
+            g: group_cls(g, node_id, tuple(members), rng, self.out, self.config, acceptor_cls)
             for g, members in sorted(groups.items(), key=lambda kv: str(kv[0]))
         }
         self._dirty: set[Any] = set()
