@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from cluster_harness import Cluster
-from harness import ServerPool, wait_until
-from netns import NetLab, NetnsUnavailable, NsServer, sweep_stale, unavailable_reason
+from harness import wait_until
+from netns import NetLab, lab_cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.netns, pytest.mark.timeout(180)]
 
@@ -46,39 +46,16 @@ def probe(lab: NetLab, nid: str, path: str) -> tuple[int, str]:
 
 
 @pytest.fixture
-def lab_cluster(tmp_path: Path) -> Iterator[tuple[NetLab, Cluster]]:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    sweep_stale()
-    lab = NetLab(IDS)
-    pool = ServerPool(tmp_path)
-    try:
-        try:
-            lab.setup()
-        except NetnsUnavailable as e:
-            pytest.skip(str(e))
-
-        def make(nid: str, addr: tuple[str, int], flags: tuple[str, ...]) -> NsServer:
-            srv = NsServer(lab, nid, tmp_path, (*flags, "--metrics-listen", ADMIN))
-            pool.servers.append(srv)  # the pool's close() kills it
-            return srv
-
-        cluster = Cluster(pool, args=(), make_server=make,
-                          addrs={nid: (lab.ip[nid], 7379) for nid in IDS})
-        yield lab, cluster
-    finally:
-        pool.close()  # processes first: a namespace lives on while a process is inside
-        lab.close()
-        left = lab.leftovers()
-        assert not left, f"network namespaces/links left behind: {left}"
+def lab_and_cluster(tmp_path: Path) -> Iterator[tuple[NetLab, Cluster]]:
+    with lab_cluster(tmp_path, IDS, ("--metrics-listen", ADMIN)) as lc:
+        yield lc
 
 
 @pytest.mark.parametrize("who", ["leader", "follower"])
 def test_readyz_turns_503_when_partitioned_from_the_majority_and_200_after_healing(
-    lab_cluster: tuple[NetLab, Cluster], who: str
+    lab_and_cluster: tuple[NetLab, Cluster], who: str
 ) -> None:
-    lab, cluster = lab_cluster
+    lab, cluster = lab_and_cluster
     cluster.start()
     leader = cluster.wait_leader(IDS, 30.0)
     nid = leader if who == "leader" else next(n for n in IDS if n != leader)
