@@ -360,6 +360,9 @@ class NodeCollector(Collector):
             "is_leader": _gauge("dsnode_paxos_is_leader",
                                 "1 when this node leads the partition's Paxos group.",
                                 ["partition"]),
+            "role": _gauge("dsnode_paxos_role", "This node's role in the partition's group: "
+                           + ", ".join(f"{i} {r}" for i, r in enumerate(ROLES)) + ".",
+                           ["partition"]),
             "round": _gauge("dsnode_paxos_ballot_round", "Round of the highest ballot this node "
                             "leads with (leader) or has promised (others).", ["partition"]),
             "commit": _gauge("dsnode_paxos_commit_index",
@@ -392,6 +395,7 @@ class NodeCollector(Collector):
             roles[role] = roles.get(role, 0) + 1
             leading = role == "leader"
             fams["is_leader"].add_metric(p, 1 if leading else 0)
+            fams["role"].add_metric(p, ROLES.index(role) if role in ROLES else -1)
             fams["round"].add_metric(p, g.ballot[0] if leading else g.acceptor.promised[0])
             fams["commit"].add_metric(p, g.log.chosen_through)
             fams["applied"].add_metric(p, g.log.applied)

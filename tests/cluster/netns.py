@@ -30,9 +30,14 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from harness import ServerProcess
+from harness import ServerPool, ServerProcess
+
+if TYPE_CHECKING:
+    from cluster_harness import Cluster
 
 PORT = 7379
 _seq = itertools.count(1)
@@ -238,3 +243,40 @@ class NsServer(ServerProcess):
 
     def argv(self) -> list[str]:
         return ["ip", "netns", "exec", self.lab.ns[self.node_id], *super().argv()]
+
+
+@contextlib.contextmanager
+def lab_cluster(
+    base: Path, ids: list[str], extra_args: tuple[str, ...] = ()
+) -> Iterator[tuple[NetLab, Cluster]]:
+    """A :class:`NetLab` and a not-yet-started :class:`Cluster` of :class:`NsServer` nodes
+    (``extra_args`` added to each one's flags) on :data:`PORT` of their own addresses.
+    Skips the test when namespaces cannot be made; afterwards kills every process, then
+    deletes the namespaces, and fails if any is left behind."""
+    import pytest
+    from cluster_harness import Cluster
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    sweep_stale()
+    lab = NetLab(ids)
+    pool = ServerPool(base)
+    try:
+        try:
+            lab.setup()
+        except NetnsUnavailable as e:
+            pytest.skip(str(e))
+
+        def make(nid: str, addr: tuple[str, int], flags: tuple[str, ...]) -> NsServer:
+            srv = NsServer(lab, nid, base, (*flags, *extra_args))
+            pool.servers.append(srv)  # the pool's close() kills it
+            return srv
+
+        yield lab, Cluster(pool, len(ids), args=(), make_server=make,
+                           addrs={nid: (lab.ip[nid], PORT) for nid in ids})
+    finally:
+        pool.close()  # processes first: a namespace lives on while a process is inside
+        lab.close()
+        left = lab.leftovers()
+        assert not left, f"network namespaces/links left behind: {left}"

@@ -127,6 +127,7 @@ def test_counters_match_a_known_workload_on_every_node(mc: MetricsCluster) -> No
         assert delta(nid, "dsnode_wal_appended_records_total") >= 1, nid
         assert delta(nid, "dsnode_wal_fsync_duration_seconds_count") >= 1, nid
         assert value(after[nid], "dsnode_paxos_is_leader", partition="0") == (nid == ld)
+        assert value(after[nid], "dsnode_paxos_role", partition="0") == (3 if nid == ld else 0)
         assert value(after[nid], "dsnode_ready") == 1
         for peer in cluster.nodes:
             if peer != nid:

@@ -27,8 +27,7 @@ from cluster_harness import (
     final_reads,
     node_status,
 )
-from harness import ServerPool
-from netns import NetLab, NetnsUnavailable, NsServer, sweep_stale, unavailable_reason
+from netns import NetLab, lab_cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.netns, pytest.mark.timeout(180)]
 
@@ -36,32 +35,9 @@ IDS = ["n1", "n2", "n3"]
 
 
 @pytest.fixture
-def lab_cluster(tmp_path: Path) -> Iterator[tuple[NetLab, Cluster]]:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    sweep_stale()
-    lab = NetLab(IDS)
-    pool = ServerPool(tmp_path)
-    try:
-        try:
-            lab.setup()
-        except NetnsUnavailable as e:
-            pytest.skip(str(e))
-
-        def make(nid: str, addr: tuple[str, int], flags: tuple[str, ...]) -> NsServer:
-            srv = NsServer(lab, nid, tmp_path, flags)
-            pool.servers.append(srv)  # the pool's close() kills it
-            return srv
-
-        cluster = Cluster(pool, args=(), make_server=make,
-                          addrs={nid: (lab.ip[nid], 7379) for nid in IDS})
-        yield lab, cluster
-    finally:
-        pool.close()  # processes first: a namespace lives on while a process is inside
-        lab.close()
-        left = lab.leftovers()
-        assert not left, f"network namespaces/links left behind: {left}"
+def lab_and_cluster(tmp_path: Path) -> Iterator[tuple[NetLab, Cluster]]:
+    with lab_cluster(tmp_path, IDS) as lc:
+        yield lc
 
 
 async def isolate_leader_round(lab: NetLab, cluster: Cluster, work: Workload) -> None:
@@ -122,9 +98,9 @@ async def _finish(cluster: Cluster, work: Workload) -> None:
 
 
 async def test_isolated_leader_is_replaced_and_acknowledges_nothing(
-    lab_cluster: tuple[NetLab, Cluster], seed: int
+    lab_and_cluster: tuple[NetLab, Cluster], seed: int
 ) -> None:
-    lab, cluster = lab_cluster
+    lab, cluster = lab_and_cluster
     await asyncio.to_thread(cluster.start)
     work = Workload(cluster.endpoints(), seed, WorkloadConfig(timeout_ms=1000)).start()
     await work.wait_acked(50, timeout=30)
@@ -133,8 +109,8 @@ async def test_isolated_leader_is_replaced_and_acknowledges_nothing(
 
 
 @pytest.mark.slow
-async def test_repeated_leader_isolation(lab_cluster: tuple[NetLab, Cluster], seed: int) -> None:
-    lab, cluster = lab_cluster
+async def test_repeated_leader_isolation(lab_and_cluster: tuple[NetLab, Cluster], seed: int) -> None:
+    lab, cluster = lab_and_cluster
     await asyncio.to_thread(cluster.start)
     work = Workload(cluster.endpoints(), seed, WorkloadConfig(timeout_ms=1000)).start()
     await work.wait_acked(50, timeout=30)
