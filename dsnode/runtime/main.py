@@ -28,6 +28,7 @@ from dsnode.core.paxos.node import PaxosNode
 from dsnode.runtime import logs, sdnotify
 from dsnode.runtime.driver import GROUP, Driver
 from dsnode.runtime.peers import PeerNetwork
+from dsnode.runtime.security import Security, SecurityError
 from dsnode.runtime.server import ClientServer
 from dsnode.runtime.wal import WALCorruptError, WriteAheadLog
 
@@ -123,6 +124,7 @@ class Node:
         self.core: PaxosNode | None = None
         self.bound: tuple[str, int] | None = None
         self.peers: dict[str, str] = config.cluster_peers  # replaced by the data dir's record
+        self.security: Security | None = None
 
     def paxos_config(self) -> PaxosConfig:
         cfg = self.config
@@ -137,6 +139,7 @@ class Node:
 
     async def start(self) -> None:
         cfg = self.config
+        self.security = load_security(cfg, self.log)
         data_dir = prepare_data_dir(cfg)
         self.peers = check_identity(cfg, data_dir)
         wal = WriteAheadLog(data_dir / "wal", fsync=cfg.fsync, segment_bytes=cfg.wal_segment_bytes)
@@ -171,7 +174,7 @@ class Node:
             peers=",".join(peers),
             rng_seed=seed,
         )
-        server = ClientServer(cfg)
+        server = ClientServer(cfg, self.security)
         self.client_server = server
         if len(peers) > 1:
             self.net = PeerNetwork(
@@ -179,6 +182,7 @@ class Node:
                 on_messages=self._on_peer_messages, max_frame_bytes=cfg.max_frame_bytes,
                 rng=random.Random(seed ^ 0x5EED),
             )
+            self.net.security = self.security
         self.driver = Driver(
             core, wal, server.deliver, self.net,
             node_id=cfg.node_id,
@@ -193,7 +197,8 @@ class Node:
         loop = asyncio.get_running_loop()
         try:
             self.server_handle = await loop.create_server(
-                server.protocol_factory, host, port, reuse_address=True, backlog=1024
+                server.protocol_factory, host, port, reuse_address=True, backlog=1024,
+                **tls_server_args(self.security),
             )
         except OSError as e:
             reason = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
@@ -326,6 +331,25 @@ class Node:
         self.log.info("stopped")
 
 
+def load_security(cfg: NodeConfig, log: object) -> Security:
+    """TLS contexts and tokens, after the safe-defaults check; warnings go to the log."""
+    try:
+        security = Security(cfg)
+        warnings = security.check_exposure()
+    except SecurityError as e:
+        raise StartupError(str(e)) from None
+    for text in warnings:
+        log.warning("security_warning", message=text)  # type: ignore[attr-defined]
+    return security
+
+
+def tls_server_args(security: Security | None) -> dict:
+    if security is None or security.server_context is None:
+        return {}
+    return {"ssl": security.server_context,
+            "ssl_handshake_timeout": security.config.handshake_timeout_ms / 1000}
+
+
 def unpack_checkpoint(blob: bytes | None) -> list[bytes]:
     """The records a WAL snapshot (``PaxosNode.checkpoint``) holds."""
     if blob is None:
@@ -352,6 +376,8 @@ async def _serve(config: NodeConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     node = Node(config)
+    # SIGHUP: re-read certificates and tokens; open connections are not touched.
+    loop.add_signal_handler(signal.SIGHUP, lambda: node.security and node.security.reload())
     try:
         await node.start()
     except StartupError:

@@ -45,6 +45,17 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._buf)
 
+    @property
+    def max_frame_bytes(self) -> int:
+        return self._max
+
+    @max_frame_bytes.setter
+    def max_frame_bytes(self, n: int) -> None:
+        """Change the cap (e.g. raise it once a connection has authenticated)."""
+        if n < 1:
+            raise ValueError("max_frame_bytes must be >= 1")
+        self._max = n
+
     def feed(self, data: bytes) -> list[bytes]:
         if self._error is not None:
             raise self._error
