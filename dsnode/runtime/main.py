@@ -28,7 +28,7 @@ from dsnode.core.paxos.node import PaxosNode
 from dsnode.runtime import logs, sdnotify
 from dsnode.runtime.driver import GROUP, Driver
 from dsnode.runtime.peers import PeerNetwork
-from dsnode.runtime.security import Security, SecurityError
+from dsnode.runtime.security import Security, SecurityError, check_exposure
 from dsnode.runtime.server import ClientServer
 from dsnode.runtime.wal import WALCorruptError, WriteAheadLog
 
@@ -335,7 +335,7 @@ def load_security(cfg: NodeConfig, log: object) -> Security:
     """TLS contexts and tokens, after the safe-defaults check; warnings go to the log."""
     try:
         security = Security(cfg)
-        warnings = security.check_exposure()
+        warnings = check_exposure(cfg)
     except SecurityError as e:
         raise StartupError(str(e)) from None
     for text in warnings:

@@ -252,44 +252,44 @@ class Security:
         log.warning("peer_unauthenticated", claimed=peer_id, reason=why)
         return why
 
-    # ------------------------------------------------------------ start-up
-    def check_exposure(self) -> list[str]:
-        """Refuse unsafe settings (SecurityError); return warnings to log at start."""
-        cfg = self.config
-        host = cfg.listen.rpartition(":")[0].strip("[]")
-        exposed = not is_loopback(host)
-        multi = len(cfg.cluster_peers) > 1
-        warnings: list[str] = []
-        if exposed and not cfg.insecure:
-            if not cfg.tls and not self.auth_required:
-                raise SecurityError(
-                    f"refusing to listen on {cfg.listen} (not loopback) without TLS or tokens: "
-                    "set tls_cert_file/tls_key_file/tls_ca_file and auth_tokens_file "
-                    "(`dsnode certs` makes them), or insecure = true"
-                )
-            if multi and cfg.tls_ca_file is None and cfg.auth_token is None:
-                raise SecurityError(
-                    f"refusing to listen on {cfg.listen} (not loopback) with peers that cannot "
-                    "authenticate: set tls_ca_file (mutual TLS) or auth_token, or insecure = true"
-                )
-        if multi and cfg.auth_tokens_file is not None and cfg.auth_token is None \
-                and cfg.tls_ca_file is None:
+def check_exposure(cfg: NodeConfig) -> list[str]:
+    """Refuse unsafe settings (SecurityError); return warnings to log at start."""
+    host = cfg.listen.rpartition(":")[0].strip("[]")
+    exposed = not is_loopback(host)
+    auth_required = (cfg.auth_token is not None or cfg.auth_tokens_file is not None
+                     or cfg.client_cert_auth)
+    multi = len(cfg.cluster_peers) > 1
+    warnings: list[str] = []
+    if exposed and not cfg.insecure:
+        if not cfg.tls and not auth_required:
             raise SecurityError(
-                "auth_tokens_file is set but peers have no way to authenticate: "
-                "set tls_ca_file (mutual TLS) or auth_token (the cluster token)"
+                f"refusing to listen on {cfg.listen} (not loopback) without TLS or tokens: "
+                "set tls_cert_file/tls_key_file/tls_ca_file and auth_tokens_file "
+                "(`dsnode certs` makes them), or insecure = true"
             )
-        if exposed and cfg.insecure:
-            warnings.append(
-                f"insecure = true: listening on {cfg.listen} without the protections "
-                "docs/SECURITY.md asks for"
+        if multi and cfg.tls_ca_file is None and cfg.auth_token is None:
+            raise SecurityError(
+                f"refusing to listen on {cfg.listen} (not loopback) with peers that cannot "
+                "authenticate: set tls_ca_file (mutual TLS) or auth_token, or insecure = true"
             )
-        if multi and not cfg.tls:
-            how = "the cluster token" if cfg.auth_token is not None else "nothing at all"
-            warnings.append(
-                f"peer traffic is unauthenticated plain text (peers prove membership with {how}); "
-                "set tls_cert_file/tls_key_file/tls_ca_file for mutual TLS"
-            )
-        return warnings
+    if multi and cfg.auth_tokens_file is not None and cfg.auth_token is None \
+            and cfg.tls_ca_file is None:
+        raise SecurityError(
+            "auth_tokens_file is set but peers have no way to authenticate: "
+            "set tls_ca_file (mutual TLS) or auth_token (the cluster token)"
+        )
+    if exposed and cfg.insecure:
+        warnings.append(
+            f"insecure = true: listening on {cfg.listen} without the protections "
+            "docs/SECURITY.md asks for"
+        )
+    if multi and not cfg.tls:
+        how = "the cluster token" if cfg.auth_token is not None else "nothing at all"
+        warnings.append(
+            f"peer traffic is unauthenticated plain text (peers prove membership with {how}); "
+            "set tls_cert_file/tls_key_file/tls_ca_file for mutual TLS"
+        )
+    return warnings
 
 
 def _reason(e: BaseException) -> str:
