@@ -60,9 +60,9 @@ LABEL org.opencontainers.image.title="dsnode" \
 RUN groupadd --system --gid 10001 dsnode \
     && useradd --system --uid 10001 --gid dsnode --home-dir /var/lib/dsnode --no-create-home \
         --shell /usr/sbin/nologin dsnode \
-    && mkdir -p /var/lib/dsnode /etc/dsnode \
-    && chown dsnode:dsnode /var/lib/dsnode \
-    && chmod 0750 /var/lib/dsnode
+    && mkdir -p /var/lib/dsnode /etc/dsnode/tls \
+    && chown dsnode:dsnode /var/lib/dsnode /etc/dsnode/tls \
+    && chmod 0750 /var/lib/dsnode /etc/dsnode/tls
 
 # Install from the wheels only (--no-index: no network here), in two layers so that a change
 # to dsnode's code reinstalls only dsnode. The venv gets no pip of its own (the base image's pip
@@ -83,7 +83,10 @@ COPY deploy/entrypoint.sh /usr/local/bin/dsnode-entrypoint
 COPY deploy/healthcheck.py /usr/local/lib/dsnode/healthcheck.py
 COPY config/container.toml /etc/dsnode/dsnode.toml
 
+# DSNODE_AUTO_CERTS: the entrypoint makes certificates and tokens for the default one-node
+# configuration on first start (compose sets it empty and uses its `certs` service instead).
 ENV PATH=/opt/dsnode/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    DSNODE_AUTO_CERTS=n1 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     LANG=C.UTF-8

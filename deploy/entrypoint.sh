@@ -37,6 +37,14 @@ else
     config=""
 fi
 
+# DSNODE_AUTO_CERTS=ID[,ID...]: make a development CA, node certificates and tokens in
+# $DSNODE_AUTO_CERTS_DIR (default /var/lib/dsnode/tls) unless they are there already
+# (`dsnode certs --if-missing`). The image sets it for its one-node default configuration.
+if [ -n "${DSNODE_AUTO_CERTS:-}" ]; then
+    dsnode certs --if-missing --out "${DSNODE_AUTO_CERTS_DIR:-/var/lib/dsnode/tls}" \
+        --nodes "$DSNODE_AUTO_CERTS"
+fi
+
 # The server also reads DSNODE_CONFIG; pass the choice explicitly and drop the variable so the
 # two can never disagree.
 unset DSNODE_CONFIG

@@ -8,8 +8,10 @@ Exits 0 (healthy) or 1 (unhealthy), printing one line for ``docker inspect``.
   no answer) is not.
 * Otherwise it runs ``dsnode status --endpoints HOST:PORT --output json`` and wants
   ``"ready": true``. The endpoint is ``$DSNODE_HEALTH_ENDPOINT`` when set, else the port of
-  ``listen`` (``$DSNODE_LISTEN``, else the config file) on 127.0.0.1; the token is
-  ``auth_token`` from the same places (``$DSNODE_AUTH_TOKEN`` first).
+  ``listen`` (``$DSNODE_LISTEN``, else the config file) on 127.0.0.1. The token is
+  ``auth_token`` from the same places (``$DSNODE_AUTH_TOKEN`` first), else the ``read.token``
+  that ``dsnode certs`` writes next to ``auth_tokens_file``. With TLS on, the node's own CA
+  (``tls_ca_file``) is trusted and its certificate and key serve as the client certificate.
 
 Why /readyz first: it is one HTTP request from the standard library instead of starting the
 dsnode client in a new Python process every few seconds; it needs no token; and it is
@@ -33,7 +35,7 @@ DEFAULT_PORT = 7379
 TIMEOUT_S = 4.0
 
 
-def _config_file() -> dict:
+def _config() -> dict:
     path = os.environ.get("DSNODE_CONFIG") or DEFAULT_CONFIG
     try:
         with open(path, "rb") as f:
@@ -46,7 +48,7 @@ def admin_address() -> str | None:
     """HOST:PORT of the node's admin listener, or None when it runs without one."""
     listen = os.environ.get("DSNODE_METRICS_LISTEN")
     if listen is None:
-        listen = _config_file().get("metrics_listen")
+        listen = _config().get("metrics_listen")
     return listen if isinstance(listen, str) and listen else None
 
 
@@ -65,15 +67,47 @@ def check_readyz(addr: str) -> int:
     return 1
 
 
+def _setting(doc: dict, name: str) -> str | None:
+    value = os.environ.get("DSNODE_" + name.upper()) or doc.get(name)
+    return value if isinstance(value, str) and value else None
+
+
+def tls_env() -> dict[str, str]:
+    """DSNODE_CACERT/CERT/KEY for the CLI when the node has TLS on (its CA, its own cert)."""
+    doc = _config()
+    ca = _setting(doc, "tls_ca_file")
+    cert, key = _setting(doc, "tls_cert_file"), _setting(doc, "tls_key_file")
+    env: dict[str, str] = {}
+    if cert is None:
+        return env
+    if ca is not None:
+        env["DSNODE_CACERT"] = ca
+    env["DSNODE_CERT"], env["DSNODE_KEY"] = cert, key or cert
+    return env
+
+
+def _token_file_token(doc: dict) -> str | None:
+    tokens = _setting(doc, "auth_tokens_file")
+    if tokens is None:
+        return None
+    try:
+        with open(os.path.join(os.path.dirname(tokens), "read.token")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def node_settings() -> tuple[str, str | None]:
     """(endpoint, auth token) of the node in this container, as the entrypoint configures it."""
     explicit = os.environ.get("DSNODE_HEALTH_ENDPOINT")
     listen = os.environ.get("DSNODE_LISTEN")
     token = os.environ.get("DSNODE_AUTH_TOKEN")
     if not (explicit or listen) or token is None:
-        doc = _config_file()
+        doc = _config()
         listen = listen or doc.get("listen")
         token = token if token is not None else doc.get("auth_token")
+        if token is None:
+            token = _token_file_token(doc)
     if explicit:
         return explicit, token or None
     port = DEFAULT_PORT
@@ -99,6 +133,7 @@ def main() -> int:
     cmd = [sys.executable, "-m", "dsnode", "status", "--endpoints", addr, "--output", "json"]
     cmd += ["--timeout", str(TIMEOUT_S / 2)]
     env = dict(os.environ)
+    env.update(tls_env())
     if token:
         env["DSNODE_TOKEN"] = token  # not on the command line, where `ps` would show it
     try:

@@ -160,6 +160,17 @@ def _common_options(group_level: bool) -> Callable[[Callable[..., Any]], Callabl
             show_default=group_level,
             help="Output format (env DSNODE_OUTPUT).",
         )(f)
+        for name, what in TLS_OPTIONS.items():
+            f = click.option(
+                f"--{name}",
+                f"tls_{name}",
+                envvar=env(f"DSNODE_{name.upper()}"),
+                default=None,
+                expose_value=False,
+                callback=_remember_tls,
+                type=click.Path(dir_okay=False),
+                help=f"{what} (env DSNODE_{name.upper()}).",
+            )(f)
         f = click.option(
             "--token",
             envvar=env("DSNODE_TOKEN"),
@@ -199,6 +210,24 @@ def _common_options(group_level: bool) -> Callable[[Callable[..., Any]], Callabl
     return decorate
 
 
+TLS_OPTIONS = {
+    "key": "Private key of --cert",
+    "cert": "Client certificate (PEM) for nodes that require one",
+    "cacert": "CA certificate (PEM) that signed the nodes' certificates; turns TLS on",
+}
+
+
+def _remember_tls(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """--cacert/--cert/--key: a subcommand-level value overrides the group-level one."""
+    if value is not None:
+        ctx.find_root().meta[f"dsnode.{param.name}"] = value
+
+
+def _tls_kwargs() -> dict[str, str | None]:
+    meta = click.get_current_context().find_root().meta
+    return {name: meta.get(f"dsnode.tls_{name}") for name in TLS_OPTIONS}
+
+
 def _settings(
     endpoints: str | None, timeout: float | None, token: str | None, output: str | None
 ) -> Settings:
@@ -233,6 +262,7 @@ def _client(settings: Settings, endpoints: str | None = None, discover: bool = T
         token=settings.token,
         dial_timeout=_dial_timeout(),
         discover=discover,
+        **_tls_kwargs(),
     )
 
 
@@ -258,7 +288,10 @@ def _error_from(exc: DsnodeError, endpoints: str) -> CommandError:
 def _run(settings: Settings, action: Callable[[Client], Awaitable[T]]) -> T:
     """Connect, run ``action``, close; a DsnodeError becomes an error line and its exit
     status (1, or 3 when a write's outcome is unknown)."""
-    client = _client(settings)
+    try:
+        client = _client(settings)  # checks the TLS files before anything is sent
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
     async def go() -> T:
         async with client:
@@ -882,6 +915,8 @@ def _register_optional() -> None:
     """
     main.add_lazy_command("serve", "dsnode.runtime.main", "serve_command")
     main.add_lazy_command("bench", "dsnode.bench.cli", "bench_command")
+    main.add_lazy_command("certs", "dsnode.certs", "certs_command")
+    main.add_lazy_command("token-hash", "dsnode.certs", "token_hash_command")
     main.add_lazy_command("local-cluster", "dsnode.runtime.local_cluster", "local_cluster_command")
     main.add_lazy_command("top", "dsnode.top", "top_command")
 

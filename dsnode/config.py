@@ -97,7 +97,26 @@ class NodeConfig(BaseModel):
         default="dsnode", description="cluster name; nodes of another cluster are refused"
     )
     auth_token: str | None = Field(
-        default=None, description="token clients and peers must send in hello; none: no auth"
+        default=None, description="cluster token: peers present it when TLS is off; clients may too"
+    )
+
+    # security (docs/SECURITY.md)
+    tls_cert_file: Path | None = Field(
+        default=None, description="PEM certificate chain of this node; turns TLS on"
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file")
+    tls_ca_file: Path | None = Field(
+        default=None, description="PEM CA bundle; peers (and client certificates) must chain to it"
+    )
+    client_cert_auth: bool = Field(
+        default=False, description="require every client to present a certificate signed by tls_ca_file"
+    )
+    auth_tokens_file: Path | None = Field(
+        default=None, description="file of 'sha256:HEX ROLE' lines (roles read, readwrite, admin)"
+    )
+    insecure: bool = Field(
+        default=False,
+        description="allow listening on a non-loopback address without TLS or tokens",
     )
 
     # limits
@@ -118,6 +137,26 @@ class NodeConfig(BaseModel):
         default=1024, ge=1, description="requests in flight per client connection before it is paused"
     )
     max_connections: int = Field(default=4096, ge=1, description="client connections at once")
+    pending_connections_max: int = Field(
+        default=256, ge=1,
+        description="connections not yet past hello (or their first frame); the oldest is dropped",
+    )
+    unauthenticated_requests_max: int = Field(
+        default=8, ge=1,
+        description="requests a connection may send before its hello succeeds; then it is closed",
+    )
+    handshake_timeout_ms: int = Field(
+        default=10_000, ge=10,
+        description="deadline for the TLS handshake, and again for the first whole frame",
+    )
+    connection_buffer_bytes_max: int = Field(
+        default=32 * 1024 * 1024, ge=4096,
+        description="answers buffered for a client that does not read; past it the connection closes",
+    )
+    idle_timeout_ms: int = Field(
+        default=600_000, ge=0,
+        description="close a client connection with nothing in flight after this long; 0: never",
+    )
 
     # durability and storage
     fsync: bool = Field(
@@ -217,7 +256,19 @@ class NodeConfig(BaseModel):
             raise ValueError(f"peers: this node ({self.node_id}) is not in the peer list")
         if self.heartbeat_interval_ms >= self.election_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be below election_timeout_ms")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_ca_file needs tls_cert_file and tls_key_file (TLS on)")
+        if self.connection_buffer_bytes_max < self.max_frame_bytes:
+            raise ValueError("connection_buffer_bytes_max must be at least max_frame_bytes")
+        if self.client_cert_auth and self.tls_ca_file is None:
+            raise ValueError("client_cert_auth needs tls_ca_file to check client certificates")
         return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     # ------------------------------------------------------------ derived
     @property
@@ -257,13 +308,13 @@ def _describe(err: ValidationError, source_of: Mapping[str, str]) -> str:
 
 def _coerce_text(setting: str, text: str) -> Any:
     """Flag/env text -> a value pydantic (lax) will accept for ``setting``."""
-    if setting == "fsync":
+    if NodeConfig.model_fields[setting].annotation is bool:
         low = text.strip().lower()
         if low in ("1", "true", "yes", "on"):
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"invalid setting fsync: {text!r} is not a boolean (true/false)")
+        raise ConfigError(f"invalid setting {setting}: {text!r} is not a boolean (true/false)")
     if text == "" and NodeConfig.model_fields[setting].default is None:
         return None
     return text

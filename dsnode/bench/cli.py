@@ -135,6 +135,15 @@ def _inherit_group_settings(
     help="Auth token (dsnode hello) or password (redis AUTH).",
 )
 @click.option(
+    "--cacert",
+    "cacert",
+    default=None,
+    envvar="DSNODE_CACERT",
+    type=click.Path(dir_okay=False),
+    help="CA certificate of a dsnode cluster with TLS on (env DSNODE_CACERT; or the group's "
+    "--cacert).",
+)
+@click.option(
     "--processes",
     type=click.IntRange(min=1),
     default=1,
@@ -194,6 +203,7 @@ def bench_command(
     consistency: str,
     txn_ops: int,
     token: str | None,
+    cacert: str | None,
     processes: int,
     connect_timeout: float,
     drain_timeout: float,
@@ -225,6 +235,7 @@ def bench_command(
             consistency=consistency,
             txn_ops=txn_ops,
             token=token,
+            cacert=cacert or ctx.find_root().meta.get("dsnode.tls_cacert"),
             processes=processes,
             connect_timeout=connect_timeout,
             drain_timeout=drain_timeout,

@@ -33,6 +33,7 @@ from dsnode.bench.stats import (
     new_histogram,
 )
 from dsnode.bench.targets import Target, TargetError, TargetOptions, TxnOp, get_target
+from dsnode.client.tls import client_ssl_context
 
 CONSISTENCIES = ("linearizable", "stale")
 
@@ -115,6 +116,7 @@ class BenchConfig:
     consistency: str = "linearizable"
     txn_ops: int = 2
     token: str | None = None
+    cacert: str | None = None  # dsnode with TLS on: trust this CA
     processes: int = 1
     connect_timeout: float = 5.0
     drain_timeout: float = 5.0
@@ -438,6 +440,7 @@ async def run_process(
         consistency=config.consistency,
         token=config.token,
         connect_timeout=config.connect_timeout,
+        ssl=client_ssl_context(config.cacert) if config.cacert else None,
     )
     conns = [
         _Conn(

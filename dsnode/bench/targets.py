@@ -62,6 +62,7 @@ class TargetOptions:
     token: str | None = None
     connect_timeout: float = 5.0
     client_name: str = "dsnode-bench"
+    ssl: Any = None  # an ssl.SSLContext for TLS, else plain TCP
 
 
 class Target(abc.ABC):
@@ -221,7 +222,7 @@ class StreamTarget(Target, asyncio.Protocol):
         self._loop = loop
         self._closed = loop.create_future()
         async with asyncio.timeout(self.options.connect_timeout):
-            await loop.create_connection(lambda: self, self.host, self.port)
+            await loop.create_connection(lambda: self, self.host, self.port, ssl=self.options.ssl)
             try:
                 await self.handshake()
             except BaseException:

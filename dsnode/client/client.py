@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import ssl as _ssl
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Future as ConcurrentFuture
@@ -68,6 +69,7 @@ from dsnode.client.errors import (
     Unavailable,
     error_from_wire,
 )
+from dsnode.client.tls import client_ssl_context
 from dsnode.wire import errors as codes
 from dsnode.wire.framing import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -414,6 +416,10 @@ class Client:
         client_name: str = CLIENT_NAME,
         dial_timeout: float = DEFAULT_DIAL_TIMEOUT,
         discover: bool = False,
+        cacert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        ssl: _ssl.SSLContext | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
@@ -424,6 +430,8 @@ class Client:
         if max_frame_bytes < 1:
             raise ValueError("max_frame_bytes must be >= 1")
         self._endpoints = parse_endpoints(endpoints)
+        # TLS: an explicit context, or one built from cacert/cert/key (dsnode.client.tls).
+        self._ssl = ssl if ssl is not None else client_ssl_context(cacert, cert, key)
         self.timeout = float(timeout)
         self.dial_timeout = float(dial_timeout)
         self._discover = discover
@@ -794,6 +802,7 @@ class Client:
                         ),
                         host,
                         port,
+                        ssl=self._ssl,
                     )
             except ConnectionRefusedError:
                 refused += 1

@@ -76,7 +76,6 @@ class Form:
 
 
 Command = Get | Put | Delete | Txn
-CLIENT_COMMANDS = (Get, Put, Delete, Txn)
 
 
 def is_write(cmd: Command) -> bool:
@@ -163,3 +162,62 @@ def decode(x: list) -> Command:
     if tag == "F":
         return Form(x[1])
     raise ValueError(f"unknown command tag {tag!r}")
+
+
+def decode_checked(x: object) -> Command:
+    """``decode`` for commands from the network (a peer's forward): every field is checked,
+    so a malformed command is a ValueError here, never a poison pill in the replicated log."""
+    if not isinstance(x, list) or not x:
+        raise ValueError("a command is a non-empty array")
+    tag = x[0]
+    want = {"P": 4, "D": 3, "T": 4, "G": 3}.get(tag) if isinstance(tag, str) else None
+    if want is None or len(x) != want:
+        raise ValueError(f"bad command tag or length: {tag!r}")
+    if tag == "P":
+        return Put(_ck_key(x[1]), _ck_bytes(x[2]), _ck_version(x[3], True))
+    if tag == "D":
+        return Delete(_ck_key(x[1]), _ck_version(x[2], True))
+    if tag == "G":
+        if x[2] not in (LINEARIZABLE, STALE) or not isinstance(x[2], str):
+            raise ValueError("bad consistency")
+        return Get(_ck_key(x[1]), x[2])
+    compares, then, otherwise = x[1], x[2], x[3]
+    if not all(isinstance(p, list) for p in (compares, then, otherwise)):
+        raise ValueError("txn parts must be arrays")
+    pairs = []
+    for c in compares:
+        if not isinstance(c, list) or len(c) != 2:
+            raise ValueError("bad txn compare")
+        pairs.append((_ck_key(c[0]), _ck_version(c[1], False)))
+    return Txn(tuple(pairs), tuple(_ck_sub(s) for s in then), tuple(_ck_sub(s) for s in otherwise))
+
+
+def _ck_sub(s: object) -> SubOp:
+    if not isinstance(s, list) or not s or not isinstance(s[0], str):
+        raise ValueError("bad txn sub-op")
+    n = {"g": 2, "p": 3, "d": 2}.get(s[0])
+    if n is None or len(s) != n:
+        raise ValueError("bad txn sub-op tag or length")
+    if s[0] == "p":
+        return SubPut(_ck_key(s[1]), _ck_bytes(s[2]))
+    return SubGet(_ck_key(s[1])) if s[0] == "g" else SubDelete(_ck_key(s[1]))
+
+
+def _ck_bytes(v: object) -> bytes:
+    if type(v) is not bytes:
+        raise ValueError("expected bin")
+    return v
+
+
+def _ck_key(v: object) -> bytes:
+    if type(v) is not bytes or not v:
+        raise ValueError("a key is non-empty bin")
+    return v
+
+
+def _ck_version(v: object, optional: bool) -> int | None:
+    if v is None and optional:
+        return None
+    if type(v) is not int or v < 0:
+        raise ValueError("a version is an int >= 0")
+    return v

@@ -254,9 +254,7 @@ class Driver:
             _, fwd_id, group, enc, _timeout_ms = m
             if type(fwd_id) is not int or group not in self.core.groups:
                 raise ValueError("bad forward id or group")
-            cmd = commands.decode(enc)
-            if not isinstance(cmd, commands.CLIENT_COMMANDS):
-                raise ValueError("not a client command")
+            cmd = commands.decode_checked(enc)
         except (ValueError, TypeError, IndexError, KeyError):
             self.counters["malformed_peer_message"] += 1
             return

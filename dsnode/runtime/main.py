@@ -33,6 +33,7 @@ from dsnode.runtime.admin import AdminError, AdminServer
 from dsnode.runtime.driver import GROUP, PINS, Driver
 from dsnode.runtime.metrics import NodeMetrics, node_registry
 from dsnode.runtime.peers import PeerNetwork
+from dsnode.runtime.security import Security, SecurityError, check_exposure
 from dsnode.runtime.server import ClientServer
 from dsnode.runtime.wal import WALCorruptError, WriteAheadLog
 
@@ -179,6 +180,7 @@ class Node:
         self.stop_event: asyncio.Event | None = None
         self.metrics = NodeMetrics()
         self.admin: AdminServer | None = None
+        self.security: Security | None = None
 
     def paxos_config(self) -> PaxosConfig:
         cfg = self.config
@@ -206,6 +208,7 @@ class Node:
 
     async def _start(self, listener: socket.socket) -> None:
         cfg = self.config
+        self.security = load_security(cfg, self.log)
         data_dir = prepare_data_dir(cfg)
         self.data_dir = data_dir
         self.peers, incarnation = check_identity(cfg, data_dir)
@@ -251,7 +254,7 @@ class Node:
             peers=",".join(peers),
             rng_seed=seed,
         )
-        server = ClientServer(cfg, self.metrics)
+        server = ClientServer(cfg, self.metrics, security=self.security)
         self.client_server = server
         if len(peers) > 1:
             self.net = PeerNetwork(
@@ -263,6 +266,7 @@ class Node:
                 summary=core.durable_summary, on_refused=self.on_refused,
             )
             self.net.cluster_uuid = self.cluster_uuid
+            self.net.security = self.security
         self.driver = Driver(
             core, wal, server.deliver, self.net,
             node_id=cfg.node_id,
@@ -277,7 +281,8 @@ class Node:
         server.status_provider = self.status
         loop = asyncio.get_running_loop()
         self.server_handle = await loop.create_server(
-            server.protocol_factory, sock=listener, backlog=1024
+            server.protocol_factory, sock=listener, backlog=1024,
+            **tls_server_args(self.security),
         )
         sock = self.server_handle.sockets[0].getsockname()
         self.bound = (sock[0], sock[1])
@@ -518,6 +523,25 @@ def bind_listener(listen: str) -> socket.socket:
     return sock
 
 
+def load_security(cfg: NodeConfig, log: object) -> Security:
+    """TLS contexts and tokens, after the safe-defaults check; warnings go to the log."""
+    try:
+        security = Security(cfg)
+        warnings = check_exposure(cfg)
+    except SecurityError as e:
+        raise StartupError(str(e)) from None
+    for text in warnings:
+        log.warning("security_warning", message=text)  # type: ignore[attr-defined]
+    return security
+
+
+def tls_server_args(security: Security | None) -> dict:
+    if security is None or security.server_context is None:
+        return {}
+    return {"ssl": security.server_context,
+            "ssl_handshake_timeout": security.config.handshake_timeout_ms / 1000}
+
+
 def unpack_checkpoint(blob: bytes | None) -> list[bytes]:
     """The records a WAL snapshot (``PaxosNode.checkpoint``) holds."""
     if blob is None:
@@ -544,6 +568,8 @@ async def _serve(config: NodeConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     node = Node(config)
+    # SIGHUP: re-read certificates and tokens; open connections are not touched.
+    loop.add_signal_handler(signal.SIGHUP, lambda: node.security and node.security.reload())
     try:
         await node.start()
     except StartupError:

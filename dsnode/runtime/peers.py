@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,7 @@ from dsnode.core.membership.incarnations import (
     presented_from_wire,
 )
 from dsnode.runtime.logs import get_logger
+from dsnode.runtime.security import Security
 from dsnode.wire.framing import HEADER, FrameDecoder, FrameError, unpack_payload
 
 log = get_logger("dsnode.peers")
@@ -160,6 +162,11 @@ class PeerProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.net.security is not None:
+            why = self.net.security.check_peer_identity(self.link.peer_id, transport)
+            if why is not None:
+                transport.close()
+                return
         hello = {"id": 1, "op": "hello", "peer": self.net.node_id,
                  "cluster_id": self.net.cluster_id, "client": "dsnode-peer",
                  **self.net.identity()}
@@ -256,6 +263,7 @@ class PeerNetwork:
         self._rng = rng or random.Random(node_id)
         self._tasks: list[asyncio.Task] = []
         self._closing = False
+        self.security: Security | None = None  # TLS for dialing and the dialed node's identity
 
     # ------------------------------------------------------------ identity
     def identity(self) -> dict:
@@ -365,10 +373,11 @@ class PeerNetwork:
         while not self._closing:
             try:
                 _, proto = await asyncio.wait_for(
-                    loop.create_connection(lambda: PeerProtocol(self, link), host, int(port)),
+                    loop.create_connection(lambda: PeerProtocol(self, link), host, int(port),
+                                           **dial_tls_args(self.security, link.peer_id)),
                     timeout=2.0,
                 )
-            except (OSError, TimeoutError):
+            except (OSError, TimeoutError, ssl.SSLError):
                 await asyncio.sleep(backoff * (0.5 + self._rng.random()))
                 backoff = min(backoff * 2, 1.0)
                 continue
@@ -397,3 +406,11 @@ class PeerNetwork:
 
     def stats(self) -> dict:
         return {pid: link.stats() for pid, link in self.links.items()}
+
+
+def dial_tls_args(security: Security | None, peer_id: str) -> dict:
+    """``create_connection`` arguments for TLS to a peer (none without TLS)."""
+    if security is None or security.dial_context is None:
+        return {}
+    return {"ssl": security.dial_context, "server_hostname": peer_id,
+            "ssl_handshake_timeout": security.config.handshake_timeout_ms / 1000}

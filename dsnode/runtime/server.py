@@ -22,6 +22,7 @@ from dsnode.core.effects import Reply
 from dsnode.runtime.driver import Driver, Pending
 from dsnode.runtime.logs import get_logger
 from dsnode.runtime.metrics import NodeMetrics, op_label
+from dsnode.runtime.security import ADMIN, Security, required_role, role_allows
 from dsnode.wire import errors
 from dsnode.wire.framing import HEADER, FrameDecoder, FrameError, unpack_payload
 from dsnode.wire.requests import Limits, RequestError, parse_request, request_id
@@ -58,12 +59,30 @@ def oversized_answer(rid: int, write: bool, size: int, limit: int) -> dict:
                                  indeterminate=True)
 
 
+# Largest frame a connection may send before it has authenticated: a hello is tiny, and an
+# unauthenticated client must not make the node buffer max_frame_bytes per connection.
+PRE_AUTH_FRAME_MAX = 64 * 1024
+LIMIT_COUNTERS = (
+    "connections_refused", "pending_evicted", "first_frame_timeouts", "unauthenticated_requests",
+    "unauthenticated_closed", "buffer_overflows", "idle_closed",
+)
+
+
 class ClientServer:
     """Shared state of all client connections of one node."""
 
-    def __init__(self, config: NodeConfig, metrics: NodeMetrics | None = None) -> None:
+    def __init__(
+        self, config: NodeConfig, metrics: NodeMetrics | None = None,
+        security: Security | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else NodeMetrics()
+        self.security = security if security is not None else Security(config)
+        # Connections not yet past their first frame (or, with authentication, their hello),
+        # oldest first, each with its deadline; see ``admit`` and ``sweep``.
+        self.pending: dict[ClientConnection, float] = {}
+        self.counters = dict.fromkeys(LIMIT_COUNTERS, 0)
+        self._sweeper: asyncio.TimerHandle | None = None
         self.limits = Limits(config.max_key_bytes, config.max_value_bytes, config.max_txn_ops)
         self.driver: Driver | None = None
         self.connections: set[ClientConnection] = set()
@@ -90,6 +109,7 @@ class ClientServer:
         counts, latency = metrics.requests, metrics.latency
         sent = 0
         now = _now()
+        active = asyncio.get_running_loop().time() if replies else 0.0  # idle timeouts
         for r in replies:
             p: Request = r.token
             if p.done:
@@ -120,6 +140,7 @@ class ClientServer:
         self.inflight -= finished
         metrics.sent_bytes += sent
         for conn, frames in out.items():
+            conn.last_active = active
             conn.write_frames(frames)
             conn.maybe_resume()
         if self.inflight == 0:
@@ -135,14 +156,69 @@ class ClientServer:
             connections=len(self.connections),
             event_loop=self.metrics.loop_status(),
             metrics=self.metrics.summary(),
+            limits={"pending_connections": len(self.pending), **self.counters},
+            security=self.security_status(),
         )
         return body
+
+    def security_status(self) -> dict:
+        sec = self.security
+        return {
+            "tls": self.config.tls,
+            "peer_mtls": self.config.tls_ca_file is not None,
+            "client_cert_auth": self.config.client_cert_auth,
+            "auth_required": sec.auth_required,
+            "tokens": len(sec.tokens),
+            **sec.counters,
+        }
+
+    # ------------------------------------------------------------ resource caps
+    def admit(self, conn: ClientConnection) -> None:
+        """A new connection waits for its first frame (or hello); drop the oldest if full."""
+        loop = asyncio.get_running_loop()
+        while len(self.pending) >= self.config.pending_connections_max:
+            oldest = next(iter(self.pending))
+            self.counters["pending_evicted"] += 1
+            oldest._fatal(errors.OVERLOADED, "too many connections waiting for their first "
+                          "request; this one was the oldest")
+        self.pending[conn] = loop.time() + self.config.handshake_timeout_ms / 1000
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self._sweep_interval(), self.sweep)
+
+    def _sweep_interval(self) -> float:
+        cfg = self.config
+        spans = [cfg.handshake_timeout_ms / 4000, 1.0]
+        if cfg.idle_timeout_ms:
+            spans.append(cfg.idle_timeout_ms / 4000)
+        return max(0.01, min(spans))
+
+    def sweep(self) -> None:
+        """Close connections past their first-frame deadline or idle too long."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn, deadline in list(self.pending.items()):
+            if deadline > now:
+                break  # deadlines grow with insertion order
+            self.counters["first_frame_timeouts"] += 1
+            conn._fatal(errors.TIMEOUT, "no request (or no successful hello) within "
+                        f"handshake_timeout_ms={self.config.handshake_timeout_ms}")
+        idle_s = self.config.idle_timeout_ms / 1000
+        if idle_s:
+            for conn in list(self.connections):
+                if conn.inflight == 0 and now - conn.last_active > idle_s and not conn.closed:
+                    self.counters["idle_closed"] += 1
+                    conn._fatal(errors.TIMEOUT, f"idle for idle_timeout_ms="
+                                f"{self.config.idle_timeout_ms}; closing")
+        if self.connections or self.pending:
+            self._sweeper = loop.call_later(self._sweep_interval(), self.sweep)
 
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "server", "transport", "decoder", "inflight", "authenticated", "closed",
         "_paused_reading", "_paused_writing", "peer", "peer_link",
+        "role", "unauth_requests", "last_active",
     )
 
     def __init__(self, server: ClientServer) -> None:
@@ -150,7 +226,10 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.decoder = FrameDecoder(server.config.max_frame_bytes)
         self.inflight = 0
-        self.authenticated = server.config.auth_token is None
+        self.role: str | None = None  # set from the TLS handshake and hello
+        self.authenticated = False
+        self.unauth_requests = 0
+        self.last_active = 0.0
         self.closed = False
         self._paused_reading = False
         self._paused_writing = False
@@ -167,14 +246,22 @@ class ClientConnection(asyncio.Protocol):
         if len(srv.connections) >= srv.config.max_connections or not srv.accepting:
             if srv.accepting:
                 srv.metrics.load_shed["max_connections"] += 1
+                srv.counters["connections_refused"] += 1
             self._fatal(errors.OVERLOADED if srv.accepting else errors.UNAVAILABLE,
                         "too many connections" if srv.accepting else "node is shutting down")
             return
         srv.connections.add(self)
+        self.role = srv.security.initial_role()
+        self.authenticated = self.role is not None
+        if not self.authenticated:
+            self.decoder.max_frame_bytes = min(PRE_AUTH_FRAME_MAX, srv.config.max_frame_bytes)
+        self.last_active = asyncio.get_running_loop().time()
+        srv.admit(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        self.server.pending.pop(self, None)
         if self.peer_link is not None and self.transport is not None:
             self.peer_link.detach(self.transport)
 
@@ -226,6 +313,10 @@ class ClientConnection(asyncio.Protocol):
             self._handle(rid, obj)
             if self.closed:
                 return
+        if frames and self.peer_link is None:
+            self.last_active = asyncio.get_running_loop().time()
+            if self.authenticated:
+                self.server.pending.pop(self, None)
 
     # ------------------------------------------------------------ requests
     def _handle(self, rid: int, obj: dict) -> None:
@@ -242,8 +333,15 @@ class ClientConnection(asyncio.Protocol):
             self._hello(rid, obj)
             return
         if not self.authenticated:
-            self._refuse(rid, op, errors.UNAUTHENTICATED, "send hello with a valid token first")
+            self.server.metrics.requests[(op, errors.UNAUTHENTICATED)] += 1
+            self._refuse_unauthenticated(rid, "send hello with a valid token first")
             return
+        if self.role != ADMIN:
+            needed = required_role(req.op, req.command)
+            if not role_allows(self.role, needed):
+                self._refuse(rid, op, errors.UNAUTHENTICATED,
+                             f"role {self.role!r} may not {req.op}: it needs {needed!r}")
+                return
         if op == "status":
             counts[(op, "ok")] += 1
             self._send({"id": rid, "ok": True, **srv.status()})
@@ -278,18 +376,34 @@ class ClientConnection(asyncio.Protocol):
         if "peer" in obj:
             self._peer_hello(rid, obj)
             return
-        if cfg.auth_token is not None:
-            if not isinstance(token, str) or not hmac.compare_digest(
-                token.encode(), cfg.auth_token.encode()
-            ):
-                self._refuse(rid, "hello", errors.UNAUTHENTICATED, "bad or missing token")
+        sec = self.server.security
+        if sec.uses_tokens:
+            role = sec.token_role(token)
+            if role is None:
+                self.server.metrics.requests[("hello", errors.UNAUTHENTICATED)] += 1
+                self._refuse_unauthenticated(rid, "bad or missing token")
                 return
+            self.role = role
             self.authenticated = True
+            self.decoder.max_frame_bytes = cfg.max_frame_bytes
+            self.server.pending.pop(self, None)
         self.server.metrics.requests[("hello", "ok")] += 1
         self._send({
             "id": rid, "ok": True, "node_id": cfg.node_id, "cluster_id": cfg.cluster_id,
-            "protocol": PROTOCOL_VERSION, "server_version": __version__,
+            "protocol": PROTOCOL_VERSION, "server_version": __version__, "role": self.role,
         })
+
+    def _refuse_unauthenticated(self, rid: int, message: str) -> None:
+        """Answer ``unauthenticated``; past the cap of such answers, close the connection."""
+        srv = self.server
+        srv.counters["unauthenticated_requests"] += 1
+        self.unauth_requests += 1
+        if self.unauth_requests > srv.config.unauthenticated_requests_max:
+            srv.counters["unauthenticated_closed"] += 1
+            self._fatal(errors.UNAUTHENTICATED, f"{message}; too many requests without "
+                        "authenticating, closing")
+            return
+        self._send(errors.error_response(rid, errors.UNAUTHENTICATED, message))
 
     def _peer_hello(self, rid: int, obj: dict) -> None:
         """Another node of the cluster: check who it is, then switch to peer framing."""
@@ -309,10 +423,16 @@ class ClientConnection(asyncio.Protocol):
         if net is None or peer_id not in net.links:
             self._fatal(errors.UNAUTHENTICATED, f"peer hello: {peer_id!r} is not a cluster member")
             return
+        why = self.server.security.check_peer_identity(peer_id, self.transport)
+        if why is not None:
+            self._fatal(errors.UNAUTHENTICATED, f"peer hello: {why}")
+            return
         reason = net.admit(peer_id, obj)
         if reason is not None:
             self._fatal(errors.UNAUTHENTICATED, f"peer hello: {reason}")
             return
+        self.server.pending.pop(self, None)
+        self.decoder.max_frame_bytes = cfg.max_frame_bytes
         self._send({"id": rid, "ok": True, "node_id": cfg.node_id, "cluster_id": cfg.cluster_id,
                     "protocol": PROTOCOL_VERSION, "server_version": __version__,
                     **net.identity()})
@@ -328,10 +448,24 @@ class ClientConnection(asyncio.Protocol):
         if self.peer_link is None:
             self.server.metrics.sent_bytes += len(payload) + 4
         self.transport.write(HEADER.pack(len(payload)) + payload)
+        self._check_buffered()
 
     def write_frames(self, frames: list[bytes]) -> None:
         if not self.closed and self.transport is not None:
             self.transport.write(b"".join(frames))
+            self._check_buffered()
+
+    def _check_buffered(self) -> None:
+        """A client that does not read its answers cannot make the node hold them forever."""
+        assert self.transport is not None
+        cap = self.server.config.connection_buffer_bytes_max
+        if self.transport.get_write_buffer_size() > cap and self.peer_link is None:
+            self.server.counters["buffer_overflows"] += 1
+            log.info("client_buffer_overflow", peer=self.peer, cap=cap)
+            self.closed = True
+            self.server.connections.discard(self)
+            self.server.pending.pop(self, None)
+            self.transport.abort()
 
     def _fatal(self, code: str, message: str) -> None:
         """Answer with id 0 and close: the stream cannot be trusted any more."""
@@ -339,6 +473,7 @@ class ClientConnection(asyncio.Protocol):
         self._send(errors.error_response(0, code, message))
         self.closed = True
         self.server.connections.discard(self)
+        self.server.pending.pop(self, None)
         if self.transport is not None:
             self.transport.close()
 

@@ -49,6 +49,13 @@ class FrameDecoder:
     def max_frame_bytes(self) -> int:
         return self._max
 
+    @max_frame_bytes.setter
+    def max_frame_bytes(self, n: int) -> None:
+        """Change the cap (e.g. raise it once a connection has authenticated)."""
+        if n < 1:
+            raise ValueError("max_frame_bytes must be >= 1")
+        self._max = n
+
     def raise_limit(self, max_frame_bytes: int) -> None:
         """A connection that turned out to carry peer traffic takes larger frames."""
         self._max = max(self._max, max_frame_bytes)

@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -171,13 +171,22 @@ class Cli:
     """Runs ``python -m dsnode`` from this checkout against published ports."""
 
     timeout_s: float = 5.0
+    env: dict[str, str] = field(default_factory=dict)  # DSNODE_CACERT, DSNODE_TOKEN
+
+    def secure(self, workdir: Path, fetch: Callable[[str], str]) -> None:
+        """Trust the cluster's CA and send its admin token; ``fetch(name)`` returns the text of
+        a file that ``dsnode certs`` wrote (ca.pem, admin.token) inside the containers."""
+        ca = workdir / "ca.pem"
+        ca.write_text(fetch("ca.pem"))
+        self.env = {"DSNODE_CACERT": str(ca), "DSNODE_TOKEN": fetch("admin.token").strip()}
 
     def run(self, endpoints: str, *args: str) -> dict[str, Any]:
         cmd = [
             sys.executable, "-m", "dsnode", *args,
             "--endpoints", endpoints, "--output", "json", "--timeout", str(self.timeout_s),
         ]  # fmt: skip
-        done = run(cmd, check=False, timeout=self.timeout_s * 4 + 10, env=_pythonpath())
+        done = run(cmd, check=False, timeout=self.timeout_s * 4 + 10,
+                   env={**_pythonpath(), **self.env})
         if done.returncode != 0:
             raise CommandFailed(
                 f"dsnode {' '.join(args)} @ {endpoints}: {done.stderr.strip()}{done.stdout.strip()}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from dockerctl import (
@@ -134,13 +135,16 @@ def cluster(dsnode_image: str, base_image: str, session_id: str) -> Iterator[Clu
 
 
 def test_three_node_compose_cluster_survives_kill_restart_and_partition(
-    cluster: Cluster, measurements: dict[str, str]
+    cluster: Cluster, measurements: dict[str, str], tmp_path: Path
 ) -> None:
     c = cluster
 
     # up --build reuses the session image's layer cache; then wait for every node.
     started = time.monotonic()
     c.compose("up", "--build", "--detach")
+    # Secure by default: the certs service wrote the CA and tokens into the certs volume.
+    c.cli.secure(tmp_path, lambda name: c.compose(
+        "run", "--rm", "--no-deps", "--entrypoint", "cat", "cli", f"/etc/dsnode/tls/{name}"))
     up_s = time.monotonic() - started
     healthy_s = wait_healthy(c.containers(), HEALTHY_DEADLINE_S)
     measurements["compose: up --build (cached image)"] = f"{up_s:.1f} s"

@@ -8,9 +8,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
-from dockerctl import LABEL, Cli, free_port, inspect, logs, run, wait_healthy
+from dockerctl import LABEL, Cli, CommandFailed, free_port, inspect, logs, run, wait_healthy
 
 # The first test also pays for the session fixtures: base image and image build.
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
@@ -49,11 +50,18 @@ def node(dsnode_image: str, session_id: str) -> Iterator[Node]:
 
 
 def test_single_node_container_serves_keeps_data_and_stops_cleanly(
-    node: Node, measurements: dict[str, str]
+    node: Node, measurements: dict[str, str], tmp_path: Path
 ) -> None:
     cli = Cli()
     took = wait_healthy([node.name], HEALTHY_DEADLINE_S)
     measurements["single container: start to healthy"] = f"{took:.1f} s (health interval 1 s)"
+
+    # Secure by default: the image made its own CA and tokens in the volume on first start;
+    # without them the published port serves nothing.
+    with pytest.raises(CommandFailed):
+        cli.status(node.endpoint)
+    cli.secure(tmp_path, lambda name: run(
+        ["docker", "exec", node.name, "cat", f"/var/lib/dsnode/tls/{name}"]).stdout)
 
     # The node is PID 1 itself (exec-form entrypoint + exec), as the dsnode user.
     cmdline = run(["docker", "exec", node.name, "cat", "/proc/1/cmdline"]).stdout.split("\0")

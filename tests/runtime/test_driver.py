@@ -21,6 +21,9 @@ class FakeTransport:
     def write(self, data: bytes) -> None:
         self.out += data
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # everything written is taken at once
+
     def get_extra_info(self, name: str):
         return ("127.0.0.1", 1)
 

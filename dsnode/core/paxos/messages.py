@@ -231,7 +231,7 @@ def _entries(x: Any) -> tuple[tuple[int, bytes], ...]:
 
 def from_wire(x: Any) -> Message:
     """Validate and rebuild a message; ``PeerMisbehaved`` if malformed."""
-    if not isinstance(x, list | tuple) or not x or x[0] not in _KINDS:
+    if not isinstance(x, list | tuple) or not x or not isinstance(x[0], str) or x[0] not in _KINDS:
         raise PeerMisbehaved("not a paxos message")
     cls = _KINDS[x[0]]
     args = x[1:]
