@@ -306,7 +306,15 @@ class Driver:
 
     # ------------------------------------------------------------ effects
     def _flush(self) -> None:
+        """Once per loop turn (``call_soon``): an exception here would only be logged by
+        the loop and leave a zombie, so it ends the node instead."""
         self._flush_scheduled = False
+        try:
+            self._flush_ready()
+        except Exception as e:
+            self.fail(e)
+
+    def _flush_ready(self) -> None:
         ready = self.core.ready()
         for job in ready.snapshots:
             self._snapshot_started[(job.group, job.index)] = time.perf_counter()
@@ -348,16 +356,17 @@ class Driver:
         try:
             finished = job.writer.step(SNAPSHOT_ENTRIES_PER_STEP)
         except Exception as e:  # our bug: stop the node rather than go on without snapshots
-            self._fail(e)
+            self.fail(e)
             return
         if finished:
             self._loop.call_soon(self._snapshot_done, job)
         else:
             self._loop.call_soon(self._snapshot_step, job)
 
-    def _fail(self, error: BaseException) -> None:
-        """A broken local invariant: the driver task ends with ``error`` and the node exits."""
-        log.error("driver_failed", error=repr(error))
+    def fail(self, error: BaseException) -> None:
+        """Fail-stop: a broken invariant, a WAL or checkpoint error, a failed tick. The
+        driver task ends with ``error`` and the node exits non-zero (``main.run`` logs the
+        one critical line); systemd or compose restart it. Never goes on as a zombie."""
         if self._fatal is None:
             self._fatal = error
         self._kick.set()
@@ -367,7 +376,7 @@ class Driver:
             blob = job.writer.result()
             self.core.snapshot_ready(job.group, job.index, blob)
         except Exception as e:
-            self._fail(e)
+            self.fail(e)
             return
         log.debug("snapshot_encoded", group=job.group, index=job.index, bytes=len(blob))
         started = self._snapshot_started.pop((job.group, job.index), None)
@@ -378,6 +387,7 @@ class Driver:
     async def run(self) -> None:
         """The flusher and the ticker; returns when :meth:`stop` is called."""
         ticker = asyncio.create_task(self._ticker(), name="ticker")
+        ticker.add_done_callback(self._ticker_done)
         try:
             await self._flusher()
         finally:
@@ -388,6 +398,10 @@ class Driver:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise
+
+    def _ticker_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.fail(task.exception())  # type: ignore[arg-type]
 
     async def _flusher(self) -> None:
         waiting = self._waiting
@@ -444,6 +458,8 @@ class Driver:
             if self.observer is not None:
                 self.observer.on_snapshot("wal_checkpoint", time.perf_counter() - started,
                                           len(blob))
+        except Exception as e:  # the WAL could not be compacted: stop rather than fill the disk
+            self.fail(e)
         finally:
             self._checkpoint_task = None
 

@@ -25,6 +25,7 @@ import msgpack
 
 from dsnode import __version__
 from dsnode.config import SETTINGS, ConfigError, NodeConfig, load_config, parse_addr
+from dsnode.core.errors import InvariantBroken
 from dsnode.core.membership.incarnations import Incarnations
 from dsnode.core.paxos.config import PaxosConfig, bound_for
 from dsnode.core.paxos.node import PaxosNode
@@ -35,9 +36,10 @@ from dsnode.runtime.metrics import NodeMetrics, node_registry
 from dsnode.runtime.peers import PeerNetwork
 from dsnode.runtime.security import Security, SecurityError, check_exposure
 from dsnode.runtime.server import ClientServer
-from dsnode.runtime.wal import WALCorruptError, WriteAheadLog
+from dsnode.runtime.wal import WALCorruptError, WALFailedError, WriteAheadLog
 
 EXIT_CONFIG = 2
+EXIT_FAILED = 70  # EX_SOFTWARE: the node stopped itself (fail-stop); a supervisor restarts it
 # Room beyond one client frame for what wraps it between peers (a forwarded
 # request's header, a batch's request ids): peer frames may be this much larger.
 PEER_FRAME_SLACK_BYTES = 64 * 1024
@@ -568,6 +570,7 @@ async def _serve(config: NodeConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     node = Node(config)
+    loop.set_exception_handler(fail_stop_handler(node))
     # SIGHUP: re-read certificates and tokens; open connections are not touched.
     loop.add_signal_handler(signal.SIGHUP, lambda: node.security and node.security.reload())
     try:
@@ -594,6 +597,28 @@ def run(config: NodeConfig) -> int:
     except StartupError as e:
         print(f"dsnode: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except Exception as e:
+        # Fail-stop (issue 7): one critical line naming the cause, a non-zero status, and
+        # the supervisor (systemd Restart=, compose restart:) starts the node again.
+        logs.get_logger("dsnode.node").critical(
+            "node_failed", cause=f"{type(e).__name__}: {e}", exit_status=EXIT_FAILED
+        )
+        return EXIT_FAILED
+
+
+def fail_stop_handler(node: Node) -> typing.Callable[[asyncio.AbstractEventLoop, dict], None]:
+    """The loop's exception handler: a broken invariant raised in any callback (a peer's
+    or a client's ``data_received``, a timer) ends the node through its driver, instead
+    of merely closing that connection. Anything else goes to the default handler."""
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, InvariantBroken | WALFailedError) and node.driver is not None:
+            node.driver.fail(exc)
+            return
+        loop.default_exception_handler(context)
+
+    return handler
 
 
 # ---------------------------------------------------------------- click command
