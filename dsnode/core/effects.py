@@ -1,7 +1,9 @@
 """What a core asks its shell to do: the ``Ready`` batch.
 
-Ordering contract (the shell must keep it; ``sim/disk.py`` makes breaking it
-fail):
+Ordering contract (both shells keep it: ``runtime/driver.py`` holds sends and
+replies until the WAL is durable, and the simulator's world does the same with
+its disk, whose crashes drop every record not yet synced; tests/runtime checks
+the driver with a held fsync):
 
 1. every record in ``persist`` is appended to the write-ahead log and made
    durable (fsync, group-committed) before any message in ``send`` leaves the

@@ -439,9 +439,6 @@ class Driver:
         if self._checkpoint_task is not None:
             await self._checkpoint_task
 
-    def idle_requests(self) -> int:
-        return len(self._forwarded) + len(self._parked)
-
     # ------------------------------------------------------------ checkpoints
     def _start_checkpoint(self) -> None:
         """Write the node's durable state as a WAL snapshot so old segments can go."""

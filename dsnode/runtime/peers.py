@@ -62,8 +62,6 @@ class PeerLink:
         self.oversized = 0
         self.largest_frame = 0  # bytes of the largest frame sent to this peer
         self.connects = 0
-        self.connected = asyncio.Event()
-        self.lost = asyncio.Event()
 
     # ------------------------------------------------------------ sending
     def send(self, msg: Any) -> None:
@@ -114,8 +112,6 @@ class PeerLink:
         self.transport = transport
         self.paused = False
         self.connects += 1
-        self.lost.clear()
-        self.connected.set()
         log.info("peer_connected", peer=self.peer_id)
 
     def detach(self, transport: asyncio.Transport) -> None:
@@ -123,8 +119,6 @@ class PeerLink:
             self.transport = None
             self.dropped += len(self.queue)
             self.queue.clear()
-            self.connected.clear()
-            self.lost.set()
             log.info("peer_disconnected", peer=self.peer_id)
 
     def deliver(self, batch: object) -> None:

@@ -2,9 +2,7 @@
 
 Each run uses its own compose project name, image tag and free host ports, so it never
 touches a cluster someone started by hand; a finalizer takes everything down even on failure.
-
-Expected to fail until multi-node replication (Multi-Paxos, issue 3) lands: until then a node
-started with three peers exits with status 2, and no node ever becomes healthy.
+The three nodes must all become healthy and serve as one replicated cluster.
 """
 
 from __future__ import annotations

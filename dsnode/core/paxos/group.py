@@ -249,7 +249,6 @@ class PaxosGroup:
             self.ballot,
             next_slot=res.recovery_end + 1,
             recovery_end=res.recovery_end,
-            elected_at=self.now,
         )
         for m in self.members:
             p.last_ack[m] = self.now

@@ -75,7 +75,6 @@ class Proposer:
     reads: list[PendingRead] = field(default_factory=list)
     acked_seq: dict[str, int] = field(default_factory=dict)
     last_ack: dict[str, int] = field(default_factory=dict)
-    elected_at: int = 0
 
     def confirmed_seq(self, members: tuple[str, ...], quorum: int) -> int:
         """Highest read round acknowledged by a quorum in this ballot."""
