@@ -38,8 +38,8 @@ from dsnode.runtime.logs import get_logger
 from dsnode.wire.errors import TIMEOUT, UNAVAILABLE
 
 if TYPE_CHECKING:
-    from dsnode.core.paxos.group import SnapshotWanted
     from dsnode.core.paxos.node import PaxosNode
+    from dsnode.core.paxos.outputs import SnapshotWanted
     from dsnode.runtime.peers import PeerNetwork
     from dsnode.runtime.wal import WriteAheadLog
 

@@ -25,8 +25,9 @@ from dsnode.core.membership.incarnations import Incarnations, Presented
 from dsnode.core.paxos import PaxosConfig, PaxosNode
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.config import bound_for
-from dsnode.core.paxos.group import PaxosGroup, SnapshotWanted
+from dsnode.core.paxos.group import PaxosGroup
 from dsnode.core.paxos.messages import Accepted, Promise
+from dsnode.core.paxos.outputs import SnapshotWanted
 from dsnode.sim.checkers import SafetyChecker, SafetyViolation
 from dsnode.sim.disk import SimDisk
 from dsnode.sim.faults import FaultConfig, FaultSchedule

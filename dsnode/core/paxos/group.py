@@ -5,7 +5,10 @@ Driven only through ``step``, ``tick``, ``propose``, ``read``, ``flush`` and
 ``PaxosNode.ready`` drains.
 Messages to this node itself take the same code path through a local queue.
 Roles change only in ``become_follower``/``become_precandidate``/
-``become_candidate``/``become_leader``.
+``become_candidate``/``become_leader``. This module holds the roles, elections,
+the acceptor side and learning; the leader's work (batching, phase 2, replies,
+reads) is ``proposer.LeaderSide`` and catch-up and snapshots are
+``catchup.CatchUp``, both mixed into ``PaxosGroup`` over its one set of state.
 
 Elections (``PaxosConfig.pre_vote``, Raft thesis 9.6): a follower whose timer
 fires becomes a pre-candidate and asks every member whether it would promise
@@ -18,23 +21,17 @@ from a quorum, itself included, does it become a candidate and run phase 1.
 from __future__ import annotations
 
 import random
-import zlib
-from collections import Counter
-from dataclasses import dataclass, field, fields
-from enum import Enum
 from typing import Any
 
-from dsnode.core.commands import STALE, Form, Get, size_of
-from dsnode.core.effects import Ready, Reply
+from dsnode.core.commands import Form
 from dsnode.core.errors import InvariantBroken, PeerMisbehaved
-from dsnode.core.kv.store import ERROR_KEY
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
+from dsnode.core.paxos.catchup import CatchUp
 from dsnode.core.paxos.config import PaxosConfig
 from dsnode.core.paxos.learner import Learner
 from dsnode.core.paxos.log import Log
 from dsnode.core.paxos.messages import (
-    ENTRY_OVERHEAD_BYTES,
     Accept,
     Accepted,
     Ballot,
@@ -47,81 +44,16 @@ from dsnode.core.paxos.messages import (
     SnapChunk,
     wire_size,
 )
-from dsnode.core.paxos.proposer import PendingRead, Proposer, merge_promises
+from dsnode.core.paxos.outputs import (
+    Applied,
+    Outbox,
+)
+from dsnode.core.paxos.proposer import LeaderSide, Proposer, merge_promises
+from dsnode.core.paxos.roles import Role
 from dsnode.core.paxos.statemachine import DedupKV, pack_batch
 
 
-class Role(Enum):
-    FOLLOWER = "follower"
-    PRECANDIDATE = "precandidate"
-    CANDIDATE = "candidate"
-    LEADER = "leader"
-
-
-@dataclass(frozen=True, slots=True)
-class Applied:
-    """Notice in ``Ready.apply``: ``slot``'s chosen ``value`` was applied here."""
-
-    group: Any
-    slot: int
-    value: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class SnapshotInstalled:
-    """Notice in ``Ready.apply``: the state machine jumped to ``index``."""
-
-    group: Any
-    index: int
-
-
-@dataclass(frozen=True, slots=True)
-class SnapshotWanted:
-    """Work in ``Ready.snapshots``: encode ``writer`` (a capture of the state
-    machine at ``index``) step by step, then call ``snapshot_ready(group,
-    index, writer.result())``. Until then the group starts no other snapshot."""
-
-    group: Any
-    index: int
-    writer: Any  # DedupSnapshotWriter: step(n) -> bool, result() -> bytes
-
-
-_READY_FIELDS = tuple(f.name for f in fields(Ready))
-
-
-@dataclass(slots=True)
-class Outbox(Ready):
-    """What the groups of one node have produced since the last drain, plus the
-    running count of what they dropped (which is never drained)."""
-
-    dropped: Counter = field(default_factory=Counter)
-    largest_message: int = 0  # wire_size of the largest message built so far
-
-    def take(self) -> Ready:
-        """Hand over everything produced so far as a ``Ready`` and start afresh."""
-        r = Ready(**{name: getattr(self, name) for name in _READY_FIELDS})
-        for name in _READY_FIELDS:
-            setattr(self, name, [])
-        return r
-
-
-def _batch_len(queue: list[tuple[Any, Any, Any]], max_count: int, max_bytes: int) -> int:
-    """How many queued commands go into the next slot: bounded by count and bytes, >= 1."""
-    size = 0
-    n = 0
-    for _token, _rid, cmd in queue[:max_count]:
-        size += size_of(cmd)
-        if n and size > max_bytes:
-            break
-        n += 1
-    return max(n, 1)
-
-
-def _unavailable(token: Any, why: str, indeterminate: bool) -> Reply:
-    return Reply(token, error=("unavailable", why, indeterminate))
-
-
-class PaxosGroup:
+class PaxosGroup(LeaderSide, CatchUp):
     def __init__(
         self,
         group: Any,
@@ -279,21 +211,6 @@ class PaxosGroup:
         t = self.cfg.election_timeout_ticks
         return self.rng.randint(t, t * (2 + min(self.failed_elections, 4)) - 1)
 
-    def _fail_pending(self, why: str) -> None:
-        p = self.proposer
-        if p is None:
-            return
-        hint = f"{why}; leader={self.leader_hint}"
-        for token in p.tokens.values():
-            self.out.reply.append(_unavailable(token, hint, True))
-        for token, _rid, _cmd in p.queue:
-            self.out.reply.append(_unavailable(token, hint, False))
-        for r in p.reads:
-            self.out.reply.append(_unavailable(r.token, hint, False))
-        p.tokens.clear()
-        p.queue.clear()
-        p.reads.clear()
-
     # ================================================================ client inputs
     def campaign(self) -> None:
         """Start phase 1 now, skipping pre-vote (an operator's or a test's
@@ -303,58 +220,6 @@ class PaxosGroup:
         if self.role is Role.LEADER:
             return
         self.become_candidate()
-        self._drain_local()
-
-    def propose(self, token: Any, cmd: Any, rid: Any = None) -> None:
-        if self.role is not Role.LEADER:
-            self.out.reply.append(
-                _unavailable(token, f"not leader; leader={self.leader_hint}", False)
-            )
-            return
-        self.proposer.queue.append((token, list(rid) if rid is not None else None, cmd))
-
-    def read(self, token: Any, cmd: Get) -> None:
-        if cmd.consistency == STALE:
-            self.out.reply.append(Reply(token, result=self.sm.kv.apply(cmd)))
-            return
-        if self.role is not Role.LEADER:
-            self.out.reply.append(
-                _unavailable(token, f"not leader; leader={self.leader_hint}", False)
-            )
-            return
-        p = self.proposer
-        read_index = max(self.log.chosen_through, p.recovery_end)
-        p.reads.append(PendingRead(token, cmd, read_index, p.read_seq + 1))
-        p.read_wanted = True
-
-    def flush(self) -> None:
-        """Turn queued commands into slots and start a read round (batching point)."""
-        p = self.proposer
-        if p is None or self.role is not Role.LEADER:
-            return
-        new: list[tuple[int, bytes]] = []
-        while p.queue and p.next_slot - 1 - self.log.chosen_through < self.cfg.inflight_slots_max:
-            n = _batch_len(p.queue, self.cfg.batch_commands_max, self.cfg.batch_bytes_max)
-            batch = p.queue[:n]
-            del p.queue[:n]
-            slot = p.next_slot
-            p.next_slot += 1
-            items = [(rid, cmd) for _t, rid, cmd in batch]
-            value = pack_batch(items)
-            p.batches[slot] = (value, items)
-            for i, (token, _rid, _cmd) in enumerate(batch):
-                p.tokens[(slot, i)] = token
-            p.proposals[slot] = value
-            self.learner.track(slot)
-            new.append((slot, value))
-        if p.read_wanted:
-            p.read_seq += 1
-            p.read_wanted = False
-            if not new:
-                self._heartbeat(retransmit=False)
-                return
-        if new:
-            self._broadcast_accepts(new)
         self._drain_local()
 
     # ================================================================ ticks
@@ -410,45 +275,6 @@ class PaxosGroup:
             # A follower, or a candidate whose phase 1 stalled: a candidate cut
             # off after its pre-vote must not go on raising its round either.
             self.become_precandidate()
-
-    def _heartbeat(self, retransmit: bool) -> None:
-        p = self.proposer
-        self.last_heartbeat = self.now
-        commit = self.log.chosen_through
-        for m in self.members:
-            entries: tuple = ()
-            if retransmit and m != self.me:
-                missing = [
-                    (s, v) for s, v in sorted(p.proposals.items()) if not self.learner.voted(s, m)
-                ]
-                entries = tuple(next(self._chunks(missing), ()))
-            self._send(m, Accept(self.group, self.ballot, entries, commit, p.read_seq))
-        self._drain_local()
-
-    def _broadcast_accepts(self, entries: list[tuple[int, bytes]]) -> None:
-        p = self.proposer
-        commit = self.log.chosen_through
-        for chunk in self._chunks(entries):
-            msg = Accept(self.group, self.ballot, tuple(chunk), commit, p.read_seq)
-            for m in self.members:
-                self._send(m, msg)
-        self._drain_local()
-
-    def _chunks(self, entries: list[tuple[int, bytes]]):
-        """Split (slot, value) entries into messages bounded by count and bytes
-        (values plus per-entry overhead; a single entry may exceed the budget)."""
-        cap_n, cap_b = self.cfg.accept_slots_per_msg_max, self.cfg.message_bytes_max
-        chunk: list[tuple[int, bytes]] = []
-        size = 0
-        for e in entries:
-            cost = len(e[1]) + ENTRY_OVERHEAD_BYTES
-            if chunk and (len(chunk) >= cap_n or size + cost > cap_b):
-                yield chunk
-                chunk, size = [], 0
-            chunk.append(e)
-            size += cost
-        if chunk:
-            yield chunk
 
     # ================================================================ peer input
     def step(self, frm: str, msg: Any) -> None:
@@ -621,24 +447,6 @@ class PaxosGroup:
         if log.chosen_through < m.commit:
             self._want_catchup(frm, m.commit)
 
-    def _on_accepted(self, frm: str, m: Accepted) -> None:
-        if not m.ok:
-            self._see_round(m.promised)
-            if self.role is Role.LEADER and m.promised > self.ballot:
-                self.become_follower()
-            return
-        if self.role is not Role.LEADER or m.ballot != self.ballot:
-            self.out.dropped["stale_accepted"] += 1
-            return
-        p = self.proposer
-        p.last_ack[frm] = self.now
-        if m.read_seq > p.acked_seq.get(frm, 0):
-            p.acked_seq[frm] = m.read_seq
-        for s in m.slots:
-            if self.learner.vote(s, frm):
-                self._learn(s, p.proposals.pop(s))
-        self._advance()
-
     # ---------------------------------------------------------------- learning / apply
     def _learn(self, slot: int, value: bytes) -> None:
         """``value`` is chosen in ``slot``. Unless our own acceptor's record
@@ -676,186 +484,6 @@ class PaxosGroup:
             self.become_follower()  # someone with a higher ballot chose in our slots
         if self.proposer is not None and self.proposer.reads:
             self._serve_reads()
-
-    def _answer(self, p: Proposer, slot: int, n: int, results: list[dict], mine: bool) -> bool:
-        """Answer the ``n`` commands this leader batched into ``slot``, now chosen.
-
-        A reply belongs to the value that was chosen: only when that is our
-        batch (``mine``) do its commands get ``results``. Otherwise a newer
-        leader chose another value there (we learned it by catch-up), and our
-        batch can never be chosen anywhere: a leader proposes a value in one
-        slot only, and phase 1 carries values over in their own slots. So the
-        commands fail definitely, and False tells the caller to step down."""
-        tokens = p.tokens
-        if not mine:
-            for i in range(n):
-                token = tokens.pop((slot, i), None)
-                if token is not None:
-                    self.out.reply.append(_unavailable(
-                        token, "another leader chose a different value in its slot; "
-                        f"not applied; leader={self.leader_hint}", False))
-            return False
-        for i, result in enumerate(results):
-            token = tokens.pop((slot, i), None)
-            if token is not None:
-                err = result.get(ERROR_KEY)
-                if err is None:
-                    self.out.reply.append(Reply(token, result=result))
-                else:
-                    self.out.reply.append(Reply(token, error=(*err, False)))
-        return True
-
-    def _serve_reads(self) -> None:
-        p = self.proposer
-        confirmed = p.confirmed_seq(self.members, self.quorum)
-        keep = []
-        for r in p.reads:
-            if r.seq <= confirmed and self.log.applied >= r.read_index:
-                self.out.reply.append(Reply(r.token, result=self.sm.kv.apply(r.cmd)))
-            else:
-                keep.append(r)
-        p.reads = keep
-
-    def _take_snapshot(self) -> None:
-        """Capture the state machine at ``applied`` (shallow copies, cheap) and
-        hand its encoding to the shell; ``snapshot_ready`` persists and compacts.
-
-        Applying goes on meanwhile. ``log.snap_index``/``snap_blob`` (served to
-        catching-up peers, written by checkpoints) keep the previous snapshot
-        until then, so they always form a consistent pair.
-        """
-        index = self.log.applied
-        self.snap_pending = index
-        self.out.snapshots.append(SnapshotWanted(self.group, index, self.sm.snapshot_writer()))
-
-    def snapshot_ready(self, index: int, blob: bytes) -> None:
-        """The shell encoded the snapshot requested at ``index``: persist it, then
-        compact the log and the acceptor up to it."""
-        if index != self.snap_pending:
-            # Requested by an earlier incarnation, or overtaken by an installed snapshot.
-            self.out.dropped["snapshot_not_pending"] += 1
-            return
-        self.snap_pending = None
-        if index <= self.log.snap_index:
-            return
-        self.out.persist.append(rec.snapshot(self.group, index, blob))
-        self.log.compact(index, blob)
-        self.acceptor.compact(index)
-
-    # ---------------------------------------------------------------- catch-up
-    def _leader_catchup(self) -> None:
-        """A leader missing chosen slots nobody re-proposes (below a peer's
-        snapshot) asks the peers in turn until one serves them."""
-        p = self.proposer
-        ct = self.log.chosen_through
-        if self.catchup_peer is None and ct < p.recovery_end and ct + 1 not in p.proposals:
-            others = [m for m in self.members if m != self.me]
-            if others:
-                self._catchup_turn += 1
-                self._want_catchup(others[self._catchup_turn % len(others)], p.recovery_end)
-
-    def _reset_catchup(self) -> None:
-        self.catchup_peer = None
-        self.catchup_target = 0
-
-    def _want_catchup(self, peer: str, target: int) -> None:
-        self.catchup_peer = peer
-        self.catchup_target = max(self.catchup_target, target)
-        if self.now - self.catchup_sent_at >= self.cfg.catchup_retry_ticks:
-            self._send_catchup()
-
-    def _send_catchup(self, to: str | None = None) -> None:
-        """Ask ``to`` (default: the catch-up peer) for what comes next."""
-        to = to or self.catchup_peer
-        if to is None:
-            return  # catch-up was called off (a role change) while a reply was on its way
-        self.catchup_sent_at = self.now
-        idx, off = 0, 0
-        if self.snap_in is not None:
-            idx, off = self.snap_in[0], len(self.snap_buf)
-        self._send(to, CatchupReq(self.group, self.log.chosen_through + 1, idx, off))
-
-    def _on_catchup_req(self, frm: str, m: CatchupReq) -> None:
-        log = self.log
-        if m.from_slot <= log.snap_index and log.snap_blob is not None:
-            blob = log.snap_blob
-            off = m.offset if m.snap_index == log.snap_index and m.offset < len(blob) else 0
-            data = blob[off : off + self.cfg.snapshot_chunk_bytes]
-            self._send(
-                frm,
-                SnapChunk(self.group, log.snap_index, len(blob), off, data, zlib.crc32(blob)),
-            )
-            return
-        # An empty Learn tells the asker we cannot help (we restarted, or lag).
-        entries = log.entries(m.from_slot, self.cfg.catchup_entries_max)
-        self._send(frm, Learn(self.group, tuple(next(self._chunks(list(entries)), ()))))
-
-    def _on_learn(self, frm: str, m: Learn) -> None:
-        if not m.entries:
-            if frm == self.catchup_peer:
-                self._reset_catchup()
-            return
-        for slot, value in m.entries:
-            self._learn(slot, value)
-        self._after_catchup_progress()
-
-    def _after_catchup_progress(self) -> None:
-        before = self.log.chosen_through
-        self._advance()
-        if self.log.chosen_through < self.catchup_target and self.log.chosen_through > before:
-            self._send_catchup()
-
-    def _on_snap_chunk(self, frm: str, m: SnapChunk) -> None:
-        if m.index <= self.log.applied:
-            return
-        if (
-            self.snap_in is not None
-            and self.snap_in[0] == m.index
-            and m.offset < len(self.snap_buf)
-        ):
-            self.out.dropped["snap_chunk_duplicate"] += 1
-            return
-        if self.snap_in is None or self.snap_in[0] != m.index or m.offset != len(self.snap_buf):
-            if m.offset != 0:
-                self.snap_in = None
-                self.snap_buf = bytearray()
-                self.out.dropped["snap_chunk_out_of_order"] += 1
-                return
-            self.snap_in = (m.index, m.total, m.crc)
-            self.snap_buf = bytearray()
-        self.snap_buf += m.data
-        if len(self.snap_buf) < m.total:
-            self._send_catchup(self.catchup_peer or frm)
-            return
-        blob = bytes(self.snap_buf)
-        self.snap_in = None
-        self.snap_buf = bytearray()
-        if zlib.crc32(blob) != m.crc or len(blob) != m.total:
-            self.out.dropped["snap_bad_checksum"] += 1
-            return
-        self.install_snapshot(m.index, blob, persist=True)
-        self._after_catchup_progress()
-
-    def install_snapshot(self, index: int, blob: bytes, persist: bool) -> None:
-        if index <= self.log.applied:
-            return
-        if persist:
-            self.out.persist.append(rec.snapshot(self.group, index, blob))
-        self.sm = DedupKV.restore(blob)
-        self.log.install(index, blob)
-        if self.snap_pending is not None and self.snap_pending <= index:
-            self.snap_pending = None  # its result would be older than this state: dropped
-
-        self.acceptor.compact(index)
-        self.out.apply.append(SnapshotInstalled(self.group, index))
-        p = self.proposer
-        if p is not None:
-            for s in [s for s in p.proposals if s <= index]:
-                del p.proposals[s]
-                p.batches.pop(s, None)
-                self.learner.votes.pop(s, None)
-            for key in [k for k in p.tokens if k[0] <= index]:
-                self.out.reply.append(_unavailable(p.tokens.pop(key), "outcome unknown", True))
 
     # ---------------------------------------------------------------- recovery
     def recover_record(self, r: list) -> None:

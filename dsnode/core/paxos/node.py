@@ -21,8 +21,10 @@ from dsnode.core.effects import Ready, Reply
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.config import PaxosConfig
-from dsnode.core.paxos.group import Outbox, PaxosGroup, Role
+from dsnode.core.paxos.group import PaxosGroup
 from dsnode.core.paxos.messages import ZERO_BALLOT
+from dsnode.core.paxos.outputs import Outbox
+from dsnode.core.paxos.roles import Role
 
 
 class PaxosNode:

@@ -18,7 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsnode.core.paxos.messages import NOOP, Ballot, Promise
+from dsnode.core.commands import STALE, Get
+from dsnode.core.effects import Reply
+from dsnode.core.kv.store import ERROR_KEY
+from dsnode.core.paxos.messages import ENTRY_OVERHEAD_BYTES, NOOP, Accept, Accepted, Ballot, Promise
+from dsnode.core.paxos.outputs import batch_len, unavailable
+from dsnode.core.paxos.roles import Role
+from dsnode.core.paxos.statemachine import pack_batch
 
 
 @dataclass(slots=True)
@@ -80,3 +86,184 @@ class Proposer:
         """Highest read round acknowledged by a quorum in this ballot."""
         acks = sorted((self.acked_seq.get(m, 0) for m in members), reverse=True)
         return acks[quorum - 1]
+
+
+class LeaderSide:
+    """The leader's half of ``PaxosGroup`` (a mixin; the group owns the state):
+    taking client commands and reads, batching them into slots, phase 2 and
+    its retransmission, counting acceptances, answering clients, read-index
+    rounds. Every method runs on the group's own state."""
+
+    def propose(self, token: Any, cmd: Any, rid: Any = None) -> None:
+        if self.role is not Role.LEADER:
+            self.out.reply.append(
+                unavailable(token, f"not leader; leader={self.leader_hint}", False)
+            )
+            return
+        self.proposer.queue.append((token, list(rid) if rid is not None else None, cmd))
+
+    def read(self, token: Any, cmd: Get) -> None:
+        if cmd.consistency == STALE:
+            self.out.reply.append(Reply(token, result=self.sm.kv.apply(cmd)))
+            return
+        if self.role is not Role.LEADER:
+            self.out.reply.append(
+                unavailable(token, f"not leader; leader={self.leader_hint}", False)
+            )
+            return
+        p = self.proposer
+        read_index = max(self.log.chosen_through, p.recovery_end)
+        p.reads.append(PendingRead(token, cmd, read_index, p.read_seq + 1))
+        p.read_wanted = True
+
+    def flush(self) -> None:
+        """Turn queued commands into slots and start a read round (batching point)."""
+        p = self.proposer
+        if p is None or self.role is not Role.LEADER:
+            return
+        new: list[tuple[int, bytes]] = []
+        while p.queue and p.next_slot - 1 - self.log.chosen_through < self.cfg.inflight_slots_max:
+            n = batch_len(p.queue, self.cfg.batch_commands_max, self.cfg.batch_bytes_max)
+            batch = p.queue[:n]
+            del p.queue[:n]
+            slot = p.next_slot
+            p.next_slot += 1
+            items = [(rid, cmd) for _t, rid, cmd in batch]
+            value = pack_batch(items)
+            p.batches[slot] = (value, items)
+            for i, (token, _rid, _cmd) in enumerate(batch):
+                p.tokens[(slot, i)] = token
+            p.proposals[slot] = value
+            self.learner.track(slot)
+            new.append((slot, value))
+        if p.read_wanted:
+            p.read_seq += 1
+            p.read_wanted = False
+            if not new:
+                self._heartbeat(retransmit=False)
+                return
+        if new:
+            self._broadcast_accepts(new)
+        self._drain_local()
+
+    def _fail_pending(self, why: str) -> None:
+        p = self.proposer
+        if p is None:
+            return
+        hint = f"{why}; leader={self.leader_hint}"
+        for token in p.tokens.values():
+            self.out.reply.append(unavailable(token, hint, True))
+        for token, _rid, _cmd in p.queue:
+            self.out.reply.append(unavailable(token, hint, False))
+        for r in p.reads:
+            self.out.reply.append(unavailable(r.token, hint, False))
+        p.tokens.clear()
+        p.queue.clear()
+        p.reads.clear()
+
+    def _heartbeat(self, retransmit: bool) -> None:
+        p = self.proposer
+        self.last_heartbeat = self.now
+        commit = self.log.chosen_through
+        for m in self.members:
+            entries: tuple = ()
+            if retransmit and m != self.me:
+                missing = [
+                    (s, v) for s, v in sorted(p.proposals.items()) if not self.learner.voted(s, m)
+                ]
+                entries = tuple(next(self._chunks(missing), ()))
+            self._send(m, Accept(self.group, self.ballot, entries, commit, p.read_seq))
+        self._drain_local()
+
+    def _broadcast_accepts(self, entries: list[tuple[int, bytes]]) -> None:
+        p = self.proposer
+        commit = self.log.chosen_through
+        for chunk in self._chunks(entries):
+            msg = Accept(self.group, self.ballot, tuple(chunk), commit, p.read_seq)
+            for m in self.members:
+                self._send(m, msg)
+        self._drain_local()
+
+    def _chunks(self, entries: list[tuple[int, bytes]]):
+        """Split (slot, value) entries into messages bounded by count and bytes
+        (values plus per-entry overhead; a single entry may exceed the budget)."""
+        cap_n, cap_b = self.cfg.accept_slots_per_msg_max, self.cfg.message_bytes_max
+        chunk: list[tuple[int, bytes]] = []
+        size = 0
+        for e in entries:
+            cost = len(e[1]) + ENTRY_OVERHEAD_BYTES
+            if chunk and (len(chunk) >= cap_n or size + cost > cap_b):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(e)
+            size += cost
+        if chunk:
+            yield chunk
+
+    def _on_accepted(self, frm: str, m: Accepted) -> None:
+        if not m.ok:
+            self._see_round(m.promised)
+            if self.role is Role.LEADER and m.promised > self.ballot:
+                self.become_follower()
+            return
+        if self.role is not Role.LEADER or m.ballot != self.ballot:
+            self.out.dropped["stale_accepted"] += 1
+            return
+        p = self.proposer
+        p.last_ack[frm] = self.now
+        if m.read_seq > p.acked_seq.get(frm, 0):
+            p.acked_seq[frm] = m.read_seq
+        for s in m.slots:
+            if self.learner.vote(s, frm):
+                self._learn(s, p.proposals.pop(s))
+        self._advance()
+
+    def _answer(self, p: Proposer, slot: int, n: int, results: list[dict], mine: bool) -> bool:
+        """Answer the ``n`` commands this leader batched into ``slot``, now chosen.
+
+        A reply belongs to the value that was chosen: only when that is our
+        batch (``mine``) do its commands get ``results``. Otherwise a newer
+        leader chose another value there (we learned it by catch-up), and our
+        batch can never be chosen anywhere: a leader proposes a value in one
+        slot only, and phase 1 carries values over in their own slots. So the
+        commands fail definitely, and False tells the caller to step down."""
+        tokens = p.tokens
+        if not mine:
+            for i in range(n):
+                token = tokens.pop((slot, i), None)
+                if token is not None:
+                    self.out.reply.append(unavailable(
+                        token, "another leader chose a different value in its slot; "
+                        f"not applied; leader={self.leader_hint}", False))
+            return False
+        for i, result in enumerate(results):
+            token = tokens.pop((slot, i), None)
+            if token is not None:
+                err = result.get(ERROR_KEY)
+                if err is None:
+                    self.out.reply.append(Reply(token, result=result))
+                else:
+                    self.out.reply.append(Reply(token, error=(*err, False)))
+        return True
+
+    def _serve_reads(self) -> None:
+        p = self.proposer
+        confirmed = p.confirmed_seq(self.members, self.quorum)
+        keep = []
+        for r in p.reads:
+            if r.seq <= confirmed and self.log.applied >= r.read_index:
+                self.out.reply.append(Reply(r.token, result=self.sm.kv.apply(r.cmd)))
+            else:
+                keep.append(r)
+        p.reads = keep
+
+    def _leader_catchup(self) -> None:
+        """A leader missing chosen slots nobody re-proposes (below a peer's
+        snapshot) asks the peers in turn until one serves them."""
+        p = self.proposer
+        ct = self.log.chosen_through
+        if self.catchup_peer is None and ct < p.recovery_end and ct + 1 not in p.proposals:
+            others = [m for m in self.members if m != self.me]
+            if others:
+                self._catchup_turn += 1
+                self._want_catchup(others[self._catchup_turn % len(others)], p.recovery_end)

@@ -1,0 +1,149 @@
+"""Catch-up and snapshots of ``PaxosGroup`` (a mixin; the group owns the state).
+
+A replica missing chosen slots pulls them from a peer: ``CatchupReq`` ->
+``Learn`` (chosen values, bounded by count and bytes) or, below the peer's
+compaction point, its snapshot in checksummed ``SnapChunk`` pieces that the
+asker reassembles and installs. Snapshots of the group's own state machine
+are captured here and encoded by the shell (``SnapshotWanted``), then
+persisted and used to compact (``snapshot_ready``).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from dsnode.core.paxos import records as rec
+from dsnode.core.paxos.messages import CatchupReq, Learn, SnapChunk
+from dsnode.core.paxos.outputs import SnapshotInstalled, SnapshotWanted, unavailable
+from dsnode.core.paxos.statemachine import DedupKV
+
+
+class CatchUp:
+    def _take_snapshot(self) -> None:
+        """Capture the state machine at ``applied`` (shallow copies, cheap) and
+        hand its encoding to the shell; ``snapshot_ready`` persists and compacts.
+
+        Applying goes on meanwhile. ``log.snap_index``/``snap_blob`` (served to
+        catching-up peers, written by checkpoints) keep the previous snapshot
+        until then, so they always form a consistent pair.
+        """
+        index = self.log.applied
+        self.snap_pending = index
+        self.out.snapshots.append(SnapshotWanted(self.group, index, self.sm.snapshot_writer()))
+
+    def snapshot_ready(self, index: int, blob: bytes) -> None:
+        """The shell encoded the snapshot requested at ``index``: persist it, then
+        compact the log and the acceptor up to it."""
+        if index != self.snap_pending:
+            # Requested by an earlier incarnation, or overtaken by an installed snapshot.
+            self.out.dropped["snapshot_not_pending"] += 1
+            return
+        self.snap_pending = None
+        if index <= self.log.snap_index:
+            return
+        self.out.persist.append(rec.snapshot(self.group, index, blob))
+        self.log.compact(index, blob)
+        self.acceptor.compact(index)
+
+    def _reset_catchup(self) -> None:
+        self.catchup_peer = None
+        self.catchup_target = 0
+
+    def _want_catchup(self, peer: str, target: int) -> None:
+        self.catchup_peer = peer
+        self.catchup_target = max(self.catchup_target, target)
+        if self.now - self.catchup_sent_at >= self.cfg.catchup_retry_ticks:
+            self._send_catchup()
+
+    def _send_catchup(self, to: str | None = None) -> None:
+        """Ask ``to`` (default: the catch-up peer) for what comes next."""
+        to = to or self.catchup_peer
+        if to is None:
+            return  # catch-up was called off (a role change) while a reply was on its way
+        self.catchup_sent_at = self.now
+        idx, off = 0, 0
+        if self.snap_in is not None:
+            idx, off = self.snap_in[0], len(self.snap_buf)
+        self._send(to, CatchupReq(self.group, self.log.chosen_through + 1, idx, off))
+
+    def _on_catchup_req(self, frm: str, m: CatchupReq) -> None:
+        log = self.log
+        if m.from_slot <= log.snap_index and log.snap_blob is not None:
+            blob = log.snap_blob
+            off = m.offset if m.snap_index == log.snap_index and m.offset < len(blob) else 0
+            data = blob[off : off + self.cfg.snapshot_chunk_bytes]
+            self._send(
+                frm,
+                SnapChunk(self.group, log.snap_index, len(blob), off, data, zlib.crc32(blob)),
+            )
+            return
+        # An empty Learn tells the asker we cannot help (we restarted, or lag).
+        entries = log.entries(m.from_slot, self.cfg.catchup_entries_max)
+        self._send(frm, Learn(self.group, tuple(next(self._chunks(list(entries)), ()))))
+
+    def _on_learn(self, frm: str, m: Learn) -> None:
+        if not m.entries:
+            if frm == self.catchup_peer:
+                self._reset_catchup()
+            return
+        for slot, value in m.entries:
+            self._learn(slot, value)
+        self._after_catchup_progress()
+
+    def _after_catchup_progress(self) -> None:
+        before = self.log.chosen_through
+        self._advance()
+        if self.log.chosen_through < self.catchup_target and self.log.chosen_through > before:
+            self._send_catchup()
+
+    def _on_snap_chunk(self, frm: str, m: SnapChunk) -> None:
+        if m.index <= self.log.applied:
+            return
+        if (
+            self.snap_in is not None
+            and self.snap_in[0] == m.index
+            and m.offset < len(self.snap_buf)
+        ):
+            self.out.dropped["snap_chunk_duplicate"] += 1
+            return
+        if self.snap_in is None or self.snap_in[0] != m.index or m.offset != len(self.snap_buf):
+            if m.offset != 0:
+                self.snap_in = None
+                self.snap_buf = bytearray()
+                self.out.dropped["snap_chunk_out_of_order"] += 1
+                return
+            self.snap_in = (m.index, m.total, m.crc)
+            self.snap_buf = bytearray()
+        self.snap_buf += m.data
+        if len(self.snap_buf) < m.total:
+            self._send_catchup(self.catchup_peer or frm)
+            return
+        blob = bytes(self.snap_buf)
+        self.snap_in = None
+        self.snap_buf = bytearray()
+        if zlib.crc32(blob) != m.crc or len(blob) != m.total:
+            self.out.dropped["snap_bad_checksum"] += 1
+            return
+        self.install_snapshot(m.index, blob, persist=True)
+        self._after_catchup_progress()
+
+    def install_snapshot(self, index: int, blob: bytes, persist: bool) -> None:
+        if index <= self.log.applied:
+            return
+        if persist:
+            self.out.persist.append(rec.snapshot(self.group, index, blob))
+        self.sm = DedupKV.restore(blob)
+        self.log.install(index, blob)
+        if self.snap_pending is not None and self.snap_pending <= index:
+            self.snap_pending = None  # its result would be older than this state: dropped
+
+        self.acceptor.compact(index)
+        self.out.apply.append(SnapshotInstalled(self.group, index))
+        p = self.proposer
+        if p is not None:
+            for s in [s for s in p.proposals if s <= index]:
+                del p.proposals[s]
+                p.batches.pop(s, None)
+                self.learner.votes.pop(s, None)
+            for key in [k for k in p.tokens if k[0] <= index]:
+                self.out.reply.append(unavailable(p.tokens.pop(key), "outcome unknown", True))

@@ -1,0 +1,77 @@
+"""What a Paxos group hands its shell: notices, work, replies, and their outbox.
+
+Shared by the group and its role modules (``proposer``, ``catchup``); the
+shells (runtime driver, simulator) read these types from ``Ready``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from dsnode.core.commands import size_of
+from dsnode.core.effects import Ready, Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """Notice in ``Ready.apply``: ``slot``'s chosen ``value`` was applied here."""
+
+    group: Any
+    slot: int
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInstalled:
+    """Notice in ``Ready.apply``: the state machine jumped to ``index``."""
+
+    group: Any
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotWanted:
+    """Work in ``Ready.snapshots``: encode ``writer`` (a capture of the state
+    machine at ``index``) step by step, then call ``snapshot_ready(group,
+    index, writer.result())``. Until then the group starts no other snapshot."""
+
+    group: Any
+    index: int
+    writer: Any  # DedupSnapshotWriter: step(n) -> bool, result() -> bytes
+
+
+_READY_FIELDS = tuple(f.name for f in fields(Ready))
+
+
+@dataclass(slots=True)
+class Outbox(Ready):
+    """What the groups of one node have produced since the last drain, plus the
+    running count of what they dropped (which is never drained)."""
+
+    dropped: Counter = field(default_factory=Counter)
+    largest_message: int = 0  # wire_size of the largest message built so far
+
+    def take(self) -> Ready:
+        """Hand over everything produced so far as a ``Ready`` and start afresh."""
+        r = Ready(**{name: getattr(self, name) for name in _READY_FIELDS})
+        for name in _READY_FIELDS:
+            setattr(self, name, [])
+        return r
+
+
+def batch_len(queue: list[tuple[Any, Any, Any]], max_count: int, max_bytes: int) -> int:
+    """How many queued commands go into the next slot: bounded by count and bytes, >= 1."""
+    size = 0
+    n = 0
+    for _token, _rid, cmd in queue[:max_count]:
+        size += size_of(cmd)
+        if n and size > max_bytes:
+            break
+        n += 1
+    return max(n, 1)
+
+
+def unavailable(token: Any, why: str, indeterminate: bool) -> Reply:
+    return Reply(token, error=("unavailable", why, indeterminate))
