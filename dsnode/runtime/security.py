@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsnode.config import is_loopback
 from dsnode.core.commands import Txn
 from dsnode.runtime.logs import get_logger
 
@@ -120,14 +120,6 @@ def cert_names(cert: Mapping[str, Any] | None) -> set[str]:
                 names.add(value)
     return names
 
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name other than localhost may resolve to anything
 
 
 class Security:
