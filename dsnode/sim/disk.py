@@ -1,10 +1,14 @@
-"""Simulated disk: records are durable only once fsynced.
+"""Simulated disk: records are durable only once a sync covering them completes.
 
-The sim shell appends a Ready's ``persist`` records, then fsyncs, then sends
-(``effects.Ready`` contract). A crash between append and fsync keeps a random
-prefix of the unsynced tail (writes may reach the platter without fsync) and
-may tear the next record; the WAL's checksum drops a torn record on replay,
-so here it simply vanishes.
+The sim shell appends a Ready's ``persist`` records and requests a sync; the
+sync completes a random number of ticks later (``SimConfig.fsync_ticks_max``;
+0 completes it at once), making durable every record appended before the
+request (a later sync covers earlier ones, as fsync does). Until then the shell
+holds that drain's sends and replies, and those of every later drain
+(``effects.Ready`` contract). A crash loses the requested syncs and keeps a
+random prefix of the unsynced tail (writes may reach the platter without
+fsync) and may tear the next record; the WAL's checksum drops a torn record on
+replay, so here it simply vanishes.
 """
 
 from __future__ import annotations
@@ -17,15 +21,39 @@ class SimDisk:
         self.durable: list[bytes] = []
         self.unsynced: list[bytes] = []
         self.torn = 0
+        # requested syncs: (tick due, records appended in all when requested)
+        self.syncs: list[tuple[int, int]] = []
+
+    @property
+    def appended(self) -> int:
+        """Records appended since the disk was new (durable or not)."""
+        return len(self.durable) + len(self.unsynced)
 
     def append(self, records: list[bytes]) -> None:
         self.unsynced.extend(records)
 
     def fsync(self) -> list[bytes]:
-        """Make the tail durable; returns the records that just became durable."""
+        """Make the tail durable now; returns the records that just became durable."""
         done = self.unsynced
         self.durable.extend(done)
         self.unsynced = []
+        self.syncs = []
+        return done
+
+    def request_sync(self, due: int) -> None:
+        """Start a sync of everything appended so far; it completes at tick ``due``."""
+        self.syncs.append((due, self.appended))
+
+    def complete(self, now: int) -> list[bytes]:
+        """Complete the syncs due by ``now``; returns the records that just became durable."""
+        target = max((mark for due, mark in self.syncs if due <= now), default=0)
+        self.syncs = [s for s in self.syncs if s[1] > target]
+        n = target - len(self.durable)
+        if n <= 0:
+            return []
+        done = self.unsynced[:n]
+        self.durable.extend(done)
+        self.unsynced = self.unsynced[n:]
         return done
 
     def crash(self, rng: random.Random) -> list[bytes]:
@@ -36,6 +64,7 @@ class SimDisk:
             self.torn += 1
         self.durable.extend(survived)
         self.unsynced = []
+        self.syncs = []
         return survived
 
     def records(self) -> list[bytes]:

@@ -4,7 +4,15 @@ Every random choice (network, faults, workload, each node's rng on every
 start) derives from ``random.Random(seed)``, so a seed replays exactly. The
 world plays the shell: per tick and per node it delivers due messages, ticks
 the core, lets clients submit, then drains ``ready()`` in contract order:
-append ``persist`` to the simulated disk, fsync, send, apply, reply.
+append ``persist`` to the simulated disk and request a sync; the drain's sends
+and replies wait until that sync completes (a random number of ticks later,
+``SimConfig.fsync_ticks_max``) and behind every earlier drain's, as the
+runtime driver holds them behind the WAL's fsync.
+
+Each drain may also checkpoint the node, as the runtime's WAL does: the
+world keeps the blob and where it stands in the node's records, and every
+restart that has one checks that it recovers what the full records do
+(``sim/checkpoints.py``).
 
 A run is a fault phase (``fault_ticks``) then a heal phase (everything
 restarted and reconnected) that must converge within ``heal_ticks_max``:
@@ -14,6 +22,7 @@ in every group and all replicas at the same applied index.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import random
 import time
@@ -29,6 +38,7 @@ from dsnode.core.paxos.group import PaxosGroup
 from dsnode.core.paxos.messages import Accepted, Promise
 from dsnode.core.paxos.outputs import SnapshotWanted
 from dsnode.sim.checkers import SafetyChecker, SafetyViolation
+from dsnode.sim.checkpoints import disagreement
 from dsnode.sim.disk import SimDisk
 from dsnode.sim.faults import FaultConfig, FaultSchedule
 from dsnode.sim.linearizability import check_history
@@ -84,6 +94,10 @@ class SimConfig:
     identity_gate: bool = True
     # the direct "amnesiacs never vote" check (off: only the ground-truth checks remain)
     check_amnesiac_votes: bool = True
+    # a drain's sync completes 0..fsync_ticks_max ticks after it was requested
+    fsync_ticks_max: int = 2
+    # chance that a drain which persisted records also checkpoints the node
+    checkpoint_chance: float = 0.05
 
 
 @dataclass(slots=True)
@@ -134,9 +148,12 @@ def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
         snapshot_entries_per_tick=rng.choice((0, 1, 2)),
         large_value_chance=max(cfg.large_value_chance, rng.choice((0.0, 0.05, 0.3))),
     )
+    out = dataclasses.replace(out, fsync_ticks_max=rng.choice((0, 1, 2, 4)))
     # A leader must hear a quorum's answers within its quorum timeout: at least one
-    # round trip of the slowest link (delay plus jitter, both ways) and a heartbeat.
-    rtt = 2 * (out.delay_max_ticks + 1) + out.paxos.heartbeat_interval_ticks + 1
+    # round trip of the slowest link (delay plus jitter, both ways, and a sync at
+    # each end) and a heartbeat.
+    rtt = (2 * (out.delay_max_ticks + 1) + 2 * out.fsync_ticks_max
+           + out.paxos.heartbeat_interval_ticks + 1)
     if out.paxos.leader_quorum_timeout_ticks < rtt:
         out = dataclasses.replace(
             out, paxos=dataclasses.replace(out.paxos, leader_quorum_timeout_ticks=rtt)
@@ -197,8 +214,19 @@ class SimWorld:
             large_value_chance=cfg.large_value_chance,
             value_bytes_max=cfg.value_bytes_max,
         )
+        # sync completion times; per node, the drains' sends and replies held until
+        # the disk is durable up to their mark: deque of (records appended, send, reply)
+        self.held_out: dict[str, collections.deque] = {
+            n: collections.deque() for n in self.node_ids
+        }
+        self.ckpt: dict[str, tuple[bytes, int] | None] = {n: None for n in self.node_ids}
+        self.ckpt_pending: dict[str, tuple[bytes, int] | None] = {n: None for n in self.node_ids}
         for n in self.node_ids:
             self.restart(n)
+        self.sync_rng = self._sub()  # drawn after the first starts: their rngs stay as they were
+        # simulated WAL checkpoints per node: (blob, records before it); ``pending``
+        # until the disk is durable up to it (the WAL syncs before it writes one)
+        self.ckpt_rng = self._sub()
 
     def _sub(self) -> random.Random:
         return random.Random(self.rng.getrandbits(64))
@@ -218,7 +246,9 @@ class SimWorld:
         )
         self.checker.on_restart(node)
         self.snap_jobs[node] = []
-        core.recover(self.disks[node].records())
+        records = self.disks[node].records()
+        self._check_checkpoint(node, records)
+        core.recover(records)
         self.cores[node] = core
         self.up[node] = True
         log_end, promised = core.durable_summary()
@@ -235,10 +265,13 @@ class SimWorld:
             disk.append(r.persist)
         survived = disk.crash(self.crash_rng)
         self.checker.on_durable(node, survived)
+        self._promote_checkpoint(node)
+        self.ckpt_pending[node] = None
         self.cores[node] = None
         self.up[node] = False
         self.paused_until.pop(node, None)
         self.held[node] = []  # the connections die with the process
+        self.held_out[node].clear()  # so do the effects still waiting for a sync
         self.snap_jobs[node] = []  # the encoding in progress dies with the process
         self.trace(self.now, node, "crash", f"mid_ready={mid_ready} survived={len(survived)}")
         self.workload.on_node_crash(self.now, node)
@@ -251,23 +284,76 @@ class SimWorld:
         disk = self.disks[node]
         if r.persist:
             disk.append(r.persist)
-            self.checker.on_durable(node, disk.fsync())
-        now = self.now
-        send = self.net.send
-        on_sent = self.faults.on_sent if self.faulty else None
-        for dst, msg in r.send:
-            send(now, node, dst, msg)
-            if on_sent is not None:
-                on_sent(now, node, msg)
+            fmax = self.cfg.fsync_ticks_max
+            delay = self.sync_rng.randint(0, fmax) if fmax else 0
+            if delay == 0:
+                self.checker.on_durable(node, disk.fsync())
+            else:
+                disk.request_sync(self.now + delay)
+            if self.cfg.checkpoint_chance and self.ckpt_rng.random() < self.cfg.checkpoint_chance:
+                self.ckpt_pending[node] = (self.cores[node].checkpoint(), disk.appended)
+            self._promote_checkpoint(node)
         for notice in r.apply:
             self.checker.on_apply(node, notice)
-        for reply in r.reply:
-            self.workload.on_reply(now, node, reply)
+        if r.send or r.reply:
+            held = self.held_out[node]
+            if held or disk.appended > len(disk.durable):
+                held.append((disk.appended, r.send, r.reply))
+                self._release(node)
+            else:
+                self._effects(node, r.send, r.reply)
         if r.snapshots:
             self.snap_jobs[node].extend(r.snapshots)
             if self.cfg.snapshot_entries_per_tick == 0:
                 self._advance_snapshots(node, None)
                 self._drain(node)
+
+    def _effects(self, node: str, sends: list, replies: list) -> None:
+        now = self.now
+        send = self.net.send
+        on_sent = self.faults.on_sent if self.faulty else None
+        for dst, msg in sends:
+            send(now, node, dst, msg)
+            if on_sent is not None:
+                on_sent(now, node, msg)
+        for reply in replies:
+            self.workload.on_reply(now, node, reply)
+
+    def _sync(self, node: str) -> None:
+        """Complete ``node``'s syncs due by now, then release what they held."""
+        done = self.disks[node].complete(self.now)
+        if done:
+            self.checker.on_durable(node, done)
+            self._promote_checkpoint(node)
+        if self.held_out[node]:
+            self._release(node)
+
+    def _release(self, node: str) -> None:
+        held = self.held_out[node]
+        durable = len(self.disks[node].durable)
+        while held and held[0][0] <= durable:
+            _, sends, replies = held.popleft()
+            self._effects(node, sends, replies)
+            if self.cores[node] is None:
+                return  # a fault hook (on_sent) crashed it
+
+    def _promote_checkpoint(self, node: str) -> None:
+        pending = self.ckpt_pending[node]
+        if pending is not None and pending[1] <= len(self.disks[node].durable):
+            self.ckpt[node] = pending
+            self.ckpt_pending[node] = None
+
+    def _check_checkpoint(self, node: str, records: list[bytes]) -> None:
+        """The node's last checkpoint plus the records after it must recover what
+        all its records do (issue 7.4)."""
+        ck = self.ckpt[node]
+        if ck is None:
+            return
+        blob, mark = ck
+        why = disagreement(node, self.groups_of(node), self.cfg.paxos, records, blob,
+                           records[mark:])
+        if why is not None:
+            raise SafetyViolation(f"checkpoint and recovery disagree: {why}")
 
     def _advance_snapshots(self, node: str, budget: int | None) -> None:
         """Encode each pending snapshot one piece further (``None``: to the end);
@@ -302,10 +388,16 @@ class SimWorld:
             if self.paused_until.get(n, 0) > now:
                 self.held[n].extend(inbox.get(n, ()))
                 continue
+            if self.disks[n].syncs:
+                self._sync(n)
+                if self.cores[n] is None:
+                    continue
             arrived = inbox.get(n, [])
             if self.held[n]:
                 arrived = self.held[n] + arrived
                 self.held[n] = []
+            if arrived and n not in self.admitted and not self._admit(n):
+                continue  # a link checks both ends' hellos before it carries anything
             for src, msg in arrived:
                 if src not in self.admitted and not self._admit(src):
                     continue
@@ -379,6 +471,7 @@ class SimWorld:
             if self.pins.check(node, Presented(self.incarnation[node], log_end, promised)):
                 disk.durable = disk.durable[:keep]
                 how = f"rolled back to {keep} records"
+        self.ckpt[node] = None  # the data directory's checkpoint went with it
         if how == "wiped":
             self.disks[node] = SimDisk()
             self.incarnation[node] = f"{node}.{self.next_event()}"

@@ -98,8 +98,10 @@ def _stale_leader_learns_by_catch_up(group_cls) -> str:
         SIM_PAXOS, election_timeout_ticks=10, leader_quorum_timeout_ticks=400,
         leader_probe_chance=0.0, pre_vote=False, leader_stickiness=False,
     )
+    # a scripted interleaving: syncs complete at once, so the steps below line up
     cfg = SimConfig(swarm=False, fault_ticks=0, paxos=paxos, delay_max_ticks=1,
-                    faults=FaultConfig(event_chance=0.0), group_cls=group_cls)
+                    faults=FaultConfig(event_chance=0.0), group_cls=group_cls,
+                    fsync_ticks_max=0)
     w = SimWorld(7, cfg)
     wl = w.workload
     wl.issuing = False

@@ -116,9 +116,13 @@ class PaxosNode:
 
         Per group: its latest state-machine snapshot, its promise, every
         accepted value above the snapshot, the chosen values its acceptor does
-        not hold and a commit record for its chosen prefix. Replaying these
-        through :meth:`recover` rebuilds the state that the records persisted
-        so far would, so the WAL may drop everything before the checkpoint.
+        not hold and a commit record for the chosen prefix that its commit
+        records prove. Replaying these through :meth:`recover` rebuilds the
+        state that the records persisted so far would (the same acceptor, log
+        and state machine: tests/core/test_checkpoint_property.py, and the
+        simulator on every restart), so the WAL may drop everything before the
+        checkpoint. Call it with ``ready()`` drained: what it says must be on
+        the WAL already.
         """
         out: list[bytes] = []
         for gid in sorted(self.groups, key=str):
@@ -132,13 +136,18 @@ class PaxosNode:
                 ballot, value = a.accepted[slot]
                 out.append(rec.accept(gid, slot, ballot, value))
             log = g.log
-            for slot in range(log.snap_index + 1, log.chosen_through + 1):
+            # every chosen value the log holds, above a gap too (catch-up may teach
+            # slot n+2 before n+1), as the chosen records so far hold them
+            for slot in sorted(s for s in log.chosen if s > log.snap_index):
                 value = log.chosen[slot]
                 held = a.accepted.get(slot)
                 if held is None or held[1] != value:
                     out.append(rec.chosen(gid, slot, value))
-            if log.chosen_through > log.snap_index:
-                out.append(rec.commit(gid, log.chosen_through))
+            # the prefix the commit records so far prove: a slot learned from the
+            # leader's commit since the last tick has no commit record yet
+            through = min(g.commit_persisted, log.chosen_through)
+            if through > log.snap_index:
+                out.append(rec.commit(gid, through))
         return msgpack.packb(out, use_bin_type=True)
 
     # ------------------------------------------------------------ queries
