@@ -236,9 +236,10 @@ def start_dsnode(
 
 
 def start_dsnode_cluster(
-    work: Path, cmd: list[str], nodes: int = 3
+    work: Path, cmd: list[str], nodes: int = 3, env: dict[str, str] | None = None
 ) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
-    """``nodes`` dsnode nodes, waited for until all report the same leader."""
+    """``nodes`` dsnode nodes, waited for until all report the same leader; ``env``:
+    settings for every node (``DSNODE_<SETTING>`` variables)."""
     ports = free_ports(nodes)
     ids = [f"n{i + 1}" for i in range(nodes)]
     peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in zip(ids, ports, strict=True))
@@ -246,7 +247,7 @@ def start_dsnode_cluster(
     for nid, port in zip(ids, ports, strict=True):
         argv = [*cmd, "serve", "--node-id", nid, "--listen", f"127.0.0.1:{port}",
                 "--peers", peers, "--data-dir", str(work / f"dsnode-{nid}")]  # fmt: skip
-        procs.append(spawn(argv, work / f"dsnode-{nid}.log", child_env()))
+        procs.append(spawn(argv, work / f"dsnode-{nid}.log", child_env(env)))
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         for nid, p in zip(ids, procs, strict=True):

@@ -186,7 +186,13 @@ class NodeConfig(BaseModel):
     )
     clock_drift_max: float = Field(
         default=0.1, ge=0.0, lt=1.0,
-        description="assumed bound on clock rate differences between nodes (0.1 = 10%)",
+        description="assumed bound on clock rate differences between nodes (0.1 = 10%); "
+        "leader leases are shortened by it",
+    )
+    leader_leases: bool = Field(
+        default=True,
+        description="a leader holding a lease answers linearizable gets without a "
+        "read-index round (false: every linearizable get takes a round)",
     )
     request_timeout_ms: int = Field(
         default=10_000, ge=1, description="deadline of a request that sends no timeout_ms, ms"

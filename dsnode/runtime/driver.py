@@ -131,7 +131,11 @@ class Driver:
         self._kick = asyncio.Event()
         self._tick_seconds = tick_seconds
         self._heartbeat_ticks = heartbeat_ticks
+        # ticks of the monotonic clock since run() started it, all given to the core;
+        # ``_ticked``: the last tick whose driver duties (deadlines, heartbeats) are done
         self.tick_count = 0
+        self._ticked = 0
+        self._clock_start: float | None = None
         # timer wheel: tick -> requests (as dict keys, for O(1) removal) due at that tick
         self._deadlines: dict[int, dict[Pending, None]] = collections.defaultdict(dict)
         self._parked: list[Pending] = []
@@ -158,6 +162,7 @@ class Driver:
 
     # ------------------------------------------------------------ client input
     def submit(self, pending: Pending, cmd: Command, timeout_s: float) -> None:
+        self._advance_clock()
         pending.cmd = cmd
         pending.deadline = self.tick_count + max(1, int(timeout_s / self._tick_seconds) + 1)
         bucket = self._deadlines[pending.deadline]
@@ -203,6 +208,7 @@ class Driver:
 
     # ------------------------------------------------------------ peer input
     def on_peer_messages(self, peer: str, batch: list) -> None:
+        self._advance_clock()
         self.heard[peer] = self.tick_count
         core = self.core
         for m in batch:
@@ -461,30 +467,51 @@ class Driver:
             self._checkpoint_task = None
 
     # ------------------------------------------------------------ time
+    def _advance_clock(self) -> None:
+        """Give the core every tick that passed on the monotonic clock, in one call.
+
+        Called by the ticker and before any input is handled, so that the core
+        never acts on a stale clock: after the process was stopped (SIGSTOP, a
+        long GC pause, a slow loop turn) a leader must see that its lease ran out
+        before it answers a read, and a follower must not date a message it reads
+        now by the time it last ticked (it would honour a lease for less time than
+        the leader counts on)."""
+        if self._clock_start is None:
+            return
+        due = int((self._loop.time() - self._clock_start) / self._tick_seconds) - self.tick_count
+        if due > 0:
+            self.tick_count += due
+            self.core.tick(due)
+            self._schedule_flush()
+
     async def _ticker(self) -> None:
         loop = self._loop
-        next_at = loop.time()
+        if self._clock_start is None:
+            self._clock_start = loop.time()
         while True:
-            next_at += self._tick_seconds
-            delay = next_at - loop.time()
-            if delay < -10 * self._tick_seconds:
-                log.warning("event_loop_behind", seconds=round(-delay, 3))
-                next_at = loop.time()
-                delay = 0
-            await asyncio.sleep(max(0.0, delay))
+            next_at = self._clock_start + (self.tick_count + 1) * self._tick_seconds
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
             self._on_tick()
 
     def _on_tick(self) -> None:
-        self.tick_count += 1
-        self.core.tick()
+        self._advance_clock()
+        first, last = self._ticked + 1, self.tick_count
+        if first > last:
+            return
+        self._ticked = last
+        if last - first >= 10:
+            log.warning("event_loop_behind",
+                        seconds=round((last - first + 1) * self._tick_seconds, 3))
         if self.observer is not None:
             self.observer.on_tick(self.core)
-        if self.net is not None and self.tick_count % self._heartbeat_ticks == 0:
+        hb = self._heartbeat_ticks
+        if self.net is not None and last // hb > (first - 1) // hb:
             for peer in self.net.links:
                 self.net.send(peer, [HEARTBEAT])
-        expired = self._deadlines.pop(self.tick_count, None)
-        if expired:
-            self._expire(expired)
+        for t in range(first, last + 1):
+            expired = self._deadlines.pop(t, None)
+            if expired:
+                self._expire(expired)
         leader = self.core.leader_of(GROUP)
         if leader != self._last_leader:
             self._last_leader = leader

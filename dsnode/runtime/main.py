@@ -27,7 +27,7 @@ from dsnode import __version__
 from dsnode.config import SETTINGS, ConfigError, NodeConfig, load_config, parse_addr
 from dsnode.core.errors import InvariantBroken
 from dsnode.core.membership.incarnations import Incarnations
-from dsnode.core.paxos.config import PaxosConfig, bound_for
+from dsnode.core.paxos.config import PaxosConfig, bound_for, lease_ticks_for
 from dsnode.core.paxos.node import PaxosNode
 from dsnode.runtime import logs, sdnotify
 from dsnode.runtime.admin import AdminError, AdminServer
@@ -192,6 +192,8 @@ class Node:
             # A leader steps down after an election timeout without a quorum's acks: long
             # enough to ride out a pause of the followers' event loops (a snapshot, a GC).
             leader_quorum_timeout_ticks=cfg.ticks(cfg.election_timeout_ms),
+            lease_ticks=lease_ticks_for(cfg.ticks(cfg.election_timeout_ms), cfg.clock_drift_max)
+            if cfg.leader_leases else 0,
             snapshot_interval_slots=cfg.snapshot_interval_slots,
             # one slot value holds at most one client frame's command (plus its request id)
             peer_message_bytes_max=bound_for(cfg.max_frame_bytes + PEER_FRAME_SLACK_BYTES),
@@ -435,6 +437,13 @@ class Node:
                 "peers": peer_info,
                 "dropped": dict(core.dropped),
                 "largest_message_bytes": core.largest_message,
+                "lease": {
+                    "enabled": core.config.lease_ticks > 0,
+                    "held": core.lease_held(GROUP),
+                    "duration_ms": core.config.lease_ticks * cfg.tick_interval_ms,
+                },
+                "reads": {"lease": core.reads["lease"],
+                          "read_index": core.reads["read_index"]},
                 "malformed_peer_messages": driver.counters["malformed_peer_message"]
                 + (self.net.malformed if self.net is not None else 0),
             },

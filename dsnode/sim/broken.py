@@ -9,6 +9,7 @@ from dsnode.core.effects import Reply
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.group import PaxosGroup
 from dsnode.core.paxos.messages import Ballot
+from dsnode.core.paxos.roles import Role
 
 
 class ForgetfulAcceptor(Acceptor):
@@ -67,7 +68,23 @@ class AnswersAnyValueGroup(PaxosGroup):
         return True
 
 
-BROKEN_GROUPS = {"answers-any-value": AnswersAnyValueGroup}
+class LeaseIgnoresDriftGroup(PaxosGroup):
+    """The naive lease: as long as the election timeout the followers honour,
+    measured on the leader's own clock, as if all clocks ran at one rate and ticks
+    had no granularity (``config.lease_ticks_for`` is the bound it ignores)."""
+
+    def lease_held(self) -> bool:
+        p = self.proposer
+        if not self.cfg.lease_ticks or p is None or self.role is not Role.LEADER:
+            return False
+        sent = p.round_sent.get(p.confirmed_seq(self.members, self.quorum))
+        return sent is not None and self.now < sent + self.cfg.election_timeout_ticks
+
+
+BROKEN_GROUPS = {
+    "answers-any-value": AnswersAnyValueGroup,
+    "lease-ignores-drift": LeaseIgnoresDriftGroup,
+}
 
 # variants of the world itself: "trusting-peers" admits a node whatever it lost
 # (no identity gate), so a wiped or rolled-back acceptor votes again

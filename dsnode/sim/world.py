@@ -33,7 +33,7 @@ from dsnode.core.errors import InvariantBroken
 from dsnode.core.membership.incarnations import Incarnations, Presented
 from dsnode.core.paxos import PaxosConfig, PaxosNode
 from dsnode.core.paxos.acceptor import Acceptor
-from dsnode.core.paxos.config import bound_for
+from dsnode.core.paxos.config import bound_for, lease_ticks_for
 from dsnode.core.paxos.group import PaxosGroup
 from dsnode.core.paxos.messages import Accepted, Promise
 from dsnode.core.paxos.outputs import SnapshotWanted
@@ -98,6 +98,9 @@ class SimConfig:
     fsync_ticks_max: int = 2
     # chance that a drain which persisted records also checkpoints the node
     checkpoint_chance: float = 0.05
+    # each node's clock runs at its own rate, drawn within 1 +- clock_drift of the
+    # world's ticks; leases (paxos.lease_ticks) must hold for any such rates
+    clock_drift: float = 0.0
 
 
 @dataclass(slots=True)
@@ -149,6 +152,11 @@ def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
         large_value_chance=max(cfg.large_value_chance, rng.choice((0.0, 0.05, 0.3))),
     )
     out = dataclasses.replace(out, fsync_ticks_max=rng.choice((0, 1, 2, 4)))
+    drift = max(cfg.clock_drift, rng.choice((0.0, 0.05, 0.1, 0.2)))
+    lease = lease_ticks_for(et, drift) if rng.random() < 0.5 else cfg.paxos.lease_ticks
+    out = dataclasses.replace(
+        out, clock_drift=drift, paxos=dataclasses.replace(out.paxos, lease_ticks=lease)
+    )
     # A leader must hear a quorum's answers within its quorum timeout: at least one
     # round trip of the slowest link (delay plus jitter, both ways, and a sync at
     # each end) and a heartbeat.
@@ -200,6 +208,13 @@ class SimWorld:
         self.paused_until: dict[str, int] = {}
         self.held: dict[str, list] = {n: [] for n in self.node_ids}
         self.cores: dict[str, PaxosNode | None] = {n: None for n in self.node_ids}
+        # every node's own clock (it keeps running while the node is down or paused,
+        # like CLOCK_MONOTONIC) and the ticks its core has been given so far
+        clock_rng = self._sub()
+        d = cfg.clock_drift
+        self.clock_rate = {n: clock_rng.uniform(1.0 - d, 1.0 + d) for n in self.node_ids}
+        self.clock = {n: 0.0 for n in self.node_ids}
+        self.ticks_given = {n: 0 for n in self.node_ids}
         # snapshots a node's shell is still encoding (SnapshotWanted), per node
         self.snap_jobs: dict[str, list[SnapshotWanted]] = {n: [] for n in self.node_ids}
         self.checker = SafetyChecker(self.groups, cfg.check_amnesiac_votes)
@@ -250,6 +265,7 @@ class SimWorld:
         self._check_checkpoint(node, records)
         core.recover(records)
         self.cores[node] = core
+        self.ticks_given[node] = int(self.clock[node])  # a new process counts from now
         self.up[node] = True
         log_end, promised = core.durable_summary()
         self.presented[node] = Presented(self.incarnation[node], log_end, promised)
@@ -382,6 +398,7 @@ class SimWorld:
         for src, dst, msg in self.net.due(now):
             inbox.setdefault(dst, []).append((src, msg))
         for n in self.node_ids:
+            self.clock[n] += self.clock_rate[n]
             core = self.cores[n]
             if core is None:
                 continue
@@ -392,6 +409,12 @@ class SimWorld:
                 self._sync(n)
                 if self.cores[n] is None:
                     continue
+            # The clock first: a node reads the time before it handles what arrived
+            # (after a pause, every tick it missed at once), as the runtime's driver does.
+            due = int(self.clock[n]) - self.ticks_given[n]
+            if due > 0:
+                self.ticks_given[n] += due
+                core.tick(due)
             arrived = inbox.get(n, [])
             if self.held[n]:
                 arrived = self.held[n] + arrived
@@ -411,7 +434,6 @@ class SimWorld:
                 continue
             if self.snap_jobs[n]:
                 self._advance_snapshots(n, self.cfg.snapshot_entries_per_tick or None)
-            core.tick()
         self.workload.on_tick(now)
         for n in self.node_ids:
             if self.serving(n):

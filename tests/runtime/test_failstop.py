@@ -59,7 +59,7 @@ async def test_fsync_error_ends_the_node(tmp_path, monkeypatch):
 async def test_exception_in_the_ticker_ends_the_node(tmp_path, monkeypatch):
     node, task = await _started_node(tmp_path)
 
-    def broken_tick():
+    def broken_tick(n=1):
         raise InvariantBroken("tick bug")
 
     monkeypatch.setattr(node.core, "tick", broken_tick)
@@ -102,11 +102,11 @@ def test_a_failed_node_logs_one_critical_line_and_exits_70(tmp_path):
         "from dsnode.core.errors import InvariantBroken\n"
         "orig = n.PaxosNode.tick\n"
         "count = [0]\n"
-        "def tick(self):\n"
+        "def tick(self, n=1):\n"
         "    count[0] += 1\n"
         "    if count[0] > 30:\n"
         "        raise InvariantBroken('injected: slot chosen twice')\n"
-        "    return orig(self)\n"
+        "    return orig(self, n)\n"
         "n.PaxosNode.tick = tick\n"
         "from dsnode.cli import main\n"
         "main()\n"

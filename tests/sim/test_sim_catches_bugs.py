@@ -145,3 +145,71 @@ def test_sim_catches_a_leader_answering_with_another_leaders_value():
     error = _stale_leader_learns_by_catch_up(AnswersAnyValueGroup)
     assert "acknowledged write lost" in error or "not linearizable" in error, error
     assert _stale_leader_learns_by_catch_up(PaxosGroup) == ""
+
+
+def _lease_outlives_honour(group_cls) -> str:
+    """a leads with a lease, its clock at the slowest rate the drift bound allows and
+    b's and c's at the fastest. a is cut off from b and c (its clients still reach
+    it); b campaigns every tick until c's honour of a's lease ends, wins, and
+    acknowledges a put; then a client reads the key at a. A lease within the bound
+    has ended by then (a falls back to a read-index round it cannot complete); one
+    as long as the election timeout answers the old value."""
+    from dsnode.core.paxos.config import lease_ticks_for
+    from dsnode.sim.faults import FaultConfig
+    from dsnode.sim.world import SIM_PAXOS
+
+    e, drift = 200, 0.1
+    paxos = dataclasses.replace(
+        SIM_PAXOS, election_timeout_ticks=e, heartbeat_interval_ticks=2,
+        leader_quorum_timeout_ticks=400, leader_probe_chance=0.0, pre_vote=False,
+        leader_stickiness=False, lease_ticks=lease_ticks_for(e, drift),
+    )
+    cfg = SimConfig(swarm=False, fault_ticks=0, paxos=paxos, delay_max_ticks=1,
+                    faults=FaultConfig(event_chance=0.0), group_cls=group_cls,
+                    fsync_ticks_max=0, clock_drift=drift)
+    w = SimWorld(3, cfg)
+    wl = w.workload
+    wl.issuing = False
+    key = next(k for k in wl.keys if wl.group_of(k) == 0)
+    a, since = None, 0
+    for _ in range(3000):  # a leader that held its lease for 3 election timeouts
+        w.run_tick(faulty=False)
+        leaders = [n for n in w.node_ids if w.cores[n].lease_held(0)]
+        if leaders != [a]:
+            a, since = (leaders[0] if leaders else None), w.now
+        elif w.now - since > 3 * e:
+            break
+    assert a is not None and w.now - since > 3 * e, "no stable leader with a lease"
+    b, c = [n for n in w.node_ids if n != a]
+    w.clock_rate.update({a: 1 - drift, b: 1 + drift, c: 1 + drift})
+    first, second = wl.clients[0], wl.clients[1]
+    first.target[0] = a
+    wl._begin(first, w.now, "put", key)
+    for _ in range(20):
+        w.run_tick(faulty=False)
+    assert first.op is None, "the first put was not acknowledged"
+    w.net.partition([[a], [b, c]])
+    while not w.cores[b].is_leader(0):
+        assert w.now < 5000, "b never became leader"
+        if w.cores[b].groups[0].role.value == "follower":
+            w.cores[b].campaign(0)
+        w.run_tick(faulty=False)
+    second.target[0] = b
+    wl._begin(second, w.now, "put", key)
+    while second.op is not None:
+        w.run_tick(faulty=False)
+    wl._begin(first, w.now, "get", key)
+    for _ in range(3):
+        w.run_tick(faulty=False)
+    w.net.heal()
+    return w.run().error
+
+
+def test_sim_catches_a_lease_that_ignores_the_clock_drift_bound():
+    """LeaseIgnoresDriftGroup serves a read after another leader acknowledged a write:
+    the linearizability checker reports it. The lease within the bound passes."""
+    from dsnode.sim.broken import LeaseIgnoresDriftGroup
+
+    error = _lease_outlives_honour(LeaseIgnoresDriftGroup)
+    assert "not linearizable" in error, error
+    assert _lease_outlives_honour(PaxosGroup) == ""

@@ -43,6 +43,13 @@ class PaxosConfig:
     # its own (a catch-up request is always safe); the simulator turns it on so that
     # deposed leaders that have not noticed yet learn what a newer leader chose
     leader_probe_chance: float = 0.0
+    # leader leases (0 = off): a leader whose heartbeat round sent at tick t was
+    # acknowledged by a quorum serves linearizable reads from its own state until
+    # tick t + lease_ticks, without a read-index round. Safe only when it is at most
+    # ``lease_ticks_for(election_timeout_ticks, drift)`` for the clocks' drift bound:
+    # every acknowledging follower refuses to help elect anyone else for an election
+    # timeout of its own clock after it heard that round (and after its own restart).
+    lease_ticks: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval_ticks < self.election_timeout_ticks:
@@ -61,6 +68,8 @@ class PaxosConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if not 0 <= self.lease_ticks < self.election_timeout_ticks:
+            raise ValueError("need 0 <= lease_ticks < election_timeout_ticks")
         if self.peer_message_bytes_max < bound_for(self.batch_bytes_max, self.message_bytes_max):
             raise ValueError(
                 "peer_message_bytes_max must hold message_bytes_max and one full batch plus framing"
@@ -72,3 +81,19 @@ def bound_for(largest_value_bytes: int, message_bytes_max: int = MESSAGE_BYTES_M
     ``largest_value_bytes``: one message holds at most ``message_bytes_max``
     of entries, or one entry that alone exceeds it, plus its framing."""
     return MESSAGE_OVERHEAD_BYTES + max(message_bytes_max, largest_value_bytes + ENTRY_OVERHEAD_BYTES)
+
+
+def lease_ticks_for(election_timeout_ticks: int, drift: float) -> int:
+    """The longest safe lease, in the leader's ticks, when every clock runs at a rate
+    within ``1 +- drift`` of real time (0 = leases impossible with these numbers).
+
+    A follower honours a lease from when it receives a round until its own clock has
+    advanced an election timeout: tick granularity leaves at least
+    ``election_timeout_ticks - 1`` of its ticks, at most ``(E - 1) / (1 + drift)``
+    of real time at its fastest. The leader counts its lease from the tick it sent
+    the round (never later than the receipt), so ``L`` of its ticks last at most
+    ``L / (1 - drift)`` of real time at its slowest. ``L / (1 - drift) <= (E - 1) /
+    (1 + drift)`` gives the bound."""
+    if not 0.0 <= drift < 1.0:
+        raise ValueError("drift must be in [0, 1)")
+    return max(0, int((election_timeout_ticks - 1) * (1.0 - drift) / (1.0 + drift)))

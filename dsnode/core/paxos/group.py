@@ -79,7 +79,9 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.now = 0
         self.max_round = 0
         self.leader_hint: str | None = None
-        self.heard_leader_at = -(10**9)
+        # With leases, a (re)started node honours whatever lease it may have
+        # acknowledged before it went down: no vote for anyone for an election timeout.
+        self.heard_leader_at = 0 if cfg.lease_ticks else -(10**9)
         self.failed_elections = 0
         self._local: list[Any] = []
         # role state
@@ -219,12 +221,22 @@ class PaxosGroup(LeaderSide, CatchUp):
         elections that pre-vote would otherwise make rare."""
         if self.role is Role.LEADER:
             return
+        if self.cfg.lease_ticks and self._leader_recent():
+            # We may have acknowledged a live leader's lease: our own promise
+            # would help elect another leader while it still serves reads alone.
+            self.out.dropped["campaign_during_lease"] += 1
+            return
         self.become_candidate()
         self._drain_local()
 
     # ================================================================ ticks
-    def tick(self) -> None:
-        self.now += 1
+    def tick(self, n: int = 1) -> None:
+        """``n`` ticks of this node's clock have passed (more than one after the
+        process was paused or its loop fell behind: time-based decisions,
+        leases above all, must see all of it)."""
+        if n < 1:
+            raise InvariantBroken(f"tick({n})")
+        self.now += n
         cfg = self.cfg
         if self.log.chosen_through > self.commit_persisted:
             self.commit_persisted = self.log.chosen_through
@@ -251,8 +263,10 @@ class PaxosGroup(LeaderSide, CatchUp):
                 self.become_follower()
             else:
                 self._leader_catchup()
+                if cfg.lease_ticks:
+                    p.forget_rounds(p.confirmed_seq(self.members, self.quorum))
         else:
-            self.elapsed += 1
+            self.elapsed += n
             if self.elapsed >= self.timeout:
                 self._election_timeout()
         if (
@@ -369,14 +383,15 @@ class PaxosGroup(LeaderSide, CatchUp):
     def _on_prepare(self, frm: str, m: Prepare) -> None:
         self._see_round(m.ballot)
         if (
-            self.cfg.leader_stickiness
+            (self.cfg.leader_stickiness or self.cfg.lease_ticks)
             and frm != self.me
             and m.ballot > self.acceptor.promised
             and frm != self.leader_hint
             and self._leader_recent()
         ):
             # Leader stickiness: a live leader is not deposed by a node that
-            # merely lost touch with it. Ignoring a prepare is always safe.
+            # merely lost touch with it. Ignoring a prepare is always safe. With
+            # leases it is required: this is how an acknowledged lease is honoured.
             self.out.dropped["prepare_while_leader_live"] += 1
             return
         reply = self.acceptor.on_prepare(

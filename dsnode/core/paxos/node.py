@@ -55,9 +55,11 @@ class PaxosNode:
             return
         g.step(from_peer, msg)
 
-    def tick(self) -> None:
+    def tick(self, n: int = 1) -> None:
+        """``n`` ticks of this node's clock passed since the last call (the shell
+        passes every tick that elapsed, also after a pause: see ``PaxosGroup.tick``)."""
         for g in self.groups.values():
-            g.tick()
+            g.tick(n)
 
     def propose(self, group: Any, token: Any, cmd: Any, request_id: Any = None) -> None:
         g = self.groups.get(group)
@@ -186,3 +188,12 @@ class PaxosNode:
     def largest_message(self) -> int:
         """Bytes (``messages.wire_size``) of the largest peer message built since start."""
         return self.out.largest_message
+
+    @property
+    def reads(self):
+        """Linearizable reads answered as leader, by "lease" and "read_index"."""
+        return self.out.reads
+
+    def lease_held(self, group: Any) -> bool:
+        g = self.groups.get(group)
+        return g is not None and g.lease_held()

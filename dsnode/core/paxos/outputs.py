@@ -52,6 +52,9 @@ class Outbox(Ready):
 
     dropped: Counter = field(default_factory=Counter)
     largest_message: int = 0  # wire_size of the largest message built so far
+    # linearizable reads answered by a leader, by how it knew it still led: "lease"
+    # (no round) or "read_index" (a quorum confirmed a round after the read arrived)
+    reads: Counter = field(default_factory=Counter)
 
     def take(self) -> Ready:
         """Hand over everything produced so far as a ``Ready`` and start afresh."""

@@ -81,11 +81,22 @@ class Proposer:
     reads: list[PendingRead] = field(default_factory=list)
     acked_seq: dict[str, int] = field(default_factory=dict)
     last_ack: dict[str, int] = field(default_factory=dict)
+    # read round -> the tick it was first sent (leases count from there)
+    round_sent: dict[int, int] = field(default_factory=dict)
 
     def confirmed_seq(self, members: tuple[str, ...], quorum: int) -> int:
         """Highest read round acknowledged by a quorum in this ballot."""
         acks = sorted((self.acked_seq.get(m, 0) for m in members), reverse=True)
         return acks[quorum - 1]
+
+    def new_round(self, now: int) -> None:
+        self.read_seq += 1
+        self.round_sent[self.read_seq] = now
+
+    def forget_rounds(self, confirmed: int) -> None:
+        """Rounds below the confirmed one can no longer extend the lease."""
+        for seq in [s for s in self.round_sent if s < confirmed]:
+            del self.round_sent[seq]
 
 
 class LeaderSide:
@@ -113,8 +124,24 @@ class LeaderSide:
             return
         p = self.proposer
         read_index = max(self.log.chosen_through, p.recovery_end)
+        if self.log.applied >= read_index and self.lease_held():
+            self.out.reads["lease"] += 1
+            self.out.reply.append(Reply(token, result=self.sm.kv.apply(cmd)))
+            return
         p.reads.append(PendingRead(token, cmd, read_index, p.read_seq + 1))
         p.read_wanted = True
+
+    def lease_held(self) -> bool:
+        """Whether this leader may answer a linearizable read from its own state
+        now: a quorum acknowledged a round sent less than ``lease_ticks`` ago, and
+        each of those acceptors refuses every other candidate for an election
+        timeout of its own clock after it heard that round (see
+        ``config.lease_ticks_for``), so no other leader can have been chosen."""
+        p = self.proposer
+        if not self.cfg.lease_ticks or p is None or self.role is not Role.LEADER:
+            return False
+        sent = p.round_sent.get(p.confirmed_seq(self.members, self.quorum))
+        return sent is not None and self.now < sent + self.cfg.lease_ticks
 
     def flush(self) -> None:
         """Turn queued commands into slots and start a read round (batching point)."""
@@ -137,10 +164,10 @@ class LeaderSide:
             self.learner.track(slot)
             new.append((slot, value))
         if p.read_wanted:
-            p.read_seq += 1
+            p.new_round(self.now)
             p.read_wanted = False
             if not new:
-                self._heartbeat(retransmit=False)
+                self._heartbeat(retransmit=False, new_round=False)
                 return
         if new:
             self._broadcast_accepts(new)
@@ -161,9 +188,11 @@ class LeaderSide:
         p.queue.clear()
         p.reads.clear()
 
-    def _heartbeat(self, retransmit: bool) -> None:
+    def _heartbeat(self, retransmit: bool, new_round: bool = True) -> None:
         p = self.proposer
         self.last_heartbeat = self.now
+        if new_round and self.cfg.lease_ticks:
+            p.new_round(self.now)  # its acks renew the lease
         commit = self.log.chosen_through
         for m in self.members:
             entries: tuple = ()
@@ -249,9 +278,11 @@ class LeaderSide:
     def _serve_reads(self) -> None:
         p = self.proposer
         confirmed = p.confirmed_seq(self.members, self.quorum)
+        lease = self.lease_held()
         keep = []
         for r in p.reads:
-            if r.seq <= confirmed and self.log.applied >= r.read_index:
+            if (lease or r.seq <= confirmed) and self.log.applied >= r.read_index:
+                self.out.reads["lease" if lease else "read_index"] += 1
                 self.out.reply.append(Reply(r.token, result=self.sm.kv.apply(r.cmd)))
             else:
                 keep.append(r)
