@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "cluster"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "cluster")]
 
 from cluster_harness import (  # noqa: E402
     Cluster,

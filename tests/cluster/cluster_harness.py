@@ -28,7 +28,6 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from harness import (
     ConnectionClosed,
@@ -39,10 +38,10 @@ from harness import (
     free_port,
     sync_call,
 )
+from polling import async_wait_until, wait_until
 
 from dsnode.sim.linearizability import HOp, check_history
 
-POLL_S = 0.02
 WRITE_KINDS = ("put", "delete")
 # Errors a healthy cluster may answer under faults; anything else fails the test.
 FAULT_CODES = frozenset({"unavailable", "timeout", "overloaded"})
@@ -65,16 +64,7 @@ def node_status(srv: ServerProcess, timeout: float = 1.0) -> dict | None:
     return answer if answer.get("ok") else None
 
 
-async def async_wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``cond`` from inside an event loop (so workload tasks keep running)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise HarnessError(f"timed out after {timeout:.1f}s waiting for {what}")
-        await asyncio.sleep(POLL_S)
+async_wait = async_wait_until  # (cond, timeout, what): the one poll helper, async
 
 
 async def async_status(srv: ServerProcess, timeout: float = 1.0) -> dict | None:
@@ -143,19 +133,7 @@ class Cluster:
     def agreed_leader(self, among: Iterable[str]) -> str | None:
         """The leader every node of ``among`` reports, if they all answer, agree, and it
         is one of them and says role leader itself."""
-        among = list(among)
-        sts = self.statuses(among)
-        if any(st is None for st in sts.values()):
-            return None
-        leaders = {st["partitions"][0]["leader"] for st in sts.values()}
-        if len(leaders) != 1:
-            return None
-        (leader,) = leaders
-        if leader not in sts or sts[leader]["paxos"]["role"] != "leader":
-            return None
-        if not all(st["ready"] for st in sts.values()):
-            return None
-        return leader
+        return _agreed(self.statuses(among))
 
     def wait_leader(
         self, among: Iterable[str] | None = None, timeout: float = 20.0, exclude: str | None = None
@@ -166,43 +144,27 @@ class Cluster:
             leader = self.agreed_leader(among)
             return leader if leader is not None and leader != exclude else None
 
-        deadline = time.monotonic() + timeout
-        while True:
-            leader = cond()
-            if leader:
-                return leader
-            if time.monotonic() >= deadline:
-                raise HarnessError(
-                    f"no agreed leader among {among} (not {exclude}) within {timeout:.0f}s: "
-                    f"{self.describe(among)}" + self.output_tails()
-                )
-            time.sleep(POLL_S)
+        return wait_until(
+            cond, timeout, f"an agreed leader among {among} (not {exclude})",
+            lambda: f": {self.describe(among)}" + self.output_tails(),
+        )
 
     async def async_wait_leader(
         self, among: Iterable[str], timeout: float = 20.0, exclude: str | None = None
     ) -> str:
         """:meth:`wait_leader` without blocking the event loop (a workload may be running)."""
         among = list(among)
-        deadline = time.monotonic() + timeout
-        while True:
-            sts = {nid: await async_status(self.nodes[nid]) for nid in among}
-            if all(st is not None for st in sts.values()):
-                leaders = {st["partitions"][0]["leader"] for st in sts.values()}
-                if len(leaders) == 1:
-                    (leader,) = leaders
-                    if (
-                        leader in sts
-                        and leader != exclude
-                        and sts[leader]["paxos"]["role"] == "leader"
-                        and all(st["ready"] for st in sts.values())
-                    ):
-                        return leader
-            if time.monotonic() >= deadline:
-                raise HarnessError(
-                    f"no agreed leader among {among} (not {exclude}) within {timeout:.0f}s: "
-                    f"{_brief(sts)}" + self.output_tails()
-                )
-            await asyncio.sleep(POLL_S)
+        sts: dict[str, dict | None] = {}
+
+        async def cond() -> str | None:
+            sts.update({nid: await async_status(self.nodes[nid]) for nid in among})
+            leader = _agreed(sts)
+            return leader if leader != exclude else None
+
+        return await async_wait_until(
+            cond, timeout, f"an agreed leader among {among} (not {exclude})",
+            lambda: f": {_brief(sts)}" + self.output_tails(),
+        )
 
     def describe(self, ids: Iterable[str] | None = None) -> str:
         return _brief(self.statuses(ids))
@@ -221,17 +183,11 @@ class Cluster:
                 return s["paxos"]["applied"]
             return None
 
-        deadline = time.monotonic() + timeout
-        while True:
-            applied = cond()
-            if applied:
-                return target, applied
-            if time.monotonic() >= deadline:
-                raise HarnessError(
-                    f"{nid} did not reach the leader's commit {target} within {timeout:.0f}s: "
-                    f"{self.describe()}" + self.output_tails()
-                )
-            time.sleep(POLL_S)
+        applied = wait_until(
+            cond, timeout, f"{nid} to reach the leader's commit {target}",
+            lambda: f": {self.describe()}" + self.output_tails(),
+        )
+        return target, applied
 
     def check_single_leader(self) -> str:
         """After convergence: exactly one node says role leader, everyone names it, and its
@@ -246,6 +202,22 @@ class Cluster:
         top = max(tuple(st["paxos"]["ballot"]) for st in sts.values())
         assert tuple(sts[leader]["paxos"]["ballot"]) == top, _brief(sts)
         return leader
+
+
+def _agreed(sts: dict[str, dict | None]) -> str | None:
+    """The leader all these statuses name, if all answered, agree, are ready, and the
+    named node is one of them and says role leader itself."""
+    if any(st is None for st in sts.values()):
+        return None
+    leaders = {st["partitions"][0]["leader"] for st in sts.values()}
+    if len(leaders) != 1:
+        return None
+    (leader,) = leaders
+    if leader not in sts or sts[leader]["paxos"]["role"] != "leader":
+        return None
+    if not all(st["ready"] for st in sts.values()):
+        return None
+    return leader
 
 
 def _brief(sts: dict[str, dict | None]) -> str:

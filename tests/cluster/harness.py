@@ -29,23 +29,24 @@ import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from polling import POLL_S, WaitTimeout, wait_until  # noqa: F401 (re-exported)
 
 from dsnode.wire.framing import FrameDecoder, encode_frame, pack_frame, unpack_payload
 
 START_TIMEOUT_S = 20.0  # python start-up + imports + WAL recovery, on a loaded 2-core box
 EXIT_TIMEOUT_S = 15.0
 IO_TIMEOUT_S = 10.0
-POLL_S = 0.02
 # A one-node cluster elects itself after one election timeout: keep its start-ups short.
 # (Applied only to nodes started without --peers; multi-node clusters keep the defaults.)
 FAST_ELECTION = ("--election-timeout-ms", "100", "--heartbeat-interval-ms", "20")
 
 
-class HarnessError(AssertionError):
-    """A harness wait failed; the message carries the node's captured output."""
+# A harness wait failed; the message carries the node's captured output.
+HarnessError = WaitTimeout
 
 
 # ---------------------------------------------------------------- ports
@@ -84,21 +85,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_until(
-    cond: Callable[[], Any], timeout: float, what: str, on_fail: Callable[[], str] | None = None
-) -> Any:
-    """Poll ``cond`` until it returns something truthy or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            extra = on_fail() if on_fail is not None else ""
-            raise HarnessError(f"timed out after {timeout:.1f}s waiting for {what}{extra}")
-        time.sleep(POLL_S)
 
 
 # ---------------------------------------------------------------- sync one-shot calls

@@ -28,6 +28,7 @@ from cluster_harness import (
     node_status,
 )
 from netns import NetLab, lab_cluster
+from polling import async_wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.netns, pytest.mark.timeout(180)]
 
@@ -58,10 +59,8 @@ async def isolate_leader_round(lab: NetLab, cluster: Cluster, work: Workload) ->
         st = node_status(cluster.nodes[old])
         return st is not None and st["paxos"]["role"] != "leader"
 
-    deadline = time.monotonic() + 20
-    while not await asyncio.to_thread(stepped_down):
-        assert time.monotonic() < deadline, f"{old} still leader: {cluster.describe()}"
-        await asyncio.sleep(0.05)
+    await async_wait_until(lambda: asyncio.to_thread(stepped_down), 20, f"{old} to step down",
+                           lambda: f": {cluster.describe()}", interval=0.05)
     h = work.history
 
     def failed_via_old() -> int:

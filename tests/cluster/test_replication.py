@@ -142,10 +142,8 @@ async def test_follower_restarted_after_compaction_catches_up_by_snapshot(
         s = node_status(cluster.nodes[leader])
         return s is not None and s["paxos"]["snapshot_index"] >= lagging_from + 300
 
-    deadline = time.monotonic() + 60
-    while not await asyncio.to_thread(compacted_past):
-        assert time.monotonic() < deadline, f"no compaction: {cluster.describe()}"
-        await asyncio.sleep(0.1)
+    await async_wait(lambda: asyncio.to_thread(compacted_past), 60, "compaction",
+                     lambda: f": {cluster.describe()}", interval=0.1)
     await finish(cluster, work, via=leader)
 
     await asyncio.to_thread(cluster.nodes[follower].restart)

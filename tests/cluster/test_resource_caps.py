@@ -13,6 +13,7 @@ import time
 
 import pytest
 from harness import ConnectionClosed, RawConn, ServerPool, ServerProcess, sync_call
+from polling import async_wait_until
 
 from dsnode.wire.framing import HEADER, pack_frame
 
@@ -112,10 +113,8 @@ async def test_client_that_never_reads_is_cut_off_at_the_buffer_cap(node: Server
         def overflowed() -> bool:
             return limits(node)["buffer_overflows"] >= 1
 
-        deadline = time.monotonic() + 10
-        while not overflowed() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert overflowed(), f"sent {sent} requests, no overflow counted"
+        await async_wait_until(overflowed, 10, f"an overflow counted after {sent} requests",
+                               interval=0.05)
     finally:
         sock.close()
 

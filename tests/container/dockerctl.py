@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import polling
+from polling import GiveUp  # noqa: F401 (raised by probes, re-exported)
+
 REPO = Path(__file__).resolve().parents[2]
 POLL_S = 0.25
 # One id per test session: image tags, container names, compose projects and this label.
@@ -82,30 +85,16 @@ def wait_until(
     *,
     diagnose: Callable[[], str] | None = None,
 ) -> T:
-    """Call ``probe`` until it returns something other than None/False; fail after ``timeout``.
+    """Call ``probe`` until it returns something truthy; fail after ``timeout`` (the one
+    poll helper, tests/polling.py, with a failing docker command counted as "not yet").
 
     ``probe`` may raise ``GiveUp`` to fail at once (a container crash-looping, say).
     """
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        try:
-            result = probe()
-        except GiveUp:
-            raise
-        except (CommandFailed, OSError, ValueError) as e:
-            last_error, result = e, None
-        if result is not None and result is not False:
-            return result
-        if time.monotonic() >= deadline:
-            detail = f"; last error: {last_error}" if last_error else ""
-            extra = f"\n{diagnose()}" if diagnose else ""
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}{extra}")
-        time.sleep(POLL_S)
+    return polling.wait_until(
+        probe, timeout, what, (lambda: f"\n{diagnose()}") if diagnose else None,
+        interval=POLL_S, retry_on=(CommandFailed, OSError, ValueError),
+    )
 
-
-class GiveUp(AssertionError):
-    pass
 
 
 def free_port() -> int:

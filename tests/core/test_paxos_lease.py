@@ -139,3 +139,23 @@ def test_pending_read_index_reads_are_answered_by_a_renewed_lease():
     c.settle()  # the round it started renews the lease and answers the read
     assert c.replies["a"][-1].result == {"value": b"v", "version": 1}
     assert a.lease_held(0)
+
+
+@pytest.mark.parametrize("leases", [True, False])
+def test_a_get_taken_after_a_put_sees_it_with_or_without_a_lease(leases):
+    """Session order: a get that reaches the leader after a put (pipelined on one
+    connection, or forwarded in order) waits for that put, even under a lease. (It may
+    also see a later write that shares the put's slot: both are concurrent with it.)"""
+    if leases:
+        c = _leased_cluster()
+    else:
+        c = Cluster()
+        c.elect("a")
+    a = c.nodes["a"]
+    a.propose(0, "w2", Put(b"k", b"v2"), request_id=("cl", 2))
+    a.read(0, "r", Get(b"k"))  # the put is still queued: not even in a slot yet
+    a.propose(0, "w3", Put(b"k", b"v3"), request_id=("cl", 3))  # after the get
+    c.settle()
+    by_token = {x.token: x.result for x in c.replies["a"]}
+    assert by_token["r"]["value"] in (b"v2", b"v3")
+    assert by_token["w3"]["succeeded"]

@@ -6,6 +6,7 @@ import asyncio
 import socket
 
 import pytest
+from polling import async_wait_until
 
 from dsnode.config import load_config
 from dsnode.core.paxos import statemachine
@@ -48,9 +49,7 @@ async def _started_node(tmp_path, **settings) -> tuple[Node, asyncio.Task]:
     node = Node(cfg)
     await node.start()
     task = asyncio.create_task(node.driver.run())
-    async with asyncio.timeout(10):
-        while node.core.leader_of(0) is None:
-            await asyncio.sleep(0.01)  # polling a condition under a deadline
+    await async_wait_until(lambda: node.core.leader_of(0), 10, "a leader")
     return node, task
 
 
@@ -62,12 +61,11 @@ def _connect(node: Node):
 
 
 async def _answers(transport: FakeTransport, n: int) -> list[dict]:
-    async with asyncio.timeout(10):
-        while True:
-            frames = FrameDecoder().feed(bytes(transport.out))
-            if len(frames) >= n:
-                return [unpack_payload(f) for f in frames]
-            await asyncio.sleep(0.005)
+    def got() -> list[dict] | None:
+        frames = FrameDecoder().feed(bytes(transport.out))
+        return [unpack_payload(f) for f in frames] if len(frames) >= n else None
+
+    return await async_wait_until(got, 10, f"{n} answers", interval=0.005)
 
 
 async def test_snapshot_work_runs_in_steps_and_compacts(tmp_path):
@@ -78,9 +76,7 @@ async def test_snapshot_work_runs_in_steps_and_compacts(tmp_path):
         conn.data_received(pack_frame({"id": i, "op": "put", "key": b"k%d" % i, "value": b"v"}))
         await _answers(transport, i)  # one slot per put
     assert all(a["ok"] for a in await _answers(transport, 20))
-    async with asyncio.timeout(10):
-        while node.core.groups[0].log.snap_index == 0:
-            await asyncio.sleep(0.005)
+    await async_wait_until(lambda: node.core.groups[0].log.snap_index, 10, "a snapshot")
     node.driver.stop()
     await task
     await node.wal.close()

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from polling import async_wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from test_driver import _answers, _connect
 
@@ -72,9 +73,7 @@ async def _node(tmp_path, **settings) -> tuple[Node, asyncio.Task, asyncio.Event
     await node.start()
     stop = asyncio.Event()
     task = asyncio.create_task(node.run(stop))
-    async with asyncio.timeout(10):
-        while node.core.leader_of(0) is None:
-            await asyncio.sleep(0.01)  # polling a condition under a deadline
+    await async_wait_until(lambda: node.core.leader_of(0), 10, "a leader")
     return node, task, stop
 
 
@@ -179,9 +178,8 @@ async def test_snapshots_are_timed_and_sized(tmp_path):
             conn.data_received(pack_frame({"id": i, "op": "put", "key": b"k%d" % i,
                                            "value": b"v"}))
             await _answers(transport, i)  # one slot per put
-        async with asyncio.timeout(10):
-            while node.metrics.snapshot_duration["state_machine"].count == 0:
-                await asyncio.sleep(0.005)
+        await async_wait_until(lambda: node.metrics.snapshot_duration["state_machine"].count,
+                               10, "a snapshot")
         got = samples((await http(node, "/metrics"))[2])
     finally:
         await _stop(task, stop)
@@ -231,9 +229,10 @@ async def test_livez_and_readyz_fail_while_the_event_loop_is_stuck(tmp_path):
         assert "event loop stalled for" in results["livez"][2]
         assert results["readyz"][0] == 503
         assert "did not answer" in results["readyz"][2]
-        async with asyncio.timeout(10):
-            while (await http(node, "/livez"))[0] != 200:  # it turns again: live again
-                await asyncio.sleep(0.05)
+        async def live() -> bool:  # it turns again: live again
+            return (await http(node, "/livez"))[0] == 200
+
+        await async_wait_until(live, 10, "/livez to answer 200", interval=0.05)
         assert node.metrics.loop_lag_max >= 1.5
     finally:
         await _stop(task, stop)

@@ -61,8 +61,9 @@ def merge_promises(
 class PendingRead:
     token: Any
     cmd: Any
-    read_index: int
-    seq: int
+    read_index: int  # answer once applied through here: every write taken before the read
+    seq: int  # ... and a quorum confirmed this round (unless the lease covers it)
+    queued: int = 0  # commands taken before the read and still queued (not yet in a slot)
 
 
 @dataclass(slots=True)
@@ -123,12 +124,15 @@ class LeaderSide:
             )
             return
         p = self.proposer
-        read_index = max(self.log.chosen_through, p.recovery_end)
-        if self.log.applied >= read_index and self.lease_held():
+        # Session order: a read also waits for the writes this leader took before it
+        # (in flight or still queued), so a pipelined get sees the put sent before it.
+        read_index = max(self.log.chosen_through, p.recovery_end, p.next_slot - 1)
+        queued = len(p.queue)
+        if not queued and self.log.applied >= read_index and self.lease_held():
             self.out.reads["lease"] += 1
             self.out.reply.append(Reply(token, result=self.sm.kv.apply(cmd)))
             return
-        p.reads.append(PendingRead(token, cmd, read_index, p.read_seq + 1))
+        p.reads.append(PendingRead(token, cmd, read_index, p.read_seq + 1, queued))
         p.read_wanted = True
 
     def lease_held(self) -> bool:
@@ -160,6 +164,11 @@ class LeaderSide:
             p.batches[slot] = (value, items)
             for i, (token, _rid, _cmd) in enumerate(batch):
                 p.tokens[(slot, i)] = token
+            for r in p.reads:
+                if r.queued:
+                    r.queued = max(0, r.queued - n)
+                    if not r.queued:
+                        r.read_index = max(r.read_index, slot)
             p.proposals[slot] = value
             self.learner.track(slot)
             new.append((slot, value))
@@ -281,7 +290,7 @@ class LeaderSide:
         lease = self.lease_held()
         keep = []
         for r in p.reads:
-            if (lease or r.seq <= confirmed) and self.log.applied >= r.read_index:
+            if (lease or r.seq <= confirmed) and not r.queued and self.log.applied >= r.read_index:
                 self.out.reads["lease" if lease else "read_index"] += 1
                 self.out.reply.append(Reply(r.token, result=self.sm.kv.apply(r.cmd)))
             else:
