@@ -26,11 +26,11 @@ class NackFreeAcceptor(Acceptor):
 
     __slots__ = ()
 
-    def on_accept(self, m, records):
+    def on_accept(self, m, records, chosen_through=0):
         saved = self.promised
         self.promised = min(self.promised, m.ballot)
         try:
-            return super().on_accept(m, records)
+            return super().on_accept(m, records, chosen_through)
         finally:
             self.promised = max(saved, self.promised)
 

@@ -31,6 +31,8 @@ class FaultConfig:
     # a node starts phase 1 at once, skipping pre-vote: safety must not rest on
     # pre-vote, and without this contested elections become too rare to test
     campaign_weight: int = 1
+    # a group's leader hands leadership over (TimeoutNow) to a random member
+    transfer_weight: int = 1
     loss_max: float = 0.1
     dup_max: float = 0.1
     mid_ready_crash_chance: float = 0.5  # crash between a Ready's append and fsync
@@ -87,7 +89,7 @@ class FaultSchedule:
             return
         kinds = [
             "crash", "restart", "partition", "one_way", "heal", "weather", "campaign", "crash_all",
-            "amnesia", "pause",
+            "amnesia", "pause", "transfer",
         ]
         weights = [
             cfg.crash_weight,
@@ -100,6 +102,7 @@ class FaultSchedule:
             cfg.crash_all_weight,
             cfg.amnesia_weight,
             cfg.pause_weight,
+            cfg.transfer_weight,
         ]
         kind = rng.choices(kinds, weights)[0]
         self.events += 1
@@ -141,6 +144,14 @@ class FaultSchedule:
         elif kind == "heal":
             w.net.heal()
             w.trace(now, "-", "heal")
+        elif kind == "transfer":
+            leading = [(n, g) for n in w.node_ids if w.serving(n)
+                       for g in sorted(w.groups_of(n), key=str) if w.cores[n].is_leader(g)]
+            if leading:
+                node, group = rng.choice(leading)
+                target = rng.choice([m for m in w.groups[group] if m != node])
+                w.cores[node].transfer_leadership(group, target)
+                w.trace(now, node, "transfer", f"group {group} to {target}")
         elif kind == "campaign":
             up = [n for n in w.node_ids if w.up[n] and w.groups_of(n)]
             if up:

@@ -131,6 +131,7 @@ def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
         inflight_slots_max=rng.choice((2, 8, 32)),
         batch_commands_max=rng.choice((1, 4, 64)),
         pre_vote=rng.random() < 0.8,  # the default, with the old direct elections kept in play
+        prefer_leader=rng.random() < 0.5,
     )
     paxos = dataclasses.replace(paxos, leader_probe_chance=cfg.paxos.leader_probe_chance)
     faults = dataclasses.replace(
@@ -184,7 +185,8 @@ class SimWorld:
         r = min(cfg.replicas, cfg.nodes)
         self.groups: dict[Any, tuple[str, ...]] = {}
         for g in range(cfg.groups):
-            self.groups[g] = tuple(sorted(self._sub().sample(self.node_ids, r)))
+            # in preference order (as the ring lists a partition's replicas)
+            self.groups[g] = tuple(self._sub().sample(self.node_ids, r))
         self.net = SimNetwork(
             self._sub(),
             self.node_ids,

@@ -673,3 +673,28 @@ def test_broken_variant_answers_with_the_other_value():
     node.step("c", Learn(0, ((slot, pack_batch([(("cb", 1), Put(b"k", b"from-b"))])),)))
     (reply,) = [x for x in node.ready().reply if x.token == "mine"]
     assert reply.result == {"succeeded": True, "version": 1}  # the lie the fix removes
+
+
+def test_catch_up_moves_on_from_a_peer_that_never_answers():
+    """A leader told by phase 1 that b holds chosen slots it lacks asks b; b is gone
+    (cut off, retired): after three fruitless retries it asks c, which has them."""
+    c = Cluster()
+    c.elect("b")
+    c.cut = {"a"}
+    for i in range(3):  # one slot each, chosen by b and c
+        c.nodes["b"].propose(0, f"w{i}", Put(b"k", b"%d" % i), request_id=("cl", i + 1))
+        c.settle()
+    c.tick(2)  # c learns the commit
+    assert c.nodes["c"].groups[0].log.chosen_through == 3
+    assert c.nodes["a"].groups[0].log.chosen_through == 0
+    c.cut = {"b"}
+    g = c.nodes["a"].groups[0]
+    g._want_catchup("b", 3)
+    c.settle()
+    for _ in range(4 * (CFG.catchup_retry_ticks + 1)):
+        g.tick()
+        c.settle()
+        if g.log.chosen_through >= 3:
+            break
+    assert g.log.chosen_through >= 3 and g.catchup_peer in (None, "c")
+    assert c.nodes["a"].dropped["catchup_peer_stalled"] == 1

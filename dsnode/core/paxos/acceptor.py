@@ -82,7 +82,7 @@ class Acceptor:
         records.append(rec.promise(self.group, ballot))
 
     # ------------------------------------------------------------ phase 2
-    def on_accept(self, m: Accept, records: list[bytes]) -> Accepted:
+    def on_accept(self, m: Accept, records: list[bytes], chosen_through: int = 0) -> Accepted:
         if m.ballot < self.promised:
             return Accepted(self.group, m.ballot, False, self.promised)
         for slot, value in m.entries:
@@ -101,7 +101,9 @@ class Acceptor:
             if self.accepted.get(slot) != (m.ballot, value):
                 self.accepted[slot] = (m.ballot, value)
                 records.append(rec.accept(self.group, slot, m.ballot, value))
-        return Accepted(self.group, m.ballot, True, self.promised, tuple(slots), m.read_seq)
+        return Accepted(
+            self.group, m.ballot, True, self.promised, tuple(slots), m.read_seq, chosen_through
+        )
 
     # ------------------------------------------------------------ compaction
     def compact(self, index: int) -> None:

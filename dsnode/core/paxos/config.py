@@ -50,6 +50,10 @@ class PaxosConfig:
     # every acknowledging follower refuses to help elect anyone else for an election
     # timeout of its own clock after it heard that round (and after its own restart).
     lease_ticks: int = 0
+    # each group's leader hands leadership over (TimeoutNow, no election timeout) to the
+    # first member in the group's preference order (its ring order) that answers it and
+    # has acknowledged everything chosen, once it has led for two election timeouts
+    prefer_leader: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval_ticks < self.election_timeout_ticks:

@@ -42,6 +42,7 @@ from dsnode.core.paxos.messages import (
     PreVoteReply,
     Promise,
     SnapChunk,
+    TimeoutNow,
     wire_size,
 )
 from dsnode.core.paxos.outputs import (
@@ -69,6 +70,8 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.group = group
         self.me = node_id
         self.members = tuple(sorted(members))
+        # the order in which members should lead (the ring's replica order)
+        self.preferred = tuple(members)
         self.quorum = len(self.members) // 2 + 1
         self.rng = rng
         self.out = out
@@ -104,11 +107,18 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.snap_in: tuple[int, int, int] | None = None  # (index, total, crc)
         self.snap_buf = bytearray()
         self._catchup_turn = 0
+        self._catchup_progress: tuple[int, int] = (-1, -1)
+        self._catchup_stalls = 0
         # index of the snapshot handed to the shell and not yet back (snapshot_ready)
         self.snap_pending: int | None = None
         # highest chosen_through written in a commit record (records.COMMIT)
         self.commit_persisted = 0
         self.recovery_gaps = 0
+        # leadership transfer: as leader, (target, tick started); as candidate, the
+        # leader that handed over to us (sent along with our Prepare)
+        self.transfer: tuple[str, int] | None = None
+        self.transfer_from = ""
+        self.leader_since = 0
         self.become_follower()
 
     # ================================================================ roles
@@ -117,6 +127,8 @@ class PaxosGroup(LeaderSide, CatchUp):
             self.leader_hint = None
         self._fail_pending("leadership lost")
         self.role = Role.FOLLOWER
+        self.transfer = None
+        self.transfer_from = ""
         self.proposer = None
         self.learner = None
         self.promises = {}
@@ -151,9 +163,11 @@ class PaxosGroup(LeaderSide, CatchUp):
             if m != self.me:
                 self._send(m, msg)
 
-    def become_candidate(self) -> None:
+    def become_candidate(self, transfer_from: str = "") -> None:
         self._fail_pending("leadership lost")
         self.role = Role.CANDIDATE
+        self.transfer = None
+        self.transfer_from = transfer_from
         self.proposer = None
         self.learner = None
         self._reset_catchup()
@@ -166,13 +180,16 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.elapsed = 0
         self.timeout = self._random_timeout()
         self.failed_elections += 1
-        msg = Prepare(self.group, self.ballot, self.log.chosen_through + 1)
+        msg = Prepare(self.group, self.ballot, self.log.chosen_through + 1, transfer_from)
         for m in self.members:
             self._send(m, msg)
 
     def become_leader(self) -> None:
         res = merge_promises(self.promises, self.log.chosen_through + 1, self.log.chosen_through)
         self.role = Role.LEADER
+        self.transfer = None
+        self.transfer_from = ""
+        self.leader_since = self.now
         self.promises = {}
         self.promise_parts = {}
         self._reset_catchup()
@@ -263,6 +280,7 @@ class PaxosGroup(LeaderSide, CatchUp):
                 self.become_follower()
             else:
                 self._leader_catchup()
+                self._tend_transfer()
                 if cfg.lease_ticks:
                     p.forget_rounds(p.confirmed_seq(self.members, self.quorum))
         else:
@@ -274,8 +292,27 @@ class PaxosGroup(LeaderSide, CatchUp):
             and self.log.chosen_through < self.catchup_target
             and self.now - self.catchup_sent_at >= cfg.catchup_retry_ticks
         ):
+            self._rotate_stalled_catchup()
             self._send_catchup()
         self._drain_local()
+
+    def _rotate_stalled_catchup(self) -> None:
+        """A catch-up peer that gave nothing for three retries in a row (down, cut
+        off, retired) is replaced by the next other member: any member's chosen
+        values are as good, and one that is gone must not stall us for good."""
+        progress = (self.log.chosen_through, len(self.snap_buf))
+        if progress != self._catchup_progress:
+            self._catchup_progress, self._catchup_stalls = progress, 0
+            return
+        self._catchup_stalls += 1
+        if self._catchup_stalls < 3:
+            return
+        self._catchup_stalls = 0
+        others = [m for m in self.members if m not in (self.me, self.catchup_peer)]
+        if others:
+            self._catchup_turn += 1
+            self.catchup_peer = others[self._catchup_turn % len(others)]
+            self.out.dropped["catchup_peer_stalled"] += 1
 
     def _election_timeout(self) -> None:
         if not self.cfg.pre_vote:
@@ -315,6 +352,8 @@ class PaxosGroup(LeaderSide, CatchUp):
             self._on_prevote(frm, msg)
         elif t is PreVoteReply:
             self._on_prevote_reply(frm, msg)
+        elif t is TimeoutNow:
+            self._on_timeout_now(frm, msg)
         elif t is CatchupReq:
             self._on_catchup_req(frm, msg)
         elif t is Learn:
@@ -379,6 +418,63 @@ class PaxosGroup(LeaderSide, CatchUp):
         if len(self.prevotes) >= self.quorum:
             self.become_candidate()
 
+    # ---------------------------------------------------------------- leadership transfer
+    def transfer_leadership(self, target: str) -> bool:
+        """Start handing leadership to ``target`` (an operator's, a test's or the
+        preference policy's input). The leader stops taking commands, waits until
+        everything it proposed is chosen, then sends ``TimeoutNow`` and steps down;
+        the target runs phase 1 at once. Abandoned after an election timeout.
+        False (and nothing changes) when this node does not lead or ``target`` is
+        no other member."""
+        if self.role is not Role.LEADER or target == self.me or target not in self.members:
+            return False
+        if self.transfer is None:
+            self.transfer = (target, self.now)
+            self._try_transfer()
+            self._drain_local()
+        return True
+
+    def _try_transfer(self) -> None:
+        p = self.proposer
+        if self.transfer is None or p.proposals or p.queue:
+            return
+        target = self.transfer[0]
+        self._send(target, TimeoutNow(self.group, self.ballot))
+        self.become_follower()
+        self.leader_hint = target
+        self.out.dropped["leadership_transferred"] += 1
+
+    def _tend_transfer(self) -> None:
+        """Per tick as leader: give up a transfer that did not happen in time; with
+        ``prefer_leader``, start one towards the first member in preference order
+        that is alive (answered within an election timeout) and caught up."""
+        cfg = self.cfg
+        if self.transfer is not None:
+            if self.now - self.transfer[1] >= cfg.election_timeout_ticks:
+                self.transfer = None
+                self.out.dropped["leadership_transfer_abandoned"] += 1
+            return
+        if not cfg.prefer_leader or self.now - self.leader_since < 2 * cfg.election_timeout_ticks:
+            return
+        p = self.proposer
+        for m in self.preferred:
+            if m == self.me:
+                return
+            if (
+                self.now - p.last_ack.get(m, -(10**9)) <= cfg.election_timeout_ticks
+                and p.match.get(m, 0) + cfg.inflight_slots_max >= self.log.chosen_through
+            ):
+                self.transfer_leadership(m)
+                return
+
+    def _on_timeout_now(self, frm: str, m: TimeoutNow) -> None:
+        """Our leader hands over: campaign now, telling the acceptors it did."""
+        self._see_round(m.ballot)
+        if self.role is Role.LEADER or m.ballot[1] != frm or m.ballot < self.acceptor.promised:
+            self.out.dropped["stale_timeout_now"] += 1
+            return
+        self.become_candidate(transfer_from=frm)
+
     # ---------------------------------------------------------------- phase 1
     def _on_prepare(self, frm: str, m: Prepare) -> None:
         self._see_round(m.ballot)
@@ -387,6 +483,7 @@ class PaxosGroup(LeaderSide, CatchUp):
             and frm != self.me
             and m.ballot > self.acceptor.promised
             and frm != self.leader_hint
+            and not (m.transfer_from and m.transfer_from == self.leader_hint)
             and self._leader_recent()
         ):
             # Leader stickiness: a live leader is not deposed by a node that
@@ -423,7 +520,7 @@ class PaxosGroup(LeaderSide, CatchUp):
                 if cur is None or ballot > cur[0]:
                     parts[slot] = (ballot, value)
             if m.more_from:
-                self._send(frm, Prepare(self.group, self.ballot, m.more_from))
+                self._send(frm, Prepare(self.group, self.ballot, m.more_from, self.transfer_from))
                 return
             del self.promise_parts[frm]
             acc = tuple((slot, b, v) for slot, (b, v) in sorted(parts.items()))
@@ -437,7 +534,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         self._see_round(m.ballot)
         if m.ballot[1] != frm:
             raise PeerMisbehaved("accept from a node that does not own the ballot")
-        reply = self.acceptor.on_accept(m, self.out.persist)
+        reply = self.acceptor.on_accept(m, self.out.persist, self.log.chosen_through)
         if reply.ok and frm != self.me:
             self.leader_hint = frm
             if self.role is not Role.FOLLOWER:

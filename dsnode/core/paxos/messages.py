@@ -25,11 +25,17 @@ NOOP = b""
 
 @dataclass(frozen=True, slots=True)
 class Prepare:
-    """Phase 1a for every slot >= ``from_slot`` at once."""
+    """Phase 1a for every slot >= ``from_slot`` at once.
+
+    ``transfer_from``: the leader that handed its leadership over to the sender
+    (``TimeoutNow``); acceptors following that leader promise at once instead
+    of waiting out its silence (and its lease, which it gave up). "" otherwise;
+    absent on the wire from nodes that predate leadership transfer."""
 
     group: Any
     ballot: Ballot
     from_slot: int
+    transfer_from: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +77,9 @@ class Accept:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """Phase 2b for ``slots`` (and the heartbeat ack). ``ok`` false is a nack."""
+    """Phase 2b for ``slots`` (and the heartbeat ack). ``ok`` false is a nack.
+    ``chosen_through``: the sender's chosen prefix (how far behind it is; 0 from
+    nodes that predate it, which never look caught up for a leadership transfer)."""
 
     group: Any
     ballot: Ballot
@@ -79,6 +87,7 @@ class Accepted:
     promised: Ballot
     slots: tuple[int, ...] = ()
     read_seq: int = 0
+    chosen_through: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +150,19 @@ class PreVoteReply:
     granted: bool
 
 
+@dataclass(frozen=True, slots=True)
+class TimeoutNow:
+    """Leadership transfer: the leader of ``ballot`` tells the receiver to run
+    phase 1 at once (no pre-vote). The sender has already stepped down and
+    serves nothing from its lease any more."""
+
+    group: Any
+    ballot: Ballot
+
+
 Message = (
-    Prepare | Promise | Accept | Accepted | CatchupReq | Learn | SnapChunk | PreVote | PreVoteReply
+    Prepare | Promise | Accept | Accepted | CatchupReq | Learn | SnapChunk | PreVote
+    | PreVoteReply | TimeoutNow
 )
 
 _KINDS: dict[str, type] = {
@@ -155,6 +175,7 @@ _KINDS: dict[str, type] = {
     "px.snap": SnapChunk,
     "px.prevote": PreVote,
     "px.prevote_reply": PreVoteReply,
+    "px.timeout_now": TimeoutNow,
 }
 _TAGS = {cls: tag for tag, cls in _KINDS.items()}
 _FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in _KINDS.values()}
@@ -216,6 +237,12 @@ def _bytes(x: Any) -> bytes:
     raise PeerMisbehaved(f"bad bytes {x!r}")
 
 
+def _str(x: Any) -> str:
+    if isinstance(x, str) and len(x) <= 255:
+        return x
+    raise PeerMisbehaved(f"bad node id {x!r}")
+
+
 def _bool(x: Any) -> bool:
     if isinstance(x, bool):
         return x
@@ -237,6 +264,10 @@ def from_wire(x: Any) -> Message:
     args = x[1:]
     if cls is Promise and len(args) == len(_FIELDS[cls]) - 1:
         args = [*args, 0]  # from a node that predates chunked promises: complete
+    if cls is Prepare and len(args) == len(_FIELDS[cls]) - 1:
+        args = [*args, ""]  # from a node that predates leadership transfer
+    if cls is Accepted and len(args) == len(_FIELDS[cls]) - 1:
+        args = [*args, 0]  # likewise
     if len(args) != len(_FIELDS[cls]):
         raise PeerMisbehaved(f"{x[0]}: wrong field count")
     g = args[0]
@@ -244,7 +275,9 @@ def from_wire(x: Any) -> Message:
         raise PeerMisbehaved(f"bad group {g!r}")
     try:
         if cls is Prepare:
-            return Prepare(g, _ballot(args[1]), _int(args[2]))
+            return Prepare(g, _ballot(args[1]), _int(args[2]), _str(args[3]))
+        if cls is TimeoutNow:
+            return TimeoutNow(g, _ballot(args[1]))
         if cls is Promise:
             acc = tuple((_int(s), _ballot(b), _bytes(v)) for s, b, v in args[5])
             return Promise(
@@ -256,7 +289,8 @@ def from_wire(x: Any) -> Message:
         if cls is Accepted:
             slots = tuple(_int(s) for s in args[4])
             return Accepted(
-                g, _ballot(args[1]), bool(args[2]), _ballot(args[3]), slots, _int(args[5])
+                g, _ballot(args[1]), bool(args[2]), _ballot(args[3]), slots, _int(args[5]),
+                _int(args[6]),
             )
         if cls is CatchupReq:
             return CatchupReq(g, _int(args[1]), _int(args[2]), _int(args[3]))

@@ -83,6 +83,12 @@ class PaxosNode:
         if g is not None:
             g.campaign()
 
+    def transfer_leadership(self, group: Any, target: str) -> bool:
+        """Hand ``group``'s leadership to ``target`` (see ``PaxosGroup.transfer_leadership``);
+        False when this node does not lead the group or ``target`` is no other member."""
+        g = self.groups.get(group)
+        return g is not None and g.transfer_leadership(target)
+
     def snapshot_ready(self, group: Any, index: int, blob: bytes) -> None:
         """The shell finished the ``SnapshotWanted(group, index, ...)`` writer: ``blob``
         is the state machine at ``index``. Persists it and compacts (see

@@ -82,6 +82,8 @@ class Proposer:
     reads: list[PendingRead] = field(default_factory=list)
     acked_seq: dict[str, int] = field(default_factory=dict)
     last_ack: dict[str, int] = field(default_factory=dict)
+    # member -> the chosen prefix it last reported (is it caught up?)
+    match: dict[str, int] = field(default_factory=dict)
     # read round -> the tick it was first sent (leases count from there)
     round_sent: dict[int, int] = field(default_factory=dict)
 
@@ -111,6 +113,10 @@ class LeaderSide:
             self.out.reply.append(
                 unavailable(token, f"not leader; leader={self.leader_hint}", False)
             )
+            return
+        if self.transfer is not None:
+            self.out.reply.append(unavailable(
+                token, f"leadership is moving to {self.transfer[0]}; leader={self.me}", False))
             return
         self.proposer.queue.append((token, list(rid) if rid is not None else None, cmd))
 
@@ -144,6 +150,8 @@ class LeaderSide:
         p = self.proposer
         if not self.cfg.lease_ticks or p is None or self.role is not Role.LEADER:
             return False
+        if self.transfer is not None:
+            return False  # about to hand over: the successor must not wait for us
         sent = p.round_sent.get(p.confirmed_seq(self.members, self.quorum))
         return sent is not None and self.now < sent + self.cfg.lease_ticks
 
@@ -181,6 +189,7 @@ class LeaderSide:
         if new:
             self._broadcast_accepts(new)
         self._drain_local()
+        self._try_transfer()
 
     def _fail_pending(self, why: str) -> None:
         p = self.proposer
@@ -249,12 +258,16 @@ class LeaderSide:
             return
         p = self.proposer
         p.last_ack[frm] = self.now
+        if m.chosen_through > p.match.get(frm, 0):
+            p.match[frm] = m.chosen_through
         if m.read_seq > p.acked_seq.get(frm, 0):
             p.acked_seq[frm] = m.read_seq
         for s in m.slots:
             if self.learner.vote(s, frm):
                 self._learn(s, p.proposals.pop(s))
         self._advance()
+        if self.transfer is not None and self.role is Role.LEADER:
+            self._try_transfer()
 
     def _answer(self, p: Proposer, slot: int, n: int, results: list[dict], mine: bool) -> bool:
         """Answer the ``n`` commands this leader batched into ``slot``, now chosen.
