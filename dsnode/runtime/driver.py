@@ -50,7 +50,9 @@ GROUP = 0  # the one replicated group of this build (the ring splits it later)
 # Runtime-level peer messages (the Paxos core's own are tagged "px.*").
 FWD = "fwd"  # [FWD, fwd_id, group, encoded command, timeout_ms]
 FWD_REPLY = "fwdr"  # [FWD_REPLY, fwd_id, result | None, [code, message, indeterminate] | None]
-HEARTBEAT = "hb"  # [HEARTBEAT]: membership liveness, sent to every peer each heartbeat interval
+# [HEARTBEAT]: membership liveness from nodes that predate the core's px.node_hb (one per
+# node pair per heartbeat interval, sent by the Paxos core); still accepted, no longer sent
+HEARTBEAT = "hb"
 PINS = "pins"  # [PINS, table]: the sender's member pins (core.membership.incarnations)
 
 # KV entries of a requested snapshot encoded per event-loop turn: about 2 ms of
@@ -118,7 +120,6 @@ class Driver:
         node_id: str,
         tick_seconds: float,
         checkpoint_every_records: int,
-        heartbeat_ticks: int = 5,
     ) -> None:
         self.core = core
         self.wal = wal
@@ -130,7 +131,6 @@ class Driver:
         self._waiting: collections.deque[tuple[int, list, list[Reply]]] = collections.deque()
         self._kick = asyncio.Event()
         self._tick_seconds = tick_seconds
-        self._heartbeat_ticks = heartbeat_ticks
         # ticks of the monotonic clock since run() started it, all given to the core;
         # ``_ticked``: the last tick whose driver duties (deadlines, heartbeats) are done
         self.tick_count = 0
@@ -504,10 +504,6 @@ class Driver:
                         seconds=round((last - first + 1) * self._tick_seconds, 3))
         if self.observer is not None:
             self.observer.on_tick(self.core)
-        hb = self._heartbeat_ticks
-        if self.net is not None and last // hb > (first - 1) // hb:
-            for peer in self.net.links:
-                self.net.send(peer, [HEARTBEAT])
         for t in range(first, last + 1):
             expired = self._deadlines.pop(t, None)
             if expired:

@@ -192,6 +192,7 @@ class Node:
             # A leader steps down after an election timeout without a quorum's acks: long
             # enough to ride out a pause of the followers' event loops (a snapshot, a GC).
             leader_quorum_timeout_ticks=cfg.ticks(cfg.election_timeout_ms),
+            quiesce=True,
             lease_ticks=lease_ticks_for(cfg.ticks(cfg.election_timeout_ms), cfg.clock_drift_max)
             if cfg.leader_leases else 0,
             snapshot_interval_slots=cfg.snapshot_interval_slots,
@@ -276,7 +277,6 @@ class Node:
             node_id=cfg.node_id,
             tick_seconds=cfg.tick_interval_ms / 1000,
             checkpoint_every_records=cfg.snapshot_every_records,
-            heartbeat_ticks=cfg.ticks(cfg.heartbeat_interval_ms),
         )
         self.driver.observer = self.metrics
         self.driver.on_pins = self._on_pins
@@ -442,6 +442,7 @@ class Node:
                     "held": core.lease_held(GROUP),
                     "duration_ms": core.config.lease_ticks * cfg.tick_interval_ms,
                 },
+                "quiesced": group.quiesced,
                 "reads": {"lease": core.reads["lease"],
                           "read_index": core.reads["read_index"]},
                 "malformed_peer_messages": driver.counters["malformed_peer_message"]

@@ -132,6 +132,7 @@ def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
         batch_commands_max=rng.choice((1, 4, 64)),
         pre_vote=rng.random() < 0.8,  # the default, with the old direct elections kept in play
         prefer_leader=rng.random() < 0.5,
+        quiesce=rng.random() < 0.5,
     )
     paxos = dataclasses.replace(paxos, leader_probe_chance=cfg.paxos.leader_probe_chance)
     faults = dataclasses.replace(

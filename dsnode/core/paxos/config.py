@@ -54,6 +54,11 @@ class PaxosConfig:
     # first member in the group's preference order (its ring order) that answers it and
     # has acknowledged everything chosen, once it has led for two election timeouts
     prefer_leader: bool = False
+    # an idle group whose live members have everything stops its heartbeats (both
+    # ways) until it has work; its followers rely on the leader node's NodeHeartbeat,
+    # which every node sends each peer once per heartbeat interval whatever the
+    # number of groups. Idle cost then does not grow with the number of groups.
+    quiesce: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval_ticks < self.election_timeout_ticks:

@@ -21,6 +21,7 @@ from a quorum, itself included, does it become a candidate and run phase 1.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 from dsnode.core.commands import Form
@@ -64,6 +65,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         out: Outbox,
         cfg: PaxosConfig,
         acceptor_cls: type[Acceptor] = Acceptor,
+        alive: Callable[[str], bool] | None = None,
     ) -> None:
         if node_id not in members:
             raise InvariantBroken(f"{node_id} not a member of group {group}")
@@ -76,6 +78,9 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.rng = rng
         self.out = out
         self.cfg = cfg
+        # node-level liveness (``PaxosNode.peer_alive``); alone, a group trusts only itself
+        self.alive: Callable[[str], bool] = alive or (lambda m: m == node_id)
+        self.quiesced = False
         self.acceptor = acceptor_cls(group)
         self.log = Log()
         self.sm = DedupKV()
@@ -127,6 +132,7 @@ class PaxosGroup(LeaderSide, CatchUp):
             self.leader_hint = None
         self._fail_pending("leadership lost")
         self.role = Role.FOLLOWER
+        self.quiesced = False
         self.transfer = None
         self.transfer_from = ""
         self.proposer = None
@@ -166,6 +172,7 @@ class PaxosGroup(LeaderSide, CatchUp):
     def become_candidate(self, transfer_from: str = "") -> None:
         self._fail_pending("leadership lost")
         self.role = Role.CANDIDATE
+        self.quiesced = False
         self.transfer = None
         self.transfer_from = transfer_from
         self.proposer = None
@@ -187,6 +194,7 @@ class PaxosGroup(LeaderSide, CatchUp):
     def become_leader(self) -> None:
         res = merge_promises(self.promises, self.log.chosen_through + 1, self.log.chosen_through)
         self.role = Role.LEADER
+        self.quiesced = False
         self.transfer = None
         self.transfer_from = ""
         self.leader_since = self.now
@@ -269,21 +277,23 @@ class PaxosGroup(LeaderSide, CatchUp):
                 others = [m for m in self.members if m != self.me]
                 if others:
                     self._send_catchup(self.rng.choice(others))
-            if self.now - self.last_heartbeat >= cfg.heartbeat_interval_ticks:
+            if not self.quiesced and self.now - self.last_heartbeat >= cfg.heartbeat_interval_ticks:
                 self._heartbeat(retransmit=True)
-            fresh = sum(
-                1
-                for m in self.members
-                if self.now - p.last_ack.get(m, -(10**9)) <= cfg.leader_quorum_timeout_ticks
-            )
+            fresh = sum(1 for m in self.members if self._member_fresh(m))
             if fresh < self.quorum:
                 self.become_follower()
             else:
                 self._leader_catchup()
                 self._tend_transfer()
-                if cfg.lease_ticks:
-                    p.forget_rounds(p.confirmed_seq(self.members, self.quorum))
+                if self.role is Role.LEADER:  # (a transfer may have just ended it)
+                    if cfg.lease_ticks:
+                        p.forget_rounds(p.confirmed_seq(self.members, self.quorum))
+                    if cfg.quiesce and not self.quiesced and self._idle():
+                        self._quiesce()
+        elif self.quiesced and self.leader_hint is not None and self.alive(self.leader_hint):
+            self.elapsed = 0  # a quiet group whose leader's node is alive: nothing to time
         else:
+            self.quiesced = False
             self.elapsed += n
             if self.elapsed >= self.timeout:
                 self._election_timeout()
@@ -392,7 +402,56 @@ class PaxosGroup(LeaderSide, CatchUp):
     def _leader_recent(self) -> bool:
         if self.role is Role.LEADER:
             return True
+        if self.quiesced and self.leader_hint is not None and self.alive(self.leader_hint):
+            return True  # (never a lease: honour is dated by heard_leader_at alone)
         return self.now - self.heard_leader_at < self.cfg.election_timeout_ticks
+
+    # ---------------------------------------------------------------- quiescence
+    def _member_fresh(self, m: str) -> bool:
+        """Answered this leader lately, or (quiesced) its node is alive."""
+        p = self.proposer
+        if self.now - p.last_ack.get(m, -(10**9)) <= self.cfg.leader_quorum_timeout_ticks:
+            return True
+        return self.quiesced and self.alive(m)
+
+    def _idle(self) -> bool:
+        """Nothing to do and a quorum (live members all) has everything chosen."""
+        p = self.proposer
+        if (
+            p.proposals or p.queue or p.reads or p.read_wanted or self.transfer is not None
+            or self.catchup_peer is not None or self.snap_in is not None
+            or self.log.applied < self.log.chosen_through
+        ):
+            return False
+        ct = self.log.chosen_through
+        fresh = self.cfg.heartbeat_interval_ticks * 2
+        caught_up = 1
+        for m in self.members:
+            if m == self.me:
+                continue
+            ok = p.match.get(m, 0) >= ct and self.now - p.last_ack.get(m, -(10**9)) <= fresh
+            if ok:
+                caught_up += 1
+            elif self.alive(m):
+                return False  # a live member behind: keep feeding it
+        return caught_up >= self.quorum
+
+    def _quiesce(self) -> None:
+        p = self.proposer
+        self.quiesced = True
+        self.last_heartbeat = self.now
+        msg = Accept(self.group, self.ballot, (), self.log.chosen_through, p.read_seq, True)
+        for m in self.members:
+            if m != self.me:
+                self._send(m, msg)
+        self.out.dropped["quiesced"] += 1
+
+    def _wake(self) -> None:
+        """A quiesced leader has work, or a member that did not hear the quiesce asks
+        around: heartbeats resume at once."""
+        if self.quiesced and self.role is Role.LEADER:
+            self.quiesced = False
+            self._heartbeat(retransmit=False)
 
     # ---------------------------------------------------------------- pre-vote
     def _on_prevote(self, frm: str, m: PreVote) -> None:
@@ -403,6 +462,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         promise, no record. ``m.chosen_through`` is deliberately no condition
         (see ``PreVote``).
         """
+        self._wake()
         granted = frm == self.leader_hint or not self._leader_recent()
         if not granted:
             self.out.dropped["prevote_while_leader_live"] += 1
@@ -429,6 +489,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         if self.role is not Role.LEADER or target == self.me or target not in self.members:
             return False
         if self.transfer is None:
+            self.quiesced = False
             self.transfer = (target, self.now)
             self._try_transfer()
             self._drain_local()
@@ -461,7 +522,8 @@ class PaxosGroup(LeaderSide, CatchUp):
             if m == self.me:
                 return
             if (
-                self.now - p.last_ack.get(m, -(10**9)) <= cfg.election_timeout_ticks
+                (self.now - p.last_ack.get(m, -(10**9)) <= cfg.election_timeout_ticks
+                 or (self.quiesced and self.alive(m)))
                 and p.match.get(m, 0) + cfg.inflight_slots_max >= self.log.chosen_through
             ):
                 self.transfer_leadership(m)
@@ -478,6 +540,8 @@ class PaxosGroup(LeaderSide, CatchUp):
     # ---------------------------------------------------------------- phase 1
     def _on_prepare(self, frm: str, m: Prepare) -> None:
         self._see_round(m.ballot)
+        if frm != self.me:
+            self._wake()  # a member that does not follow us: let it hear the leader
         if (
             (self.cfg.leader_stickiness or self.cfg.lease_ticks)
             and frm != self.me
@@ -542,6 +606,7 @@ class PaxosGroup(LeaderSide, CatchUp):
             self.heard_leader_at = self.now
             self.elapsed = 0
             self.failed_elections = 0
+            self.quiesced = m.quiesce
             self._learn_from_commit(frm, m)
         self._send(frm, reply)
 

@@ -65,7 +65,11 @@ class Accept:
     """Phase 2a for many slots; with no entries it is the leader heartbeat.
 
     ``commit``: every slot up to it is chosen. ``read_seq``: the read-index
-    round this message confirms leadership for.
+    round this message confirms leadership for. ``quiesce``: the group is idle
+    and every live member has everything; the leader sends no more heartbeats
+    for it until it has work, and followers keep quiet as long as the leader's
+    node heartbeats (``NodeHeartbeat``) keep coming. Absent on the wire from
+    nodes that predate quiescence.
     """
 
     group: Any
@@ -73,6 +77,7 @@ class Accept:
     entries: tuple[tuple[int, bytes], ...]
     commit: int
     read_seq: int = 0
+    quiesce: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +156,15 @@ class PreVoteReply:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeHeartbeat:
+    """One per node pair per heartbeat interval, whatever the number of groups:
+    the sender is alive. Quiesced groups rely on it instead of their own
+    heartbeats. ``group`` is always "" (no group)."""
+
+    group: Any = ""
+
+
+@dataclass(frozen=True, slots=True)
 class TimeoutNow:
     """Leadership transfer: the leader of ``ballot`` tells the receiver to run
     phase 1 at once (no pre-vote). The sender has already stepped down and
@@ -162,7 +176,7 @@ class TimeoutNow:
 
 Message = (
     Prepare | Promise | Accept | Accepted | CatchupReq | Learn | SnapChunk | PreVote
-    | PreVoteReply | TimeoutNow
+    | PreVoteReply | TimeoutNow | NodeHeartbeat
 )
 
 _KINDS: dict[str, type] = {
@@ -176,6 +190,7 @@ _KINDS: dict[str, type] = {
     "px.prevote": PreVote,
     "px.prevote_reply": PreVoteReply,
     "px.timeout_now": TimeoutNow,
+    "px.node_hb": NodeHeartbeat,
 }
 _TAGS = {cls: tag for tag, cls in _KINDS.items()}
 _FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in _KINDS.values()}
@@ -268,6 +283,8 @@ def from_wire(x: Any) -> Message:
         args = [*args, ""]  # from a node that predates leadership transfer
     if cls is Accepted and len(args) == len(_FIELDS[cls]) - 1:
         args = [*args, 0]  # likewise
+    if cls is Accept and len(args) == len(_FIELDS[cls]) - 1:
+        args = [*args, False]  # from a node that predates quiescence
     if len(args) != len(_FIELDS[cls]):
         raise PeerMisbehaved(f"{x[0]}: wrong field count")
     g = args[0]
@@ -278,6 +295,10 @@ def from_wire(x: Any) -> Message:
             return Prepare(g, _ballot(args[1]), _int(args[2]), _str(args[3]))
         if cls is TimeoutNow:
             return TimeoutNow(g, _ballot(args[1]))
+        if cls is NodeHeartbeat:
+            if g != "":
+                raise PeerMisbehaved("a node heartbeat belongs to no group")
+            return NodeHeartbeat()
         if cls is Promise:
             acc = tuple((_int(s), _ballot(b), _bytes(v)) for s, b, v in args[5])
             return Promise(
@@ -285,7 +306,10 @@ def from_wire(x: Any) -> Message:
                 _int(args[6]),
             )
         if cls is Accept:
-            return Accept(g, _ballot(args[1]), _entries(args[2]), _int(args[3]), _int(args[4]))
+            return Accept(
+                g, _ballot(args[1]), _entries(args[2]), _int(args[3]), _int(args[4]),
+                _bool(args[5]),
+            )
         if cls is Accepted:
             slots = tuple(_int(s) for s in args[4])
             return Accepted(

@@ -22,7 +22,7 @@ from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.config import PaxosConfig
 from dsnode.core.paxos.group import PaxosGroup
-from dsnode.core.paxos.messages import ZERO_BALLOT
+from dsnode.core.paxos.messages import ZERO_BALLOT, NodeHeartbeat
 from dsnode.core.paxos.outputs import Outbox
 from dsnode.core.paxos.roles import Role
 
@@ -42,13 +42,23 @@ class PaxosNode:
         self.rng = rng
         self.out = Outbox()
         self.groups: dict[Any, PaxosGroup] = {
-            g: group_cls(g, node_id, tuple(members), rng, self.out, self.config, acceptor_cls)
+            g: group_cls(g, node_id, tuple(members), rng, self.out, self.config, acceptor_cls,
+                         self.peer_alive)
             for g, members in sorted(groups.items(), key=lambda kv: str(kv[0]))
         }
         self._dirty: set[Any] = set()
+        # node-level liveness: one NodeHeartbeat per peer per heartbeat interval, and
+        # the tick we last heard anything from each peer
+        self.now = 0
+        self.peers = sorted({m for ms in groups.values() for m in ms} - {node_id})
+        self.peer_heard: dict[str, int] = {}
+        self._last_node_heartbeat = -(10**9)
 
     # ------------------------------------------------------------ inputs
     def step(self, from_peer: str, msg: Any) -> None:
+        self.peer_heard[from_peer] = self.now
+        if type(msg) is NodeHeartbeat:
+            return
         g = self.groups.get(getattr(msg, "group", None))
         if g is None:
             self.out.dropped["unknown_group"] += 1
@@ -58,8 +68,21 @@ class PaxosNode:
     def tick(self, n: int = 1) -> None:
         """``n`` ticks of this node's clock passed since the last call (the shell
         passes every tick that elapsed, also after a pause: see ``PaxosGroup.tick``)."""
+        self.now += n
+        if self.now - self._last_node_heartbeat >= self.config.heartbeat_interval_ticks:
+            self._last_node_heartbeat = self.now
+            beat = NodeHeartbeat()
+            self.out.send.extend((peer, beat) for peer in self.peers)
         for g in self.groups.values():
             g.tick(n)
+
+    def peer_alive(self, peer: str) -> bool:
+        """Heard from ``peer`` (anything, a node heartbeat at least) within an election
+        timeout; this node itself always is."""
+        if peer == self.node_id:
+            return True
+        heard = self.peer_heard.get(peer)
+        return heard is not None and self.now - heard < self.config.election_timeout_ticks
 
     def propose(self, group: Any, token: Any, cmd: Any, request_id: Any = None) -> None:
         g = self.groups.get(group)

@@ -160,6 +160,8 @@ class LeaderSide:
         p = self.proposer
         if p is None or self.role is not Role.LEADER:
             return
+        if self.quiesced and (p.queue or p.read_wanted):
+            self._wake()
         new: list[tuple[int, bytes]] = []
         while p.queue and p.next_slot - 1 - self.log.chosen_through < self.cfg.inflight_slots_max:
             n = batch_len(p.queue, self.cfg.batch_commands_max, self.cfg.batch_bytes_max)
