@@ -478,19 +478,21 @@ class Driver:
         the leader counts on)."""
         if self._clock_start is None:
             return
-        due = int((self._loop.time() - self._clock_start) / self._tick_seconds) - self.tick_count
+        # time.monotonic(), not loop.time(): uvloop caches the loop's time once per
+        # iteration, so a message read late in a long turn would be dated too early and
+        # a follower would honour a lease for less real time than the leader counts on
+        due = int((time.monotonic() - self._clock_start) / self._tick_seconds) - self.tick_count
         if due > 0:
             self.tick_count += due
             self.core.tick(due)
             self._schedule_flush()
 
     async def _ticker(self) -> None:
-        loop = self._loop
         if self._clock_start is None:
-            self._clock_start = loop.time()
+            self._clock_start = time.monotonic()
         while True:
             next_at = self._clock_start + (self.tick_count + 1) * self._tick_seconds
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             self._on_tick()
 
     def _on_tick(self) -> None:
