@@ -61,7 +61,14 @@ def test_idle_cost_does_not_grow_with_the_number_of_groups():
 
 def test_work_wakes_the_group_and_it_goes_quiet_again():
     c = _quiet_cluster()
-    c.nodes["a"].propose(0, "w2", Put(b"k", b"v2"), request_id=("cl", 9))
+    c.tick(3 * Q.leader_quorum_timeout_ticks)  # no acks all this time: nothing to ack
+    a = c.nodes["a"]
+    a.propose(0, "w2", Put(b"k", b"v2"), request_id=("cl", 9))
+    held = a.ready()  # woken: accepts out, but a ticks before any answer comes back
+    a.tick()
+    assert a.is_leader(0), "the leader counted its quiet members as deserters"
+    c.queue.extend((("a", dst, to_wire(m)) for dst, m in held.send))
+    c.disk["a"].extend(held.persist)
     c.settle()
     assert c.replies["a"][-1].result == {"succeeded": True, "version": 2}
     assert not c.nodes["a"].groups[0].quiesced

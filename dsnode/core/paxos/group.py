@@ -451,6 +451,12 @@ class PaxosGroup(LeaderSide, CatchUp):
         around: heartbeats resume at once."""
         if self.quiesced and self.role is Role.LEADER:
             self.quiesced = False
+            # acks stopped while quiet: the members' node heartbeats stand in for them,
+            # or the quorum check would depose us before the first new acks arrive
+            p = self.proposer
+            for m in self.members:
+                if self.alive(m):
+                    p.last_ack[m] = max(p.last_ack.get(m, -(10**9)), self.now)
             self._heartbeat(retransmit=False)
 
     # ---------------------------------------------------------------- pre-vote
