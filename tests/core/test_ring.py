@@ -259,8 +259,8 @@ def test_movement_at_the_default_64_partitions_is_near_the_minimum():
     is at most 1.1x, nine in ten are within 1.5x, and none exceeds 2.5x."""
     rng = random.Random(64)
     ratios = []
-    for names in (["n%d" % i for i in range(1, 22)],
-                  ["%x" % rng.getrandbits(40) for _ in range(21)]):
+    for names in ([f"n{i}" for i in range(1, 22)],
+                  [f"{rng.getrandbits(40):x}" for _ in range(21)]):
         for n in range(3, 21):
             before = Ring(names[:n], 64, 3)
             if n < 20:
