@@ -315,3 +315,19 @@ def test_check_partitions_accepts_a_new_or_matching_data_directory():
 def test_check_partitions_refuses_another_p_with_one_clear_line(recorded, configured, needle):
     why = check_partitions(recorded, configured)
     assert why is not None and needle in why and "\n" not in why
+
+
+def test_affinity_row_matches_affinity():
+    from dsnode.core.ring.hashing import affinity, affinity_row, node_hash, partition_hash
+    hs = [node_hash(f"n{i}") for i in range(7)]
+    for p in (0, 1, 4095):
+        assert affinity_row(partition_hash(p), hs) == [affinity(partition_hash(p), h) for h in hs]
+
+
+def test_placement_is_fixed_across_versions():
+    """Golden: a change to the placement would move replicas on upgrade."""
+    ring = Ring(["n1", "n2", "n3", "n4", "n5"], 8, 3)
+    assert ring.placement() == (
+        ("n1", "n3", "n2"), ("n3", "n1", "n5"), ("n4", "n1", "n5"), ("n2", "n1", "n5"),
+        ("n4", "n3", "n5"), ("n3", "n4", "n1"), ("n2", "n3", "n5"), ("n5", "n3", "n1"),
+    )

@@ -47,3 +47,15 @@ def affinity(pid_hash: int, node_hash_: int) -> int:
     """Rendezvous score of a (partition, node) pair, 53 bits: the higher, the
     more the partition wants the node. Independent across pairs in practice."""
     return mix64(pid_hash ^ node_hash_) >> 11
+
+
+def affinity_row(pid_hash: int, node_hashes: list[int]) -> list[int]:
+    """``affinity(pid_hash, h)`` for every ``h``, with the mixing inlined (the
+    ring computes P x N of them)."""
+    row = []
+    for h in node_hashes:
+        x = pid_hash ^ h
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & MASK64
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & MASK64
+        row.append((x ^ (x >> 31)) >> 11)
+    return row

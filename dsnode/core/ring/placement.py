@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import deque
 
 from dsnode.core.errors import InvariantBroken
-from dsnode.core.ring.hashing import affinity, node_hash, partition_hash
+from dsnode.core.ring.hashing import affinity_row, node_hash, partition_hash
 
 UPPER_NUM, UPPER_DEN = 5, 4  # at most 1.25x the fair share
 LOWER_NUM, LOWER_DEN = 1, 2  # at least 0.5x
@@ -50,7 +50,7 @@ def place(members: tuple[str, ...], partitions: int, replication: int) -> tuple[
     n = len(members)
     r = min(replication, n)
     node_h = [node_hash(m) for m in members]
-    scores = [[affinity(partition_hash(p), h) for h in node_h] for p in range(partitions)]
+    scores = [affinity_row(partition_hash(p), node_h) for p in range(partitions)]
     everyone = range(n)
     holders = [
         set(sorted(everyone, key=lambda i, row=row: (-row[i], i))[:r]) for row in scores
