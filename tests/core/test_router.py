@@ -230,3 +230,12 @@ def test_same_seed_same_decisions():
         r = router("n2", seed=seed)
         return [r.route(i, f"key{i}".encode(), OpKind.STALE) for i in range(50)]
     assert run(7) == run(7)
+
+
+def test_least_busy_picks_a_coordinator_or_source_by_in_flight_count():
+    r = router("n1", leaders={0: "n2", 1: "n3"})
+    r.route("a", key_in(0), OpKind.WRITE)
+    r.route("b", key_in(1), OpKind.WRITE)
+    assert r.least_busy(["n2", "n3", "n4"]) == "n4"
+    with pytest.raises(ValueError, match="at least one candidate"):
+        r.least_busy([])

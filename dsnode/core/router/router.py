@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -110,6 +110,12 @@ class Router:
     def pending(self) -> list[object]:
         """Tokens routed and not finished, oldest first."""
         return list(self._routed)
+
+    def least_busy(self, candidates: Iterable[str]) -> str:
+        """Among equally eligible nodes (an up-to-date replica as a catch-up or
+        snapshot source, any member as a transaction coordinator), the one with
+        the fewest requests in flight from this node; seeded tie-break."""
+        return pick(candidates, self.inflight, self.rng)
 
     # ------------------------------------------------------------ inputs
     def route(self, token: object, key: bytes, kind: OpKind) -> Decision:
