@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import statistics
 import time
 
@@ -77,6 +78,26 @@ def measure(kind, names, n, p, r):
     )
 
 
+def sweep(kind, p: int, r: int, seed: int = 64) -> list[float]:
+    """moved/minimum for every add (N = 3..19) and every third removal (N = 4..20),
+    over one set of names like n1, n2, ... and two seeded random sets."""
+    rng = random.Random(seed)
+    sets = [[f"n{i}" for i in range(1, 22)]]
+    sets += [[f"{rng.getrandbits(40):x}" for _ in range(21)] for _ in range(2)]
+    ratios = []
+    for names in sets:
+        for n in range(3, 21):
+            ring = kind(names[:n], p, r)
+            if n < 20:
+                fair_new = min(r, n + 1) * p / (n + 1)
+                ratios.append(moved(ring, kind(names[: n + 1], p, r)) / fair_new)
+            if n - 1 >= r:
+                for k in range(0, n, 3):
+                    shrunk = kind(names[:k] + names[k + 1:n], p, r)
+                    ratios.append(moved(ring, shrunk) / len(ring.partitions_of(names[k])))
+    return sorted(ratios)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="3,5,10,20")
@@ -103,6 +124,18 @@ def main() -> None:
             print(f"| {p} | {n} | {a['max']:.2f} / {b['max']:.2f} | {a['min']:.2f} / {b['min']:.2f} "
                   f"| {a['led']} / {b['led']} ({a['led_cap']}) | {a['add']:.2f} / {b['add']:.2f} "
                   f"| {rem} | {a['ms']:.1f} / {b['ms']:.1f} |")
+    print("\nmovement over N = 3..20, three name sets (moved / minimum):")
+    print("| P | ring p50 | p90 | max | over 1.5x | rendezvous p50 | p90 | max | over 1.5x |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for p in parts:
+        cells = []
+        for kind in (Ring, Rendezvous):
+            x = sweep(kind, p, r)
+            over = sum(v > 1.5 for v in x)
+            cells.append(f"{x[len(x) // 2]:.2f} | {x[int(len(x) * 0.9)]:.2f} | {x[-1]:.2f} | "
+                         f"{over} of {len(x)}")
+        print(f"| {p} | {cells[0]} | {cells[1]} |")
+    print()
     for p, n in ((4096, 20), (4096, 3)):
         t0 = time.perf_counter()
         Ring([f"m{i}" for i in range(n)], p, r)
