@@ -33,6 +33,9 @@ from dsnode.core.ring.hashing import affinity_row, node_hash, partition_hash
 
 UPPER_NUM, UPPER_DEN = 5, 4  # at most 1.25x the fair share
 LOWER_NUM, LOWER_DEN = 1, 2  # at least 0.5x
+# Moves considered per partition: to its most attracted members only (all of them up to this
+# cluster size), which keeps large clusters fast; if no chain exists among them, all members.
+CANDIDATES = 24
 
 
 def load_bounds(members: int, partitions: int, replication: int) -> tuple[int, int]:
@@ -52,11 +55,11 @@ def place(members: tuple[str, ...], partitions: int, replication: int) -> tuple[
     node_h = [node_hash(m) for m in members]
     scores = [affinity_row(partition_hash(p), node_h) for p in range(partitions)]
     everyone = range(n)
-    holders = [
-        set(sorted(everyone, key=lambda i, row=row: (-row[i], i))[:r]) for row in scores
-    ]
+    ranked = [sorted(everyone, key=lambda i, row=row: (-row[i], i)) for row in scores]
+    holders = [set(order[:r]) for order in ranked]
     if r < n:
-        _bound_loads(holders, scores, n, *load_bounds(n, partitions, r))
+        candidates = [order[:CANDIDATES] for order in ranked]
+        _bound_loads(holders, scores, candidates, n, *load_bounds(n, partitions, r))
     leaders = _spread_leaders(holders, scores, n)
     return tuple(
         (members[leaders[p]],)
@@ -65,8 +68,8 @@ def place(members: tuple[str, ...], partitions: int, replication: int) -> tuple[
     )
 
 
-def _bound_loads(holders: list[set[int]], scores: list[list[int]], n: int,
-                 lower: int, upper: int) -> None:
+def _bound_loads(holders: list[set[int]], scores: list[list[int]], candidates: list[list[int]],
+                 n: int, lower: int, upper: int) -> None:
     load = [0] * n
     for h in holders:
         for i in h:
@@ -80,7 +83,9 @@ def _bound_loads(holders: list[set[int]], scores: list[list[int]], n: int,
                 return
             sources = {i for i in range(n) if load[i] > lower}
             sink_ok = lambda b: load[b] < lower  # noqa: E731
-        path = _cheapest_chain(holders, scores, n, sources, sink_ok)
+        path = _cheapest_chain(holders, scores, candidates, n, sources, sink_ok)
+        if not path and n > CANDIDATES:
+            path = _cheapest_chain(holders, scores, None, n, sources, sink_ok)
         if not path:
             raise InvariantBroken(f"no chain of moves balances loads {load}")
         for p, a, b in path:
@@ -90,36 +95,47 @@ def _bound_loads(holders: list[set[int]], scores: list[list[int]], n: int,
         load[path[-1][2]] += 1
 
 
-def _cheapest_chain(holders, scores, n, sources, sink_ok) -> list[tuple[int, int, int]]:
+def _cheapest_chain(holders, scores, candidates, n, sources, sink_ok) -> list[tuple[int, int, int]]:
     """Moves (partition, from, to) forming the cheapest chain from a source
     member to a member ``sink_ok`` accepts; each move's cost is the affinity
-    the partition loses. Members in the middle keep their load."""
+    the partition loses, and goes to one of the partition's ``candidates``
+    (None: any member). Members in the middle keep their load."""
     edge: dict[tuple[int, int], tuple[int, int]] = {}  # (a, b) -> (cost, partition)
+    everyone = range(n)
     for p, h in enumerate(holders):
         row = scores[p]
+        targets = everyone if candidates is None else candidates[p]
         for a in h:
             sa = row[a]
-            for b in range(n):
+            for b in targets:
                 if b in h:
                     continue
                 cost = sa - row[b]
                 best = edge.get((a, b))
                 if best is None or cost < best[0]:
                     edge[(a, b)] = (cost, p)
+    out: dict[int, list[tuple[int, int, int]]] = {}  # a -> [(b, cost, partition)]
+    for (a, b), (cost, p) in sorted(edge.items()):
+        if b not in sources:
+            out.setdefault(a, []).append((b, cost, p))
+    # Bellman-Ford with a queue (only members whose distance fell are rescanned)
     dist = dict.fromkeys(sorted(sources), 0)
     came: dict[int, tuple[int, int]] = {}
-    edges = sorted(edge.items())
-    for _ in range(n):
-        changed = False
-        for (a, b), (cost, p) in edges:
-            if a in dist and b not in sources:
-                d = dist[a] + cost
-                if b not in dist or d < dist[b]:
-                    dist[b] = d
-                    came[b] = (a, p)
-                    changed = True
-        if not changed:
-            break
+    queue = deque(dist)
+    queued = set(queue)
+    scans = 0
+    while queue and scans <= n * n:
+        a = queue.popleft()
+        queued.discard(a)
+        scans += 1
+        for b, cost, p in out.get(a, ()):
+            d = dist[a] + cost
+            if b not in dist or d < dist[b]:
+                dist[b] = d
+                came[b] = (a, p)
+                if b not in queued:
+                    queue.append(b)
+                    queued.add(b)
     sinks = [b for b in dist if b not in sources and sink_ok(b)]
     if not sinks:
         return []
