@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from dsnode.core.ring import (
@@ -35,6 +35,7 @@ from dsnode.core.ring import (
 
 PROPERTY = settings(
     derandomize=True, max_examples=40, deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],  # a failure prints its example unshrunk
     suppress_health_check=[HealthCheck.too_slow],
 )
 node_ids = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12)
@@ -222,17 +223,17 @@ def _removed_minimum(before: Ring, gone: str, r: int) -> int:
 
 
 @st.composite
-def large_clusters(draw, min_n: int, max_n: int):
-    """Clusters whose fair share is large (P >= 256): movement stays within 1.5x."""
-    members, _, r = draw(clusters(min_n, max_n))
-    return members, draw(st.sampled_from([256, 512])), r
+def default_r_clusters(draw, min_n: int, max_n: int):
+    """Clusters with the default R = 3 and P of 64 (the default) to 256."""
+    members, _, _ = draw(clusters(min_n, max_n))
+    return members, draw(st.sampled_from([64, 64, 100, 128, 256])), 3
 
 
 @PROPERTY
-@given(large_clusters(3, 19), node_ids)
+@given(default_r_clusters(3, 19), node_ids)
 def test_adding_a_member_moves_at_most_1_5x_the_minimum(cluster, newcomer):
-    """Issue 8: adding one node moves at most 1.5x the newcomer's fair share
-    (met for every example with P >= 256; at P = 64 see the sweep below)."""
+    """Issue 8: adding one node moves at most 1.5x the minimum, the
+    newcomer's fair share of replicas."""
     members, p, r = cluster
     if newcomer in members:
         newcomer += "-new"
@@ -242,8 +243,9 @@ def test_adding_a_member_moves_at_most_1_5x_the_minimum(cluster, newcomer):
 
 
 @PROPERTY
-@given(large_clusters(4, 20), st.integers(0, 19))
+@given(default_r_clusters(4, 20), st.integers(0, 19))
 def test_removing_a_member_moves_at_most_1_5x_what_it_held(cluster, which):
+    """Issue 8: removing one node moves at most 1.5x the replicas it held."""
     members, p, r = cluster
     gone = members[which % len(members)]
     before = Ring(members, p, r)
@@ -251,30 +253,22 @@ def test_removing_a_member_moves_at_most_1_5x_what_it_held(cluster, which):
     assert moved_replicas(before, after) <= 1.5 * _removed_minimum(before, gone, r)
 
 
-def test_movement_at_the_default_64_partitions_is_near_the_minimum():
-    """At P = 64 the fair share is small (about 10 replicas at N = 20) and the
-    load bounds bind often, so a few membership changes cost more than 1.5x.
-    Known gap against issue 8's bound, measured by bench/ring_balance.py:
-    over N = 3..19 (adding) and 4..20 (removing each third member), the median
-    is at most 1.1x, nine in ten are within 1.5x, and none exceeds 2.5x."""
+def test_every_single_member_change_at_64_partitions_moves_at_most_1_5x_the_minimum():
+    """The default P = 64, swept: every add (N = 3..19) and every third removal
+    (N = 4..20) for n1.. names and a seeded random name set (the hypothesis
+    tests above draw P and names; this pins the default exhaustively)."""
     rng = random.Random(64)
-    ratios = []
     for names in ([f"n{i}" for i in range(1, 22)],
                   [f"{rng.getrandbits(40):x}" for _ in range(21)]):
         for n in range(3, 21):
             before = Ring(names[:n], 64, 3)
             if n < 20:
                 after = Ring(names[:n + 1], 64, 3)
-                ratios.append(moved_replicas(before, after) / _added_minimum(64, 3, n + 1, n))
-            if n >= 4:
-                for k in range(0, n, 3):
-                    after = Ring(names[:k] + names[k + 1:n], 64, 3)
-                    ratios.append(moved_replicas(before, after)
-                                  / _removed_minimum(before, names[k], 3))
-    ratios.sort()
-    assert ratios[len(ratios) // 2] <= 1.1
-    assert sum(x <= 1.5 for x in ratios) >= 0.9 * len(ratios)
-    assert ratios[-1] <= 2.5, ratios[-5:]
+                assert moved_replicas(before, after) <= 1.5 * _added_minimum(64, 3, n + 1, n)
+            for k in range(0, n, 3):
+                after = Ring(names[:k] + names[k + 1:n], 64, 3)
+                assert moved_replicas(before, after) <= 1.5 * _removed_minimum(
+                    before, names[k], 3), (n, k)
 
 
 def test_moves_lists_added_and_removed_replicas_per_partition():
@@ -328,6 +322,6 @@ def test_placement_is_fixed_across_versions():
     """Golden: a change to the placement would move replicas on upgrade."""
     ring = Ring(["n1", "n2", "n3", "n4", "n5"], 8, 3)
     assert ring.placement() == (
-        ("n1", "n3", "n2"), ("n3", "n1", "n5"), ("n4", "n1", "n5"), ("n2", "n1", "n5"),
-        ("n4", "n3", "n5"), ("n3", "n4", "n1"), ("n2", "n3", "n5"), ("n5", "n3", "n1"),
+        ("n1", "n3", "n2"), ("n3", "n1", "n5"), ("n1", "n4", "n5"), ("n2", "n1", "n5"),
+        ("n4", "n3", "n5"), ("n4", "n1", "n3"), ("n2", "n5", "n3"), ("n5", "n1", "n4"),
     )

@@ -3,9 +3,12 @@ on both sides, and preferred leaders spread evenly. A pure function of
 (sorted members, P, R): no state from earlier placements, no randomness.
 
 1. Natural placement: every partition takes the R members with the highest
-   affinity (rendezvous hashing). This alone moves the minimum on a
-   membership change, but a member's share is binomial, so at P = 64 and
-   N = 20 some members hold 1.5x their fair share R*P/N and others 0.4x.
+   score (rendezvous hashing). A pair's score is the rank of the partition
+   among all P by the member's affinity for it (then the affinity itself), so
+   every member brings the same scores. Rendezvous moves the minimum on a
+   membership change, but a member's share is random: with raw affinities at
+   P = 64 and N = 20 some members hold 1.5x their fair share R*P/N and others
+   0.4x; ranks halve that spread.
 2. Bounded loads (after Mirrokni, Thorup and Zadimoghaddam's consistent
    hashing with bounded loads, solved as a min-cost flow instead of by walking
    a ring): while a member holds more than ``upper`` replicas (1.25x fair),
@@ -53,7 +56,15 @@ def place(members: tuple[str, ...], partitions: int, replication: int) -> tuple[
     n = len(members)
     r = min(replication, n)
     node_h = [node_hash(m) for m in members]
-    scores = [affinity_row(partition_hash(p), node_h) for p in range(partitions)]
+    raw = [affinity_row(partition_hash(p), node_h) for p in range(partitions)]
+    # Each member ranks the partitions by affinity and a pair's score leads with
+    # that rank: every member then has the same spread of scores (0 .. P-1), which
+    # halves the spread of the natural loads, so the bounds bind for few members.
+    # A pair's score still depends only on (partition, member, P).
+    scores = [[0] * n for _ in range(partitions)]
+    for i in range(n):
+        for rank, p in enumerate(sorted(range(partitions), key=lambda p, i=i: raw[p][i])):
+            scores[p][i] = (rank << 53) | raw[p][i]
     everyone = range(n)
     ranked = [sorted(everyone, key=lambda i, row=row: (-row[i], i)) for row in scores]
     holders = [set(order[:r]) for order in ranked]
