@@ -63,10 +63,12 @@ def place(members: tuple[str, ...], partitions: int, replication: int) -> tuple[
     # A pair's score still depends only on (partition, member, P).
     scores = [[0] * n for _ in range(partitions)]
     for i in range(n):
-        for rank, p in enumerate(sorted(range(partitions), key=lambda p, i=i: raw[p][i])):
-            scores[p][i] = (rank << 53) | raw[p][i]
+        column = [row[i] for row in raw]
+        for rank, p in enumerate(sorted(range(partitions), key=column.__getitem__)):
+            scores[p][i] = (rank << 53) | column[p]
     everyone = range(n)
-    ranked = [sorted(everyone, key=lambda i, row=row: (-row[i], i)) for row in scores]
+    # highest score first; equal scores (never seen) keep member order: sorted is stable
+    ranked = [sorted(everyone, key=row.__getitem__, reverse=True) for row in scores]
     holders = [set(order[:r]) for order in ranked]
     if r < n:
         candidates = [order[:CANDIDATES] for order in ranked]
