@@ -12,19 +12,20 @@ on both sides, and preferred leaders spread evenly. A pure function of
 2. Bounded loads (after Mirrokni, Thorup and Zadimoghaddam's consistent
    hashing with bounded loads, solved as a min-cost flow instead of by walking
    a ring): while a member holds more than ``upper`` replicas (1.25x fair),
-   the replica whose move costs the least affinity goes to a member under
+   the replica whose move costs the least score goes to a member under
    ``upper``, along the cheapest chain of moves (Bellman-Ford over members);
    then, while one holds fewer than ``lower`` (0.5x fair), the cheapest chain
    brings it one from a member above ``lower``. Starting from the
    unconstrained optimum and augmenting along cheapest paths keeps the
-   placement the maximum-affinity one within the bounds, and such an optimum
+   placement close to the highest-score one within the bounds, and that
    changes little when a member comes or goes: mostly the newcomer's own
-   share, or the leaver's.
+   share, or the leaver's. Each augmentation removes one replica of excess
+   or deficit and creates none, so the loop ends.
 3. Leaders: each partition's first replica is its preferred leader. Start
-   from the replica with the highest affinity; while a member leads more than
+   from the replica with the highest score; while a member leads more than
    ceil(P/N) partitions, hand one lead over along a breadth-first chain of
    partitions to a member under the cap (cap + 1 only if no chain exists).
-   The other replicas follow in affinity order.
+   The other replicas follow in score order.
 """
 
 from __future__ import annotations
