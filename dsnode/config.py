@@ -22,6 +22,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dsnode.core.ring.ring import (
+    PARTITIONS_DEFAULT,
+    PARTITIONS_MAX,
+    REPLICATION_DEFAULT,
+    REPLICATION_MAX,
+)
+
 NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ENV_PREFIX = "DSNODE_"
 DEFAULT_PORT = 7379
@@ -172,6 +179,17 @@ class NodeConfig(BaseModel):
     )
     snapshot_interval_slots: int = Field(
         default=4096, ge=1, description="Paxos slots between state-machine snapshots"
+    )
+
+    # partitioning (issue 8): take effect with the partitioned build; not used yet
+    partitions: int = Field(
+        default=PARTITIONS_DEFAULT, ge=1, le=PARTITIONS_MAX,
+        description="partitions of the cluster, fixed when it is created (recorded in the "
+        "data directory; a later start with another value is refused); not used yet",
+    )
+    replication: int = Field(
+        default=REPLICATION_DEFAULT, ge=1, le=REPLICATION_MAX,
+        description="replicas of each partition, capped by the cluster size; not used yet",
     )
 
     # time

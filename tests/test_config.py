@@ -55,6 +55,13 @@ def test_every_setting_has_an_env_var_and_a_toml_key(tmp_path):
         ({}, {}, "fsync = 1\n", "fsync"),
         ({}, {}, "node_id = \n", "not valid TOML"),
         ({"max_frame_bytes": "0"}, {}, None, "max_frame_bytes"),
+        ({"partitions": "0"}, {}, None, "partitions"),
+        ({"partitions": "4097"}, {}, None, "partitions"),
+        ({}, {"DSNODE_PARTITIONS": "many"}, None, "partitions"),
+        ({}, {}, "partitions = 64.5\n", "partitions"),
+        ({"replication": "0"}, {}, None, "replication"),
+        ({"replication": "17"}, {}, None, "replication"),
+        ({}, {}, 'replication = "3"\n', "replication"),
     ],
 )
 def test_bad_configuration_is_one_line_naming_the_setting(tmp_path, flags, env, toml, needle):
@@ -73,3 +80,13 @@ def test_missing_config_file_is_an_error(tmp_path):
 def test_ms_settings_convert_to_ticks_once():
     c = load_config({"tick_interval_ms": "10", "election_timeout_ms": "505"}, {})
     assert c.ticks(c.election_timeout_ms) == 50 and c.ticks(1) == 1
+
+
+def test_partitions_and_replication_default_to_64_and_3_and_take_every_source(tmp_path):
+    """Issue 8: P (default 64, 1..4096) and R (default 3, 1..16); not used by the node yet."""
+    c = load_config({}, {})
+    assert (c.partitions, c.replication) == (64, 3)
+    f = write(tmp_path, "partitions = 256\nreplication = 5\n")
+    assert (load_config({}, {}, f).partitions, load_config({}, {}, f).replication) == (256, 5)
+    c = load_config({"partitions": "4096"}, {"DSNODE_REPLICATION": "1"}, f)
+    assert (c.partitions, c.replication) == (4096, 1)
