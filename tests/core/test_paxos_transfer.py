@@ -108,13 +108,13 @@ def test_a_stale_timeout_now_is_ignored():
 
 def test_preferred_leader_takes_over_once_caught_up_and_alive():
     """Preference order b, c, a: a wins the first election, then hands over to b after
-    two election timeouts; with b cut off it goes to c instead."""
+    three election timeouts; with b cut off it goes to c instead."""
     cfg = dataclasses.replace(CFG, prefer_leader=True)
     c = Cluster(cfg, groups={0: ("b", "c", "a")})
     c.elect("a")
     c.nodes["a"].propose(0, "w", Put(b"k", b"v"), request_id=("cl", 1))
     c.settle()
-    c.tick(2 * cfg.election_timeout_ticks + cfg.heartbeat_interval_ticks)
+    c.tick(3 * cfg.election_timeout_ticks + cfg.heartbeat_interval_ticks)
     assert _leader(c) == ["b"]
     c.cut = {"b"}
     for _ in range(10 * cfg.election_timeout_ticks):

@@ -39,6 +39,20 @@ def test_sim_five_nodes_three_groups(seed):
     _run(seed, SimConfig(nodes=5, groups=3, replicas=3))
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_sim_many_partitions_on_five_nodes(seed):
+    """P = 16 groups of R = 3 on 5 nodes (issue 8.9): crashes, pauses and cuts hit
+    several groups at once; transfers, preferred leaders and quiescence in the swarm;
+    every group is checked for safety, convergence and a leader after the heal."""
+    _run(seed, SimConfig(nodes=5, groups=16, replicas=3, clients=8, keys=24))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(20, 500))
+def test_sim_many_partitions_on_five_nodes_slow(seed):
+    _run(seed, SimConfig(nodes=5, groups=16, replicas=3, clients=8, keys=24))
+
+
 def test_sim_replays_a_seed_exactly():
     """Every random choice derives from the seed: two runs are identical."""
     a, b = SimWorld(11), SimWorld(11)

@@ -52,7 +52,7 @@ class PaxosConfig:
     lease_ticks: int = 0
     # each group's leader hands leadership over (TimeoutNow, no election timeout) to the
     # first member in the group's preference order (its ring order) that answers it and
-    # has acknowledged everything chosen, once it has led for two election timeouts
+    # has acknowledged everything chosen, once it has led for three election timeouts
     prefer_leader: bool = False
     # an idle group whose live members have everything stops its heartbeats (both
     # ways) until it has work; its followers rely on the leader node's NodeHeartbeat,

@@ -81,6 +81,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         # node-level liveness (``PaxosNode.peer_alive``); alone, a group trusts only itself
         self.alive: Callable[[str], bool] = alive or (lambda m: m == node_id)
         self.quiesced = False
+        self.quiet_seq = 0  # the read round of the leader's quiesce heartbeats
         self.acceptor = acceptor_cls(group)
         self.log = Log()
         self.sm = DedupKV()
@@ -277,8 +278,11 @@ class PaxosGroup(LeaderSide, CatchUp):
                 others = [m for m in self.members if m != self.me]
                 if others:
                     self._send_catchup(self.rng.choice(others))
-            if not self.quiesced and self.now - self.last_heartbeat >= cfg.heartbeat_interval_ticks:
-                self._heartbeat(retransmit=True)
+            if self.now - self.last_heartbeat >= cfg.heartbeat_interval_ticks:
+                if not self.quiesced:
+                    self._heartbeat(retransmit=True)
+                else:
+                    self._send_quiesce()  # to live members that did not ack it yet
             fresh = sum(1 for m in self.members if self._member_fresh(m))
             if fresh < self.quorum:
                 self.become_follower()
@@ -286,8 +290,7 @@ class PaxosGroup(LeaderSide, CatchUp):
                 self._leader_catchup()
                 self._tend_transfer()
                 if self.role is Role.LEADER:  # (a transfer may have just ended it)
-                    if cfg.lease_ticks:
-                        p.forget_rounds(p.confirmed_seq(self.members, self.quorum))
+                    p.forget_rounds(p.confirmed_seq(self.members, self.quorum))
                     if cfg.quiesce and not self.quiesced and self._idle():
                         self._quiesce()
         elif self.quiesced and self.leader_hint is not None and self.alive(self.leader_hint):
@@ -437,14 +440,23 @@ class PaxosGroup(LeaderSide, CatchUp):
         return caught_up >= self.quorum
 
     def _quiesce(self) -> None:
+        """Go quiet: a quiesce heartbeat in a round of its own, sent again each
+        heartbeat interval to every live member that has not acknowledged it (a
+        member that missed it would time out and disturb the group); then silence."""
         p = self.proposer
         self.quiesced = True
-        self.last_heartbeat = self.now
-        msg = Accept(self.group, self.ballot, (), self.log.chosen_through, p.read_seq, True)
-        for m in self.members:
-            if m != self.me:
-                self._send(m, msg)
+        p.new_round(self.now)
+        self.quiet_seq = p.read_seq
+        self._send_quiesce()
         self.out.dropped["quiesced"] += 1
+
+    def _send_quiesce(self) -> None:
+        p = self.proposer
+        msg = Accept(self.group, self.ballot, (), self.log.chosen_through, self.quiet_seq, True)
+        for m in self.members:
+            if m != self.me and p.acked_seq.get(m, 0) < self.quiet_seq and self.alive(m):
+                self.last_heartbeat = self.now
+                self._send(m, msg)
 
     def _wake(self) -> None:
         """A quiesced leader has work, or a member that did not hear the quiesce asks
@@ -509,6 +521,9 @@ class PaxosGroup(LeaderSide, CatchUp):
         self._send(target, TimeoutNow(self.group, self.ballot))
         self.become_follower()
         self.leader_hint = target
+        # give the handover (a message, phase 1, the first heartbeat) time before
+        # this node's own election timer may fire
+        self.timeout += self.cfg.election_timeout_ticks
         self.out.dropped["leadership_transferred"] += 1
 
     def _tend_transfer(self) -> None:
@@ -521,7 +536,7 @@ class PaxosGroup(LeaderSide, CatchUp):
                 self.transfer = None
                 self.out.dropped["leadership_transfer_abandoned"] += 1
             return
-        if not cfg.prefer_leader or self.now - self.leader_since < 2 * cfg.election_timeout_ticks:
+        if not cfg.prefer_leader or self.now - self.leader_since < 3 * cfg.election_timeout_ticks:
             return
         p = self.proposer
         for m in self.preferred:
@@ -564,6 +579,8 @@ class PaxosGroup(LeaderSide, CatchUp):
         reply = self.acceptor.on_prepare(
             m, self.out.persist, self.log.chosen_through, self.cfg.message_bytes_max
         )
+        if reply.ok and m.transfer_from and m.transfer_from == self.leader_hint:
+            self.elapsed = 0  # our leader handed over: give its successor time
         if (
             reply.ok
             and frm != self.me
