@@ -9,6 +9,7 @@ from dsnode.core.effects import Reply
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.group import PaxosGroup
 from dsnode.core.paxos.messages import Ballot
+from dsnode.core.paxos.statemachine import DedupKV
 
 
 class ForgetfulAcceptor(Acceptor):
@@ -67,7 +68,21 @@ class AnswersAnyValueGroup(PaxosGroup):
         return True
 
 
-BROKEN_GROUPS = {"answers-any-value": AnswersAnyValueGroup}
+class IdBlindKV(DedupKV):
+    """Ignores request ids: a retried write whose first attempt was applied takes
+    effect again."""
+
+    __slots__ = ()
+
+    def apply(self, rid, cmd, index):
+        return super().apply(None, cmd, index)
+
+
+class IdBlindGroup(PaxosGroup):
+    sm_cls = IdBlindKV
+
+
+BROKEN_GROUPS = {"answers-any-value": AnswersAnyValueGroup, "id-blind-dedup": IdBlindGroup}
 
 # variants of the world itself: "trusting-peers" admits a node whatever it lost
 # (no identity gate), so a wiped or rolled-back acceptor votes again

@@ -145,3 +145,16 @@ def test_sim_catches_a_leader_answering_with_another_leaders_value():
     error = _stale_leader_learns_by_catch_up(AnswersAnyValueGroup)
     assert "acknowledged write lost" in error or "not linearizable" in error, error
     assert _stale_leader_learns_by_catch_up(PaxosGroup) == ""
+
+
+def test_sim_catches_a_state_machine_that_applies_a_retried_request_id_twice():
+    """Client retries reuse their request id; a state machine that ignores ids
+    (IdBlindKV) lets a retried write take effect a second time. The exactly-once
+    check (the applied log replayed with each id applied once) must see it."""
+    base = SimConfig()
+    for seed in SEARCH:
+        res = SimWorld(seed, configure(base, "id-blind-dedup")).run()
+        if not res.ok:
+            assert "took effect twice or never" in res.error, res.error
+            return
+    pytest.fail(f"no seed in {SEARCH} caught id-blind-dedup")
