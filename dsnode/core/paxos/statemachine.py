@@ -24,7 +24,7 @@ Rules for a command with a request id, at log index ``index``:
    ``expired`` answer (an earlier attempt may have been applied and then
    forgotten along with its client).
 4. Otherwise the command is applied and its result remembered. A new client's
-   floor is 0 while no client was ever dropped, else ``seq - 1``, so that a
+   floor is -1 (none) while no client was ever dropped, else ``seq - 1``, so that a
    re-created record can never re-admit a request its dropped record held.
 
 So a command is never applied twice for one ``(client_id, seq)``.
@@ -126,7 +126,7 @@ class DedupKV:
         if w is None:
             if retry and self.forgotten:
                 return _expired()  # rule 3
-            w = ClientWindow(seq - 1 if self.forgotten else 0, index)
+            w = ClientWindow(seq - 1 if self.forgotten else -1, index)
         else:
             del clients[client]  # re-inserted below: most recently active last
         clients[client] = w
