@@ -467,6 +467,8 @@ class Client:
         """Whether writes carry ``client_id``/``seq`` (turned off if the server refuses them)."""
         self.client_id = os.urandom(CLIENT_ID_BYTES)
         self._seqs = itertools.count(1)
+        self.write_retries = 0
+        """Writes sent again with their request id after an unknown outcome."""
         self._packer = msgpack.Packer(use_bin_type=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -650,6 +652,7 @@ class Client:
                     if not (with_id and exc.code in _ID_RETRY_CODES):
                         raise
                     msg["retry"] = True  # the same id again: applied at most once
+                    self.write_retries += 1
                 elif not exc.retryable or exc.code not in _RETRY_CODES or self._closed:
                     exc.indeterminate = maybe_applied
                     raise
