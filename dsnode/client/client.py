@@ -547,7 +547,8 @@ class Client:
     ) -> PutResult:
         """Write ``key`` = ``value``; with ``if_version``, only if the current version equals
         it (0: only if absent). A failed condition is a result (``succeeded=False``), not an
-        error. Never re-sent once possibly delivered (see the retry rule)."""
+        error. Sent again after an unknown outcome only with its request id (see the retry
+        rule and request ids above)."""
         msg: dict[str, Any] = {
             "op": "put",
             "key": _to_bytes(key, "key"),
