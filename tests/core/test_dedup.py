@@ -206,3 +206,31 @@ def test_expired_answers_are_indeterminate_errors_not_results():
     sm.apply([C, 2], put(b"k"), 2)
     err = sm.apply([C, 1, True], put(b"k"), 3)[ERROR_KEY]
     assert err[0] == "expired" and "cannot tell" in err[1] and err[2] is True
+
+
+@pytest.mark.parametrize("window", [1, 15, 16, 70_000])
+@pytest.mark.parametrize("step", [1, 7, 100_000])
+def test_snapshot_writer_encodes_the_table_in_steps_to_the_one_shot_bytes(window, step):
+    """Across msgpack's array header sizes (fixarray, array 16, array 32), any step
+    size, a client whose results all expired (an empty row), and a snapshot captured
+    before later applies change the table."""
+    if window == 70_000 and step == 1:
+        pytest.skip("covered by step 7; 70k single steps are slow")
+    limits = DedupLimits(window_max=window, entries_max=200_000, age_slots=100_000)
+    sm = DedupKV(limits)
+    sm.apply([b"old", 1], put(b"o"), 1)
+    sm.apply([b"old", 2], put(b"o"), 2)
+    n = min(window + 3, 70_003)
+    for seq in range(1, n + 1):
+        sm.apply([b"a", seq], put(b"k%d" % (seq % 50)), seq)
+    sm.apply([b"old", 1, True], put(b"o"), n + 1)  # a cache hit keeps the client active
+    sm.apply([b"b", 1], put(b"x"), n + 2)
+    assert is_expired(sm.apply([b"old", 2, True], put(b"o"), 100_003))  # all expired
+    assert not sm.clients[b"old"].results and sm.clients[b"old"].floor == 2
+    expected = sm.snapshot()
+    w = sm.snapshot_writer()
+    sm.apply([b"a", n + 1], put(b"later"), 100_004)  # after capture: not in the snapshot
+    while not w.step(step):
+        pass
+    assert w.result() == expected
+    assert DedupKV.restore(expected, limits).dedup_state()[1][0][3][-1][0] == n

@@ -32,6 +32,9 @@ So a command is never applied twice for one ``(client_id, seq)``.
 
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import msgpack
@@ -83,20 +86,23 @@ class ClientWindow:
     def __init__(self, floor: int, last: int) -> None:
         self.floor = floor  # every seq <= floor not in results is forgotten
         self.last = last  # log index of this client's latest command
-        # seq -> (log index applied at, result), in the order applied (oldest first)
-        self.results: dict[int, tuple[int, dict]] = {}
+        # seq -> (log index applied at, result), in the order applied (oldest first); an
+        # OrderedDict, as a plain dict used as a queue slows down taking from its front
+        self.results: OrderedDict[int, tuple[int, dict]] = OrderedDict()
 
 
 class DedupKV:
-    __slots__ = ("kv", "clients", "entries", "forgotten", "limits", "cluster_uuid")
+    __slots__ = ("kv", "clients", "entries", "forgotten", "limits", "cluster_uuid",
+                 "_expiry_index")
 
     def __init__(self, limits: DedupLimits | None = None) -> None:
         self.kv = KVStore()
         self.limits = limits or DedupLimits()
         # client -> its window, least recently active first
-        self.clients: dict[object, ClientWindow] = {}
+        self.clients: OrderedDict[object, ClientWindow] = OrderedDict()
         self.entries = 0  # results held over all clients
         self.forgotten = 0  # clients dropped whole so far (rule 3)
+        self._expiry_index = 0  # the log index expiry was last checked at
         self.cluster_uuid: str | None = None  # from the Form command (the metadata group)
 
     def apply_value(self, value: bytes, index: int) -> list[dict]:
@@ -116,32 +122,35 @@ class DedupKV:
             return {"cluster_uuid": self.cluster_uuid}
         if rid is None:
             return self.kv.apply(cmd)
-        client, seq = rid[0], rid[1]
-        retry = len(rid) > 2 and bool(rid[2])
-        if isinstance(client, list):
-            client = tuple(client)  # a key must be hashable (msgpack gives lists)
-        self._expire_clients(index)
+        client, seq = rid[0], rid[1]  # client: bytes from the wire (str in the simulator)
+        limits = self.limits
+        cutoff = index - limits.age_slots  # anything applied before it has expired
         clients = self.clients
+        # Expiry moves only with the log index: checked once per entry (and per client).
+        if index != self._expiry_index:
+            self._expiry_index = index
+            if clients and next(iter(clients.values())).last < cutoff:
+                self._expire_clients(cutoff)
         w = clients.get(client)
         if w is None:
-            if retry and self.forgotten:
+            if self.forgotten and len(rid) > 2 and rid[2]:
                 return _expired()  # rule 3
-            w = ClientWindow(seq - 1 if self.forgotten else -1, index)
-        else:
-            del clients[client]  # re-inserted below: most recently active last
-        clients[client] = w
-        w.last = index
-        self._expire_results(w, index)
-        seen = w.results.get(seq)
+            w = clients[client] = ClientWindow(seq - 1 if self.forgotten else -1, index)
+        elif w.last != index:
+            clients.move_to_end(client)  # most recently active last
+            w.last = index
+            if w.results and next(iter(w.results.values()))[0] < cutoff:
+                self._expire_results(w, cutoff)
+        results = w.results
+        seen = results.get(seq)
         if seen is not None:
             return seen[1]  # rule 1
         if seq <= w.floor:
             return _expired()  # rule 2
         result = self.kv.apply(cmd)
-        w.results[seq] = (index, result)
+        results[seq] = (index, result)
         self.entries += 1
-        limits = self.limits
-        if len(w.results) > limits.window_max:
+        if len(results) > limits.window_max:
             self._drop_oldest(w)
         while self.entries > limits.entries_max:
             self._drop_oldest(next(v for v in clients.values() if v.results))
@@ -151,8 +160,7 @@ class DedupKV:
 
     # ------------------------------------------------------------ bounds
     def _drop_oldest(self, w: ClientWindow) -> None:
-        seq = next(iter(w.results))
-        del w.results[seq]
+        seq = w.results.popitem(last=False)[0]
         self.entries -= 1
         if seq > w.floor:
             w.floor = seq
@@ -162,14 +170,12 @@ class DedupKV:
         self.entries -= len(w.results)
         self.forgotten += 1
 
-    def _expire_results(self, w: ClientWindow, index: int) -> None:
-        cutoff = index - self.limits.age_slots
+    def _expire_results(self, w: ClientWindow, cutoff: int) -> None:
         results = w.results
         while results and next(iter(results.values()))[0] < cutoff:
             self._drop_oldest(w)
 
-    def _expire_clients(self, index: int) -> None:
-        cutoff = index - self.limits.age_slots
+    def _expire_clients(self, cutoff: int) -> None:
         clients = self.clients
         while clients:
             client, w = next(iter(clients.items()))
@@ -193,7 +199,8 @@ class DedupKV:
 
     def snapshot_writer(self) -> DedupSnapshotWriter:
         """Capture the state now (shallow copies); encode it later, step by step."""
-        return DedupSnapshotWriter(self.kv.snapshot_writer(), self._table(), self.cluster_uuid,
+        rows = [(c, w.floor, w.last, dict(w.results)) for c, w in self.clients.items()]
+        return DedupSnapshotWriter(self.kv.snapshot_writer(), rows, self.cluster_uuid,
                                    self.forgotten)
 
     def _table(self) -> list[list]:
@@ -217,7 +224,7 @@ class DedupKV:
             sm.forgotten = parts[3]
             for c, floor, last, results in parts[1]:
                 w = ClientWindow(floor, last)
-                w.results = {s: (i, r) for s, i, r in results}
+                w.results = OrderedDict((s, (i, r)) for s, i, r in results)
                 clients[_client_key(c)] = w
                 sm.entries += len(w.results)
         else:
@@ -247,21 +254,27 @@ class DedupSnapshotWriter:
     :meth:`DedupKV.snapshot` at capture time
     (``[kv_blob, table, cluster_uuid, forgotten]``).
 
-    ``step(n)`` encodes up to ``n`` KV entries; the step after the last entry
-    only joins the pieces (one copy) and encodes the dedup table. The shell
-    calls ``step`` once per event-loop turn until it returns True, then hands
-    :meth:`result` to the core's ``snapshot_ready``.
+    ``step(n)`` encodes up to ``n`` KV entries, and once they are done up to ``n``
+    results of the dedup table; the step after the last one only joins the pieces
+    (one copy). The shell calls ``step`` once per event-loop turn until it returns
+    True, then hands :meth:`result` to the core's ``snapshot_ready``.
     """
 
-    __slots__ = ("_kv", "_table", "_uuid", "_forgotten", "_blob")
+    __slots__ = ("_kv", "_rows", "_uuid", "_forgotten", "_blob", "_table", "_row", "_left",
+                 "_items", "_pack")
 
-    def __init__(self, kv: SnapshotWriter, table: list[list], uuid: str | None,
+    def __init__(self, kv: SnapshotWriter, rows: list[tuple], uuid: str | None,
                  forgotten: int) -> None:
         self._kv = kv
-        self._table = table
+        self._rows = rows  # (client, floor, last, {seq: (index, result)}), copies
         self._uuid = uuid
         self._forgotten = forgotten
         self._blob: bytes | None = None
+        self._table: list[bytes] | None = None  # the table's encoded pieces so far
+        self._row = 0  # next row to encode
+        self._left = 0  # results of that row still to encode
+        self._items: Iterator | None = None  # over them
+        self._pack = msgpack.Packer(use_bin_type=True).pack
 
     def step(self, max_entries: int) -> bool:
         if self._blob is not None:
@@ -269,17 +282,55 @@ class DedupSnapshotWriter:
         if self._kv.remaining:
             self._kv.step(max_entries)
             return False
+        rows = self._rows
+        if self._table is None:
+            self._table = [_array_header(len(rows))]
+            if rows:
+                return False
+        if self._row < len(rows):
+            self._encode_rows(max_entries)
+            return False
         parts = self._kv.parts()
         kv_len = sum(map(len, parts))
         head = b"\x94" + _bin_header(kv_len)  # fixarray of 4, then the KV blob as bin
-        tail = msgpack.packb([self._table, self._uuid, self._forgotten], use_bin_type=True)
-        # the three trailing items, without the array header packb put in front of them
-        self._blob = b"".join([head, *parts, tail[1:]])
+        pack = self._pack
+        tail = pack(self._uuid) + pack(self._forgotten)
+        self._blob = b"".join([head, *parts, *self._table, tail])
         self._kv = None  # type: ignore[assignment]  # free the pieces
+        self._rows = []
         self._table = []
         return True
+
+    def _encode_rows(self, budget: int) -> None:
+        """Encode up to ``budget`` results (and the rows they belong to)."""
+        rows, out, pack = self._rows, self._table, self._pack
+        assert out is not None
+        while self._row < len(rows) and budget > 0:
+            if self._items is None:  # the row's head: [client, floor, last, [...]]
+                client, floor, last, results = rows[self._row]
+                out.append(b"\x94" + pack(client) + pack(floor) + pack(last)
+                           + _array_header(len(results)))
+                self._items = iter(results.items())
+                self._left = len(results)
+            n = min(budget, self._left)
+            out.extend([pack([seq, index, result])
+                        for seq, (index, result) in itertools.islice(self._items, n)])
+            budget -= n
+            self._left -= n
+            if not self._left:
+                self._row += 1
+                self._items = None
 
     def result(self) -> bytes:
         if self._blob is None:
             raise ValueError("snapshot not fully encoded")
         return self._blob
+
+
+def _array_header(n: int) -> bytes:
+    """The msgpack array header for ``n`` items (spec: fixarray/array 16/array 32)."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
