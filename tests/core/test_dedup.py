@@ -9,6 +9,7 @@ import random
 
 import msgpack
 import pytest
+from test_paxos_node import NODES, Cluster
 
 from dsnode.core.commands import Put
 from dsnode.core.kv.store import ERROR_KEY
@@ -234,3 +235,28 @@ def test_snapshot_writer_encodes_the_table_in_steps_to_the_one_shot_bytes(window
         pass
     assert w.result() == expected
     assert DedupKV.restore(expected, limits).dedup_state()[1][0][3][-1][0] == n
+
+
+def test_leader_answers_an_expired_retry_with_an_indeterminate_error_on_every_replica():
+    """Through Paxos: replicas apply the same entries and agree on the table; the
+    leader answers a retry of a dropped id with ``expired``, indeterminate, and the
+    store is unchanged."""
+    c = Cluster()
+    for n in NODES:
+        c.nodes[n].groups[0].sm = DedupKV(DedupLimits(window_max=1))
+    c.elect("a")
+    c.nodes["a"].propose(0, "t1", put(b"k"), request_id=(b"cl", 1))
+    c.settle()
+    c.nodes["a"].propose(0, "t2", put(b"k"), request_id=(b"cl", 2))
+    c.settle()
+    c.nodes["a"].propose(0, "t3", put(b"k"), request_id=(b"cl", 1, True))
+    c.settle()
+    replies = {r.token: r for r in c.replies["a"]}
+    assert replies["t1"].result["version"] == 1 and replies["t2"].result["version"] == 2
+    assert replies["t3"].result is None
+    code, message, indeterminate = replies["t3"].error
+    assert code == "expired" and indeterminate is True and "cannot tell" in message
+    c.tick(3)  # heartbeats carry the commit point: followers apply the last entry too
+    states = {repr(c.nodes[n].groups[0].sm.dedup_state()) for n in NODES}
+    assert len(states) == 1
+    assert {c.nodes[n].groups[0].sm.kv.revision for n in NODES} == {2}
