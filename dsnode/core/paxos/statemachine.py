@@ -33,7 +33,7 @@ So a command is never applied twice for one ``(client_id, seq)``.
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -81,14 +81,15 @@ def _expired() -> dict:
 class ClientWindow:
     """One client's part of the table."""
 
-    __slots__ = ("floor", "last", "results")
+    __slots__ = ("floor", "last", "results", "order")
 
     def __init__(self, floor: int, last: int) -> None:
         self.floor = floor  # every seq <= floor not in results is forgotten
         self.last = last  # log index of this client's latest command
-        # seq -> (log index applied at, result), in the order applied (oldest first); an
-        # OrderedDict, as a plain dict used as a queue slows down taking from its front
-        self.results: OrderedDict[int, tuple[int, dict]] = OrderedDict()
+        # seq -> (log index applied at, result), in the order applied (oldest first), and
+        # that order again as a queue (a dict is slow to take from at its front)
+        self.results: dict[int, tuple[int, dict]] = {}
+        self.order: deque[int] = deque()
 
 
 class DedupKV:
@@ -139,7 +140,7 @@ class DedupKV:
         elif w.last != index:
             clients.move_to_end(client)  # most recently active last
             w.last = index
-            if w.results and next(iter(w.results.values()))[0] < cutoff:
+            if w.order and w.results[w.order[0]][0] < cutoff:
                 self._expire_results(w, cutoff)
         results = w.results
         seen = results.get(seq)
@@ -149,6 +150,7 @@ class DedupKV:
             return _expired()  # rule 2
         result = self.kv.apply(cmd)
         results[seq] = (index, result)
+        w.order.append(seq)
         self.entries += 1
         if len(results) > limits.window_max:
             self._drop_oldest(w)
@@ -160,7 +162,8 @@ class DedupKV:
 
     # ------------------------------------------------------------ bounds
     def _drop_oldest(self, w: ClientWindow) -> None:
-        seq = w.results.popitem(last=False)[0]
+        seq = w.order.popleft()
+        del w.results[seq]
         self.entries -= 1
         if seq > w.floor:
             w.floor = seq
@@ -171,8 +174,8 @@ class DedupKV:
         self.forgotten += 1
 
     def _expire_results(self, w: ClientWindow, cutoff: int) -> None:
-        results = w.results
-        while results and next(iter(results.values()))[0] < cutoff:
+        results, order = w.results, w.order
+        while order and results[order[0]][0] < cutoff:
             self._drop_oldest(w)
 
     def _expire_clients(self, cutoff: int) -> None:
@@ -224,13 +227,15 @@ class DedupKV:
             sm.forgotten = parts[3]
             for c, floor, last, results in parts[1]:
                 w = ClientWindow(floor, last)
-                w.results = OrderedDict((s, (i, r)) for s, i, r in results)
+                w.results = {s: (i, r) for s, i, r in results}
+                w.order.extend(w.results)
                 clients[_client_key(c)] = w
                 sm.entries += len(w.results)
         else:
             for c, s, r in parts[1]:
                 w = ClientWindow(s - 1, 0)
                 w.results[s] = (0, r)
+                w.order.append(s)
                 clients[_client_key(c)] = w
                 sm.entries += 1
         return sm
