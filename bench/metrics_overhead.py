@@ -92,10 +92,14 @@ class Scraper(threading.Thread):
             self.halt.wait(max(0.0, next_at - time.monotonic()))
 
 
-def one_run(work: Path, n: int, mode: str, args: argparse.Namespace, cmd: list[str]) -> dict:
+def one_run(work: Path, n: int, mode: str, args: argparse.Namespace, cmd: list[str],
+            bench_extra: tuple[str, ...] = (), label: str | None = None) -> dict:
+    """One fresh node under ``dsnode bench`` (puts only; ``bench_extra`` appended to its
+    flags); ``mode`` "on" adds the scraped admin listener. Also used by
+    request_ids_overhead.py, which names its modes with ``label``."""
     port = free_port()
     addr = f"127.0.0.1:{port}"
-    name = f"{mode}-{n}"
+    name = f"{label or mode}-{n}"
     argv = [*cmd, "serve", "--node-id", "n1", "--listen", addr, "--peers", f"n1={addr}",
             "--data-dir", str(work / name), "--fsync", args.fsync]  # fmt: skip
     mport = None
@@ -114,7 +118,7 @@ def one_run(work: Path, n: int, mode: str, args: argparse.Namespace, cmd: list[s
             "--target", "dsnode", "--endpoints", addr, "--mix", "put=1",
             "--value-size", "100", "--connections", str(args.connections),
             "--inflight", str(args.inflight), "--duration", str(args.duration),
-            "--warmup", str(args.warmup), "--output", "json", "--no-progress",
+            "--warmup", str(args.warmup), "--output", "json", "--no-progress", *bench_extra,
         ]  # fmt: skip
         cpu0 = cpu_seconds(p.pid)
         res = run_dsnode_bench(bench_argv, timeout=args.duration + args.warmup + 120)
@@ -128,8 +132,8 @@ def one_run(work: Path, n: int, mode: str, args: argparse.Namespace, cmd: list[s
     # CPU the node spent per put over the whole run (warmup included, in both modes alike):
     # steadier than puts/s on a machine shared with other work.
     cpu_us = 1e6 * cpu / max(1.0, puts_s * (args.duration + args.warmup))
-    out: dict[str, Any] = {"mode": mode, "puts_s": puts_s, "cpu_us_per_put": cpu_us,
-                           "p99_us": res["latency_us"]["p99"]}
+    out: dict[str, Any] = {"mode": label or mode, "puts_s": puts_s, "cpu_us_per_put": cpu_us,
+                           "p99_us": res["latency_us"]["p99"], "errors": int(res["errors"])}
     if scraper is not None:
         out.update(scrapes=scraper.scrapes, scrape_failures=scraper.failures,
                    scrape_bytes=scraper.bytes // max(1, scraper.scrapes),
@@ -165,22 +169,33 @@ def scrape_cost(work: Path, args: argparse.Namespace, cmd: list[str], n: int = 5
             "bytes": scraper.bytes // max(1, scraper.scrapes), "failures": scraper.failures}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3, help="off/on pairs")
+def bench_parser(doc: str, pairs: str) -> argparse.ArgumentParser:
+    """The options every fresh-node A/B bench script takes (``one_run`` reads them)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3, help=f"{pairs} pairs")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per bench run")
     ap.add_argument("--warmup", type=float, default=2.0, help="warmup seconds per run")
     ap.add_argument("--inflight", type=int, default=64)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--fsync", choices=("true", "false"), default="true")
-    ap.add_argument("--scrape-interval", type=float, default=1.0)
     ap.add_argument("--dsnode-cmd", default=f"{shlex.quote(sys.executable)} -m dsnode",
                     help="command that runs the dsnode CLI (before 'serve ...')")  # fmt: skip
+    return ap
+
+
+def parse_bench_args(ap: argparse.ArgumentParser) -> tuple[argparse.Namespace, list[str]]:
+    """Parse, check, and make SIGTERM/SIGHUP clean up like Ctrl-C; returns (args, cmd)."""
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
-    cmd = shlex.split(args.dsnode_cmd)
     install_signal_handlers(signal.SIGTERM, signal.SIGHUP)
+    return args, shlex.split(args.dsnode_cmd)
+
+
+def main() -> int:
+    ap = bench_parser(__doc__, "off/on")
+    ap.add_argument("--scrape-interval", type=float, default=1.0)
+    args, cmd = parse_bench_args(ap)
     runs: list[dict] = []
     try:
         work = tmpdir("dsnode-metrics-overhead-")

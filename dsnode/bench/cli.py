@@ -179,6 +179,12 @@ def _inherit_group_settings(
     help="Afterwards, delete every key the run wrote (batched txns on one connection).",
 )
 @click.option(
+    "--request-ids",
+    is_flag=True,
+    help="dsnode: give every put and txn a client_id and seq (request ids, as the Python "
+    "client does), to measure what deduplication costs.",
+)
+@click.option(
     "--progress/--no-progress",
     default=None,
     show_default=False,
@@ -210,6 +216,7 @@ def bench_command(
     output: str,
     prefix: str,
     cleanup: bool,
+    request_ids: bool,
     progress: bool | None,
 ) -> None:
     """Benchmark a dsnode (or Redis) server with pipelined puts, gets and txns.
@@ -241,6 +248,7 @@ def bench_command(
             drain_timeout=drain_timeout,
             prefix=prefix,
             cleanup=cleanup,
+            request_ids=request_ids,
         ).validated()
     except BenchError as exc:
         raise click.UsageError(str(exc)) from None

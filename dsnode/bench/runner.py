@@ -122,6 +122,7 @@ class BenchConfig:
     drain_timeout: float = 5.0
     prefix: str = "bench/"
     cleanup: bool = False
+    request_ids: bool = False  # dsnode: writes carry client_id/seq (PROTOCOL.md)
 
     def validated(self) -> BenchConfig:
         """Check and normalise (default endpoint port, duration default, clamps)."""
@@ -441,6 +442,7 @@ async def run_process(
         token=config.token,
         connect_timeout=config.connect_timeout,
         ssl=client_ssl_context(config.cacert) if config.cacert else None,
+        request_ids=config.request_ids,
     )
     conns = [
         _Conn(

@@ -24,6 +24,7 @@ import abc
 import asyncio
 import collections
 import itertools
+import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class TargetOptions:
     connect_timeout: float = 5.0
     client_name: str = "dsnode-bench"
     ssl: Any = None  # an ssl.SSLContext for TLS, else plain TCP
+    request_ids: bool = False  # dsnode: puts and txns carry client_id/seq, as the client's do
 
 
 class Target(abc.ABC):
@@ -333,6 +335,9 @@ class DsnodeTarget(StreamTarget):
         self._get_extra: dict[str, Any] = (
             {"consistency": self.options.consistency} if self.options.consistency else {}
         )
+        # a request id per write (one client id per connection), as dsnode's client sends
+        self._client_id = os.urandom(16) if self.options.request_ids else None
+        self._seqs = itertools.count(1)
 
     async def handshake(self) -> None:
         hello: dict[str, Any] = {"op": "hello", "client": self.options.client_name}
@@ -374,8 +379,14 @@ class DsnodeTarget(StreamTarget):
         payload = self._packer.pack(msg)
         self._send(_HEADER.pack(len(payload)) + payload)
 
+    def _write_msg(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if self._client_id is not None:
+            msg["client_id"] = self._client_id
+            msg["seq"] = next(self._seqs)
+        return msg
+
     def start_put(self, key: bytes, value: bytes, done: Done) -> None:
-        self._start({"op": "put", "key": key, "value": value}, done)
+        self._start(self._write_msg({"op": "put", "key": key, "value": value}), done)
 
     def start_get(self, key: bytes, done: Done) -> None:
         self._start({"op": "get", "key": key, **self._get_extra}, done)
@@ -385,7 +396,7 @@ class DsnodeTarget(StreamTarget):
             {"op": "put", "key": k, "value": v} if op == "put" else {"op": op, "key": k}
             for op, k, v in ops
         ]
-        self._start({"op": "txn", "then": then}, done)
+        self._start(self._write_msg({"op": "txn", "then": then}), done)
 
     def data_received(self, data: bytes) -> None:
         try:

@@ -34,20 +34,32 @@ Deadlines
 
 Retry rule (the important one)
     Reads (``get``, ``status``, ``hello``) are retried within the deadline after a lost
-    connection, ``unavailable`` or ``overloaded``. A write (``put``, ``delete``, ``txn``, and
-    any op sent through :meth:`Client.request` that is not a known read) is NEVER sent again
-    once it may have reached the server: if its connection drops or its deadline passes
-    after it was written, the call raises :class:`ConnectionLost` or a :class:`Timeout` with
-    ``indeterminate=True``. A write is retried only when it provably had no effect: it was
-    never written to a socket (no connection yet, connection already closed), or the server
+    connection, ``unavailable`` or ``overloaded``. Writes are retried when they provably had
+    no effect: never written to a socket (no connection yet, connection already closed), or
     answered ``unavailable``/``overloaded`` with ``indeterminate=false``. ``conflict`` is
     never retried automatically (the caller usually wants to re-read first).
+
+Request ids (idempotent write retries)
+    ``put``, ``delete`` and ``txn`` carry a request id: ``client_id`` (16 random bytes per
+    client instance) and ``seq`` (1, 2, ... per client instance; PROTOCOL.md, "Client
+    request ids"). The server applies one id at most once and answers a repeat with the
+    first result, so a write whose connection dropped after it was written, or that was
+    answered ``unavailable`` with ``indeterminate=true``, is sent again with the same id and
+    ``retry=true`` (on the next endpoint, as a lost connection moves there) until the
+    deadline. If the server no longer knows the id it answers ``expired``
+    (:class:`Expired`, indeterminate). With ``request_ids=False``, or against a server that
+    refuses the fields (an older version: ``bad_request``, unknown field, which the client
+    then remembers), writes carry no id and are NEVER sent again once they may have reached
+    the server: a drop or a deadline after the write raises :class:`ConnectionLost` or a
+    :class:`Timeout` with ``indeterminate=True``. Other ops sent through
+    :meth:`Client.request` that are not known reads are treated like writes without an id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 import ssl as _ssl
 import threading
@@ -103,6 +115,11 @@ READ_OPS = frozenset({"get", "status", "hello"})
 """Ops that never change state, so the client may send them again."""
 
 _RETRY_CODES = frozenset({codes.UNAVAILABLE, codes.OVERLOADED, CONNECTION_LOST})
+# failures with an unknown outcome that a write with a request id may retry (same id)
+_ID_RETRY_CODES = frozenset({codes.UNAVAILABLE, CONNECTION_LOST})
+ID_WRITE_OPS = frozenset({"put", "delete", "txn"})
+"""Ops that carry a request id (``client_id``, ``seq``) unless ``request_ids=False``."""
+CLIENT_ID_BYTES = 16
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_MAX_S = 1.0
 
@@ -420,6 +437,7 @@ class Client:
         cert: str | None = None,
         key: str | None = None,
         ssl: _ssl.SSLContext | None = None,
+        request_ids: bool = True,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
@@ -445,6 +463,12 @@ class Client:
         self._preferred = 0  # index of the endpoint the next connect tries first
         self._failed_rounds = 0  # consecutive connect rounds in which every endpoint failed
         self._ids = itertools.count(1)
+        self.request_ids = request_ids
+        """Whether writes carry ``client_id``/``seq`` (turned off if the server refuses them)."""
+        self.client_id = os.urandom(CLIENT_ID_BYTES)
+        self._seqs = itertools.count(1)
+        self.write_retries = 0
+        """Writes sent again with their request id after an unknown outcome."""
         self._packer = msgpack.Packer(use_bin_type=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -523,7 +547,8 @@ class Client:
     ) -> PutResult:
         """Write ``key`` = ``value``; with ``if_version``, only if the current version equals
         it (0: only if absent). A failed condition is a result (``succeeded=False``), not an
-        error. Never re-sent once possibly delivered (see the retry rule)."""
+        error. Sent again after an unknown outcome only with its request id (see the retry
+        rule and request ids above)."""
         msg: dict[str, Any] = {
             "op": "put",
             "key": _to_bytes(key, "key"),
@@ -607,18 +632,35 @@ class Client:
             self._check_open()
         budget = self.timeout if timeout is None else timeout
         deadline = loop.time() + budget
+        with_id = write and self.request_ids and msg.get("op") in ID_WRITE_OPS
+        if with_id:
+            msg["client_id"] = self.client_id
+            msg["seq"] = next(self._seqs)
         attempt = 0
+        maybe_applied = False  # an earlier attempt may have reached the server
         while True:
             try:
                 return await self._attempt(loop, msg, deadline, budget, write)
             except DsnodeError as exc:
-                if exc.indeterminate or not exc.retryable or exc.code not in _RETRY_CODES:
-                    raise
-                if self._closed:
+                if with_id and _refuses_ids(exc):
+                    # an older server: nothing was applied; go on without ids from now on
+                    self.request_ids = with_id = False
+                    for name in ("client_id", "seq", "retry"):
+                        msg.pop(name, None)
+                    continue
+                if exc.indeterminate:
+                    maybe_applied = True
+                    if not (with_id and exc.code in _ID_RETRY_CODES):
+                        raise
+                    msg["retry"] = True  # the same id again: applied at most once
+                    self.write_retries += 1
+                elif not exc.retryable or exc.code not in _RETRY_CODES or self._closed:
+                    exc.indeterminate = maybe_applied
                     raise
                 delay = _backoff(attempt)
                 attempt += 1
-                if loop.time() + delay >= deadline:
+                if self._closed or loop.time() + delay >= deadline:
+                    exc.indeterminate = maybe_applied
                     raise
                 await asyncio.sleep(delay)
 
@@ -912,6 +954,11 @@ class _RoundFailed(Unavailable):
 
 class _AllRefused(_RoundFailed):
     """Internal: every endpoint of the round refused the connection (nothing listening)."""
+
+
+def _refuses_ids(exc: DsnodeError) -> bool:
+    """An older server's answer to a write carrying request ids."""
+    return exc.code == codes.BAD_REQUEST and "unknown field 'client_id'" in exc.message
 
 
 def _fmt_endpoint(host: str, port: int) -> str:

@@ -36,6 +36,7 @@ __all__ = [
     "Conflict",
     "Overloaded",
     "Internal",
+    "Expired",
     "ConnectionLost",
     "ConnectFailed",
     "DeadlineExceeded",
@@ -174,6 +175,18 @@ class Internal(DsnodeError):
     code = codes.INTERNAL
 
 
+class Expired(DsnodeError):
+    """A retried write whose request id the server's deduplication table had already
+    dropped: it may have been applied, the server cannot tell. Always indeterminate; not
+    retryable (the same id would get the same answer)."""
+
+    code = codes.EXPIRED
+
+    def __init__(self, message: str = "", **kw: Any) -> None:
+        kw["indeterminate"] = True
+        super().__init__(message, **kw)
+
+
 class ConnectionLost(DsnodeError):
     """The connection closed before the answer arrived (client-side; not a wire code).
 
@@ -215,6 +228,7 @@ _BY_CODE: dict[str, type[DsnodeError]] = {
         Conflict,
         Overloaded,
         Internal,
+        Expired,
     )
 }
 

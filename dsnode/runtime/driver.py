@@ -18,6 +18,14 @@ Routing (the router's job for the one group of this build): a request is
 proposed here when this node leads the group, forwarded to the leader over the
 peer connection when another node does, and parked until the deadline while no
 leader is known. ``stale`` reads are served from the local replica.
+
+A write with a request id (``Pending.dedup``, PROTOCOL.md "Client request ids")
+is re-sent, marked as a retry, when its attempt ends without a known outcome
+because the leader changed: an indeterminate ``unavailable`` from the proposer
+(local or forwarded), or a new leader while its forward to the old one is
+unanswered. The state machine applies it at most once, so the client gets its
+result instead of ``indeterminate``, as long as the deadline allows. Writes
+without an id keep the old answers.
 """
 
 from __future__ import annotations
@@ -48,7 +56,9 @@ log = get_logger("dsnode.driver")
 GROUP = 0  # the one replicated group of this build (the ring splits it later)
 
 # Runtime-level peer messages (the Paxos core's own are tagged "px.*").
-FWD = "fwd"  # [FWD, fwd_id, group, encoded command, timeout_ms]
+# [FWD, fwd_id, group, encoded command, timeout_ms] or, for a write with a request id,
+# [FWD, fwd_id, group, encoded command, timeout_ms, [client_id, seq(, retry)]]
+FWD = "fwd"
 FWD_REPLY = "fwdr"  # [FWD_REPLY, fwd_id, result | None, [code, message, indeterminate] | None]
 # [HEARTBEAT]: membership liveness from nodes that predate the core's px.node_hb (one per
 # node pair per heartbeat interval, sent by the Paxos core); still accepted, no longer sent
@@ -63,7 +73,8 @@ SNAPSHOT_ENTRIES_PER_STEP = 2048
 class Pending:
     """One client request in flight. ``done`` guards against answering twice."""
 
-    __slots__ = ("conn", "rid", "write", "done", "cmd", "deadline", "sent", "fwd_id", "bucket")
+    __slots__ = ("conn", "rid", "write", "done", "cmd", "deadline", "sent", "fwd_id", "fwd_to",
+                 "bucket", "dedup")
 
     def __init__(self, conn: Any, rid: int, write: bool) -> None:
         self.conn = conn
@@ -75,7 +86,10 @@ class Pending:
         # True once the command may have reached a proposer (so a failure is indeterminate)
         self.sent = False
         self.fwd_id = 0
+        self.fwd_to: str | None = None  # the leader it was forwarded to
         self.bucket: dict | None = None  # its timer-wheel slot, left as soon as it is answered
+        # a write's request id, [client_id, seq] or [client_id, seq, True] once re-sent
+        self.dedup: list | None = None
 
     def finish(self) -> None:
         """Answered: drop out of the timer wheel so nothing keeps it (or its value) alive."""
@@ -188,15 +202,19 @@ class Driver:
                 core.read(GROUP, p, cmd)
             else:
                 self.proposals[GROUP] += 1
-                core.propose(GROUP, p, cmd)
+                core.propose(GROUP, p, cmd, p.dedup)
         elif leader is not None and self.net is not None and self.net.connected(leader):
             counters["route_forward"] += 1
             fwd_id = next(self._fwd_ids)
             self._forwarded[fwd_id] = p
             p.sent = True
             p.fwd_id = fwd_id
+            p.fwd_to = leader
             timeout_ms = max(1, int((p.deadline - self.tick_count) * self._tick_seconds * 1000))
-            self.net.send(leader, [FWD, fwd_id, GROUP, commands.encode(cmd), timeout_ms])
+            m = [FWD, fwd_id, GROUP, commands.encode(cmd), timeout_ms]
+            if p.dedup is not None:
+                m.append(p.dedup)
+            self.net.send(leader, m)
         else:
             counters["route_park"] += 1
             self._parked.append(p)
@@ -257,10 +275,11 @@ class Driver:
 
     def _on_forward(self, peer: str, m: list) -> None:
         try:
-            _, fwd_id, group, enc, _timeout_ms = m
-            if type(fwd_id) is not int or group not in self.core.groups:
+            _, fwd_id, group, enc, _timeout_ms, *rest = m
+            if type(fwd_id) is not int or group not in self.core.groups or len(rest) > 1:
                 raise ValueError("bad forward id or group")
             cmd = commands.decode_checked(enc)
+            dedup = _checked_dedup(rest[0]) if rest and type(cmd) is not Get else None
         except (ValueError, TypeError, IndexError, KeyError):
             self.counters["malformed_peer_message"] += 1
             return
@@ -274,7 +293,7 @@ class Driver:
             self.core.read(group, token, cmd)
         else:
             self.proposals[group] += 1
-            self.core.propose(group, token, cmd)
+            self.core.propose(group, token, cmd, dedup)
 
     def _on_forward_reply(self, m: list) -> None:
         try:
@@ -299,9 +318,37 @@ class Driver:
                 p.fwd_id = 0
                 self._parked.append(p)  # definitely not applied: route again later
                 return
+            if self._resend(p, code, bool(indeterminate)):
+                return
             self._deliver_local([Reply(p, error=(code, message, bool(indeterminate)))])
         else:
             self._deliver_local([Reply(p, result=result)])
+
+    def _resend(self, p: Pending, code: str, indeterminate: bool) -> bool:
+        """Park a write with a request id whose attempt failed with an unknown outcome
+        because the leader changed, to be sent again as a retry; False: answer as is."""
+        if (p.dedup is None or not indeterminate or code != UNAVAILABLE
+                or p.deadline <= self.tick_count or p.done):
+            return False
+        self._park_retry(p)
+        return True
+
+    def _park_retry(self, p: Pending) -> None:
+        if len(p.dedup) == 2:  # type: ignore[arg-type]
+            p.dedup = [*p.dedup, True]  # type: ignore[misc]
+        p.fwd_id = 0
+        p.fwd_to = None
+        self.counters["route_resend"] += 1
+        self._parked.append(p)  # p.sent stays True: a deadline answer is indeterminate
+
+    def _resend_forwarded(self, leader: str) -> None:
+        """A new leader: writes with a request id forwarded to another node and not yet
+        answered go again (to ``leader``) instead of waiting out their deadline."""
+        stale = [(i, p) for i, p in self._forwarded.items()
+                 if p.dedup is not None and p.fwd_to != leader and not p.done]
+        for fwd_id, p in stale:
+            del self._forwarded[fwd_id]
+            self._park_retry(p)
 
     def _reply_remote(self, token: Forwarded, result: dict | None, error: tuple | None) -> None:
         if token.done or self.net is None:
@@ -353,7 +400,10 @@ class Driver:
                 else:
                     local.append(r)
             if local:
-                self._deliver_local(local)
+                local = [r for r in local if r.error is None
+                         or not self._resend(r.token, r.error[0], r.error[2])]
+                if local:
+                    self._deliver_local(local)
 
     def _snapshot_step(self, job: SnapshotWanted) -> None:
         """Encode one piece of a requested snapshot per loop turn (I/O and
@@ -513,6 +563,8 @@ class Driver:
         leader = self.core.leader_of(GROUP)
         if leader != self._last_leader:
             self._last_leader = leader
+            if leader is not None and self._forwarded:
+                self._resend_forwarded(leader)
             g = self.core.groups[GROUP]
             log.info("leader_changed", group=GROUP, leader=leader, role=g.role.value,
                      ballot=list(g.ballot if g.role.value == "leader" else g.acceptor.promised))
@@ -532,6 +584,14 @@ class Driver:
                 out.append(Reply(p, error=_deadline_error(p)))
         if out:
             self._deliver_local(out)
+
+
+def _checked_dedup(v: object) -> list:
+    """A forwarded request id, ``[client_id, seq]`` or ``[client_id, seq, retry]``."""
+    if (not isinstance(v, list) or len(v) not in (2, 3) or not isinstance(v[0], bytes)
+            or type(v[1]) is not int or (len(v) == 3 and type(v[2]) is not bool)):
+        raise ValueError("bad request id")
+    return v
 
 
 def _deadline_error(p: Pending) -> tuple[str, str, bool]:

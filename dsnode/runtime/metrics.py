@@ -470,6 +470,10 @@ class NodeCollector(Collector):
         c.add_metric(["out"], counters["route_forward"])
         c.add_metric(["in"], counters["forwarded_in"])
         yield c
+        c = _counter("dsnode_router_resends", "Writes with a request id sent again, as a "
+                     "retry, after their leader changed with the outcome unknown.")
+        c.add_metric([], counters["route_resend"])
+        yield c
 
     # ------------------------------------------------------------ the process
     def _runtime(self, node: Node) -> Iterator[Metric]:

@@ -357,6 +357,7 @@ class ClientConnection(asyncio.Protocol):
         cmd = req.command
         assert cmd is not None and srv.driver is not None
         pending = Request(self, rid, op, _now())
+        pending.dedup = req.dedup
         self.inflight += 1
         srv.inflight += 1
         srv.idle.clear()

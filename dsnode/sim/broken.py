@@ -10,6 +10,7 @@ from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.group import PaxosGroup
 from dsnode.core.paxos.messages import Ballot
 from dsnode.core.paxos.roles import Role
+from dsnode.core.paxos.statemachine import DedupKV
 
 
 class ForgetfulAcceptor(Acceptor):
@@ -81,9 +82,24 @@ class LeaseIgnoresDriftGroup(PaxosGroup):
         return sent is not None and self.now < sent + self.cfg.election_timeout_ticks
 
 
+class IdBlindKV(DedupKV):
+    """Ignores request ids: a retried write whose first attempt was applied takes
+    effect again."""
+
+    __slots__ = ()
+
+    def apply(self, rid, cmd, index):
+        return super().apply(None, cmd, index)
+
+
+class IdBlindGroup(PaxosGroup):
+    sm_cls = IdBlindKV
+
+
 BROKEN_GROUPS = {
     "answers-any-value": AnswersAnyValueGroup,
     "lease-ignores-drift": LeaseIgnoresDriftGroup,
+    "id-blind-dedup": IdBlindGroup,
 }
 
 # variants of the world itself: "trusting-peers" admits a node whatever it lost

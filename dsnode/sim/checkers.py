@@ -11,6 +11,10 @@
   KV state and dedup table.
 - ``linearizable``: the client history, per key (``linearizability.py``).
 - ``nothing acknowledged lost``: every acknowledged write is in the applied log.
+- ``exactly once``: a replica's KV state equals the applied log replayed with
+  every request id ``(client, seq)`` applied at its first occurrence only (a
+  reference with an unbounded memory of ids), so no retried write took effect
+  twice and none was dropped.
 - ``amnesiacs never vote``: a node that came back with less durable state than
   the votes it had already delivered (a wiped or rolled-back data directory)
   never has another promise or accept delivered. Tracked here from the votes
@@ -23,8 +27,11 @@ from typing import Any
 
 import msgpack
 
+from dsnode.core.commands import Form
+from dsnode.core.kv.store import KVStore
 from dsnode.core.paxos import Applied, SnapshotInstalled
 from dsnode.core.paxos import records as rec
+from dsnode.core.paxos.statemachine import unpack_batch
 
 
 class SafetyViolation(AssertionError):
@@ -139,5 +146,25 @@ class SafetyChecker:
             if value:
                 for rid, _cmd in msgpack.unpackb(value, raw=False):
                     if rid is not None:
-                        ids.add(tuple(rid))
+                        ids.add((rid[0], rid[1]))
         return ids
+
+    def exactly_once_state(self, group: Any) -> tuple[int, list]:
+        """``(revision, items)`` of ``group``'s applied log replayed with each request id
+        applied at its first occurrence only."""
+        kv = KVStore()
+        seen: set[tuple] = set()
+        slots = sorted(s for g, s in self.learned if g == group)
+        if slots and slots != list(range(1, len(slots) + 1)):
+            self.fail(f"group {group}: the applied log has gaps, cannot replay it")
+        for s in slots:
+            for rid, cmd in unpack_batch(self.learned[(group, s)]):
+                if type(cmd) is Form:
+                    continue
+                if rid is not None:
+                    key = (rid[0], rid[1])
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                kv.apply(cmd)
+        return kv.revision, sorted(kv.items())

@@ -37,7 +37,7 @@ def recovered_state(
             "applied": log.applied,
             "kv": sorted(sm.kv.items()),
             "revision": sm.kv.revision,
-            "dedup": sorted(sm.last.items(), key=repr),
+            "dedup": sm.dedup_state(),
             "cluster_uuid": sm.cluster_uuid,
         }
     return out

@@ -159,13 +159,12 @@ class Workload:
         c.outstanding = node
         c.retry_at = None
         core = w.cores[node]
+        rid = (c.name, op.seq, op.attempts > 1)  # later attempts are marked as retries
         if op.kind == "put":
             cmd = Put(op.key, op.value, op.if_version)
-            core.propose(op.group, c.token, cmd, request_id=(c.name, op.seq))
+            core.propose(op.group, c.token, cmd, request_id=rid)
         elif op.kind == "delete":
-            core.propose(
-                op.group, c.token, Delete(op.key, op.if_version), request_id=(c.name, op.seq)
-            )
+            core.propose(op.group, c.token, Delete(op.key, op.if_version), request_id=rid)
         else:
             consistency = STALE if op.kind == "sget" else LINEARIZABLE
             core.read(op.group, c.token, Get(op.key, consistency))
@@ -178,10 +177,6 @@ class Workload:
         c.outstanding = None
         op = c.op
         if reply.result is not None:
-            if reply.result.get("duplicate"):
-                op.maybe = True
-                c.retry_at = now + 1
-                return
             self._finish(c, now, "ok", reply.result)
             return
         _code, message, indeterminate = reply.error

@@ -587,10 +587,13 @@ class SimWorld:
             states = set()
             for m in self.live_members(g):
                 sm = self.cores[m].state_machine(g)
-                last = repr(sorted(sm.last.items(), key=repr))
+                last = repr(sm.dedup_state())
                 states.add((sm.kv.revision, tuple(sorted(sm.kv.items())), last))
             if len(states) != 1:
                 raise SafetyViolation(f"group {g}: replicas converged to different states")
+            revision, items, _ = states.pop()
+            if (revision, list(items)) != ck.exactly_once_state(g):
+                raise SafetyViolation(f"group {g}: a request id took effect twice or never")
         applied = ck.applied_request_ids()
         for op in self.workload.acknowledged_writes():
             if (op.client, op.seq) not in applied:

@@ -11,6 +11,9 @@ TIMEOUT = "timeout"
 CONFLICT = "conflict"
 OVERLOADED = "overloaded"
 INTERNAL = "internal"
+# a retried write whose request id the deduplication table no longer holds: it may have
+# been applied, cannot tell (always indeterminate; retrying the same id gives the same)
+EXPIRED = "expired"
 
 ALL_CODES = (
     BAD_REQUEST,
@@ -22,6 +25,7 @@ ALL_CODES = (
     CONFLICT,
     OVERLOADED,
     INTERNAL,
+    EXPIRED,
 )
 
 RETRYABLE = frozenset({UNAVAILABLE, TIMEOUT, CONFLICT, OVERLOADED})

@@ -26,6 +26,7 @@ from dsnode.wire.errors import BAD_REQUEST, TOO_LARGE, UNKNOWN_OP
 
 MAX_ID = (1 << 63) - 1
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
+MAX_CLIENT_ID_BYTES = 64
 
 # Fields every op accepts besides its own.
 COMMON_FIELDS = frozenset({"id", "op", "timeout_ms"})
@@ -33,9 +34,9 @@ OP_FIELDS: dict[str, frozenset[str]] = {
     "hello": frozenset({"token", "client", "peer", "cluster_id", "incarnation", "log_end",
                         "promised", "pins", "cluster_uuid"}),
     "get": frozenset({"key", "consistency"}),
-    "put": frozenset({"key", "value", "if_version"}),
-    "delete": frozenset({"key", "if_version"}),
-    "txn": frozenset({"if", "then", "else"}),
+    "put": frozenset({"key", "value", "if_version", "client_id", "seq", "retry"}),
+    "delete": frozenset({"key", "if_version", "client_id", "seq", "retry"}),
+    "txn": frozenset({"if", "then", "else", "client_id", "seq", "retry"}),
     "status": frozenset(),
 }
 
@@ -61,6 +62,9 @@ class Request:
     command: Command | None  # None for hello/status
     timeout_ms: int | None
     fields: dict
+    # the write's request id for deduplication: [client_id, seq] or [client_id, seq, True]
+    # for a retry (PROTOCOL.md, "Client request ids"); None without one
+    dedup: list | None = None
 
 
 def _bad(message: str) -> RequestError:
@@ -168,7 +172,30 @@ def parse_request(obj: object, limits: Limits) -> Request:
         for f in ("log_end", "promised", "pins"):
             if f in obj and not isinstance(obj[f], dict):
                 raise _bad(f"field {f!r} must be a map, got {_type_name(obj[f])}")
-    return Request(rid, op, cmd, timeout_ms, obj)
+    dedup = _dedup(obj) if op in ("put", "delete", "txn") else None
+    return Request(rid, op, cmd, timeout_ms, obj, dedup)
+
+
+def _dedup(obj: dict) -> list | None:
+    """The optional ``client_id``/``seq``/``retry`` fields of a write, validated."""
+    client_id, seq, retry = obj.get("client_id"), obj.get("seq"), obj.get("retry")
+    if client_id is None and seq is None:
+        if retry is not None:
+            raise _bad("field 'retry' needs 'client_id' and 'seq'")
+        return None
+    if client_id is None or seq is None:
+        raise _bad("fields 'client_id' and 'seq' go together")
+    if isinstance(client_id, str):
+        client_id = client_id.encode()
+    elif not isinstance(client_id, bytes):
+        raise _bad(f"field 'client_id' must be bin or str, got {_type_name(client_id)}")
+    if not 1 <= len(client_id) <= MAX_CLIENT_ID_BYTES:
+        raise _bad(f"field 'client_id' must be 1 to {MAX_CLIENT_ID_BYTES} bytes")
+    if not _is_int(seq) or not 1 <= seq <= MAX_ID:
+        raise _bad("field 'seq' must be an integer between 1 and 2^63-1")
+    if retry is not None and type(retry) is not bool:
+        raise _bad(f"field 'retry' must be a bool, got {_type_name(retry)}")
+    return [client_id, seq, True] if retry else [client_id, seq]
 
 
 def _required(obj: dict, field: str, where: str = "") -> object:

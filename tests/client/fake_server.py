@@ -5,6 +5,10 @@ PROTOCOL.md semantics of get/put/delete/txn/status/hello. Each request is handle
 task, so answers may come back out of order. Tests steer it with ``hook``: an async function
 ``(req, conn) -> response | None``; returning ``None`` falls through to the KV behaviour,
 ``DROP`` aborts the connection, ``SILENT`` never answers.
+
+Writes with a request id (``client_id``, ``seq``) are applied once and a repeat gets the
+first answer (PROTOCOL.md, "Client request ids"); ``applied`` counts how often each id was
+applied. ``refuse_ids=True`` answers them like a server older than request ids.
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ class FakeServer:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
+        self.applied: dict[tuple[bytes, int], int] = {}  # (client_id, seq) -> times applied
+        self._first: dict[tuple[bytes, int], dict[str, Any]] = {}
+        self.refuse_ids = False
 
     async def start(self) -> FakeServer:
         self._server = await asyncio.start_server(self._on_conn, "127.0.0.1", 0)
@@ -151,6 +158,20 @@ class FakeServer:
         if op == "get":
             value, version = self.data.get(_b(req["key"]), (None, 0))
             return ok(req, value=value, version=version)
+        if op in ("put", "delete", "txn") and ("client_id" in req or "seq" in req):
+            if self.refuse_ids:
+                return err(req, "bad_request", f"unknown field 'client_id' for op {op!r}")
+            rid = (_b(req["client_id"]), req["seq"])
+            first = self._first.get(rid)
+            if first is None:
+                self.applied[rid] = self.applied.get(rid, 0) + 1
+                first = self._first[rid] = self._write_op(req, op)
+            return {**first, "id": req["id"]}
+        if op in ("put", "delete", "txn"):
+            return self._write_op(req, op)
+        return err(req, "unknown_op", f"unknown op {op!r}")
+
+    def _write_op(self, req: dict[str, Any], op: str) -> dict[str, Any]:
         if op == "put":
             key = _b(req["key"])
             cur = self.data.get(key, (None, 0))[1]
@@ -164,24 +185,22 @@ class FakeServer:
                 return ok(req, succeeded=False, existed=cur > 0, version=cur)
             self.data.pop(key, None)
             return ok(req, succeeded=True, existed=cur > 0, version=cur)
-        if op == "txn":
-            holds = all(
-                self.data.get(_b(c["key"]), (None, 0))[1] == c["version"] for c in req.get("if", [])
-            )
-            branch = req.get("then", []) if holds else req.get("else", [])
-            snapshot = dict(self.data)
-            results: list[dict[str, Any]] = []
-            for sub in branch:
-                key = _b(sub["key"])
-                if sub["op"] == "get":
-                    value, version = snapshot.get(key, (None, 0))
-                    results.append({"value": value, "version": version})
-                elif sub["op"] == "put":
-                    results.append({"version": self._write(key, _b(sub["value"]))})
-                else:
-                    results.append({"existed": self.data.pop(key, None) is not None})
-            return ok(req, succeeded=holds, results=results)
-        return err(req, "unknown_op", f"unknown op {op!r}")
+        holds = all(
+            self.data.get(_b(c["key"]), (None, 0))[1] == c["version"] for c in req.get("if", [])
+        )
+        branch = req.get("then", []) if holds else req.get("else", [])
+        snapshot = dict(self.data)
+        results: list[dict[str, Any]] = []
+        for sub in branch:
+            key = _b(sub["key"])
+            if sub["op"] == "get":
+                value, version = snapshot.get(key, (None, 0))
+                results.append({"value": value, "version": version})
+            elif sub["op"] == "put":
+                results.append({"version": self._write(key, _b(sub["value"]))})
+            else:
+                results.append({"existed": self.data.pop(key, None) is not None})
+        return ok(req, succeeded=holds, results=results)
 
     def _write(self, key: bytes, value: bytes) -> int:
         version = self.versions.get(key, 0) + 1

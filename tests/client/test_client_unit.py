@@ -23,6 +23,7 @@ from dsnode.client import (
     ConnectionLost,
     DeadlineExceeded,
     DsnodeError,
+    Expired,
     Internal,
     Op,
     Overloaded,
@@ -228,12 +229,12 @@ async def test_late_answer_after_client_timeout_is_ignored_and_connection_stays_
 # --------------------------------------------------------------------------- failures
 
 
-async def test_write_is_never_resent_after_connection_drops_mid_request(server):
+async def test_write_without_request_ids_is_never_resent_after_connection_drops(server):
     async def hook(req, conn):
         return fs.DROP if req.get("op") in ("put", "delete", "txn") else None
 
     server.hook = hook
-    async with Client(server.endpoint, timeout=2.0) as c:
+    async with Client(server.endpoint, timeout=2.0, request_ids=False) as c:
         for call in (c.put("k", "v"), c.delete("k"), c.txn(then=[Op.put("k", "v")])):
             with pytest.raises(ConnectionLost) as info:
                 await call
@@ -242,6 +243,124 @@ async def test_write_is_never_resent_after_connection_drops_mid_request(server):
     assert len(_ops(server, "put")) == 1
     assert len(_ops(server, "delete")) == 1
     assert len(_ops(server, "txn")) == 1
+    assert not any("client_id" in r or "seq" in r for r in server.requests)
+
+
+async def test_writes_carry_a_client_id_and_increasing_seqs():
+    """One random 16-byte client id per client instance; seq 1, 2, 3 over put, delete and
+    txn; reads carry neither. Two clients have different ids."""
+    server = await fs.FakeServer().start()
+    try:
+        async with Client(server.endpoint) as a, Client(server.endpoint) as b:
+            await a.put("k", "v")
+            await a.get("k")
+            await a.delete("k")
+            await a.txn(then=[Op.put("k", "w")])
+            await b.put("k", "x")
+        writes = [r for r in server.requests if r["op"] in ("put", "delete", "txn")]
+        assert [r["seq"] for r in writes] == [1, 2, 3, 1]
+        assert {len(r["client_id"]) for r in writes} == {16}
+        assert writes[0]["client_id"] == writes[2]["client_id"] != writes[3]["client_id"]
+        assert not any("retry" in r for r in writes)
+        assert "client_id" not in _ops(server, "get")[0]
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize("op", ["put", "delete", "txn"])
+async def test_write_with_request_id_is_retried_on_another_endpoint_after_a_drop(op):
+    """The connection drops after the write was applied (its answer is lost): the client
+    sends the same (client_id, seq) with retry=true on the next endpoint, gets the first
+    result, and the write was applied exactly once."""
+    first, second = await fs.FakeServer().start(), await fs.FakeServer().start()
+    # both endpoints serve one shared state, as a cluster's nodes do
+    second.data, second.versions = first.data, first.versions
+    second.applied, second._first = first.applied, first._first
+
+    async def drop_after_apply(req, conn):
+        if req.get("op") == op:
+            first.answer(req, conn)  # applied, then the connection dies
+            return fs.DROP
+        return None
+
+    first.hook = drop_after_apply
+    try:
+        async with Client(f"{first.endpoint},{second.endpoint}", timeout=3.0) as c:
+            if op == "put":
+                assert (await c.put("k", "v")) == (True, 1)
+            elif op == "delete":
+                first.data[b"k"], first.versions[b"k"] = (b"v", 1), 1
+                assert (await c.delete("k")).existed
+            else:
+                assert (await c.txn(then=[Op.put("k", "v")])).succeeded
+        (a,), (b,) = _ops(first, op), _ops(second, op)
+        assert (a["client_id"], a["seq"]) == (b["client_id"], b["seq"])
+        assert "retry" not in a and b["retry"] is True
+        assert first.applied == {(a["client_id"], a["seq"]): 1}
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+async def test_indeterminate_unavailable_write_with_id_is_retried_until_it_succeeds(server):
+    async def hook(req, conn):
+        if req.get("op") == "put" and len(_ops(server, "put")) < 3:
+            server.answer(req, conn)  # applied, but the answer says "cannot tell"
+            return fs.err(req, "unavailable", "lost leadership", indeterminate=True)
+        return None
+
+    server.hook = hook
+    async with Client(server.endpoint, timeout=3.0) as c:
+        assert (await c.put("k", "v")) == (True, 1)
+    puts = _ops(server, "put")
+    assert len(puts) == 3 and [p.get("retry") for p in puts] == [None, True, True]
+    assert list(server.applied.values()) == [1] and server.data[b"k"] == (b"v", 1)
+
+
+async def test_expired_answer_is_raised_as_indeterminate_and_not_retried(server):
+    async def hook(req, conn):
+        if req.get("op") == "put":
+            return fs.err(req, "expired", "no longer in the table", indeterminate=True)
+        return None
+
+    server.hook = hook
+    async with Client(server.endpoint, timeout=1.0) as c:
+        with pytest.raises(Expired) as info:
+            await c.put("k", "v")
+    assert info.value.indeterminate and not info.value.retryable
+    assert len(_ops(server, "put")) == 1
+
+
+async def test_a_retry_that_then_fails_definitely_still_reports_an_unknown_outcome():
+    """After an attempt that may have been applied, a later definite failure (here: no
+    endpoint reachable any more) must not make the call look definite."""
+    server = await fs.FakeServer().start()
+
+    async def hook(req, conn):
+        if req.get("op") == "put":
+            server._server.close()  # stops listening: the retry cannot connect
+            return fs.DROP
+        return None
+
+    server.hook = hook
+    try:
+        async with Client(server.endpoint, timeout=1.0, dial_timeout=0.2) as c:
+            with pytest.raises(DsnodeError) as info:
+                await c.put("k", "v")
+        assert info.value.indeterminate and info.value.code == "connect_failed"
+    finally:
+        await server.stop()
+
+
+async def test_server_without_request_ids_makes_the_client_send_writes_without_them(server):
+    server.refuse_ids = True
+    async with Client(server.endpoint) as c:
+        assert (await c.put("k", "v")).succeeded
+        assert not c.request_ids
+        await c.put("k", "w")
+    puts = _ops(server, "put")
+    assert ["client_id" in p for p in puts] == [True, False, False]
+    assert server.data[b"k"] == (b"w", 2)
 
 
 async def test_read_is_retried_on_a_new_connection_after_a_drop(server):
@@ -306,7 +425,7 @@ async def test_each_wire_error_code_maps_to_its_exception_and_write_retry_rule(
         return None
 
     server.hook = hook
-    async with Client(server.endpoint, timeout=0.4) as c:
+    async with Client(server.endpoint, timeout=0.4, request_ids=False) as c:
         with pytest.raises(exc_type) as info:
             await c.put("k", "v")
     exc = info.value

@@ -157,13 +157,13 @@ def test_dedup_snapshot_writer_equals_one_shot_and_restores(n_keys, n_clients):
     sm = DedupKV()
     for i in range(n_keys):
         rid = [f"c{i % n_clients}", i + 1] if n_clients else None
-        sm.apply(rid, Put(b"k%d" % i, b"v" * (i % 50)))
+        sm.apply(rid, Put(b"k%d" % i, b"v" * (i % 50)), i + 1)
     w = sm.snapshot_writer()
     while not w.step(1000):
         pass
     assert w.result() == sm.snapshot()
     back = DedupKV.restore(w.result())
-    assert dict(back.kv.items()) == dict(sm.kv.items()) and back.last == sm.last
+    assert dict(back.kv.items()) == dict(sm.kv.items()) and back.dedup_state() == sm.dedup_state()
 
 
 def test_txn_whose_gets_would_outgrow_a_frame_fails_with_no_effect():

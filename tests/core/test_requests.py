@@ -71,3 +71,42 @@ def test_bad_requests_get_a_clear_error_naming_the_field(obj, code, needle):
                                  {"id": True}, {"op": "get"}])
 def test_request_without_valid_id_is_rejected(obj):
     assert request_id(obj) is None
+
+
+def test_write_request_ids_are_optional_and_parsed():
+    """Without ids a write carries none (today's behaviour); str ids become bytes."""
+    assert ok({"op": "put", "key": b"k", "value": b"v"}).dedup is None
+    assert ok({"op": "put", "key": b"k", "value": b"v", "client_id": b"c1", "seq": 7}
+              ).dedup == [b"c1", 7]
+    assert ok({"op": "delete", "key": b"k", "client_id": "c1", "seq": 1, "retry": True}
+              ).dedup == [b"c1", 1, True]
+    assert ok({"op": "txn", "client_id": b"c", "seq": 2, "retry": False}).dedup == [b"c", 2]
+
+
+@pytest.mark.parametrize(
+    "fields, needle",
+    [
+        ({"client_id": 5, "seq": 1}, "'client_id' must be bin or str, got int"),
+        ({"client_id": b"", "seq": 1}, "'client_id' must be 1 to 64 bytes"),
+        ({"client_id": b"x" * 65, "seq": 1}, "'client_id' must be 1 to 64 bytes"),
+        ({"client_id": b"c", "seq": "1"}, "'seq' must be an integer"),
+        ({"client_id": b"c", "seq": True}, "'seq' must be an integer"),
+        ({"client_id": b"c", "seq": 0}, "'seq' must be an integer between 1"),
+        ({"client_id": b"c", "seq": 1 << 63}, "'seq' must be an integer between 1"),
+        ({"client_id": b"c", "seq": 1.0}, "'seq' must be an integer"),
+        ({"client_id": b"c"}, "'client_id' and 'seq' go together"),
+        ({"seq": 3}, "'client_id' and 'seq' go together"),
+        ({"retry": True}, "'retry' needs 'client_id' and 'seq'"),
+        ({"client_id": b"c", "seq": 1, "retry": 1}, "'retry' must be a bool, got int"),
+    ],
+)
+def test_bad_request_id_fields_are_refused_with_a_clear_error(fields, needle):
+    for base in ({"op": "put", "key": b"k", "value": b"v"}, {"op": "delete", "key": b"k"},
+                 {"op": "txn"}):
+        code, message = err({**base, **fields})
+        assert code == "bad_request" and needle in message
+
+
+def test_reads_do_not_take_request_ids():
+    code, message = err({"op": "get", "key": b"k", "client_id": b"c", "seq": 1})
+    assert code == "bad_request" and "unknown field 'client_id'" in message

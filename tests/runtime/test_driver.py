@@ -101,3 +101,28 @@ async def test_a_failing_snapshot_step_stops_the_driver_instead_of_hiding(tmp_pa
         async with asyncio.timeout(10):
             await task
     await node.wal.close()
+
+
+async def test_a_repeated_request_id_gets_the_first_answer_and_applies_once(tmp_path):
+    """A node end to end: the retry of (client_id, seq) answers the first result (same
+    version) under its own request id, the store's revision moved once, and answering
+    it did not change the result the dedup table keeps (server.deliver copies)."""
+    node, task = await _started_node(tmp_path)
+    conn, transport = _connect(node)
+    put = {"op": "put", "key": b"k", "value": b"v", "client_id": b"cl", "seq": 1}
+    conn.data_received(pack_frame({"id": 1, **put}))
+    (first,) = await _answers(transport, 1)
+    conn.data_received(pack_frame({"id": 2, "op": "put", "key": b"j", "value": b"w"}))
+    conn.data_received(pack_frame({"id": 3, **put, "value": b"other", "retry": True}))
+    answers = {a["id"]: a for a in await _answers(transport, 3)}
+    assert first == {"id": 1, "ok": True, "succeeded": True, "version": 1}
+    assert answers[3] == {**first, "id": 3}
+    sm = node.core.groups[0].sm
+    assert sm.kv.revision == 2 and sm.kv.get(b"k") == (b"v", 1)
+    assert sm.clients[b"cl"].results[1][1] == {"succeeded": True, "version": 1}
+    conn.data_received(pack_frame({"id": 4, **put, "client_id": 5}))
+    (bad,) = [a for a in await _answers(transport, 4) if a["id"] == 4]
+    assert bad["error"]["code"] == "bad_request" and "client_id" in bad["error"]["message"]
+    node.driver.stop()
+    await task
+    await node.wal.close()

@@ -150,6 +150,7 @@ async def test_metrics_count_the_requests_answered_by_op_and_outcome(tmp_path):
     assert after[("dsnode_paxos_leader_changes_total", (("partition", "0"),))] == 1
     assert after[("dsnode_ready", ())] == 1
     assert after[("dsnode_requests_in_flight", ())] == 0
+    assert after[("dsnode_router_resends_total", ())] == 0  # no leader change here
     assert ("process_resident_memory_bytes", ()) in after  # the standard collectors too
 
 

@@ -213,3 +213,16 @@ def test_sim_catches_a_lease_that_ignores_the_clock_drift_bound():
     error = _lease_outlives_honour(LeaseIgnoresDriftGroup)
     assert "not linearizable" in error, error
     assert _lease_outlives_honour(PaxosGroup) == ""
+
+
+def test_sim_catches_a_state_machine_that_applies_a_retried_request_id_twice():
+    """Client retries reuse their request id; a state machine that ignores ids
+    (IdBlindKV) lets a retried write take effect a second time. The exactly-once
+    check (the applied log replayed with each id applied once) must see it."""
+    base = SimConfig()
+    for seed in SEARCH:
+        res = SimWorld(seed, configure(base, "id-blind-dedup")).run()
+        if not res.ok:
+            assert "took effect twice or never" in res.error, res.error
+            return
+    pytest.fail(f"no seed in {SEARCH} caught id-blind-dedup")

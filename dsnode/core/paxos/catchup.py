@@ -15,7 +15,6 @@ import zlib
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.messages import CatchupReq, Learn, SnapChunk
 from dsnode.core.paxos.outputs import SnapshotInstalled, SnapshotWanted, unavailable
-from dsnode.core.paxos.statemachine import DedupKV
 
 
 class CatchUp:
@@ -132,7 +131,7 @@ class CatchUp:
             return
         if persist:
             self.out.persist.append(rec.snapshot(self.group, index, blob))
-        self.sm = DedupKV.restore(blob)
+        self.sm = self.sm_cls.restore(blob)
         self.log.install(index, blob)
         if self.snap_pending is not None and self.snap_pending <= index:
             self.snap_pending = None  # its result would be older than this state: dropped

@@ -56,6 +56,8 @@ from dsnode.core.paxos.statemachine import DedupKV, pack_batch
 
 
 class PaxosGroup(LeaderSide, CatchUp):
+    sm_cls: type[DedupKV] = DedupKV  # the state machine (a subclass in the sim's broken variants)
+
     def __init__(
         self,
         group: Any,
@@ -84,7 +86,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.quiet_seq = 0  # the read round of the leader's quiesce heartbeats
         self.acceptor = acceptor_cls(group)
         self.log = Log()
-        self.sm = DedupKV()
+        self.sm = self.sm_cls()
         self.now = 0
         self.max_round = 0
         self.leader_hint: str | None = None
@@ -669,9 +671,9 @@ class PaxosGroup(LeaderSide, CatchUp):
                 cached = p.batches.pop(slot, None) if p is not None else None
                 mine = cached is not None and cached[0] == value
                 if mine:
-                    results = self.sm.apply_items(cached[1])
+                    results = self.sm.apply_items(cached[1], slot)
                 else:
-                    results = self.sm.apply_value(value)
+                    results = self.sm.apply_value(value, slot)
                 self.out.apply.append(Applied(self.group, slot, value))
                 if cached is not None:
                     overtaken |= not self._answer(p, slot, len(cached[1]), results, mine)

@@ -295,8 +295,9 @@ class LeaderSide:
                 err = result.get(ERROR_KEY)
                 if err is None:
                     self.out.reply.append(Reply(token, result=result))
-                else:
-                    self.out.reply.append(Reply(token, error=(*err, False)))
+                else:  # [code, message] (no effect) or [code, message, indeterminate]
+                    self.out.reply.append(Reply(token, error=(err[0], err[1], len(err) > 2
+                                                              and bool(err[2]))))
         return True
 
     def _serve_reads(self) -> None:

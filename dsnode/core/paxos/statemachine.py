@@ -1,20 +1,67 @@
-"""The replicated state machine wrapper: KV store plus client dedup.
+"""The replicated state machine wrapper: KV store plus client deduplication.
 
 An entry value is ``b""`` (no-op) or a msgpack batch of
-``[request_id, encoded_command]`` pairs. ``request_id`` is ``None`` or
-``[client_id, seq]``; per client only the highest applied ``seq`` and its
-result are kept, so a retried command is applied once: the same ``seq``
-again returns the remembered result, a lower one is not applied and answers
-``{"duplicate": True}``. (Clients must use increasing ``seq`` per
-``client_id``; the table is not expired yet.)
+``[request_id, encoded_command]`` pairs. ``request_id`` is ``None`` (no
+deduplication) or ``[client_id, seq]`` / ``[client_id, seq, retry]``
+(PROTOCOL.md, "Client request ids").
+
+The deduplication table keeps, per client, a window of results keyed by
+``seq`` (a client may have many writes in flight, applied in any order) and a
+``floor``: every ``seq`` at or below it that is not in the window is
+forgotten. Age is the log index (slot) at which a result was applied, the same
+on every replica; nothing here reads a clock. Bounds (``DedupLimits``): results
+older than ``age_slots`` slots, past ``window_max`` per client or
+``entries_max`` in all are dropped oldest first, raising their client's floor;
+clients idle for ``age_slots`` slots or past ``clients_max`` (least recently
+active first) are dropped whole, and ``forgotten`` counts them.
+
+Rules for a command with a request id, at log index ``index``:
+
+1. ``seq`` in the client's window: the remembered result, not applied again.
+2. ``seq`` at or below the floor: not applied; the answer is the ``expired``
+   error, indeterminate (it may have been applied, the table cannot tell).
+3. Unknown client, ``retry`` set and some client was ever dropped: the same
+   ``expired`` answer (an earlier attempt may have been applied and then
+   forgotten along with its client).
+4. Otherwise the command is applied and its result remembered. A new client's
+   floor is -1 (none) while no client was ever dropped, else ``seq - 1``, so that a
+   re-created record can never re-admit a request its dropped record held.
+
+So a command is never applied twice for one ``(client_id, seq)``.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import msgpack
 
 from dsnode.core.commands import Command, Form, decode, encode
-from dsnode.core.kv.store import KVStore, SnapshotWriter
+from dsnode.core.kv.store import ERROR_KEY, KVStore, SnapshotWriter
+
+# Wire error code of rule 2/3 (dsnode.wire.errors.EXPIRED names the same string; the core
+# imports nothing from the wire package).
+EXPIRED = "expired"
+EXPIRED_MESSAGE = ("request id no longer in the deduplication table: it may have been "
+                   "applied, cannot tell")
+
+
+@dataclass(frozen=True, slots=True)
+class DedupLimits:
+    """Bounds of the deduplication table; must be the same on every replica."""
+
+    clients_max: int = 10_000
+    window_max: int = 1024  # results per client: at least a client's writes in flight
+    entries_max: int = 100_000  # results over all clients
+    age_slots: int = 1_000_000  # a result or an idle client older than this many slots goes
+
+    def __post_init__(self) -> None:
+        for name in ("clients_max", "window_max", "entries_max", "age_slots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
 
 
 def pack_batch(items: list[tuple[list | None, Command]]) -> bytes:
@@ -27,63 +74,175 @@ def unpack_batch(value: bytes) -> list[tuple[list | None, Command]]:
     return [(rid, decode(enc)) for rid, enc in msgpack.unpackb(value, raw=False)]
 
 
-class DedupKV:
-    __slots__ = ("kv", "last", "cluster_uuid")
+def _expired() -> dict:
+    return {ERROR_KEY: [EXPIRED, EXPIRED_MESSAGE, True]}
 
-    def __init__(self) -> None:
+
+class ClientWindow:
+    """One client's part of the table."""
+
+    __slots__ = ("floor", "last", "results", "order")
+
+    def __init__(self, floor: int, last: int) -> None:
+        self.floor = floor  # every seq <= floor not in results is forgotten
+        self.last = last  # log index of this client's latest command
+        # seq -> (log index applied at, result), in the order applied (oldest first), and
+        # that order again as a queue (a dict is slow to take from at its front)
+        self.results: dict[int, tuple[int, dict]] = {}
+        self.order: deque[int] = deque()
+
+
+class DedupKV:
+    __slots__ = ("kv", "clients", "entries", "forgotten", "limits", "cluster_uuid",
+                 "_expiry_index")
+
+    def __init__(self, limits: DedupLimits | None = None) -> None:
         self.kv = KVStore()
-        self.last: dict[object, tuple[int, dict]] = {}
+        self.limits = limits or DedupLimits()
+        # client -> its window, least recently active first
+        self.clients: OrderedDict[object, ClientWindow] = OrderedDict()
+        self.entries = 0  # results held over all clients
+        self.forgotten = 0  # clients dropped whole so far (rule 3)
+        self._expiry_index = 0  # the log index expiry was last checked at
         self.cluster_uuid: str | None = None  # from the Form command (the metadata group)
 
-    def apply_value(self, value: bytes) -> list[dict]:
-        """Apply one chosen entry; one result per command in the batch."""
-        return self.apply_items(unpack_batch(value))
+    def apply_value(self, value: bytes, index: int) -> list[dict]:
+        """Apply the entry chosen at log ``index``; one result per command in the batch."""
+        return self.apply_items(unpack_batch(value), index)
 
-    def apply_items(self, items: list[tuple[list | None, Command]]) -> list[dict]:
+    def apply_items(self, items: list[tuple[list | None, Command]], index: int) -> list[dict]:
         """Apply an entry's already-decoded commands (what ``unpack_batch`` gives)."""
-        return [self.apply(rid, cmd) for rid, cmd in items]
+        return [self.apply(rid, cmd, index) for rid, cmd in items]
 
-    def apply(self, rid: list | None, cmd: Command) -> dict:
+    def apply(self, rid: list | None, cmd: Command, index: int) -> dict:
+        """Apply one command of the entry at log ``index``. Results are fresh dicts, kept
+        by the table and never changed afterwards: callers must copy, not mutate."""
         if type(cmd) is Form:
             if self.cluster_uuid is None:
                 self.cluster_uuid = cmd.cluster_uuid
             return {"cluster_uuid": self.cluster_uuid}
         if rid is None:
             return self.kv.apply(cmd)
-        client, seq = rid
-        seen = self.last.get(client)
+        client, seq = rid[0], rid[1]  # client: bytes from the wire (str in the simulator)
+        limits = self.limits
+        cutoff = index - limits.age_slots  # anything applied before it has expired
+        clients = self.clients
+        # Expiry moves only with the log index: checked once per entry (and per client).
+        if index != self._expiry_index:
+            self._expiry_index = index
+            if clients and next(iter(clients.values())).last < cutoff:
+                self._expire_clients(cutoff)
+        w = clients.get(client)
+        if w is None:
+            if self.forgotten and len(rid) > 2 and rid[2]:
+                return _expired()  # rule 3
+            w = clients[client] = ClientWindow(seq - 1 if self.forgotten else -1, index)
+        elif w.last != index:
+            clients.move_to_end(client)  # most recently active last
+            w.last = index
+            if w.order and w.results[w.order[0]][0] < cutoff:
+                self._expire_results(w, cutoff)
+        results = w.results
+        seen = results.get(seq)
         if seen is not None:
-            if seq == seen[0]:
-                return seen[1]
-            if seq < seen[0]:
-                return {"duplicate": True}
+            return seen[1]  # rule 1
+        if seq <= w.floor:
+            return _expired()  # rule 2
         result = self.kv.apply(cmd)
-        self.last[client] = (seq, result)
+        results[seq] = (index, result)
+        w.order.append(seq)
+        self.entries += 1
+        if len(results) > limits.window_max:
+            self._drop_oldest(w)
+        while self.entries > limits.entries_max:
+            self._drop_oldest(next(v for v in clients.values() if v.results))
+        while len(clients) > limits.clients_max:
+            self._drop_client(next(iter(clients)))
         return result
 
+    # ------------------------------------------------------------ bounds
+    def _drop_oldest(self, w: ClientWindow) -> None:
+        seq = w.order.popleft()
+        del w.results[seq]
+        self.entries -= 1
+        if seq > w.floor:
+            w.floor = seq
+
+    def _drop_client(self, client: object) -> None:
+        w = self.clients.pop(client)
+        self.entries -= len(w.results)
+        self.forgotten += 1
+
+    def _expire_results(self, w: ClientWindow, cutoff: int) -> None:
+        results, order = w.results, w.order
+        while order and results[order[0]][0] < cutoff:
+            self._drop_oldest(w)
+
+    def _expire_clients(self, cutoff: int) -> None:
+        clients = self.clients
+        while clients:
+            client, w = next(iter(clients.items()))
+            if w.last >= cutoff:
+                return
+            self._drop_client(client)
+
+    def dedup_state(self) -> tuple:
+        """The table as one comparable value (replicas must agree on it)."""
+        return (self.forgotten, self._table())
+
+    # ------------------------------------------------------------ snapshots
     def snapshot(self) -> bytes:
-        """The whole state in one go; same bytes as :meth:`snapshot_writer` gives."""
+        """The whole state in one go; same bytes as :meth:`snapshot_writer` gives:
+        ``[kv_blob, table, cluster_uuid, forgotten]``, the table as
+        ``[[client, floor, last, [[seq, index, result], ...]], ...]`` in table order."""
         return msgpack.packb(
-            [self.kv.snapshot(), self._table(), self.cluster_uuid], use_bin_type=True
+            [self.kv.snapshot(), self._table(), self.cluster_uuid, self.forgotten],
+            use_bin_type=True,
         )
 
     def snapshot_writer(self) -> DedupSnapshotWriter:
         """Capture the state now (shallow copies); encode it later, step by step."""
-        return DedupSnapshotWriter(self.kv.snapshot_writer(), self._table(), self.cluster_uuid)
+        rows = [(c, w.floor, w.last, dict(w.results)) for c, w in self.clients.items()]
+        return DedupSnapshotWriter(self.kv.snapshot_writer(), rows, self.cluster_uuid,
+                                   self.forgotten)
 
     def _table(self) -> list[list]:
         # Results are fresh dicts per applied command and never changed afterwards.
-        return [[c, s, r] for c, (s, r) in self.last.items()]
+        return [
+            [c, w.floor, w.last, [[s, i, r] for s, (i, r) in w.results.items()]]
+            for c, w in self.clients.items()
+        ]
 
     @classmethod
-    def restore(cls, blob: bytes) -> DedupKV:
+    def restore(cls, blob: bytes, limits: DedupLimits | None = None) -> DedupKV:
+        """Accepts this format and the older ones: ``[kv_blob, table]`` (0.1) and
+        ``[kv_blob, table, cluster_uuid]``, whose table rows ``[client, seq, result]``
+        kept only each client's highest seq (lower ones become the floor)."""
         parts = msgpack.unpackb(blob, raw=False)
-        kv_blob, table = parts[0], parts[1]
-        sm = cls()
-        sm.cluster_uuid = parts[2] if len(parts) > 2 else None  # format of 0.1: no uuid
-        sm.kv = KVStore.restore(kv_blob)
-        sm.last = {(tuple(c) if isinstance(c, list) else c): (s, r) for c, s, r in table}
+        sm = cls(limits)
+        sm.kv = KVStore.restore(parts[0])
+        sm.cluster_uuid = parts[2] if len(parts) > 2 else None
+        clients = sm.clients
+        if len(parts) > 3:
+            sm.forgotten = parts[3]
+            for c, floor, last, results in parts[1]:
+                w = ClientWindow(floor, last)
+                w.results = {s: (i, r) for s, i, r in results}
+                w.order.extend(w.results)
+                clients[_client_key(c)] = w
+                sm.entries += len(w.results)
+        else:
+            for c, s, r in parts[1]:
+                w = ClientWindow(s - 1, 0)
+                w.results[s] = (0, r)
+                w.order.append(s)
+                clients[_client_key(c)] = w
+                sm.entries += 1
         return sm
+
+
+def _client_key(c: object) -> object:
+    return tuple(c) if isinstance(c, list) else c
 
 
 def _bin_header(n: int) -> bytes:
@@ -97,21 +256,30 @@ def _bin_header(n: int) -> bytes:
 
 class DedupSnapshotWriter:
     """Encodes a captured ``DedupKV`` piecewise into exactly the bytes of
-    :meth:`DedupKV.snapshot` at capture time (``[kv_blob, table, cluster_uuid]``).
+    :meth:`DedupKV.snapshot` at capture time
+    (``[kv_blob, table, cluster_uuid, forgotten]``).
 
-    ``step(n)`` encodes up to ``n`` KV entries; the step after the last entry
-    only joins the pieces (one copy) and encodes the dedup table. The shell
-    calls ``step`` once per event-loop turn until it returns True, then hands
-    :meth:`result` to the core's ``snapshot_ready``.
+    ``step(n)`` encodes up to ``n`` KV entries, and once they are done up to ``n``
+    results of the dedup table; the step after the last one only joins the pieces
+    (one copy). The shell calls ``step`` once per event-loop turn until it returns
+    True, then hands :meth:`result` to the core's ``snapshot_ready``.
     """
 
-    __slots__ = ("_kv", "_table", "_uuid", "_blob")
+    __slots__ = ("_kv", "_rows", "_uuid", "_forgotten", "_blob", "_table", "_row", "_left",
+                 "_items", "_pack")
 
-    def __init__(self, kv: SnapshotWriter, table: list[list], uuid: str | None) -> None:
+    def __init__(self, kv: SnapshotWriter, rows: list[tuple], uuid: str | None,
+                 forgotten: int) -> None:
         self._kv = kv
-        self._table = table
+        self._rows = rows  # (client, floor, last, {seq: (index, result)}), copies
         self._uuid = uuid
+        self._forgotten = forgotten
         self._blob: bytes | None = None
+        self._table: list[bytes] | None = None  # the table's encoded pieces so far
+        self._row = 0  # next row to encode
+        self._left = 0  # results of that row still to encode
+        self._items: Iterator | None = None  # over them
+        self._pack = msgpack.Packer(use_bin_type=True).pack
 
     def step(self, max_entries: int) -> bool:
         if self._blob is not None:
@@ -119,18 +287,55 @@ class DedupSnapshotWriter:
         if self._kv.remaining:
             self._kv.step(max_entries)
             return False
+        rows = self._rows
+        if self._table is None:
+            self._table = [_array_header(len(rows))]
+            if rows:
+                return False
+        if self._row < len(rows):
+            self._encode_rows(max_entries)
+            return False
         parts = self._kv.parts()
         kv_len = sum(map(len, parts))
-        head = b"\x93" + _bin_header(kv_len)  # fixarray of 3, then the KV blob as bin
-        tail = msgpack.packb(self._table, use_bin_type=True) + msgpack.packb(
-            self._uuid, use_bin_type=True
-        )
-        self._blob = b"".join([head, *parts, tail])
+        head = b"\x94" + _bin_header(kv_len)  # fixarray of 4, then the KV blob as bin
+        pack = self._pack
+        tail = pack(self._uuid) + pack(self._forgotten)
+        self._blob = b"".join([head, *parts, *self._table, tail])
         self._kv = None  # type: ignore[assignment]  # free the pieces
+        self._rows = []
         self._table = []
         return True
+
+    def _encode_rows(self, budget: int) -> None:
+        """Encode up to ``budget`` results (and the rows they belong to)."""
+        rows, out, pack = self._rows, self._table, self._pack
+        assert out is not None
+        while self._row < len(rows) and budget > 0:
+            if self._items is None:  # the row's head: [client, floor, last, [...]]
+                client, floor, last, results = rows[self._row]
+                out.append(b"\x94" + pack(client) + pack(floor) + pack(last)
+                           + _array_header(len(results)))
+                self._items = iter(results.items())
+                self._left = len(results)
+            n = min(budget, self._left)
+            out.extend([pack([seq, index, result])
+                        for seq, (index, result) in itertools.islice(self._items, n)])
+            budget -= n
+            self._left -= n
+            if not self._left:
+                self._row += 1
+                self._items = None
 
     def result(self) -> bytes:
         if self._blob is None:
             raise ValueError("snapshot not fully encoded")
         return self._blob
+
+
+def _array_header(n: int) -> bytes:
+    """The msgpack array header for ``n`` items (spec: fixarray/array 16/array 32)."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
