@@ -168,6 +168,11 @@ def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
         out = dataclasses.replace(
             out, paxos=dataclasses.replace(out.paxos, leader_quorum_timeout_ticks=rtt)
         )
+    # Preferred leaders move leadership on purpose, each move a short election; with
+    # an election timeout below a round trip every election may fail and they would
+    # churn for ever. A deployment that wants them has timeouts far above its RTT.
+    if out.paxos.prefer_leader and out.paxos.election_timeout_ticks < rtt:
+        out = dataclasses.replace(out, paxos=dataclasses.replace(out.paxos, prefer_leader=False))
     return out
 
 
