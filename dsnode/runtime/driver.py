@@ -548,18 +548,17 @@ class Driver:
     def _on_tick(self) -> None:
         self._advance_clock()
         first, last = self._ticked + 1, self.tick_count
-        if first > last:
-            return
-        self._ticked = last
-        if last - first >= 10:
-            log.warning("event_loop_behind",
-                        seconds=round((last - first + 1) * self._tick_seconds, 3))
-        if self.observer is not None:
-            self.observer.on_tick(self.core)
-        for t in range(first, last + 1):
-            expired = self._deadlines.pop(t, None)
-            if expired:
-                self._expire(expired)
+        if first <= last:  # the duties of every tick that passed since the last call
+            self._ticked = last
+            if last - first >= 10:
+                log.warning("event_loop_behind",
+                            seconds=round((last - first + 1) * self._tick_seconds, 3))
+            if self.observer is not None:
+                self.observer.on_tick(self.core)
+            for t in range(first, last + 1):
+                expired = self._deadlines.pop(t, None)
+                if expired:
+                    self._expire(expired)
         leader = self.core.leader_of(GROUP)
         if leader != self._last_leader:
             self._last_leader = leader
