@@ -9,7 +9,14 @@ drains the core's ``Ready``:
 2. messages and replies wait until the WAL is durable up to the last record
    appended before them (effects.py contract), then go out in order;
 3. requested snapshots are encoded a piece per loop turn
-   (``SNAPSHOT_ENTRIES_PER_STEP``), then handed back via ``snapshot_ready``.
+   (``SNAPSHOT_ENTRIES_PER_STEP``), written to the group's own snapshot file
+   off the loop (``runtime/snapshots.py``), then handed back via
+   ``snapshot_ready``, which records the file in the WAL.
+
+Checkpoints (every ``checkpoint_every_records`` WAL records) write the core's
+``checkpoint()``, which names the snapshot files instead of holding them, as
+the WAL's snapshot, off the loop; once it is durable, older segments and
+older snapshot files go.
 
 A single flusher task runs the fsyncs: while one fsync is in flight, later
 batches accumulate and share the next one (group commit).
@@ -41,6 +48,7 @@ if TYPE_CHECKING:
     from dsnode.core.paxos.node import PaxosNode
     from dsnode.core.paxos.outputs import SnapshotWanted
     from dsnode.runtime.peers import PeerNetwork
+    from dsnode.runtime.snapshots import SnapshotStore
     from dsnode.runtime.wal import WriteAheadLog
 
 log = get_logger("dsnode.driver")
@@ -119,9 +127,12 @@ class Driver:
         tick_seconds: float,
         checkpoint_every_records: int,
         heartbeat_ticks: int = 5,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         self.core = core
         self.wal = wal
+        # where state-machine snapshots go; None keeps them in memory only (tests)
+        self.snapshots = snapshots
         self.net = net
         self.node_id = node_id
         self._deliver_local = deliver
@@ -155,6 +166,7 @@ class Driver:
         self.proposals: collections.Counter = collections.Counter()
         self.observer: DriverObserver | None = None
         self._snapshot_started: dict[tuple[Any, int], float] = {}
+        self._snapshot_tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------ client input
     def submit(self, pending: Pending, cmd: Command, timeout_s: float) -> None:
@@ -372,13 +384,29 @@ class Driver:
         self._kick.set()
 
     def _snapshot_done(self, job: SnapshotWanted) -> None:
-        try:
-            blob = job.writer.result()
-            self.core.snapshot_ready(job.group, job.index, blob)
-        except Exception as e:
-            self.fail(e)
+        if self.snapshots is None:
+            try:
+                blob = job.writer.result()
+                self._snapshot_stored(job, blob, None)
+            except Exception as e:
+                self.fail(e)
             return
-        log.debug("snapshot_encoded", group=job.group, index=job.index, bytes=len(blob))
+        task = self._loop.create_task(self._store_snapshot(job))
+        self._snapshot_tasks.add(task)
+        task.add_done_callback(self._snapshot_tasks.discard)
+
+    async def _store_snapshot(self, job: SnapshotWanted) -> None:
+        """Write the encoded pieces to the group's file off the loop, then tell the core."""
+        assert self.snapshots is not None
+        try:
+            snap = await self.snapshots.write(job.group, job.index, job.writer.pieces())
+            self._snapshot_stored(job, snap.blob, snap.crc)
+        except Exception as e:  # a snapshot that cannot be stored: stop, not fill the WAL
+            self.fail(e)
+
+    def _snapshot_stored(self, job: SnapshotWanted, blob: Any, crc: int | None) -> None:
+        self.core.snapshot_ready(job.group, job.index, blob, crc)
+        log.debug("snapshot_stored", group=job.group, index=job.index, bytes=len(blob))
         started = self._snapshot_started.pop((job.group, job.index), None)
         if self.observer is not None and started is not None:
             self.observer.on_snapshot("state_machine", time.perf_counter() - started, len(blob))
@@ -436,22 +464,36 @@ class Driver:
         while self._waiting:
             await self.wal.sync()
             self._release()
+        while self._snapshot_tasks:
+            await asyncio.wait(list(self._snapshot_tasks))
         if self._checkpoint_task is not None:
             await self._checkpoint_task
 
     # ------------------------------------------------------------ checkpoints
     def _start_checkpoint(self) -> None:
-        """Write the node's durable state as a WAL snapshot so old segments can go."""
+        """Write the node's durable state as a WAL snapshot so old segments can go.
+
+        The blob names the snapshot files and holds only the records above them
+        (the open slot window), so building it costs no more than the window.
+        """
         started = time.perf_counter()
         blob = self.core.checkpoint()
+        if blob is None:
+            return  # an installed snapshot is still being stored: try again later
+        named = self.core.snapshot_indexes()
         lsn = self.wal.last_lsn
         self._records_since_checkpoint = 0
-        self._checkpoint_task = asyncio.create_task(self._write_checkpoint(lsn, blob, started))
+        self._checkpoint_task = asyncio.create_task(
+            self._write_checkpoint(lsn, blob, named, started)
+        )
 
-    async def _write_checkpoint(self, lsn: int, blob: bytes, started: float) -> None:
+    async def _write_checkpoint(
+        self, lsn: int, blob: bytes, named: dict[Any, int], started: float
+    ) -> None:
         try:
             await self.wal.write_snapshot(lsn, blob)
-            log.info("checkpoint_written", lsn=lsn, bytes=len(blob))
+            removed = await self.snapshots.prune(named) if self.snapshots is not None else 0
+            log.info("checkpoint_written", lsn=lsn, bytes=len(blob), snapshot_files_removed=removed)
             if self.observer is not None:
                 self.observer.on_snapshot("wal_checkpoint", time.perf_counter() - started,
                                           len(blob))

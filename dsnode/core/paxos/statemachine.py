@@ -100,21 +100,21 @@ class DedupSnapshotWriter:
     :meth:`DedupKV.snapshot` at capture time (``[kv_blob, table, cluster_uuid]``).
 
     ``step(n)`` encodes up to ``n`` KV entries; the step after the last entry
-    only joins the pieces (one copy) and encodes the dedup table. The shell
-    calls ``step`` once per event-loop turn until it returns True, then hands
-    :meth:`result` to the core's ``snapshot_ready``.
+    encodes the dedup table (and copies nothing). The shell calls ``step``
+    once per event-loop turn until it returns True, then writes
+    :meth:`pieces` to the group's snapshot file (``result`` joins them).
     """
 
-    __slots__ = ("_kv", "_table", "_uuid", "_blob")
+    __slots__ = ("_kv", "_table", "_uuid", "_pieces")
 
     def __init__(self, kv: SnapshotWriter, table: list[list], uuid: str | None) -> None:
         self._kv = kv
         self._table = table
         self._uuid = uuid
-        self._blob: bytes | None = None
+        self._pieces: list[bytes] | None = None
 
     def step(self, max_entries: int) -> bool:
-        if self._blob is not None:
+        if self._pieces is not None:
             return True
         if self._kv.remaining:
             self._kv.step(max_entries)
@@ -125,12 +125,19 @@ class DedupSnapshotWriter:
         tail = msgpack.packb(self._table, use_bin_type=True) + msgpack.packb(
             self._uuid, use_bin_type=True
         )
-        self._blob = b"".join([head, *parts, tail])
-        self._kv = None  # type: ignore[assignment]  # free the pieces
+        self._pieces = [head, *parts, tail]  # not joined: a shell may write them one by one
+        self._kv = None  # type: ignore[assignment]
         self._table = []
         return True
 
-    def result(self) -> bytes:
-        if self._blob is None:
+    def pieces(self) -> list[bytes]:
+        """The encoded bytes in order (their concatenation is :meth:`result`)."""
+        if self._pieces is None:
             raise ValueError("snapshot not fully encoded")
-        return self._blob
+        return self._pieces
+
+    def result(self) -> bytes:
+        pieces = self.pieces()
+        if len(pieces) != 1:
+            self._pieces = pieces = [b"".join(pieces)]
+        return pieces[0]
