@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from dsnode.core import commands
 from dsnode.core.commands import Delete, Get, Put, SubDelete, SubGet, SubPut, Txn
-from dsnode.core.kv.store import SNAPSHOT_FORMAT, KVStore
+from dsnode.core.kv.store import SNAPSHOT_FORMAT, KVStore, pack_entry
 from dsnode.core.paxos.statemachine import DedupKV
 
 
@@ -113,7 +113,8 @@ def test_piecewise_snapshot_equals_one_shot_packb_and_restores_identically(cmds,
     kv = KVStore()
     for c in cmds:
         kv.apply(c)
-    one_shot = msgpack.packb([SNAPSHOT_FORMAT, kv.revision, dict(kv.items())], use_bin_type=True)
+    packed = {k: pack_entry(v, ver) for k, (v, ver) in kv.items()}
+    one_shot = msgpack.packb([SNAPSHOT_FORMAT, kv.revision, packed], use_bin_type=True)
     w = kv.snapshot_writer()
     steps = 0
     while not w.step(per_step):
@@ -183,3 +184,50 @@ def test_txn_whose_gets_would_outgrow_a_frame_fails_with_no_effect():
     assert s.revision == rev and s.get(b"w") == (None, 0)
     ok = s.apply(Txn((), tuple(SubGet(b"k%d" % i) for i in range(n - 1))))
     assert ok["succeeded"] is True and len(ok["results"]) == n - 1
+
+
+def test_a_snapshot_of_the_old_format_restores():
+    """Format 2 (key -> [value, version], before packed entries) still loads."""
+    blob = msgpack.packb([2, 7, {b"a": [b"1", 3], b"b": [b"", 7]}], use_bin_type=True)
+    kv = KVStore.restore(blob)
+    assert (kv.get(b"a"), kv.get(b"b"), kv.revision, len(kv)) == ((b"1", 3), (b"", 7), 7, 2)
+
+
+def test_capture_copies_only_the_shards_written_while_a_writer_is_live():
+    """The capture shares the shards; a write copies its shard first (so the
+    writer's view never changes), and once the writer is done nothing is copied."""
+    kv = KVStore()
+    for i in range(5000):
+        kv.apply(Put(b"k%d" % i, b"v%d" % i))
+    before = kv.snapshot()
+    shards = list(kv._shards)
+    w = kv.snapshot_writer()
+    assert w.remaining == 5000
+    kv.apply(Put(b"k1", b"changed"))
+    kv.apply(Delete(b"k2"))
+    copied = [i for i, (a, b) in enumerate(zip(shards, kv._shards, strict=True)) if a is not b]
+    assert 1 <= len(copied) <= 2
+    while not w.step(700):
+        pass
+    assert w.result() == before and kv.get(b"k1") == (b"changed", 5001) and len(kv) == 4999
+    shards = list(kv._shards)
+    kv.apply(Put(b"k3", b"after"))
+    assert all(a is b for a, b in zip(shards, kv._shards, strict=True))
+
+
+def test_a_key_costs_well_under_300_bytes_of_memory():
+    """Issue 14: per key, the store keeps its key and one packed entry in a dict
+    (no tuple, no int object); tracemalloc counts what 20,000 keys allocate."""
+    import tracemalloc
+
+    keys = [b"key%012d" % i for i in range(20_000)]
+    values = [b"%08d" % i + b"v" * 92 for i in range(20_000)]  # 100 bytes
+    tracemalloc.start()
+    base = tracemalloc.take_snapshot()
+    kv = KVStore()
+    for k, v in zip(keys, values, strict=True):
+        kv.apply(Put(k, v))
+    grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(base, "filename"))
+    tracemalloc.stop()
+    per_key = (grown + sum(map(len, keys)) + 33 * len(keys)) / len(keys)  # keys count too
+    assert per_key < 300, per_key

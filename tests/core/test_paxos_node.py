@@ -286,9 +286,8 @@ def test_election_timeout_elects_exactly_one_leader():
     assert len(leaders) == 1
 
 
-def test_lagging_replica_catches_up_by_snapshot_after_compaction():
-    """A replica behind the leader's compaction point gets the snapshot in
-    checksummed chunks, then the rest from the log."""
+def _cluster_with_c_behind_compaction() -> Cluster:
+    """12 writes chosen (and snapshotted every 4 slots) while c was cut off."""
     cfg = PaxosConfig(snapshot_interval_slots=4, snapshot_chunk_bytes=64, leader_stickiness=False)
     c = Cluster(cfg)
     c.elect("a")
@@ -296,6 +295,13 @@ def test_lagging_replica_catches_up_by_snapshot_after_compaction():
     for i in range(12):
         c.nodes["a"].propose(0, i, Put(b"k%d" % i, b"x" * 20), request_id=("cl", i + 1))
         c.settle()
+    return c
+
+
+def test_lagging_replica_catches_up_by_snapshot_after_compaction():
+    """A replica behind the leader's compaction point gets the snapshot in
+    checksummed chunks, then the rest from the log."""
+    c = _cluster_with_c_behind_compaction()
     assert c.nodes["c"].applied_index(0) == 0
     c.cut = set()
     c.tick(20)
@@ -707,13 +713,7 @@ def test_checkpoint_waits_until_an_installed_snapshot_is_in_its_file():
     """A snapshot installed from a peer replaces the state before the shell has
     stored it: until ``snapshot_ready``, the records before it are the only
     durable copy, so ``checkpoint()`` (which would let them go) says None."""
-    cfg = PaxosConfig(snapshot_interval_slots=4, snapshot_chunk_bytes=64, leader_stickiness=False)
-    c = Cluster(cfg)
-    c.elect("a")
-    c.cut = {"c"}
-    for i in range(12):
-        c.nodes["a"].propose(0, i, Put(b"k%d" % i, b"x" * 20), request_id=("cl", i + 1))
-        c.settle()
+    c = _cluster_with_c_behind_compaction()
     c.hold_snapshots = True
     c.cut = set()
     c.tick(20)

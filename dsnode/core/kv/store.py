@@ -10,6 +10,9 @@ after a delete and re-create (PROTOCOL.md, "Keys, values, versions").
 from __future__ import annotations
 
 import itertools
+import struct
+import zlib
+from collections.abc import Iterator
 
 import msgpack
 
@@ -25,36 +28,96 @@ from dsnode.core.commands import (
     Txn,
 )
 
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3  # 2: key -> [value, version]; 3: key -> packed entry (see below)
 # A transaction's gets may return at most this many bytes of values in all; a
 # larger one fails with no effect (``ERROR_KEY``), the same on every replica, so
 # no answer ever outgrows a frame (the default max_frame_bytes is twice this).
 TXN_RESULT_BYTES_MAX = 4 * 1024 * 1024
 # A result holding this key is a definite failure: [code, message] (no effect).
 ERROR_KEY = "_error"
+_crc32 = zlib.crc32
+
+# The map is split into SHARDS dicts by CRC-32 of the key: a snapshot captures
+# the list of shards (1,024 pointers), and a write copies a shard the capture
+# still shares before changing it (copy on write), so neither the capture nor
+# any single write costs O(keys).
+SHARDS = 1024
+_SHARD_MASK = SHARDS - 1
+_VERSION = struct.Struct("<Q")
+_VERSION_BYTES = _VERSION.size
+
+
+def pack_entry(value: bytes, version: int) -> bytes:
+    """A key's entry as stored: 8-byte little-endian version, then the value. One
+    bytes object per key (no tuple, no int) keeps a key near 250 bytes of memory."""
+    return _VERSION.pack(version) + value
+
+
+def unpack_entry(entry: bytes) -> tuple[bytes, int]:
+    return entry[_VERSION_BYTES:], _VERSION.unpack_from(entry)[0]
+
+
+class _Capture:
+    """Shared by a store and the snapshot writer of its shards: while ``live``,
+    a shard the store has not copied since the capture is still the writer's."""
+
+    __slots__ = ("live",)
+
+    def __init__(self) -> None:
+        self.live = True
 
 
 class KVStore:
-    __slots__ = ("_data", "revision")
+    __slots__ = ("_shards", "_owned", "_capture", "_len", "revision")
 
     def __init__(self) -> None:
-        # key -> (value, version)
-        self._data: dict[bytes, tuple[bytes, int]] = {}
+        # key -> pack_entry(value, version), split by shard_of(key)
+        self._shards: list[dict[bytes, bytes]] = [{} for _ in range(SHARDS)]
+        self._owned = [True] * SHARDS  # False: shared with a live capture, copy first
+        self._capture: _Capture | None = None
+        self._len = 0
         self.revision = 0
 
     def __len__(self) -> int:
-        return len(self._data)
+        return self._len
 
     # ------------------------------------------------------------ reads
     def get(self, key: bytes) -> tuple[bytes | None, int]:
-        entry = self._data.get(key)
+        entry = self._shards[_crc32(key) & _SHARD_MASK].get(key)
         if entry is None:
             return None, 0
-        return entry
+        return entry[_VERSION_BYTES:], _VERSION.unpack_from(entry)[0]
 
     def version(self, key: bytes) -> int:
-        entry = self._data.get(key)
-        return 0 if entry is None else entry[1]
+        entry = self._shards[_crc32(key) & _SHARD_MASK].get(key)
+        return 0 if entry is None else _VERSION.unpack_from(entry)[0]
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._shards[_crc32(key) & _SHARD_MASK]
+
+    # ------------------------------------------------------------ writes (the only ones)
+    def _writable(self, key: bytes) -> dict[bytes, bytes]:
+        i = _crc32(key) & _SHARD_MASK
+        if not self._owned[i]:
+            capture = self._capture
+            if capture is not None and capture.live:
+                self._shards[i] = self._shards[i].copy()  # the writer keeps the original
+                self._owned[i] = True
+            else:  # the capture is finished: nothing shares the shards any more
+                self._capture = None
+                self._owned = [True] * SHARDS
+        return self._shards[i]
+
+    def _set(self, key: bytes, value: bytes, version: int) -> None:
+        shard = self._writable(key)
+        n = len(shard)
+        shard[key] = _VERSION.pack(version) + value
+        self._len += len(shard) - n
+
+    def _remove(self, key: bytes) -> None:
+        shard = self._writable(key)
+        if shard.pop(key, None) is not None:
+            self._len -= 1
 
     # ------------------------------------------------------------ apply
     def apply(self, cmd: Command) -> dict:
@@ -75,7 +138,7 @@ class KVStore:
         if cmd.if_version is not None and cmd.if_version != current:
             return {"succeeded": False, "version": current}
         self.revision += 1
-        self._data[cmd.key] = (cmd.value, self.revision)
+        self._set(cmd.key, cmd.value, self.revision)
         return {"succeeded": True, "version": self.revision}
 
     def _delete(self, cmd: Delete) -> dict:
@@ -85,11 +148,10 @@ class KVStore:
         if current == 0:
             return {"succeeded": True, "existed": False, "version": 0}
         self.revision += 1
-        del self._data[cmd.key]
+        self._remove(cmd.key)
         return {"succeeded": True, "existed": True, "version": current}
 
     def _txn(self, cmd: Txn) -> dict:
-        data = self._data
         holds = all(self.version(k) == v for k, v in cmd.compares)
         branch: tuple[SubOp, ...] = cmd.then if holds else cmd.otherwise
         # Gets see the state before the transaction's own writes, so answer
@@ -103,7 +165,7 @@ class KVStore:
                 results.append({"value": value, "version": version})
                 got += len(value) if value is not None else 0
             elif isinstance(s, SubDelete):
-                existed = s.key in data
+                existed = s.key in self
                 results.append({"existed": existed})
                 writes = writes or existed
             else:
@@ -117,65 +179,86 @@ class KVStore:
             rev = self.revision
             for s, r in zip(branch, results, strict=True):
                 if isinstance(s, SubPut):
-                    data[s.key] = (s.value, rev)
+                    self._set(s.key, s.value, rev)
                     r["version"] = rev
                 elif isinstance(s, SubDelete):
-                    data.pop(s.key, None)
+                    self._remove(s.key)
         return {"succeeded": holds, "results": results}
 
     # ------------------------------------------------------------ snapshots
     def snapshot(self) -> bytes:
         """The whole store in one go (tests, small stores); same bytes as the writer's."""
         w = self.snapshot_writer()
-        while not w.step(len(self._data) + 1):
+        while not w.step(self._len + 1):
             pass
         return w.result()
 
     def snapshot_writer(self) -> SnapshotWriter:
         """A point-in-time capture now, encoded later in steps by :class:`SnapshotWriter`.
 
-        The capture is a shallow ``dict.copy()`` (values are immutable
-        ``(value, version)`` tuples), so applying may go on while it is encoded.
+        O(shards), not O(keys): the writer takes the shard dicts themselves and
+        the store copies a shard before its first change while the writer is
+        live (``_writable``), so applying may go on while it is encoded.
         """
-        return SnapshotWriter(self.revision, self._data.copy())
+        if self._capture is not None:
+            self._capture.live = False  # an older writer: it keeps what it captured
+        capture = _Capture()
+        self._capture = capture
+        self._owned = [False] * SHARDS
+        return SnapshotWriter(self.revision, list(self._shards), self._len, capture)
 
     @classmethod
     def restore(cls, blob: bytes) -> KVStore:
         fmt, revision, items = msgpack.unpackb(blob, raw=False, strict_map_key=True)
-        if fmt != SNAPSHOT_FORMAT:
+        if fmt not in (2, SNAPSHOT_FORMAT):
             raise ValueError(f"unknown KV snapshot format {fmt}")
         store = cls()
         if not isinstance(items, dict):
             raise ValueError("KV snapshot: expected a map of keys")
         store.revision = revision
-        store._data = {k: (v, ver) for k, (v, ver) in items.items()}
+        shards = store._shards
+        if fmt == 2:
+            for k, (v, ver) in items.items():
+                shards[_crc32(k) & _SHARD_MASK][k] = _VERSION.pack(ver) + v
+        else:
+            for k, entry in items.items():
+                shards[_crc32(k) & _SHARD_MASK][k] = entry
+        store._len = len(items)
         return store
 
-    def items(self):
-        return self._data.items()
+    def items(self) -> Iterator[tuple[bytes, tuple[bytes, int]]]:
+        """``(key, (value, version))`` for every key (shard order)."""
+        for shard in self._shards:
+            for k, entry in shard.items():
+                yield k, (entry[_VERSION_BYTES:], _VERSION.unpack_from(entry)[0])
 
 
 class SnapshotWriter:
     """Encodes a captured KV map piecewise; the bytes equal one ``packb`` of
-    ``[SNAPSHOT_FORMAT, revision, data]`` (msgpack lets a map header be
-    followed by its entries packed one by one), so :meth:`KVStore.restore`
-    reads them unchanged.
+    ``[SNAPSHOT_FORMAT, revision, {key: packed entry}]`` (msgpack lets a map
+    header be followed by its entries packed one by one), so
+    :meth:`KVStore.restore` reads them unchanged.
 
     Pure: whoever drives it (the shell) decides how many entries go per
     ``step``, so no single step holds the caller for long.
     """
 
-    __slots__ = ("_packer", "_parts", "_items", "_left")
+    __slots__ = ("_packer", "_parts", "_items", "_left", "_capture")
 
-    def __init__(self, revision: int, data: dict[bytes, tuple[bytes, int]]) -> None:
+    def __init__(
+        self, revision: int, shards: list[dict[bytes, bytes]], count: int, capture: _Capture
+    ) -> None:
         self._packer = msgpack.Packer(use_bin_type=True)
         pk = self._packer
         self._parts: list[bytes] = [
             pk.pack_array_header(3) + pk.pack(SNAPSHOT_FORMAT) + pk.pack(revision)
-            + pk.pack_map_header(len(data))
+            + pk.pack_map_header(count)
         ]
-        self._items = iter(data.items())
-        self._left = len(data)
+        self._items = itertools.chain.from_iterable(s.items() for s in shards)
+        self._left = count
+        self._capture = capture
+        if not count:
+            capture.live = False
 
     @property
     def remaining(self) -> int:
@@ -188,11 +271,13 @@ class SnapshotWriter:
         n = min(max_entries, self._left)
         if n:
             pack = self._packer.pack
-            items = self._items
             self._parts.append(
-                b"".join([pack(k) + pack(v) for k, v in itertools.islice(items, n)])
+                b"".join([pack(k) + pack(v) for k, v in itertools.islice(self._items, n)])
             )
             self._left -= n
+            if not self._left:
+                self._capture.live = False  # the store may stop copying shards
+                self._items = iter(())
         return self._left == 0
 
     def parts(self) -> list[bytes]:
