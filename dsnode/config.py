@@ -164,7 +164,7 @@ class NodeConfig(BaseModel):
         "a killed process, not a power loss)",
     )
     wal_segment_bytes: int = Field(
-        default=64 * 1024 * 1024, ge=4096, description="size of one write-ahead log file, bytes"
+        default=16 * 1024 * 1024, ge=4096, description="size of one write-ahead log file, bytes"
     )
     snapshot_every_records: int = Field(
         default=100_000, ge=1,

@@ -284,6 +284,7 @@ class Node:
             heartbeat_ticks=cfg.ticks(cfg.heartbeat_interval_ms),
             snapshots=snapshots,
         )
+        self.driver.snapshot_bytes = sum(len(s.blob) for s in found.snapshots.values())
         self.driver.observer = self.metrics
         self.driver.on_pins = self._on_pins
         server.driver = self.driver
@@ -453,6 +454,7 @@ class Node:
             "snapshot_files": {
                 "current": group.snap_file_index,
                 "on_disk": len(self.snapshots.files(GROUP)) if self.snapshots else 0,
+                "last": driver.last_snapshot,
                 **(self.snapshots.stats if self.snapshots else {}),
             },
             "fsync": cfg.fsync,

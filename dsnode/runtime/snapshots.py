@@ -184,42 +184,25 @@ class SnapshotStore:
 
     # ----------------------------------------------------------------------- writing
 
+    def create(self, group: Any, index: int, reserve: int = 0) -> SnapshotFile:
+        """A new file for the group's snapshot at ``index``, filled piece by piece
+        (``append``) and made durable by ``finish``; ``reserve`` bytes at the start
+        of the data are written last (``finish(head=...)``)."""
+        return SnapshotFile(self, group, index, reserve)
+
     async def write(self, group: Any, index: int, pieces: list[bytes]) -> StoredSnapshot:
         """Store ``pieces`` (concatenated: the snapshot) durably as the group's
-        file for ``index``; returns it mapped read-only. All disk work and the
-        checksum run on the store's worker thread."""
+        file for ``index``; returns it mapped read-only."""
+        f = self.create(group, index)
+        f.append(pieces)
+        return await f.finish()
+
+    def _stored(self, group: Any, snap: StoredSnapshot) -> None:
         token = _group_token(group)
-        loop = asyncio.get_running_loop()
-        snap = await loop.run_in_executor(self._executor, self._write, group, index, pieces)
-        self._files.setdefault(token, set()).add(index)
+        self._files.setdefault(token, set()).add(snap.index)
         self._groups.setdefault(token, group)
         self.stats["written"] += 1
         self.stats["bytes_written"] += len(snap.blob)
-        return snap
-
-    def _write(self, group: Any, index: int, pieces: list[bytes]) -> StoredSnapshot:
-        final = self._dir / snapshot_file_name(group, index)
-        tmp = final.with_name(final.name + ".tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-        try:
-            os.lseek(fd, HEADER_BYTES, os.SEEK_SET)
-            crc = 0
-            size = 0
-            for piece in pieces:
-                crc = zlib.crc32(piece, crc)
-                size += len(piece)
-                view = memoryview(piece)
-                while view:
-                    view = view[os.write(fd, view) :]
-            os.pwrite(fd, encode_header(group, index, size, crc), 0)
-            if self._fsync:
-                _FDATASYNC(fd)
-            os.replace(tmp, final)
-            self._sync_dir()
-            data = _map_data(fd, size)
-        finally:
-            os.close(fd)
-        return StoredSnapshot(index, data, crc)
 
     # ----------------------------------------------------------------------- pruning
 
@@ -263,3 +246,104 @@ class SnapshotStore:
     def close(self) -> None:
         """Wait for a write in progress, then stop the worker thread. Idempotent."""
         self._executor.shutdown(wait=True)
+
+
+class SnapshotFile:
+    """One snapshot file being written: every disk operation and the checksum
+    run on the store's worker thread, in the order they were asked for, so the
+    event loop only hands over pieces (``append`` does not wait)."""
+
+    def __init__(self, store: SnapshotStore, group: Any, index: int, reserve: int) -> None:
+        self._store = store
+        self.group = group
+        self.index = index
+        self._final = store.directory / snapshot_file_name(group, index)
+        self._tmp = self._final.with_name(self._final.name + ".tmp")
+        self._reserve = reserve
+        self._fd = -1
+        self._size = reserve  # data bytes so far, the reserved ones included
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._pending: list[asyncio.Future[None]] = [
+            loop.run_in_executor(store._executor, self._open)
+        ]
+
+    def _open(self) -> None:
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        self._fd = os.open(self._tmp, flags, 0o644)
+        os.lseek(self._fd, HEADER_BYTES + self._reserve, os.SEEK_SET)
+
+    @property
+    def backlog(self) -> int:
+        """Appends handed over and not yet written."""
+        self._pending = [f for f in self._pending if not f.done()]
+        return len(self._pending)
+
+    async def drained(self) -> None:
+        """Wait until every append so far is written (raises what a write raised)."""
+        pending, self._pending = self._pending, []
+        for f in pending:
+            await f
+
+    def append(self, pieces: list[bytes]) -> None:
+        """Queue ``pieces`` to be written next (on the worker thread)."""
+        if pieces:
+            self._size += sum(map(len, pieces))
+            self._pending.append(
+                self._loop.run_in_executor(self._store._executor, self._write, pieces)
+            )
+
+    def _write(self, pieces: list[bytes]) -> None:
+        fd = self._fd
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(fd, view) :]
+
+    async def finish(self, head: bytes = b"", tail: bytes = b"") -> StoredSnapshot:
+        """Write ``head`` into the reserved bytes and ``tail`` at the end, checksum,
+        fsync, rename into place, fsync the directory; the file, mapped read-only."""
+        if len(head) != self._reserve:
+            raise ValueError(f"head is {len(head)} bytes, {self._reserve} were reserved")
+        self.append([tail])
+        try:
+            await self.drained()
+            snap = await self._loop.run_in_executor(self._store._executor, self._seal, head)
+        except BaseException:
+            await self._loop.run_in_executor(self._store._executor, self._discard)
+            raise
+        self._store._stored(self.group, snap)
+        return snap
+
+    def _seal(self, head: bytes) -> StoredSnapshot:
+        fd = self._fd
+        if head:
+            os.pwrite(fd, head, HEADER_BYTES)
+        data = _map_data(fd, self._size)
+        crc = zlib.crc32(data)  # the GIL is released while it runs
+        os.pwrite(fd, encode_header(self.group, self.index, self._size, crc), 0)
+        if self._store._fsync:
+            _FDATASYNC(fd)
+        os.replace(self._tmp, self._final)
+        self._store._sync_dir()
+        os.close(fd)
+        self._fd = -1
+        if isinstance(data, mmap.mmap):
+            data.madvise(mmap.MADV_DONTNEED)  # written through the fd: the pages stay cached
+        return StoredSnapshot(self.index, data, crc)
+
+    def _discard(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            os.unlink(self._tmp)
+        except FileNotFoundError:
+            pass
+
+    async def abandon(self) -> None:
+        """Give up on the file (a failed or superseded snapshot): remove the temp file."""
+        try:
+            await self.drained()
+        finally:
+            await self._loop.run_in_executor(self._store._executor, self._discard)

@@ -233,6 +233,16 @@ class KVStore:
                 yield k, (entry[_VERSION_BYTES:], _VERSION.unpack_from(entry)[0])
 
 
+def _drain_shards(shards: list[dict[bytes, bytes] | None]) -> Iterator[tuple[bytes, bytes]]:
+    """Every entry of the captured shards, letting go of each shard once read: a
+    shard the store has copied since the capture is freed then, a thousandth of
+    the map at a time, not all at once when the writer is dropped."""
+    for i, shard in enumerate(shards):
+        shards[i] = None
+        assert shard is not None
+        yield from shard.items()
+
+
 class SnapshotWriter:
     """Encodes a captured KV map piecewise; the bytes equal one ``packb`` of
     ``[SNAPSHOT_FORMAT, revision, {key: packed entry}]`` (msgpack lets a map
@@ -254,7 +264,7 @@ class SnapshotWriter:
             pk.pack_array_header(3) + pk.pack(SNAPSHOT_FORMAT) + pk.pack(revision)
             + pk.pack_map_header(count)
         ]
-        self._items = itertools.chain.from_iterable(s.items() for s in shards)
+        self._items = _drain_shards(shards)
         self._left = count
         self._capture = capture
         if not count:
@@ -279,6 +289,12 @@ class SnapshotWriter:
                 self._capture.live = False  # the store may stop copying shards
                 self._items = iter(())
         return self._left == 0
+
+    def take_parts(self) -> list[bytes]:
+        """The pieces encoded since the last call (for a caller writing them out as
+        they come); afterwards :meth:`parts` holds only what follows."""
+        taken, self._parts = self._parts, []
+        return taken
 
     def parts(self) -> list[bytes]:
         """The encoded pieces in order (their concatenation is :meth:`result`)."""

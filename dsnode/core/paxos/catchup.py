@@ -37,6 +37,14 @@ class CatchUp:
         self.snap_pending = index
         self.out.snapshots.append(SnapshotWanted(self.group, index, self.sm.snapshot_writer()))
 
+    def request_snapshot(self) -> bool:
+        """The shell asks for a snapshot now (its log grew large on disk): taken
+        unless one is in progress or nothing was applied since the last."""
+        if self.snap_pending is not None or self.log.applied <= self.log.snap_index:
+            return False
+        self._take_snapshot()
+        return True
+
     def snapshot_ready(self, index: int, blob: bytes, crc: int | None = None) -> None:
         """The shell stored the snapshot requested at ``index`` durably in its
         own file (``blob``: its bytes, or a bytes-like view of the file; ``crc``:

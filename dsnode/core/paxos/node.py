@@ -93,6 +93,12 @@ class PaxosNode:
         if g is not None:
             g.snapshot_ready(index, blob, crc)
 
+    def request_snapshots(self) -> int:
+        """Take a snapshot of every group that applied anything since its last
+        one and has none in progress (the shell's log grew large on disk); the
+        jobs come out of the next ``ready()``. Returns how many were started."""
+        return sum(g.request_snapshot() for g in self.groups.values())
+
     # ------------------------------------------------------------ drain
     def ready(self) -> Ready:
         for group in sorted(self._dirty, key=str):

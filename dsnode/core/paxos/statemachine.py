@@ -100,40 +100,63 @@ class DedupSnapshotWriter:
     :meth:`DedupKV.snapshot` at capture time (``[kv_blob, table, cluster_uuid]``).
 
     ``step(n)`` encodes up to ``n`` KV entries; the step after the last entry
-    encodes the dedup table (and copies nothing). The shell calls ``step``
-    once per event-loop turn until it returns True, then writes
-    :meth:`pieces` to the group's snapshot file (``result`` joins them).
+    encodes the dedup table. The shell calls ``step`` once per event-loop turn
+    until it returns True, then writes :meth:`pieces` to the group's snapshot
+    file (``result`` joins them).
+
+    Streaming, so the encoded state never sits in memory whole: after each
+    step the shell takes the new KV bytes (:meth:`take_kv_parts`) and writes
+    them after :data:`STREAM_HEAD_BYTES` reserved bytes; when done it writes
+    :meth:`stream_head` there and :meth:`tail` at the end. Those bytes differ
+    from :meth:`result` only in using the 4-byte bin length form (which every
+    msgpack reader accepts), so ``DedupKV.restore`` reads them the same.
     """
 
-    __slots__ = ("_kv", "_table", "_uuid", "_pieces")
+    __slots__ = ("_kv", "_table", "_uuid", "_tail", "_pieces")
+
+    STREAM_HEAD_BYTES = 6
 
     def __init__(self, kv: SnapshotWriter, table: list[list], uuid: str | None) -> None:
         self._kv = kv
         self._table = table
         self._uuid = uuid
+        self._tail: bytes | None = None
         self._pieces: list[bytes] | None = None
 
     def step(self, max_entries: int) -> bool:
-        if self._pieces is not None:
+        if self._tail is not None:
             return True
         if self._kv.remaining:
             self._kv.step(max_entries)
             return False
-        parts = self._kv.parts()
-        kv_len = sum(map(len, parts))
-        head = b"\x93" + _bin_header(kv_len)  # fixarray of 3, then the KV blob as bin
-        tail = msgpack.packb(self._table, use_bin_type=True) + msgpack.packb(
+        self._tail = msgpack.packb(self._table, use_bin_type=True) + msgpack.packb(
             self._uuid, use_bin_type=True
         )
-        self._pieces = [head, *parts, tail]  # not joined: a shell may write them one by one
-        self._kv = None  # type: ignore[assignment]
         self._table = []
         return True
+
+    def take_kv_parts(self) -> list[bytes]:
+        """The KV bytes encoded since the last call, in order; no longer kept here."""
+        return self._kv.take_parts()
+
+    @staticmethod
+    def stream_head(kv_len: int) -> bytes:
+        """The first bytes of a streamed snapshot whose KV blob is ``kv_len`` bytes."""
+        return b"\x93\xc6" + kv_len.to_bytes(4, "big")  # fixarray of 3, bin 32
+
+    def tail(self) -> bytes:
+        """The bytes after the KV blob (the dedup table and the cluster UUID)."""
+        if self._tail is None:
+            raise ValueError("snapshot not fully encoded")
+        return self._tail
 
     def pieces(self) -> list[bytes]:
         """The encoded bytes in order (their concatenation is :meth:`result`)."""
         if self._pieces is None:
-            raise ValueError("snapshot not fully encoded")
+            parts = self._kv.parts()
+            head = b"\x93" + _bin_header(sum(map(len, parts)))  # fixarray of 3, then bin
+            self._pieces = [head, *parts, self.tail()]
+            self._kv = None  # type: ignore[assignment]
         return self._pieces
 
     def result(self) -> bytes:
