@@ -13,6 +13,7 @@ import itertools
 import struct
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 
@@ -28,7 +29,10 @@ from dsnode.core.commands import (
     Txn,
 )
 
-SNAPSHOT_FORMAT = 3  # 2: key -> [value, version]; 3: key -> packed entry (see below)
+# 2: [2, revision, {key: [value, version]}] in one msgpack object;
+# 3: [3, revision, count], then maps {key: packed entry} (pack_entry) in sequence
+# whose sizes add up to count: each writer step packs one map in C.
+SNAPSHOT_FORMAT = 3
 # A transaction's gets may return at most this many bytes of values in all; a
 # larger one fails with no effect (``ERROR_KEY``), the same on every replica, so
 # no answer ever outgrows a frame (the default max_frame_bytes is twice this).
@@ -209,21 +213,33 @@ class KVStore:
 
     @classmethod
     def restore(cls, blob: bytes) -> KVStore:
-        fmt, revision, items = msgpack.unpackb(blob, raw=False, strict_map_key=True)
-        if fmt not in (2, SNAPSHOT_FORMAT):
-            raise ValueError(f"unknown KV snapshot format {fmt}")
+        objects = _unpack_stream(blob)
+        head = next(objects, None)
+        if not isinstance(head, list) or len(head) != 3 or not isinstance(head[1], int):
+            raise ValueError("KV snapshot: bad header")
+        fmt, revision, body = head
         store = cls()
-        if not isinstance(items, dict):
-            raise ValueError("KV snapshot: expected a map of keys")
         store.revision = revision
         shards = store._shards
-        if fmt == 2:
-            for k, (v, ver) in items.items():
+        if fmt == 2:  # one map of key -> [value, version]
+            if not isinstance(body, dict):
+                raise ValueError("KV snapshot: expected a map of keys")
+            for k, (v, ver) in body.items():
                 shards[_crc32(k) & _SHARD_MASK][k] = _VERSION.pack(ver) + v
-        else:
-            for k, entry in items.items():
+            store._len = len(body)
+            return store
+        if fmt != SNAPSHOT_FORMAT:
+            raise ValueError(f"unknown KV snapshot format {fmt}")
+        count = 0
+        for chunk in objects:
+            if count >= body or not isinstance(chunk, dict):
+                raise ValueError("KV snapshot: unexpected data after the entries")
+            for k, entry in chunk.items():
                 shards[_crc32(k) & _SHARD_MASK][k] = entry
-        store._len = len(items)
+            count += len(chunk)
+        if count != body:
+            raise ValueError(f"KV snapshot: {count} entries, the header says {body}")
+        store._len = sum(map(len, shards))
         return store
 
     def items(self) -> Iterator[tuple[bytes, tuple[bytes, int]]]:
@@ -231,6 +247,17 @@ class KVStore:
         for shard in self._shards:
             for k, entry in shard.items():
                 yield k, (entry[_VERSION_BYTES:], _VERSION.unpack_from(entry)[0])
+
+
+def _unpack_stream(blob: bytes) -> Iterator[Any]:
+    """The msgpack objects in ``blob`` one after another, fed a megabyte at a
+    time (``blob`` may be a mapped file: it is never copied whole)."""
+    up = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=len(blob) + 1)
+    view = memoryview(blob)
+    step = 1 << 20
+    for off in range(0, len(view), step):
+        up.feed(view[off : off + step])
+        yield from up
 
 
 def _drain_shards(shards: list[dict[bytes, bytes] | None]) -> Iterator[tuple[bytes, bytes]]:
@@ -244,10 +271,10 @@ def _drain_shards(shards: list[dict[bytes, bytes] | None]) -> Iterator[tuple[byt
 
 
 class SnapshotWriter:
-    """Encodes a captured KV map piecewise; the bytes equal one ``packb`` of
-    ``[SNAPSHOT_FORMAT, revision, {key: packed entry}]`` (msgpack lets a map
-    header be followed by its entries packed one by one), so
-    :meth:`KVStore.restore` reads them unchanged.
+    """Encodes a captured KV map piecewise in format 3: the header, then one
+    msgpack map per ``step``; :meth:`KVStore.restore` reads them in sequence.
+    The bytes depend on the step sizes, so replicas stepping alike (the
+    runtime always steps the same) give identical snapshots.
 
     Pure: whoever drives it (the shell) decides how many entries go per
     ``step``, so no single step holds the caller for long.
@@ -259,12 +286,8 @@ class SnapshotWriter:
         self, revision: int, shards: list[dict[bytes, bytes]], count: int, capture: _Capture
     ) -> None:
         self._packer = msgpack.Packer(use_bin_type=True)
-        pk = self._packer
-        self._parts: list[bytes] = [
-            pk.pack_array_header(3) + pk.pack(SNAPSHOT_FORMAT) + pk.pack(revision)
-            + pk.pack_map_header(count)
-        ]
-        self._items = _drain_shards(shards)
+        self._parts: list[bytes] = [self._packer.pack([SNAPSHOT_FORMAT, revision, count])]
+        self._items = _drain_shards(shards)  # type: ignore[arg-type]
         self._left = count
         self._capture = capture
         if not count:
@@ -280,10 +303,8 @@ class SnapshotWriter:
             raise ValueError("max_entries must be >= 1")
         n = min(max_entries, self._left)
         if n:
-            pack = self._packer.pack
-            self._parts.append(
-                b"".join([pack(k) + pack(v) for k, v in itertools.islice(self._items, n)])
-            )
+            pairs = list(itertools.islice(self._items, n))
+            self._parts.append(self._packer.pack_map_pairs(pairs))  # one map, packed in C
             self._left -= n
             if not self._left:
                 self._capture.live = False  # the store may stop copying shards
