@@ -243,6 +243,8 @@ class Node:
         for repair in found.repairs:
             self.log.warning("snapshots_repaired", what=repair)
         recover_core(core, recovered, found, self.log)
+        if len(peers) == 1:  # no one else can lead: take over now, not after a timeout
+            core.campaign(GROUP)
         self.core = core
         stored = stored_cluster_uuid(data_dir)
         formed = core.state_machine(GROUP).cluster_uuid
