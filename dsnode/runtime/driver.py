@@ -424,9 +424,21 @@ class Driver:
                 snap = await store.write(job.group, job.index, w.pieces())
             self._snapshot_stored(job, snap.blob, snap.crc)
         except Exception as e:  # a snapshot that cannot be stored: stop, not fill the WAL
-            if f is not None:
-                await f.abandon()
             self.fail(e)
+            if f is not None:
+                try:
+                    await f.abandon()
+                except Exception as cleanup:  # the store is closing too: recovery removes it
+                    log.warning("snapshot_file_abandoned", why=repr(cleanup))
+
+    async def cancel_snapshots(self) -> None:
+        """Shutdown: stop encoding; a file not finished stays a ``.tmp`` that the next
+        start removes."""
+        tasks = list(self._snapshot_tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
     def fail(self, error: BaseException) -> None:
         """Fail-stop: a broken invariant, a WAL or checkpoint error, a failed tick. The
@@ -501,8 +513,6 @@ class Driver:
         while self._waiting:
             await self.wal.sync()
             self._release()
-        while self._snapshot_tasks:
-            await asyncio.wait(list(self._snapshot_tasks))
         if self._checkpoint_task is not None:
             await self._checkpoint_task
 

@@ -516,6 +516,7 @@ class Node:
             await self.net.close()
         if self.wal is not None:
             await self.wal.close()
+        await self.driver.cancel_snapshots()  # an unfinished file is a leftover .tmp
         if self.snapshots is not None:
             self.snapshots.close()
         if self.admin is not None:  # last: /readyz says "shutting down" until here
