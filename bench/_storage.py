@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -195,3 +197,25 @@ def pct(xs: list[float], p: float) -> float:
         return float("nan")
     s = sorted(xs)
     return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+
+def loop_lag_buckets(metrics_port: int) -> dict[float, int]:
+    """The node's event-loop lag histogram from its admin ``/metrics``: cumulative
+    counts per upper bound ``le`` in seconds (``inf`` for all)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[float, int] = {}
+    for m in re.finditer(r'^dsnode_event_loop_lag_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)$',
+                         text, re.M):
+        out[float(m.group(1))] = int(float(m.group(2)))
+    return out
+
+
+def window_lag(before: dict[float, int], after: dict[float, int]) -> tuple[float, int]:
+    """Between two readings: the smallest bucket bound covering every lag measured
+    (the window's maximum is at most this, in ms), and how many lags exceeded 25 ms."""
+    diff = {le: after.get(le, 0) - before.get(le, 0) for le in after}
+    total = diff.get(float("inf"), 0)
+    bound = min((le for le, n in diff.items() if n == total), default=float("inf"))
+    over = total - diff.get(0.025, 0)
+    return bound * 1000, over
