@@ -30,8 +30,9 @@ from dsnode.core.commands import (
 )
 
 # 2: [2, revision, {key: [value, version]}] in one msgpack object;
-# 3: [3, revision, count], then maps {key: packed entry} (pack_entry) in sequence
-# whose sizes add up to count: each writer step packs one map in C.
+# 3: [3, revision, count, shards], then [shard, {key: packed entry}] pairs in
+# sequence whose maps add up to count entries: each writer step packs its maps
+# in C, and restore merges each into its shard in C (dict.update).
 SNAPSHOT_FORMAT = 3
 # A transaction's gets may return at most this many bytes of values in all; a
 # larger one fails with no effect (``ERROR_KEY``), the same on every replica, so
@@ -215,9 +216,9 @@ class KVStore:
     def restore(cls, blob: bytes) -> KVStore:
         objects = _unpack_stream(blob)
         head = next(objects, None)
-        if not isinstance(head, list) or len(head) != 3 or not isinstance(head[1], int):
+        if not isinstance(head, list) or len(head) not in (3, 4) or not isinstance(head[1], int):
             raise ValueError("KV snapshot: bad header")
-        fmt, revision, body = head
+        fmt, revision, body = head[:3]
         store = cls()
         store.revision = revision
         shards = store._shards
@@ -228,18 +229,27 @@ class KVStore:
                 shards[_crc32(k) & _SHARD_MASK][k] = _VERSION.pack(ver) + v
             store._len = len(body)
             return store
-        if fmt != SNAPSHOT_FORMAT:
+        if fmt != SNAPSHOT_FORMAT or len(head) != 4:
             raise ValueError(f"unknown KV snapshot format {fmt}")
+        same_shards = head[3] == SHARDS
         count = 0
-        for chunk in objects:
-            if count >= body or not isinstance(chunk, dict):
+        for piece in objects:
+            if count >= body or not isinstance(piece, list) or len(piece) != 2:
                 raise ValueError("KV snapshot: unexpected data after the entries")
-            for k, entry in chunk.items():
-                shards[_crc32(k) & _SHARD_MASK][k] = entry
+            i, chunk = piece
+            if not isinstance(chunk, dict) or not isinstance(i, int) or not 0 <= i < head[3]:
+                raise ValueError("KV snapshot: bad shard piece")
+            if same_shards:
+                shards[i].update(chunk)
+            else:  # written with another shard count: place each key anew
+                for k, entry in chunk.items():
+                    shards[_crc32(k) & _SHARD_MASK][k] = entry
             count += len(chunk)
         if count != body:
             raise ValueError(f"KV snapshot: {count} entries, the header says {body}")
         store._len = sum(map(len, shards))
+        if store._len != count:
+            raise ValueError("KV snapshot: a key appears twice")
         return store
 
     def items(self) -> Iterator[tuple[bytes, tuple[bytes, int]]]:
@@ -260,19 +270,10 @@ def _unpack_stream(blob: bytes) -> Iterator[Any]:
         yield from up
 
 
-def _drain_shards(shards: list[dict[bytes, bytes] | None]) -> Iterator[tuple[bytes, bytes]]:
-    """Every entry of the captured shards, letting go of each shard once read: a
-    shard the store has copied since the capture is freed then, a thousandth of
-    the map at a time, not all at once when the writer is dropped."""
-    for i, shard in enumerate(shards):
-        shards[i] = None
-        assert shard is not None
-        yield from shard.items()
-
-
 class SnapshotWriter:
-    """Encodes a captured KV map piecewise in format 3: the header, then one
-    msgpack map per ``step``; :meth:`KVStore.restore` reads them in sequence.
+    """Encodes a captured KV map piecewise in format 3: the header, then per
+    ``step`` one ``[shard, map]`` piece per shard it reads from;
+    :meth:`KVStore.restore` merges them in sequence.
     The bytes depend on the step sizes, so replicas stepping alike (the
     runtime always steps the same) give identical snapshots.
 
@@ -280,14 +281,19 @@ class SnapshotWriter:
     ``step``, so no single step holds the caller for long.
     """
 
-    __slots__ = ("_packer", "_parts", "_items", "_left", "_capture")
+    __slots__ = ("_packer", "_parts", "_shards", "_next", "_it", "_cur", "_left", "_capture")
 
     def __init__(
         self, revision: int, shards: list[dict[bytes, bytes]], count: int, capture: _Capture
     ) -> None:
         self._packer = msgpack.Packer(use_bin_type=True)
-        self._parts: list[bytes] = [self._packer.pack([SNAPSHOT_FORMAT, revision, count])]
-        self._items = _drain_shards(shards)  # type: ignore[arg-type]
+        self._parts: list[bytes] = [
+            self._packer.pack([SNAPSHOT_FORMAT, revision, count, len(shards)])
+        ]
+        self._shards: list[dict[bytes, bytes] | None] = list(shards)
+        self._next = 0  # the shard to read after the current one
+        self._it: Iterator[tuple[bytes, bytes]] | None = None
+        self._cur = -1
         self._left = count
         self._capture = capture
         if not count:
@@ -298,17 +304,34 @@ class SnapshotWriter:
         return self._left
 
     def step(self, max_entries: int) -> bool:
-        """Encode up to ``max_entries`` more entries; True once all are encoded."""
+        """Encode up to ``max_entries`` more entries; True once all are encoded.
+
+        A shard is let go once read: one the store copied since the capture is
+        freed then, a thousandth of the map at a time."""
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
-        n = min(max_entries, self._left)
-        if n:
-            pairs = list(itertools.islice(self._items, n))
-            self._parts.append(self._packer.pack_map_pairs(pairs))  # one map, packed in C
-            self._left -= n
-            if not self._left:
-                self._capture.live = False  # the store may stop copying shards
-                self._items = iter(())
+        want = min(max_entries, self._left)
+        pk = self._packer
+        while want:
+            if self._it is None:
+                shard = self._shards[self._next]
+                self._shards[self._next] = None
+                self._cur = self._next
+                self._next += 1
+                assert shard is not None
+                self._it = iter(shard.items())
+            pairs = list(itertools.islice(self._it, want))
+            if len(pairs) < want:
+                self._it = None  # this shard is done
+            if pairs:
+                self._parts.append(
+                    pk.pack_array_header(2) + pk.pack(self._cur) + pk.pack_map_pairs(pairs)
+                )
+                want -= len(pairs)
+                self._left -= len(pairs)
+        if not self._left:
+            self._capture.live = False  # the store may stop copying shards
+            self._it = None
         return self._left == 0
 
     def take_parts(self) -> list[bytes]:
