@@ -261,3 +261,21 @@ def test_a_key_costs_well_under_300_bytes_of_memory():
 def _content(blob: bytes) -> tuple[int, dict]:
     kv = KVStore.restore(blob)
     return kv.revision, dict(kv.items())
+
+
+def test_a_shard_the_writer_has_read_is_changed_in_place():
+    """Copy on write only where it is needed: once the writer has read a shard,
+    writes to it no longer copy it."""
+    kv = KVStore()
+    for i in range(5000):
+        kv.apply(Put(b"k%d" % i, b"v"))
+    w = kv.snapshot_writer()
+    w.step(2500)  # about half the shards read
+    shards = list(kv._shards)
+    for i in range(5000):
+        kv.apply(Put(b"k%d" % i, b"w"))
+    copied = sum(a is not b for a, b in zip(shards, kv._shards, strict=True))
+    assert 300 < copied < 800  # the unread half, not all 1,024
+    while not w.step(1000):
+        pass
+    assert all(v == b"v" for _, (v, _) in KVStore.restore(w.result()).items())

@@ -64,12 +64,14 @@ def unpack_entry(entry: bytes) -> tuple[bytes, int]:
 
 class _Capture:
     """Shared by a store and the snapshot writer of its shards: while ``live``,
-    a shard the store has not copied since the capture is still the writer's."""
+    a shard the store has not copied since the capture is still the writer's,
+    unless ``owned`` (the store's list) says the writer is done with it."""
 
-    __slots__ = ("live",)
+    __slots__ = ("live", "owned")
 
-    def __init__(self) -> None:
+    def __init__(self, owned: list[bool]) -> None:
         self.live = True
+        self.owned = owned
 
 
 class KVStore:
@@ -207,9 +209,9 @@ class KVStore:
         """
         if self._capture is not None:
             self._capture.live = False  # an older writer: it keeps what it captured
-        capture = _Capture()
-        self._capture = capture
         self._owned = [False] * SHARDS
+        capture = _Capture(self._owned)
+        self._capture = capture
         return SnapshotWriter(self.revision, list(self._shards), self._len, capture)
 
     @classmethod
@@ -322,7 +324,8 @@ class SnapshotWriter:
                 self._it = iter(shard.items())
             pairs = list(itertools.islice(self._it, want))
             if len(pairs) < want:
-                self._it = None  # this shard is done
+                self._it = None  # this shard is done: the store may change it in place
+                self._capture.owned[self._cur] = True
             if pairs:
                 self._parts.append(
                     pk.pack_array_header(2) + pk.pack(self._cur) + pk.pack_map_pairs(pairs)
