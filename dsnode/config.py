@@ -173,6 +173,11 @@ class NodeConfig(BaseModel):
     snapshot_interval_slots: int = Field(
         default=4096, ge=1, description="Paxos slots between state-machine snapshots"
     )
+    snapshot_wal_ratio: float = Field(
+        default=0.25, ge=0,
+        description="also snapshot once the WAL grew by this fraction of the last snapshot's "
+        "size (at least 8 MiB); bounds the data directory at about 2.5x the data; 0: off",
+    )
 
     # time
     tick_interval_ms: int = Field(

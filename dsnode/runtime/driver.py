@@ -64,10 +64,13 @@ PINS = "pins"  # [PINS, table]: the sender's member pins (core.membership.incarn
 # KV entries of a requested snapshot encoded per event-loop turn: about 1 ms of
 # msgpack for 100-byte values, so a snapshot never stalls the loop as a whole.
 SNAPSHOT_ENTRIES_PER_STEP = 1024
+# ... and at most about this many bytes of them (large values: fewer entries).
+SNAPSHOT_BYTES_PER_STEP = 1 << 20
 # Encoded pieces handed to the snapshot file's thread and not yet written, at most.
 SNAPSHOT_WRITES_QUEUED_MAX = 16
 # Disk bound (issue 14): besides every snapshot_interval_slots slots, the groups
-# snapshot once the WAL grew by this fraction of the last snapshot's size (at least
+# snapshot once the WAL grew by this fraction (setting snapshot_wal_ratio) of the
+# last snapshot's size (at least
 # SNAPSHOT_WAL_BYTES_MIN), and each stored snapshot is followed by a checkpoint, so
 # the data directory holds about one snapshot plus a quarter of one in log.
 SNAPSHOT_WAL_RATIO = 0.25
@@ -136,11 +139,13 @@ class Driver:
         checkpoint_every_records: int,
         heartbeat_ticks: int = 5,
         snapshots: SnapshotStore | None = None,
+        snapshot_wal_ratio: float = SNAPSHOT_WAL_RATIO,
     ) -> None:
         self.core = core
         self.wal = wal
         # where state-machine snapshots go; None keeps them in memory only (tests)
         self.snapshots = snapshots
+        self._snapshot_wal_ratio = snapshot_wal_ratio
         self.net = net
         self.node_id = node_id
         self._deliver_local = deliver
@@ -367,10 +372,11 @@ class Driver:
 
     def _maybe_request_snapshot(self) -> None:
         stats = getattr(self.wal, "stats", None)
-        if stats is None or self.snapshots is None:
+        ratio = self._snapshot_wal_ratio
+        if stats is None or self.snapshots is None or not ratio:
             return
         grown = stats["bytes"] - self._wal_bytes_at_snapshot
-        if grown >= max(SNAPSHOT_WAL_BYTES_MIN, SNAPSHOT_WAL_RATIO * self.snapshot_bytes):
+        if grown >= max(SNAPSHOT_WAL_BYTES_MIN, ratio * self.snapshot_bytes):
             if self.core.request_snapshots():  # 0 while one is still in progress
                 self._wal_bytes_at_snapshot = stats["bytes"]
                 self.counters["snapshots_for_disk"] += 1
@@ -405,7 +411,7 @@ class Driver:
         kv_len = 0
         try:
             while True:
-                done = w.step(SNAPSHOT_ENTRIES_PER_STEP)
+                done = w.step(SNAPSHOT_ENTRIES_PER_STEP, SNAPSHOT_BYTES_PER_STEP)
                 if f is not None:
                     parts = w.take_kv_parts()
                     kv_len += sum(map(len, parts))

@@ -285,6 +285,7 @@ class Node:
             checkpoint_every_records=cfg.snapshot_every_records,
             heartbeat_ticks=cfg.ticks(cfg.heartbeat_interval_ms),
             snapshots=snapshots,
+            snapshot_wal_ratio=cfg.snapshot_wal_ratio,
         )
         self.driver.snapshot_bytes = sum(len(s.blob) for s in found.snapshots.values())
         self.driver.observer = self.metrics

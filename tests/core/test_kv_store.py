@@ -279,3 +279,24 @@ def test_a_shard_the_writer_has_read_is_changed_in_place():
     while not w.step(1000):
         pass
     assert all(v == b"v" for _, (v, _) in KVStore.restore(w.result()).items())
+
+
+def test_a_step_stops_near_its_byte_budget_for_large_values():
+    """Entries count steps for small values; for large ones the byte budget does,
+    so no step packs more than about a megabyte (plus one entry)."""
+    kv = KVStore()
+    for i in range(40):
+        kv.apply(Put(b"k%d" % i, bytes([i]) * 100_000))
+    w = kv.snapshot_writer()
+    sizes = []
+    while True:
+        done = w.step(1024, 300_000)
+        sizes.append(sum(map(len, w.take_parts())))
+        if done:
+            break
+    assert len(sizes) >= 10 and max(sizes) < 300_000 + 2 * 100_100
+    kv2 = KVStore()
+    w2 = kv.snapshot_writer()
+    while not w2.step(1024):
+        pass
+    assert dict(kv2.restore(w2.result()).items()) == dict(kv.items())

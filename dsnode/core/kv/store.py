@@ -305,8 +305,9 @@ class SnapshotWriter:
     def remaining(self) -> int:
         return self._left
 
-    def step(self, max_entries: int) -> bool:
-        """Encode up to ``max_entries`` more entries; True once all are encoded.
+    def step(self, max_entries: int, max_bytes: int | None = None) -> bool:
+        """Encode up to ``max_entries`` more entries, stopping early once about
+        ``max_bytes`` are encoded (large values); True once all are encoded.
 
         A shard is let go once read: one the store copied since the capture is
         freed then, a thousandth of the map at a time."""
@@ -314,6 +315,8 @@ class SnapshotWriter:
             raise ValueError("max_entries must be >= 1")
         want = min(max_entries, self._left)
         pk = self._packer
+        got = 0
+        per_entry = 64  # bytes, a first guess: refined from each piece packed
         while want:
             if self._it is None:
                 shard = self._shards[self._next]
@@ -322,16 +325,22 @@ class SnapshotWriter:
                 self._next += 1
                 assert shard is not None
                 self._it = iter(shard.items())
-            pairs = list(itertools.islice(self._it, want))
-            if len(pairs) < want:
+            take = want
+            if max_bytes is not None:
+                take = max(1, min(want, (max_bytes - got) // per_entry))
+            pairs = list(itertools.islice(self._it, take))
+            if len(pairs) < take:
                 self._it = None  # this shard is done: the store may change it in place
                 self._capture.owned[self._cur] = True
             if pairs:
-                self._parts.append(
-                    pk.pack_array_header(2) + pk.pack(self._cur) + pk.pack_map_pairs(pairs)
-                )
+                piece = pk.pack_array_header(2) + pk.pack(self._cur) + pk.pack_map_pairs(pairs)
+                self._parts.append(piece)
                 want -= len(pairs)
                 self._left -= len(pairs)
+                got += len(piece)
+                per_entry = max(1, len(piece) // len(pairs))
+                if max_bytes is not None and got >= max_bytes:
+                    break
         if not self._left:
             self._capture.live = False  # the store may stop copying shards
             self._it = None

@@ -39,8 +39,8 @@ class SnapshotWanted:
     index, blob, crc)``. Until then the group starts no other snapshot.
 
     The writer (``DedupSnapshotWriter``, or ``BlobWriter`` for a snapshot
-    installed from a peer) has ``step(n) -> bool`` (encode about ``n`` more
-    entries; True when done), then ``pieces()`` (the bytes in order, not
+    installed from a peer) has ``step(n, max_bytes=None) -> bool`` (encode up to
+    ``n`` more entries and about ``max_bytes``; True when done), then ``pieces()`` (the bytes in order, not
     joined: a shell writes them to its file one by one) and ``result()``
     (joined)."""
 
@@ -69,7 +69,7 @@ class BlobWriter:
     def __init__(self, blob: bytes) -> None:
         self._blob = blob
 
-    def step(self, max_entries: int) -> bool:
+    def step(self, max_entries: int, max_bytes: int | None = None) -> bool:
         return True
 
     def pieces(self) -> list[bytes]:

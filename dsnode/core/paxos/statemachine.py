@@ -99,7 +99,8 @@ class DedupSnapshotWriter:
     """Encodes a captured ``DedupKV`` piecewise into exactly the bytes of
     :meth:`DedupKV.snapshot` at capture time (``[kv_blob, table, cluster_uuid]``).
 
-    ``step(n)`` encodes up to ``n`` KV entries; the step after the last entry
+    ``step(n, max_bytes)`` encodes up to ``n`` KV entries (fewer once about
+    ``max_bytes`` are encoded); the step after the last entry
     encodes the dedup table. The shell calls ``step`` once per event-loop turn
     until it returns True, then writes :meth:`pieces` to the group's snapshot
     file (``result`` joins them).
@@ -123,11 +124,11 @@ class DedupSnapshotWriter:
         self._tail: bytes | None = None
         self._pieces: list[bytes] | None = None
 
-    def step(self, max_entries: int) -> bool:
+    def step(self, max_entries: int, max_bytes: int | None = None) -> bool:
         if self._tail is not None:
             return True
         if self._kv.remaining:
-            self._kv.step(max_entries)
+            self._kv.step(max_entries, max_bytes)
             return False
         self._tail = msgpack.packb(self._table, use_bin_type=True) + msgpack.packb(
             self._uuid, use_bin_type=True
