@@ -244,6 +244,7 @@ class Node:
             self.log.warning("snapshots_repaired", what=repair)
         recover_core(core, recovered, found, self.log)
         if len(peers) == 1:  # no one else can lead: take over now, not after a timeout
+            self.metrics.on_tick(core)  # the ballot before it, so the election is counted
             core.campaign(GROUP)
         self.core = core
         stored = stored_cluster_uuid(data_dir)
