@@ -31,7 +31,7 @@ from dsnode.core.errors import InvariantBroken, StateLost
 from dsnode.core.membership.incarnations import Incarnations
 from dsnode.core.paxos.config import PaxosConfig, bound_for
 from dsnode.core.paxos.node import PaxosNode
-from dsnode.runtime import logs, sdnotify
+from dsnode.runtime import logs, memory, sdnotify
 from dsnode.runtime.admin import AdminError, AdminServer
 from dsnode.runtime.driver import GROUP, PINS, Driver
 from dsnode.runtime.metrics import NodeMetrics, node_registry
@@ -214,6 +214,7 @@ class Node:
 
     async def _start(self, listener: socket.socket) -> None:
         cfg = self.config
+        memory.fix_mmap_threshold()
         self.security = load_security(cfg, self.log)
         data_dir = prepare_data_dir(cfg)
         self.data_dir = data_dir
@@ -258,6 +259,7 @@ class Node:
         # What recovery built lives long: keep the cyclic GC from rescanning it forever.
         gc.collect()
         gc.freeze()
+        memory.trim()  # recovery's transient buffers (the restored snapshot) go back
         self.log.info(
             "recovered",
             snapshot_lsn=recovered.snapshot_lsn,

@@ -43,6 +43,7 @@ from typing import Any
 import msgpack
 
 from dsnode.core.paxos.outputs import StoredSnapshot
+from dsnode.runtime import memory
 
 __all__ = ["RecoveredSnapshots", "SnapshotCorruptError", "SnapshotStore", "snapshot_file_name"]
 
@@ -330,6 +331,7 @@ class SnapshotFile:
         self._fd = -1
         if isinstance(data, mmap.mmap):
             data.madvise(mmap.MADV_DONTNEED)  # written through the fd: the pages stay cached
+        memory.trim()  # the encoded pieces are gone: give their heap pages back
         return StoredSnapshot(self.index, data, crc)
 
     def _discard(self) -> None:
