@@ -171,7 +171,7 @@ class NodeConfig(BaseModel):
         "a killed process, not a power loss)",
     )
     wal_segment_bytes: int = Field(
-        default=64 * 1024 * 1024, ge=4096, description="size of one write-ahead log file, bytes"
+        default=16 * 1024 * 1024, ge=4096, description="size of one write-ahead log file, bytes"
     )
     snapshot_every_records: int = Field(
         default=100_000, ge=1,
@@ -179,6 +179,11 @@ class NodeConfig(BaseModel):
     )
     snapshot_interval_slots: int = Field(
         default=4096, ge=1, description="Paxos slots between state-machine snapshots"
+    )
+    snapshot_wal_ratio: float = Field(
+        default=0.25, ge=0,
+        description="also snapshot once the WAL grew by this fraction of the last snapshot's "
+        "size (at least 8 MiB); bounds the data directory at about 2.5x the data; 0: off",
     )
 
     # partitioning (issue 8): take effect with the partitioned build; not used yet

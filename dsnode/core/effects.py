@@ -21,11 +21,14 @@ the shell has nothing to do with them beyond logging and metrics.
 
 ``snapshots`` hands out work the core does not do inside one input: each entry
 (``SnapshotWanted``) carries a writer over a point-in-time capture of a state
-machine. The shell advances ``writer.step(n)`` a bounded piece at a time (one
-piece per event-loop turn, so no turn stalls) until it returns True, then
-calls the core's ``snapshot_ready(group, index, writer.result())``; only then
-does the core persist the snapshot record and compact. A shell that crashes
-or drops the work loses nothing but the compaction.
+machine (or, for a snapshot installed from a peer, its bytes). The shell
+advances ``writer.step(n)`` a bounded piece at a time (one piece per
+event-loop turn, so no turn stalls) until it returns True, stores
+``writer.pieces()`` durably as the group's snapshot file for that index, then
+calls the core's ``snapshot_ready(group, index, blob, crc)``; only then does
+the core persist the record naming the file and compact. A shell that crashes
+or drops the work loses nothing but the compaction. On restart the shell
+passes each group's newest valid snapshot file to ``recover``.
 
 Cores never perform these effects themselves and never read a clock.
 """

@@ -9,7 +9,14 @@ drains the core's ``Ready``:
 2. messages and replies wait until the WAL is durable up to the last record
    appended before them (effects.py contract), then go out in order;
 3. requested snapshots are encoded a piece per loop turn
-   (``SNAPSHOT_ENTRIES_PER_STEP``), then handed back via ``snapshot_ready``.
+   (``SNAPSHOT_ENTRIES_PER_STEP``), written to the group's own snapshot file
+   off the loop (``runtime/snapshots.py``), then handed back via
+   ``snapshot_ready``, which records the file in the WAL.
+
+Checkpoints (every ``checkpoint_every_records`` WAL records) write the core's
+``checkpoint()``, which names the snapshot files instead of holding them, as
+the WAL's snapshot, off the loop; once it is durable, older segments and
+older snapshot files go.
 
 A single flusher task runs the fsyncs: while one fsync is in flight, later
 batches accumulate and share the next one (group commit).
@@ -49,6 +56,7 @@ if TYPE_CHECKING:
     from dsnode.core.paxos.node import PaxosNode
     from dsnode.core.paxos.outputs import SnapshotWanted
     from dsnode.runtime.peers import PeerNetwork
+    from dsnode.runtime.snapshots import SnapshotStore
     from dsnode.runtime.wal import WriteAheadLog
 
 log = get_logger("dsnode.driver")
@@ -65,9 +73,20 @@ FWD_REPLY = "fwdr"  # [FWD_REPLY, fwd_id, result | None, [code, message, indeter
 HEARTBEAT = "hb"
 PINS = "pins"  # [PINS, table]: the sender's member pins (core.membership.incarnations)
 
-# KV entries of a requested snapshot encoded per event-loop turn: about 2 ms of
+# KV entries of a requested snapshot encoded per event-loop turn: about 1 ms of
 # msgpack for 100-byte values, so a snapshot never stalls the loop as a whole.
-SNAPSHOT_ENTRIES_PER_STEP = 2048
+SNAPSHOT_ENTRIES_PER_STEP = 1024
+# ... and at most about this many bytes of them (large values: fewer entries).
+SNAPSHOT_BYTES_PER_STEP = 1 << 20
+# Encoded pieces handed to the snapshot file's thread and not yet written, at most.
+SNAPSHOT_WRITES_QUEUED_MAX = 16
+# Disk bound (issue 14): besides every snapshot_interval_slots slots, the groups
+# snapshot once the WAL grew by this fraction (setting snapshot_wal_ratio) of the
+# last snapshot's size (at least
+# SNAPSHOT_WAL_BYTES_MIN), and each stored snapshot is followed by a checkpoint, so
+# the data directory holds about one snapshot plus a quarter of one in log.
+SNAPSHOT_WAL_RATIO = 0.25
+SNAPSHOT_WAL_BYTES_MIN = 8 << 20
 
 
 class Pending:
@@ -134,9 +153,14 @@ class Driver:
         node_id: str,
         tick_seconds: float,
         checkpoint_every_records: int,
+        snapshots: SnapshotStore | None = None,
+        snapshot_wal_ratio: float = SNAPSHOT_WAL_RATIO,
     ) -> None:
         self.core = core
         self.wal = wal
+        # where state-machine snapshots go; None keeps them in memory only (tests)
+        self.snapshots = snapshots
+        self._snapshot_wal_ratio = snapshot_wal_ratio
         self.net = net
         self.node_id = node_id
         self._deliver_local = deliver
@@ -173,6 +197,11 @@ class Driver:
         self.proposals: collections.Counter = collections.Counter()
         self.observer: DriverObserver | None = None
         self._snapshot_started: dict[tuple[Any, int], float] = {}
+        self._snapshot_tasks: set[asyncio.Task] = set()
+        self._wal_bytes_at_snapshot = wal.stats["bytes"] if hasattr(wal, "stats") else 0
+        self.snapshot_bytes = 0  # size of the last stored snapshot (all groups)
+        self._stored_since_checkpoint = False
+        self.last_snapshot: dict[str, float] = {}  # seconds and bytes of the last one
 
     # ------------------------------------------------------------ client input
     def submit(self, pending: Pending, cmd: Command, timeout_s: float) -> None:
@@ -371,11 +400,16 @@ class Driver:
         ready = self.core.ready()
         for job in ready.snapshots:
             self._snapshot_started[(job.group, job.index)] = time.perf_counter()
-            self._loop.call_soon(self._snapshot_step, job)
+            task = self._loop.create_task(self._run_snapshot(job))
+            self._snapshot_tasks.add(task)
+            task.add_done_callback(self._snapshot_tasks.discard)
         if ready.persist:
             self.wal.append_many(ready.persist)
             self._records_since_checkpoint += len(ready.persist)
+            self._maybe_request_snapshot()
         if not ready.reply and not ready.send:
+            if self._stored_since_checkpoint and self._checkpoint_task is None:
+                self._start_checkpoint()
             return
         lsn = self.wal.last_lsn
         if lsn <= self.wal.durable_lsn and not self._waiting:
@@ -383,8 +417,23 @@ class Driver:
         else:
             self._waiting.append((lsn, ready.send, ready.reply))
             self._kick.set()
-        if self._records_since_checkpoint >= self._checkpoint_every and self._checkpoint_task is None:
+        if self._checkpoint_task is None and (
+            self._stored_since_checkpoint
+            or self._records_since_checkpoint >= self._checkpoint_every
+        ):
             self._start_checkpoint()
+
+    def _maybe_request_snapshot(self) -> None:
+        stats = getattr(self.wal, "stats", None)
+        ratio = self._snapshot_wal_ratio
+        if stats is None or self.snapshots is None or not ratio:
+            return
+        grown = stats["bytes"] - self._wal_bytes_at_snapshot
+        if grown >= max(SNAPSHOT_WAL_BYTES_MIN, ratio * self.snapshot_bytes):
+            if self.core.request_snapshots():  # 0 while one is still in progress
+                self._wal_bytes_at_snapshot = stats["bytes"]
+                self.counters["snapshots_for_disk"] += 1
+                self._schedule_flush()
 
     def _effects(self, send: list, replies: list[Reply]) -> None:
         if send and self.net is not None:
@@ -405,19 +454,53 @@ class Driver:
                 if local:
                     self._deliver_local(local)
 
-    def _snapshot_step(self, job: SnapshotWanted) -> None:
-        """Encode one piece of a requested snapshot per loop turn (I/O and
-        ticks run in between); the finished blob goes back to the core a turn
-        later, which persists the record and compacts."""
+    async def _run_snapshot(self, job: SnapshotWanted) -> None:
+        """Encode one piece of a requested snapshot per loop turn (I/O and ticks run
+        in between), handing each piece to the group's snapshot file as it comes
+        (written on the store's thread, so the encoded state never sits in memory
+        whole); once the file is durable, tell the core, which records it in the
+        WAL and compacts."""
+        w = job.writer
+        store = self.snapshots
+        stream = store is not None and hasattr(w, "take_kv_parts")
+        f = store.create(job.group, job.index, w.STREAM_HEAD_BYTES) if stream else None
+        kv_len = 0
         try:
-            finished = job.writer.step(SNAPSHOT_ENTRIES_PER_STEP)
-        except Exception as e:  # our bug: stop the node rather than go on without snapshots
+            while True:
+                done = w.step(SNAPSHOT_ENTRIES_PER_STEP, SNAPSHOT_BYTES_PER_STEP)
+                if f is not None:
+                    parts = w.take_kv_parts()
+                    kv_len += sum(map(len, parts))
+                    f.append(parts)
+                    if f.backlog > SNAPSHOT_WRITES_QUEUED_MAX:
+                        await f.drained()
+                if done:
+                    break
+                await asyncio.sleep(0)
+            if store is None:
+                self._snapshot_stored(job, w.result(), None)
+                return
+            if f is not None:
+                snap = await f.finish(w.stream_head(kv_len), w.tail())
+            else:
+                snap = await store.write(job.group, job.index, w.pieces())
+            self._snapshot_stored(job, snap.blob, snap.crc)
+        except Exception as e:  # a snapshot that cannot be stored: stop, not fill the WAL
             self.fail(e)
-            return
-        if finished:
-            self._loop.call_soon(self._snapshot_done, job)
-        else:
-            self._loop.call_soon(self._snapshot_step, job)
+            if f is not None:
+                try:
+                    await f.abandon()
+                except Exception as cleanup:  # the store is closing too: recovery removes it
+                    log.warning("snapshot_file_abandoned", why=repr(cleanup))
+
+    async def cancel_snapshots(self) -> None:
+        """Shutdown: stop encoding; a file not finished stays a ``.tmp`` that the next
+        start removes."""
+        tasks = list(self._snapshot_tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
     def fail(self, error: BaseException) -> None:
         """Fail-stop: a broken invariant, a WAL or checkpoint error, a failed tick. The
@@ -427,17 +510,17 @@ class Driver:
             self._fatal = error
         self._kick.set()
 
-    def _snapshot_done(self, job: SnapshotWanted) -> None:
-        try:
-            blob = job.writer.result()
-            self.core.snapshot_ready(job.group, job.index, blob)
-        except Exception as e:
-            self.fail(e)
-            return
-        log.debug("snapshot_encoded", group=job.group, index=job.index, bytes=len(blob))
+    def _snapshot_stored(self, job: SnapshotWanted, blob: Any, crc: int | None) -> None:
+        self.core.snapshot_ready(job.group, job.index, blob, crc)
+        log.debug("snapshot_stored", group=job.group, index=job.index, bytes=len(blob))
+        self.snapshot_bytes = len(blob)
+        self._stored_since_checkpoint = True  # a checkpoint lets the older file go
         started = self._snapshot_started.pop((job.group, job.index), None)
-        if self.observer is not None and started is not None:
-            self.observer.on_snapshot("state_machine", time.perf_counter() - started, len(blob))
+        if started is not None:
+            seconds = time.perf_counter() - started
+            self.last_snapshot = {"seconds": round(seconds, 3), "bytes": len(blob)}
+            if self.observer is not None:
+                self.observer.on_snapshot("state_machine", seconds, len(blob))
         self._schedule_flush()
 
     async def run(self) -> None:
@@ -497,17 +580,30 @@ class Driver:
 
     # ------------------------------------------------------------ checkpoints
     def _start_checkpoint(self) -> None:
-        """Write the node's durable state as a WAL snapshot so old segments can go."""
+        """Write the node's durable state as a WAL snapshot so old segments can go.
+
+        The blob names the snapshot files and holds only the records above them
+        (the open slot window), so building it costs no more than the window.
+        """
         started = time.perf_counter()
         blob = self.core.checkpoint()
+        if blob is None:
+            return  # an installed snapshot is still being stored: try again later
+        named = self.core.snapshot_indexes()
         lsn = self.wal.last_lsn
         self._records_since_checkpoint = 0
-        self._checkpoint_task = asyncio.create_task(self._write_checkpoint(lsn, blob, started))
+        self._stored_since_checkpoint = False
+        self._checkpoint_task = asyncio.create_task(
+            self._write_checkpoint(lsn, blob, named, started)
+        )
 
-    async def _write_checkpoint(self, lsn: int, blob: bytes, started: float) -> None:
+    async def _write_checkpoint(
+        self, lsn: int, blob: bytes, named: dict[Any, int], started: float
+    ) -> None:
         try:
             await self.wal.write_snapshot(lsn, blob)
-            log.info("checkpoint_written", lsn=lsn, bytes=len(blob))
+            removed = await self.snapshots.prune(named) if self.snapshots is not None else 0
+            log.info("checkpoint_written", lsn=lsn, bytes=len(blob), snapshot_files_removed=removed)
             if self.observer is not None:
                 self.observer.on_snapshot("wal_checkpoint", time.perf_counter() - started,
                                           len(blob))

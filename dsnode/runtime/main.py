@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import mmap
 import os
 import random
 import signal
@@ -19,24 +20,26 @@ import socket
 import sys
 import typing
 from pathlib import Path
+from typing import Any
 
 import click
 import msgpack
 
 from dsnode import __version__
 from dsnode.config import SETTINGS, ConfigError, NodeConfig, load_config, parse_addr
-from dsnode.core.errors import InvariantBroken
+from dsnode.core.errors import InvariantBroken, StateLost
 from dsnode.core.membership.incarnations import Incarnations
 from dsnode.core.paxos.config import PaxosConfig, bound_for, lease_ticks_for
 from dsnode.core.paxos.node import PaxosNode
-from dsnode.runtime import logs, sdnotify
+from dsnode.runtime import logs, memory, sdnotify
 from dsnode.runtime.admin import AdminError, AdminServer
 from dsnode.runtime.driver import GROUP, PINS, Driver
 from dsnode.runtime.metrics import NodeMetrics, node_registry
 from dsnode.runtime.peers import PeerNetwork
 from dsnode.runtime.security import Security, SecurityError, check_exposure
 from dsnode.runtime.server import ClientServer
-from dsnode.runtime.wal import WALCorruptError, WALFailedError, WriteAheadLog
+from dsnode.runtime.snapshots import RecoveredSnapshots, SnapshotStore
+from dsnode.runtime.wal import Recovered, WALCorruptError, WALFailedError, WriteAheadLog
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 70  # EX_SOFTWARE: the node stopped itself (fail-stop); a supervisor restarts it
@@ -169,6 +172,7 @@ class Node:
         self.log = logs.get_logger("dsnode.node")
         self.server_handle: asyncio.AbstractServer | None = None
         self.wal: WriteAheadLog | None = None
+        self.snapshots: SnapshotStore | None = None
         self.client_server: ClientServer | None = None
         self.driver: Driver | None = None
         self.net: PeerNetwork | None = None
@@ -213,6 +217,7 @@ class Node:
 
     async def _start(self, listener: socket.socket) -> None:
         cfg = self.config
+        memory.fix_mmap_threshold()
         self.security = load_security(cfg, self.log)
         data_dir = prepare_data_dir(cfg)
         self.data_dir = data_dir
@@ -233,12 +238,18 @@ class Node:
         seed = int.from_bytes(os.urandom(8), "big")
         core = PaxosNode(cfg.node_id, {GROUP: tuple(peers)}, random.Random(seed),
                          self.paxos_config())
+        snapshots = SnapshotStore(data_dir / "snapshots", fsync=cfg.fsync)
+        self.snapshots = snapshots
         try:
-            records = unpack_checkpoint(recovered.snapshot)
-            records.extend(payload for _, payload in recovered.records)
-            core.recover(records)
-        except Exception as e:
-            raise StartupError(f"cannot replay the write-ahead log: {e}") from None
+            found = snapshots.recover(core.groups)
+        except OSError as e:
+            raise StartupError(f"snapshot files cannot be read: {e}") from None
+        for repair in found.repairs:
+            self.log.warning("snapshots_repaired", what=repair)
+        recover_core(core, recovered, found, self.log)
+        if len(peers) == 1:  # no one else can lead: take over now, not after a timeout
+            self.metrics.on_tick(core)  # the ballot before it, so the election is counted
+            core.campaign(GROUP)
         self.core = core
         stored = stored_cluster_uuid(data_dir)
         formed = core.state_machine(GROUP).cluster_uuid
@@ -251,6 +262,7 @@ class Node:
         # What recovery built lives long: keep the cyclic GC from rescanning it forever.
         gc.collect()
         gc.freeze()
+        memory.trim()  # recovery's transient buffers (the restored snapshot) go back
         self.log.info(
             "recovered",
             snapshot_lsn=recovered.snapshot_lsn,
@@ -277,7 +289,10 @@ class Node:
             node_id=cfg.node_id,
             tick_seconds=cfg.tick_interval_ms / 1000,
             checkpoint_every_records=cfg.snapshot_every_records,
+            snapshots=snapshots,
+            snapshot_wal_ratio=cfg.snapshot_wal_ratio,
         )
+        self.driver.snapshot_bytes = sum(len(s.blob) for s in found.snapshots.values())
         self.driver.observer = self.metrics
         self.driver.on_pins = self._on_pins
         server.driver = self.driver
@@ -452,6 +467,12 @@ class Node:
             "revision": group.sm.kv.revision,
             "wal": {"last_lsn": self.wal.last_lsn, "durable_lsn": self.wal.durable_lsn,
                     **self.wal.stats},
+            "snapshot_files": {
+                "current": group.snap_file_index,
+                "on_disk": len(self.snapshots.files(GROUP)) if self.snapshots else 0,
+                "last": driver.last_snapshot,
+                **(self.snapshots.stats if self.snapshots else {}),
+            },
             "fsync": cfg.fsync,
         }
 
@@ -509,6 +530,9 @@ class Node:
             await self.net.close()
         if self.wal is not None:
             await self.wal.close()
+        await self.driver.cancel_snapshots()  # an unfinished file is a leftover .tmp
+        if self.snapshots is not None:
+            self.snapshots.close()
         if self.admin is not None:  # last: /readyz says "shutting down" until here
             await self.admin.close()
         self.log.info("stopped")
@@ -554,6 +578,45 @@ def tls_server_args(security: Security | None) -> dict:
             "ssl_handshake_timeout": security.config.handshake_timeout_ms / 1000}
 
 
+def recover_core(
+    core: PaxosNode, recovered: Recovered, found: RecoveredSnapshots, log: Any
+) -> None:
+    """Rebuild a fresh ``core`` from the newest valid snapshot file of each group
+    plus the WAL (its checkpoint, then the records after it); StartupError if
+    that state is incomplete."""
+    try:
+        records = unpack_checkpoint(recovered.snapshot)
+        records.extend(payload for _, payload in recovered.records)
+        core.recover(records, found.snapshots)
+    except StateLost as e:
+        raise StartupError(f"snapshot file missing or corrupt: {e}") from None
+    except Exception as e:
+        raise StartupError(f"cannot replay the write-ahead log: {e}") from None
+    check_corrupt_snapshots(core, found, log)
+    for snap in found.snapshots.values():
+        release_pages(snap.blob)
+
+
+def check_corrupt_snapshots(core: PaxosNode, found: RecoveredSnapshots, log: Any) -> None:
+    """A corrupt snapshot file is a startup error unless an older valid one plus
+    the log reach past it (the replayed log proves its slots chosen)."""
+    for group, index, err in found.corrupt:
+        reached = core.groups[group].log.chosen_through
+        if index > reached:
+            raise StartupError(
+                f"snapshot file is corrupt: {err}; no valid older snapshot plus the log "
+                f"covers it (they reach slot {reached} of group {group})"
+            )
+        log.warning("snapshot_ignored", why=str(err), covered_through=reached)
+
+
+def release_pages(blob: Any) -> None:
+    """Recovery read a mapped snapshot file through: hand its pages back (they stay in
+    the page cache; catch-up reads fault them in again)."""
+    if isinstance(blob, mmap.mmap) and len(blob):
+        blob.madvise(mmap.MADV_DONTNEED)
+
+
 def unpack_checkpoint(blob: bytes | None) -> list[bytes]:
     """The records a WAL snapshot (``PaxosNode.checkpoint``) holds."""
     if blob is None:
@@ -590,6 +653,8 @@ async def _serve(config: NodeConfig) -> int:
             await node.admin.close()
         if node.wal is not None:
             await node.wal.close()
+        if node.snapshots is not None:
+            node.snapshots.close()
         raise
     await node.run(stop)
     if node.refused is not None:

@@ -394,13 +394,11 @@ class WriteAheadLog:
         keep = 0  # segments wholly covered by the snapshot are obsolete: never read
         while keep + 1 < len(segs) and segs[keep + 1] - 1 <= snap_lsn:
             keep += 1
-        for first in segs[:keep]:
-            self._unlink(segment_name(first))
-        if keep:
-            repairs.append(f"removed {keep} segment(s) covered by snapshot {snap_lsn}")
         scans = [self._scan(first, snap_lsn) for first in segs[keep:]]
 
-        torn, kept = self._settle_tail(scans, repairs)
+        # Decide first, change the disk after: nothing is deleted or truncated
+        # unless the whole chain checks out.
+        torn, kept, settle = self._settle_tail(scans)
         try:
             self._check_chain(kept, snap_lsn)
         except WALCorruptError as exc:
@@ -409,15 +407,20 @@ class WriteAheadLog:
             raise
         log_end = kept[-1].next_lsn - 1 if kept else snap_lsn
         records = [rec for scan in kept for rec in scan.records]
+        last = max(log_end, snap_lsn)
+        for bad_lsn, bad in bad_snaps:
+            if bad_lsn > last:
+                raise self._unrecoverable(bad, f"the log only reaches lsn {last}")
+        for first in segs[:keep]:
+            self._unlink(segment_name(first))
+        if keep:
+            repairs.append(f"removed {keep} segment(s) covered by snapshot {snap_lsn}")
+        settle(repairs)
         if kept and log_end < snap_lsn:
             for scan in kept:
                 self._unlink(scan.path.name)
             repairs.append(f"removed segments ending at lsn {log_end} < snapshot {snap_lsn}")
             kept = []
-        last = max(log_end, snap_lsn)
-        for bad_lsn, bad in bad_snaps:
-            if bad_lsn > last:
-                raise self._unrecoverable(bad, f"the log only reaches lsn {last}")
         for _, bad in bad_snaps:
             repairs.append(f"ignored corrupt snapshot (log covers it): {bad}")
         self._open_tail(kept)
@@ -466,38 +469,49 @@ class WriteAheadLog:
         return _scan_segment(self._dir / segment_name(first_lsn), first_lsn, keep_after)
 
     def _settle_tail(
-        self, scans: list[_SegmentScan], repairs: list[str]
-    ) -> tuple[int, list[_SegmentScan]]:
-        """Drop record-less trailing segments and a torn tail; return (bytes, kept scans).
+        self, scans: list[_SegmentScan]
+    ) -> tuple[int, list[_SegmentScan], Callable[[list[str]], None]]:
+        """Plan dropping record-less trailing segments and a torn tail: return
+        (bytes dropped, kept scans, a function that carries the plan out).
 
         The last segment holding a good record is the final one: only its tail (and
-        segments after it that hold no record at all) may be torn.
+        segments after it that hold no record at all) may be torn. Nothing on disk
+        changes until the returned function runs.
         """
         last = max((i for i, s in enumerate(scans) if s.count), default=-1)
         torn = 0
-        for scan in scans[last + 1 :]:
+        empty = scans[last + 1 :]
+        for scan in empty:
             if scan.problem is not None and not scan.problem.tearable:
                 raise WALCorruptError(scan.path, scan.problem.offset, scan.problem.reason)
             torn += scan.size - scan.good_end
-            self._unlink(scan.path.name)
-            repairs.append(f"removed {scan.path.name}: it held no complete record")
         kept = scans[: last + 1]
         for scan in kept[:-1]:
             if scan.problem is not None:
                 reason = scan.problem.reason + " (not in the last segment)"
                 raise WALCorruptError(scan.path, scan.problem.offset, reason)
+        cut: _SegmentScan | None = None
         if kept and (final := kept[-1]).problem is not None:
             problem = final.problem
             if not problem.tearable:
                 raise WALCorruptError(final.path, problem.offset, problem.reason)
             torn += final.size - final.good_end
-            os.truncate(final.path, final.good_end)
-            repairs.append(
-                f"truncated torn tail of {final.path.name} at offset {final.good_end} "
-                f"({final.size - final.good_end} bytes): {problem.reason}"
-            )
-            final.size = final.good_end
-        return torn, kept
+            cut = final
+
+        def carry_out(repairs: list[str]) -> None:
+            for scan in empty:
+                self._unlink(scan.path.name)
+                repairs.append(f"removed {scan.path.name}: it held no complete record")
+            if cut is not None:
+                assert cut.problem is not None
+                os.truncate(cut.path, cut.good_end)
+                repairs.append(
+                    f"truncated torn tail of {cut.path.name} at offset {cut.good_end} "
+                    f"({cut.size - cut.good_end} bytes): {cut.problem.reason}"
+                )
+                cut.size = cut.good_end
+
+        return torn, kept, carry_out
 
     def _check_chain(self, kept: list[_SegmentScan], snap_lsn: int) -> None:
         """Raise unless the kept segments continue the snapshot without gaps or repeats."""

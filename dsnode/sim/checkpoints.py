@@ -17,14 +17,20 @@ from typing import Any
 import msgpack
 
 from dsnode.core.paxos import PaxosConfig, PaxosNode
+from dsnode.core.paxos.outputs import StoredSnapshot
 
 
 def recovered_state(
-    node_id: str, groups: Mapping[Any, Sequence[str]], cfg: PaxosConfig, records: list[bytes]
+    node_id: str,
+    groups: Mapping[Any, Sequence[str]],
+    cfg: PaxosConfig,
+    records: list[bytes],
+    snapshots: Mapping[Any, StoredSnapshot] | None = None,
 ) -> dict[Any, dict[str, Any]]:
-    """Per group: what a node recovered from ``records`` holds, field by field."""
+    """Per group: what a node recovered from ``records`` (and the snapshot
+    files ``snapshots``) holds, field by field."""
     core = PaxosNode(node_id, groups, random.Random(0), cfg)
-    core.recover(records)
+    core.recover(records, snapshots)
     out = {}
     for gid, g in core.groups.items():
         log, sm, acc = g.log, g.sm, g.acceptor
@@ -50,11 +56,15 @@ def disagreement(
     full: list[bytes],
     checkpoint: bytes,
     after: list[bytes],
+    snapshots: Mapping[Any, StoredSnapshot] | None = None,
 ) -> str | None:
     """None if ``checkpoint`` plus the records ``after`` it recover what the
-    ``full`` record stream does; else the first group and field that differ."""
-    whole = recovered_state(node_id, groups, cfg, full)
-    short = recovered_state(node_id, groups, cfg, msgpack.unpackb(checkpoint) + list(after))
+    ``full`` record stream does (both from the same snapshot files); else the
+    first group and field that differ."""
+    whole = recovered_state(node_id, groups, cfg, full, snapshots)
+    short = recovered_state(
+        node_id, groups, cfg, msgpack.unpackb(checkpoint) + list(after), snapshots
+    )
     for gid in whole:
         for field, value in whole[gid].items():
             other = short[gid][field]

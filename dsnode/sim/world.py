@@ -26,17 +26,21 @@ import collections
 import dataclasses
 import random
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgpack
 
 from dsnode.core.errors import InvariantBroken
 from dsnode.core.membership.incarnations import Incarnations, Presented
 from dsnode.core.paxos import PaxosConfig, PaxosNode
+from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.config import bound_for, lease_ticks_for
 from dsnode.core.paxos.group import PaxosGroup
 from dsnode.core.paxos.messages import Accepted, Promise
-from dsnode.core.paxos.outputs import SnapshotWanted
+from dsnode.core.paxos.outputs import SnapshotWanted, StoredSnapshot
 from dsnode.sim.checkers import SafetyChecker, SafetyViolation
 from dsnode.sim.checkpoints import disagreement
 from dsnode.sim.disk import SimDisk
@@ -270,8 +274,9 @@ class SimWorld:
         self.checker.on_restart(node)
         self.snap_jobs[node] = []
         records = self.disks[node].records()
-        self._check_checkpoint(node, records)
-        core.recover(records)
+        snaps = self.disks[node].newest_snapshots()
+        self._check_checkpoint(node, records, snaps)
+        core.recover(records, snaps)
         self.cores[node] = core
         self.ticks_given[node] = int(self.clock[node])  # a new process counts from now
         self.up[node] = True
@@ -315,7 +320,9 @@ class SimWorld:
             else:
                 disk.request_sync(self.now + delay)
             if self.cfg.checkpoint_chance and self.ckpt_rng.random() < self.cfg.checkpoint_chance:
-                self.ckpt_pending[node] = (self.cores[node].checkpoint(), disk.appended)
+                blob = self.cores[node].checkpoint()
+                if blob is not None:  # None: an installed snapshot is not in its file yet
+                    self.ckpt_pending[node] = (blob, disk.appended)
             self._promote_checkpoint(node)
         for notice in r.apply:
             self.checker.on_apply(node, notice)
@@ -363,19 +370,28 @@ class SimWorld:
 
     def _promote_checkpoint(self, node: str) -> None:
         pending = self.ckpt_pending[node]
-        if pending is not None and pending[1] <= len(self.disks[node].durable):
+        disk = self.disks[node]
+        if pending is not None and pending[1] <= len(disk.durable):
             self.ckpt[node] = pending
             self.ckpt_pending[node] = None
+            named = {}
+            for raw in msgpack.unpackb(pending[0]):
+                r = rec.decode(raw)
+                if r[0] == rec.SNAPFILE:
+                    named[r[1]] = r[2]
+            disk.prune_snapshots(named)
 
-    def _check_checkpoint(self, node: str, records: list[bytes]) -> None:
+    def _check_checkpoint(
+        self, node: str, records: list[bytes], snaps: dict[Any, StoredSnapshot]
+    ) -> None:
         """The node's last checkpoint plus the records after it must recover what
-        all its records do (issue 7.4)."""
+        all its records do (issue 7.4), from the same snapshot files."""
         ck = self.ckpt[node]
         if ck is None:
             return
         blob, mark = ck
         why = disagreement(node, self.groups_of(node), self.cfg.paxos, records, blob,
-                           records[mark:])
+                           records[mark:], snaps)
         if why is not None:
             raise SafetyViolation(f"checkpoint and recovery disagree: {why}")
 
@@ -392,7 +408,10 @@ class SimWorld:
             elif not w.step(budget):
                 keep.append(job)
                 continue
-            core.snapshot_ready(job.group, job.index, w.result())
+            blob = w.result()
+            crc = zlib.crc32(blob)
+            self.disks[node].write_snapshot(job.group, StoredSnapshot(job.index, blob, crc))
+            core.snapshot_ready(job.group, job.index, blob, crc)
             self.trace(self.now, node, "snapshot", f"group={job.group} index={job.index}")
         self.snap_jobs[node] = keep
 
@@ -496,10 +515,12 @@ class SimWorld:
         if not wipe and disk.durable:
             keep = rng.randint(0, len(disk.durable) - 1)
             probe = PaxosNode(node, self.groups_of(node), random.Random(0), self.cfg.paxos)
-            probe.recover(disk.durable[:keep])
+            copy = disk.copy()
+            copy.roll_back(keep)
+            probe.recover(copy.durable, copy.newest_snapshots())
             log_end, promised = probe.durable_summary()
             if self.pins.check(node, Presented(self.incarnation[node], log_end, promised)):
-                disk.durable = disk.durable[:keep]
+                disk.roll_back(keep)
                 how = f"rolled back to {keep} records"
         self.ckpt[node] = None  # the data directory's checkpoint went with it
         if how == "wiped":

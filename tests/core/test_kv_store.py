@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from dsnode.core import commands
 from dsnode.core.commands import Delete, Get, Put, SubDelete, SubGet, SubPut, Txn
-from dsnode.core.kv.store import SNAPSHOT_FORMAT, KVStore
+from dsnode.core.kv.store import KVStore, pack_entry
 from dsnode.core.paxos.statemachine import DedupKV
 
 
@@ -106,22 +106,48 @@ def test_replay_from_snapshot_and_encoded_commands_is_identical(cmds):
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(ops, max_size=30), st.integers(min_value=1, max_value=5))
-def test_piecewise_snapshot_equals_one_shot_packb_and_restores_identically(cmds, per_step):
-    """A map header followed by its entries packed one by one is the same msgpack
-    as packing the dict at once, so the incremental writer's bytes equal
-    ``packb([FORMAT, revision, data])`` and ``restore`` reads them unchanged."""
+def test_piecewise_snapshot_restores_the_same_store_at_any_step_size(cmds, per_step):
+    """Format 3: a header ``[3, revision, count]``, then one map per step; the
+    bytes depend only on the step sizes (replicas stepping alike agree), and
+    ``restore`` rebuilds the same store whatever they were."""
     kv = KVStore()
     for c in cmds:
         kv.apply(c)
-    one_shot = msgpack.packb([SNAPSHOT_FORMAT, kv.revision, dict(kv.items())], use_bin_type=True)
     w = kv.snapshot_writer()
     steps = 0
     while not w.step(per_step):
         steps += 1
     assert steps == max(0, -(-len(kv) // per_step) - 1)
-    assert w.result() == one_shot == kv.snapshot()
-    back = KVStore.restore(w.result())
-    assert dict(back.items()) == dict(kv.items()) and back.revision == kv.revision
+    again = KVStore.restore(kv.snapshot())
+    w2 = again.snapshot_writer()
+    while not w2.step(per_step):
+        pass
+    assert w2.result() == w.result()  # same state, same steps: the same bytes
+    for blob in (w.result(), kv.snapshot()):
+        back = KVStore.restore(blob)
+        assert dict(back.items()) == dict(kv.items()) and back.revision == kv.revision
+
+
+def _v3(count: int, *pieces) -> bytes:
+    from dsnode.core.kv.store import SHARDS
+
+    return msgpack.packb([3, 1, count, SHARDS]) + b"".join(map(msgpack.packb, pieces))
+
+
+@pytest.mark.parametrize(
+    "blob, why",
+    [
+        (_v3(2, [0, {b"a": pack_entry(b"1", 1)}]), "1 entries, the header says 2"),
+        (_v3(0, [0, {b"a": b"x" * 8}]), "unexpected data"),
+        (_v3(1, [5000, {b"a": b"x" * 8}]), "bad shard piece"),
+        (_v3(2, [0, {b"a": b"x" * 8}], [0, {b"a": b"y" * 8}]), "a key appears twice"),
+        (msgpack.packb([9, 1, 0]), "unknown KV snapshot format 9"),
+        (msgpack.packb("junk"), "bad header"),
+    ],
+)
+def test_a_damaged_snapshot_is_refused_with_a_reason(blob, why):
+    with pytest.raises(ValueError, match=why):
+        KVStore.restore(blob)
 
 
 def test_snapshot_writer_is_a_point_in_time_capture():
@@ -137,7 +163,7 @@ def test_snapshot_writer_is_a_point_in_time_capture():
     kv.apply(Put(b"c", b"new"))
     while not w.step(1):
         pass
-    assert w.result() == before
+    assert _content(w.result()) == _content(before)
 
 
 def test_unfinished_snapshot_writer_refuses_to_give_a_result():
@@ -152,8 +178,8 @@ def test_unfinished_snapshot_writer_refuses_to_give_a_result():
 
 @pytest.mark.parametrize("n_keys, n_clients", [(0, 0), (1, 1), (300, 3), (70_000, 5)])
 def test_dedup_snapshot_writer_equals_one_shot_and_restores(n_keys, n_clients):
-    """The state machine's writer (KV blob as bin, then the dedup table) gives
-    exactly ``DedupKV.snapshot()``'s bytes, across bin 8/16/32 lengths."""
+    """The state machine's writer (KV blob as bin, then the dedup table) restores
+    the same state machine, across bin 8/16/32 lengths."""
     sm = DedupKV()
     for i in range(n_keys):
         rid = [f"c{i % n_clients}", i + 1] if n_clients else None
@@ -161,7 +187,6 @@ def test_dedup_snapshot_writer_equals_one_shot_and_restores(n_keys, n_clients):
     w = sm.snapshot_writer()
     while not w.step(1000):
         pass
-    assert w.result() == sm.snapshot()
     back = DedupKV.restore(w.result())
     assert dict(back.kv.items()) == dict(sm.kv.items()) and back.dedup_state() == sm.dedup_state()
 
@@ -183,3 +208,95 @@ def test_txn_whose_gets_would_outgrow_a_frame_fails_with_no_effect():
     assert s.revision == rev and s.get(b"w") == (None, 0)
     ok = s.apply(Txn((), tuple(SubGet(b"k%d" % i) for i in range(n - 1))))
     assert ok["succeeded"] is True and len(ok["results"]) == n - 1
+
+
+def test_a_snapshot_of_the_old_format_restores():
+    """Format 2 (key -> [value, version], before packed entries) still loads."""
+    blob = msgpack.packb([2, 7, {b"a": [b"1", 3], b"b": [b"", 7]}], use_bin_type=True)
+    kv = KVStore.restore(blob)
+    assert (kv.get(b"a"), kv.get(b"b"), kv.revision, len(kv)) == ((b"1", 3), (b"", 7), 7, 2)
+
+
+def test_capture_copies_only_the_shards_written_while_a_writer_is_live():
+    """The capture shares the shards; a write copies its shard first (so the
+    writer's view never changes), and once the writer is done nothing is copied."""
+    kv = KVStore()
+    for i in range(5000):
+        kv.apply(Put(b"k%d" % i, b"v%d" % i))
+    before = kv.snapshot()
+    shards = list(kv._shards)
+    w = kv.snapshot_writer()
+    assert w.remaining == 5000
+    kv.apply(Put(b"k1", b"changed"))
+    kv.apply(Delete(b"k2"))
+    copied = [i for i, (a, b) in enumerate(zip(shards, kv._shards, strict=True)) if a is not b]
+    assert 1 <= len(copied) <= 2
+    while not w.step(700):
+        pass
+    assert _content(w.result()) == _content(before)
+    assert kv.get(b"k1") == (b"changed", 5001) and len(kv) == 4999
+    shards = list(kv._shards)
+    kv.apply(Put(b"k3", b"after"))
+    assert all(a is b for a, b in zip(shards, kv._shards, strict=True))
+
+
+def test_a_key_costs_well_under_300_bytes_of_memory():
+    """Issue 14: per key, the store keeps its key and one packed entry in a dict
+    (no tuple, no int object); tracemalloc counts what 20,000 keys allocate."""
+    import tracemalloc
+
+    keys = [b"key%012d" % i for i in range(20_000)]
+    values = [b"%08d" % i + b"v" * 92 for i in range(20_000)]  # 100 bytes
+    tracemalloc.start()
+    base = tracemalloc.take_snapshot()
+    kv = KVStore()
+    for k, v in zip(keys, values, strict=True):
+        kv.apply(Put(k, v))
+    grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(base, "filename"))
+    tracemalloc.stop()
+    per_key = (grown + sum(map(len, keys)) + 33 * len(keys)) / len(keys)  # keys count too
+    assert per_key < 300, per_key
+
+
+def _content(blob: bytes) -> tuple[int, dict]:
+    kv = KVStore.restore(blob)
+    return kv.revision, dict(kv.items())
+
+
+def test_a_shard_the_writer_has_read_is_changed_in_place():
+    """Copy on write only where it is needed: once the writer has read a shard,
+    writes to it no longer copy it."""
+    kv = KVStore()
+    for i in range(5000):
+        kv.apply(Put(b"k%d" % i, b"v"))
+    w = kv.snapshot_writer()
+    w.step(2500)  # about half the shards read
+    shards = list(kv._shards)
+    for i in range(5000):
+        kv.apply(Put(b"k%d" % i, b"w"))
+    copied = sum(a is not b for a, b in zip(shards, kv._shards, strict=True))
+    assert 300 < copied < 800  # the unread half, not all 1,024
+    while not w.step(1000):
+        pass
+    assert all(v == b"v" for _, (v, _) in KVStore.restore(w.result()).items())
+
+
+def test_a_step_stops_near_its_byte_budget_for_large_values():
+    """Entries count steps for small values; for large ones the byte budget does,
+    so no step packs more than about a megabyte (plus one entry)."""
+    kv = KVStore()
+    for i in range(40):
+        kv.apply(Put(b"k%d" % i, bytes([i]) * 100_000))
+    w = kv.snapshot_writer()
+    sizes = []
+    while True:
+        done = w.step(1024, 300_000)
+        sizes.append(sum(map(len, w.take_parts())))
+        if done:
+            break
+    assert len(sizes) >= 10 and max(sizes) < 300_000 + 2 * 100_100
+    kv2 = KVStore()
+    w2 = kv.snapshot_writer()
+    while not w2.step(1024):
+        pass
+    assert dict(kv2.restore(w2.result()).items()) == dict(kv.items())

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import zlib
 
 import msgpack
 import pytest
 
 from dsnode.core.commands import STALE, Get, Put
 from dsnode.core.effects import Ready
-from dsnode.core.errors import PeerMisbehaved
+from dsnode.core.errors import PeerMisbehaved, StateLost
 from dsnode.core.paxos import Applied, PaxosConfig, PaxosNode, Role, SnapshotInstalled
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.messages import (
@@ -25,6 +26,7 @@ from dsnode.core.paxos.messages import (
     from_wire,
     to_wire,
 )
+from dsnode.core.paxos.outputs import StoredSnapshot
 from dsnode.core.paxos.statemachine import DedupKV
 
 NODES = ("a", "b", "c")
@@ -51,6 +53,8 @@ class Cluster:
         # shell with unlimited time; when held, they wait here for the test.
         self.hold_snapshots = False
         self.snap_jobs: dict[str, list] = {n: [] for n in NODES}
+        # the shell's snapshot files: node -> group -> newest StoredSnapshot
+        self.files: dict[str, dict] = {n: {} for n in NODES}
 
     def _make(self, n: str) -> PaxosNode:
         return PaxosNode(n, self.groups, random.Random(n), self.cfg)
@@ -74,7 +78,9 @@ class Cluster:
         for job in jobs:
             while not job.writer.step(3):
                 pass
-            self.nodes[n].snapshot_ready(job.group, job.index, job.writer.result())
+            blob = job.writer.result()
+            self.files[n][job.group] = StoredSnapshot(job.index, blob, zlib.crc32(blob))
+            self.nodes[n].snapshot_ready(job.group, job.index, blob)
 
     def settle(self, rounds: int = 50) -> None:
         for _ in range(rounds):
@@ -101,7 +107,7 @@ class Cluster:
 
     def crash_restart(self, n: str) -> None:
         self.nodes[n] = self._make(n)
-        self.nodes[n].recover(self.disk[n])
+        self.nodes[n].recover(self.disk[n], self.files[n])
 
 
 def results(replies):
@@ -281,9 +287,8 @@ def test_election_timeout_elects_exactly_one_leader():
     assert len(leaders) == 1
 
 
-def test_lagging_replica_catches_up_by_snapshot_after_compaction():
-    """A replica behind the leader's compaction point gets the snapshot in
-    checksummed chunks, then the rest from the log."""
+def _cluster_with_c_behind_compaction() -> Cluster:
+    """12 writes chosen (and snapshotted every 4 slots) while c was cut off."""
     cfg = PaxosConfig(snapshot_interval_slots=4, snapshot_chunk_bytes=64, leader_stickiness=False)
     c = Cluster(cfg)
     c.elect("a")
@@ -291,6 +296,13 @@ def test_lagging_replica_catches_up_by_snapshot_after_compaction():
     for i in range(12):
         c.nodes["a"].propose(0, i, Put(b"k%d" % i, b"x" * 20), request_id=("cl", i + 1))
         c.settle()
+    return c
+
+
+def test_lagging_replica_catches_up_by_snapshot_after_compaction():
+    """A replica behind the leader's compaction point gets the snapshot in
+    checksummed chunks, then the rest from the log."""
+    c = _cluster_with_c_behind_compaction()
     assert c.nodes["c"].applied_index(0) == 0
     c.cut = set()
     c.tick(20)
@@ -298,8 +310,9 @@ def test_lagging_replica_catches_up_by_snapshot_after_compaction():
     a_kv, c_kv = c.nodes["a"].state_machine(0).kv, c.nodes["c"].state_machine(0).kv
     assert sorted(c_kv.items()) == sorted(a_kv.items())
     assert c.nodes["c"].applied_index(0) == c.nodes["a"].applied_index(0)
-    snaps = [rec.decode(r) for r in c.disk["c"] if rec.decode(r)[0] == "snapshot"]
-    assert snaps, "an installed snapshot is persisted"
+    snaps = [rec.decode(r) for r in c.disk["c"] if rec.decode(r)[0] == rec.SNAPFILE]
+    assert snaps, "an installed snapshot is stored in a file and the WAL names it"
+    assert c.files["c"][0].index == snaps[-1][2]
 
 
 def test_groups_are_independent_on_one_node():
@@ -524,7 +537,7 @@ def _put(c: Cluster, i: int) -> None:
 
 
 def _snapshot_records(c: Cluster, n: str) -> list[list]:
-    return [r for r in map(rec.decode, c.disk[n]) if r[0] == rec.SNAPSHOT]
+    return [r for r in map(rec.decode, c.disk[n]) if r[0] == rec.SNAPFILE]
 
 
 def test_group_does_not_compact_until_the_shell_returns_the_snapshot():
@@ -550,8 +563,9 @@ def test_group_does_not_compact_until_the_shell_returns_the_snapshot():
     assert all(s not in g.log.chosen for s in range(1, 5)) and 5 in g.log.chosen
     assert 4 not in g.acceptor.accepted
     (snap,) = _snapshot_records(c, "a")
-    assert snap[2] == 4 and snap[3] == g.log.snap_blob
-    restored = DedupKV.restore(snap[3])
+    blob = g.log.snap_blob
+    assert snap[2:] == [4, len(blob), zlib.crc32(blob)] and c.files["a"][0].blob == blob
+    restored = DedupKV.restore(blob)
     assert restored.kv.get(b"k3") == (b"v3", 4) and restored.kv.get(b"k4") == (None, 0)
 
 
@@ -700,3 +714,39 @@ def test_catch_up_moves_on_from_a_peer_that_never_answers():
             break
     assert g.log.chosen_through >= 3 and g.catchup_peer in (None, "c")
     assert c.nodes["a"].dropped["catchup_peer_stalled"] == 1
+
+
+def test_recovery_names_a_lost_snapshot_file_instead_of_starting_without_it():
+    """Once the WAL holds only what follows a ``snapfile`` record (a checkpoint
+    dropped the rest), the file is the only copy of that state: recovering
+    without it raises ``StateLost``; with it, the state comes back."""
+    c = _snap_cluster(interval=4)
+    for i in range(6):
+        _put(c, i)
+    c.finish_snapshots("a")
+    c.tick(1)
+    disk = c.disk["a"]
+    at = max(i for i, r in enumerate(disk) if rec.decode(r)[0] == rec.SNAPFILE)
+    tail = [rec.promise(0, c.nodes["a"].groups[0].acceptor.promised), *disk[at:]]
+    with pytest.raises(StateLost, match="names snapshot file 4"):
+        PaxosNode("a", c.groups, random.Random(1), c.cfg).recover(tail)
+    fresh = PaxosNode("a", c.groups, random.Random(1), c.cfg)
+    fresh.recover(tail, c.files["a"])
+    assert fresh.groups[0].log.snap_index == 4
+    assert fresh.state_machine(0).kv.get(b"k3") == (b"v3", 4)
+
+
+def test_checkpoint_waits_until_an_installed_snapshot_is_in_its_file():
+    """A snapshot installed from a peer replaces the state before the shell has
+    stored it: until ``snapshot_ready``, the records before it are the only
+    durable copy, so ``checkpoint()`` (which would let them go) says None."""
+    c = _cluster_with_c_behind_compaction()
+    c.hold_snapshots = True
+    c.cut = set()
+    c.tick(20)
+    g = c.nodes["c"].groups[0]
+    assert g.log.snap_index > 0 and g.snap_file_index < g.log.snap_index
+    assert c.nodes["c"].checkpoint() is None
+    c.finish_snapshots("c")
+    c.drain("c")
+    assert g.snap_file_index == g.log.snap_index and c.nodes["c"].checkpoint() is not None

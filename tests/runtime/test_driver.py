@@ -86,7 +86,7 @@ async def test_a_failing_snapshot_step_stops_the_driver_instead_of_hiding(tmp_pa
     """A bug in snapshot encoding is ours (STYLE.md habit 5): the driver task ends with
     the error, so the node exits, rather than running on without ever compacting."""
 
-    def broken_step(self, n):
+    def broken_step(self, n, max_bytes=None):
         raise RuntimeError("encoder bug")
 
     monkeypatch.setattr(statemachine.DedupSnapshotWriter, "step", broken_step)

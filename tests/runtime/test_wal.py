@@ -719,3 +719,26 @@ async def test_zero_filled_segment_before_the_last_raises(tmp_path: Path) -> Non
     with pytest.raises(WALCorruptError, match="all zero bytes") as info:
         WriteAheadLog(tmp_path).recover()
     assert info.value.path == str(first)
+
+
+async def test_segment_chain_is_checked_before_anything_is_deleted(tmp_path: Path) -> None:
+    """Issue 7.5: a broken chain (a segment missing after the snapshot) fails
+    recovery with the directory exactly as it was: the segments the snapshot
+    covers and the torn tail are still there, for an operator to inspect."""
+    await _write_log(tmp_path, 60, segment_bytes=200)
+    segs = segments(tmp_path)
+    assert len(segs) >= 5
+    covered_through = int(segs[2].name[4:24]) - 1  # the first two segments are covered
+    data = b"state"
+    (tmp_path / snapshot_name(covered_through)).write_bytes(
+        wal_mod.encode_snapshot(covered_through, data) + data
+    )
+    with open(segs[-1], "ab") as f:
+        f.write(b"\x01\x02\x03")  # a torn tail
+    segs[3].unlink()  # the gap
+    listing = sorted(os.listdir(tmp_path))
+    sizes = {p.name: p.stat().st_size for p in segments(tmp_path)}
+    with pytest.raises(WALCorruptError, match="previous segment ended"):
+        WriteAheadLog(tmp_path).recover()
+    assert sorted(os.listdir(tmp_path)) == listing
+    assert {p.name: p.stat().st_size for p in segments(tmp_path)} == sizes

@@ -10,6 +10,10 @@ after a delete and re-create (PROTOCOL.md, "Keys, values, versions").
 from __future__ import annotations
 
 import itertools
+import struct
+import zlib
+from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 
@@ -25,36 +29,102 @@ from dsnode.core.commands import (
     Txn,
 )
 
-SNAPSHOT_FORMAT = 2
+# 2: [2, revision, {key: [value, version]}] in one msgpack object;
+# 3: [3, revision, count, shards], then [shard, {key: packed entry}] pairs in
+# sequence whose maps add up to count entries: each writer step packs its maps
+# in C, and restore merges each into its shard in C (dict.update).
+SNAPSHOT_FORMAT = 3
 # A transaction's gets may return at most this many bytes of values in all; a
 # larger one fails with no effect (``ERROR_KEY``), the same on every replica, so
 # no answer ever outgrows a frame (the default max_frame_bytes is twice this).
 TXN_RESULT_BYTES_MAX = 4 * 1024 * 1024
 # A result holding this key is a definite failure: [code, message] (no effect).
 ERROR_KEY = "_error"
+_crc32 = zlib.crc32
+
+# The map is split into SHARDS dicts by CRC-32 of the key: a snapshot captures
+# the list of shards (1,024 pointers), and a write copies a shard the capture
+# still shares before changing it (copy on write), so neither the capture nor
+# any single write costs O(keys).
+SHARDS = 1024
+_SHARD_MASK = SHARDS - 1
+_VERSION = struct.Struct("<Q")
+_VERSION_BYTES = _VERSION.size
+
+
+def pack_entry(value: bytes, version: int) -> bytes:
+    """A key's entry as stored: 8-byte little-endian version, then the value. One
+    bytes object per key (no tuple, no int) keeps a key near 250 bytes of memory."""
+    return _VERSION.pack(version) + value
+
+
+def unpack_entry(entry: bytes) -> tuple[bytes, int]:
+    return entry[_VERSION_BYTES:], _VERSION.unpack_from(entry)[0]
+
+
+class _Capture:
+    """Shared by a store and the snapshot writer of its shards: while ``live``,
+    a shard the store has not copied since the capture is still the writer's,
+    unless ``owned`` (the store's list) says the writer is done with it."""
+
+    __slots__ = ("live", "owned")
+
+    def __init__(self, owned: list[bool]) -> None:
+        self.live = True
+        self.owned = owned
 
 
 class KVStore:
-    __slots__ = ("_data", "revision")
+    __slots__ = ("_shards", "_owned", "_capture", "_len", "revision")
 
     def __init__(self) -> None:
-        # key -> (value, version)
-        self._data: dict[bytes, tuple[bytes, int]] = {}
+        # key -> pack_entry(value, version), split by shard_of(key)
+        self._shards: list[dict[bytes, bytes]] = [{} for _ in range(SHARDS)]
+        self._owned = [True] * SHARDS  # False: shared with a live capture, copy first
+        self._capture: _Capture | None = None
+        self._len = 0
         self.revision = 0
 
     def __len__(self) -> int:
-        return len(self._data)
+        return self._len
 
     # ------------------------------------------------------------ reads
     def get(self, key: bytes) -> tuple[bytes | None, int]:
-        entry = self._data.get(key)
+        entry = self._shards[_crc32(key) & _SHARD_MASK].get(key)
         if entry is None:
             return None, 0
-        return entry
+        return entry[_VERSION_BYTES:], _VERSION.unpack_from(entry)[0]
 
     def version(self, key: bytes) -> int:
-        entry = self._data.get(key)
-        return 0 if entry is None else entry[1]
+        entry = self._shards[_crc32(key) & _SHARD_MASK].get(key)
+        return 0 if entry is None else _VERSION.unpack_from(entry)[0]
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._shards[_crc32(key) & _SHARD_MASK]
+
+    # ------------------------------------------------------------ writes (the only ones)
+    def _writable(self, key: bytes) -> dict[bytes, bytes]:
+        i = _crc32(key) & _SHARD_MASK
+        if not self._owned[i]:
+            capture = self._capture
+            if capture is not None and capture.live:
+                self._shards[i] = self._shards[i].copy()  # the writer keeps the original
+                self._owned[i] = True
+            else:  # the capture is finished: nothing shares the shards any more
+                self._capture = None
+                self._owned = [True] * SHARDS
+        return self._shards[i]
+
+    def _set(self, key: bytes, value: bytes, version: int) -> None:
+        shard = self._writable(key)
+        n = len(shard)
+        shard[key] = _VERSION.pack(version) + value
+        self._len += len(shard) - n
+
+    def _remove(self, key: bytes) -> None:
+        shard = self._writable(key)
+        if shard.pop(key, None) is not None:
+            self._len -= 1
 
     # ------------------------------------------------------------ apply
     def apply(self, cmd: Command) -> dict:
@@ -75,7 +145,7 @@ class KVStore:
         if cmd.if_version is not None and cmd.if_version != current:
             return {"succeeded": False, "version": current}
         self.revision += 1
-        self._data[cmd.key] = (cmd.value, self.revision)
+        self._set(cmd.key, cmd.value, self.revision)
         return {"succeeded": True, "version": self.revision}
 
     def _delete(self, cmd: Delete) -> dict:
@@ -85,11 +155,10 @@ class KVStore:
         if current == 0:
             return {"succeeded": True, "existed": False, "version": 0}
         self.revision += 1
-        del self._data[cmd.key]
+        self._remove(cmd.key)
         return {"succeeded": True, "existed": True, "version": current}
 
     def _txn(self, cmd: Txn) -> dict:
-        data = self._data
         holds = all(self.version(k) == v for k, v in cmd.compares)
         branch: tuple[SubOp, ...] = cmd.then if holds else cmd.otherwise
         # Gets see the state before the transaction's own writes, so answer
@@ -103,7 +172,7 @@ class KVStore:
                 results.append({"value": value, "version": version})
                 got += len(value) if value is not None else 0
             elif isinstance(s, SubDelete):
-                existed = s.key in data
+                existed = s.key in self
                 results.append({"existed": existed})
                 writes = writes or existed
             else:
@@ -117,83 +186,171 @@ class KVStore:
             rev = self.revision
             for s, r in zip(branch, results, strict=True):
                 if isinstance(s, SubPut):
-                    data[s.key] = (s.value, rev)
+                    self._set(s.key, s.value, rev)
                     r["version"] = rev
                 elif isinstance(s, SubDelete):
-                    data.pop(s.key, None)
+                    self._remove(s.key)
         return {"succeeded": holds, "results": results}
 
     # ------------------------------------------------------------ snapshots
     def snapshot(self) -> bytes:
         """The whole store in one go (tests, small stores); same bytes as the writer's."""
         w = self.snapshot_writer()
-        while not w.step(len(self._data) + 1):
+        while not w.step(self._len + 1):
             pass
         return w.result()
 
     def snapshot_writer(self) -> SnapshotWriter:
         """A point-in-time capture now, encoded later in steps by :class:`SnapshotWriter`.
 
-        The capture is a shallow ``dict.copy()`` (values are immutable
-        ``(value, version)`` tuples), so applying may go on while it is encoded.
+        O(shards), not O(keys): the writer takes the shard dicts themselves and
+        the store copies a shard before its first change while the writer is
+        live (``_writable``), so applying may go on while it is encoded.
         """
-        return SnapshotWriter(self.revision, self._data.copy())
+        if self._capture is not None:
+            self._capture.live = False  # an older writer: it keeps what it captured
+        self._owned = [False] * SHARDS
+        capture = _Capture(self._owned)
+        self._capture = capture
+        return SnapshotWriter(self.revision, list(self._shards), self._len, capture)
 
     @classmethod
     def restore(cls, blob: bytes) -> KVStore:
-        fmt, revision, items = msgpack.unpackb(blob, raw=False, strict_map_key=True)
-        if fmt != SNAPSHOT_FORMAT:
-            raise ValueError(f"unknown KV snapshot format {fmt}")
+        objects = _unpack_stream(blob)
+        head = next(objects, None)
+        if not isinstance(head, list) or len(head) not in (3, 4) or not isinstance(head[1], int):
+            raise ValueError("KV snapshot: bad header")
+        fmt, revision, body = head[:3]
         store = cls()
-        if not isinstance(items, dict):
-            raise ValueError("KV snapshot: expected a map of keys")
         store.revision = revision
-        store._data = {k: (v, ver) for k, (v, ver) in items.items()}
+        shards = store._shards
+        if fmt == 2:  # one map of key -> [value, version]
+            if not isinstance(body, dict):
+                raise ValueError("KV snapshot: expected a map of keys")
+            for k, (v, ver) in body.items():
+                shards[_crc32(k) & _SHARD_MASK][k] = _VERSION.pack(ver) + v
+            store._len = len(body)
+            return store
+        if fmt != SNAPSHOT_FORMAT or len(head) != 4:
+            raise ValueError(f"unknown KV snapshot format {fmt}")
+        same_shards = head[3] == SHARDS
+        count = 0
+        for piece in objects:
+            if count >= body or not isinstance(piece, list) or len(piece) != 2:
+                raise ValueError("KV snapshot: unexpected data after the entries")
+            i, chunk = piece
+            if not isinstance(chunk, dict) or not isinstance(i, int) or not 0 <= i < head[3]:
+                raise ValueError("KV snapshot: bad shard piece")
+            if same_shards:
+                shards[i].update(chunk)
+            else:  # written with another shard count: place each key anew
+                for k, entry in chunk.items():
+                    shards[_crc32(k) & _SHARD_MASK][k] = entry
+            count += len(chunk)
+        if count != body:
+            raise ValueError(f"KV snapshot: {count} entries, the header says {body}")
+        store._len = sum(map(len, shards))
+        if store._len != count:
+            raise ValueError("KV snapshot: a key appears twice")
         return store
 
-    def items(self):
-        return self._data.items()
+    def items(self) -> Iterator[tuple[bytes, tuple[bytes, int]]]:
+        """``(key, (value, version))`` for every key (shard order)."""
+        for shard in self._shards:
+            for k, entry in shard.items():
+                yield k, (entry[_VERSION_BYTES:], _VERSION.unpack_from(entry)[0])
+
+
+def _unpack_stream(blob: bytes) -> Iterator[Any]:
+    """The msgpack objects in ``blob`` one after another, fed a megabyte at a
+    time (``blob`` may be a mapped file: it is never copied whole)."""
+    up = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=len(blob) + 1)
+    view = memoryview(blob)
+    step = 1 << 20
+    for off in range(0, len(view), step):
+        up.feed(view[off : off + step])
+        yield from up
 
 
 class SnapshotWriter:
-    """Encodes a captured KV map piecewise; the bytes equal one ``packb`` of
-    ``[SNAPSHOT_FORMAT, revision, data]`` (msgpack lets a map header be
-    followed by its entries packed one by one), so :meth:`KVStore.restore`
-    reads them unchanged.
+    """Encodes a captured KV map piecewise in format 3: the header, then per
+    ``step`` one ``[shard, map]`` piece per shard it reads from;
+    :meth:`KVStore.restore` merges them in sequence.
+    The bytes depend on the step sizes, so replicas stepping alike (the
+    runtime always steps the same) give identical snapshots.
 
     Pure: whoever drives it (the shell) decides how many entries go per
     ``step``, so no single step holds the caller for long.
     """
 
-    __slots__ = ("_packer", "_parts", "_items", "_left")
+    __slots__ = ("_packer", "_parts", "_shards", "_next", "_it", "_cur", "_left", "_capture")
 
-    def __init__(self, revision: int, data: dict[bytes, tuple[bytes, int]]) -> None:
+    def __init__(
+        self, revision: int, shards: list[dict[bytes, bytes]], count: int, capture: _Capture
+    ) -> None:
         self._packer = msgpack.Packer(use_bin_type=True)
-        pk = self._packer
         self._parts: list[bytes] = [
-            pk.pack_array_header(3) + pk.pack(SNAPSHOT_FORMAT) + pk.pack(revision)
-            + pk.pack_map_header(len(data))
+            self._packer.pack([SNAPSHOT_FORMAT, revision, count, len(shards)])
         ]
-        self._items = iter(data.items())
-        self._left = len(data)
+        self._shards: list[dict[bytes, bytes] | None] = list(shards)
+        self._next = 0  # the shard to read after the current one
+        self._it: Iterator[tuple[bytes, bytes]] | None = None
+        self._cur = -1
+        self._left = count
+        self._capture = capture
+        if not count:
+            capture.live = False
 
     @property
     def remaining(self) -> int:
         return self._left
 
-    def step(self, max_entries: int) -> bool:
-        """Encode up to ``max_entries`` more entries; True once all are encoded."""
+    def step(self, max_entries: int, max_bytes: int | None = None) -> bool:
+        """Encode up to ``max_entries`` more entries, stopping early once about
+        ``max_bytes`` are encoded (large values); True once all are encoded.
+
+        A shard is let go once read: one the store copied since the capture is
+        freed then, a thousandth of the map at a time."""
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
-        n = min(max_entries, self._left)
-        if n:
-            pack = self._packer.pack
-            items = self._items
-            self._parts.append(
-                b"".join([pack(k) + pack(v) for k, v in itertools.islice(items, n)])
-            )
-            self._left -= n
+        want = min(max_entries, self._left)
+        pk = self._packer
+        got = 0
+        per_entry = 64  # bytes, a first guess: refined from each piece packed
+        while want:
+            if self._it is None:
+                shard = self._shards[self._next]
+                self._shards[self._next] = None
+                self._cur = self._next
+                self._next += 1
+                assert shard is not None
+                self._it = iter(shard.items())
+            take = want
+            if max_bytes is not None:
+                take = max(1, min(want, (max_bytes - got) // per_entry))
+            pairs = list(itertools.islice(self._it, take))
+            if len(pairs) < take:
+                self._it = None  # this shard is done: the store may change it in place
+                self._capture.owned[self._cur] = True
+            if pairs:
+                piece = pk.pack_array_header(2) + pk.pack(self._cur) + pk.pack_map_pairs(pairs)
+                self._parts.append(piece)
+                want -= len(pairs)
+                self._left -= len(pairs)
+                got += len(piece)
+                per_entry = max(1, len(piece) // len(pairs))
+                if max_bytes is not None and got >= max_bytes:
+                    break
+        if not self._left:
+            self._capture.live = False  # the store may stop copying shards
+            self._it = None
         return self._left == 0
+
+    def take_parts(self) -> list[bytes]:
+        """The pieces encoded since the last call (for a caller writing them out as
+        they come); afterwards :meth:`parts` holds only what follows."""
+        taken, self._parts = self._parts, []
+        return taken
 
     def parts(self) -> list[bytes]:
         """The encoded pieces in order (their concatenation is :meth:`result`)."""

@@ -14,36 +14,55 @@ import zlib
 
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.messages import CatchupReq, Learn, SnapChunk
-from dsnode.core.paxos.outputs import SnapshotInstalled, SnapshotWanted, unavailable
+from dsnode.core.paxos.outputs import (
+    BlobWriter,
+    SnapshotInstalled,
+    SnapshotWanted,
+    unavailable,
+)
 
 
 class CatchUp:
     def _take_snapshot(self) -> None:
         """Capture the state machine at ``applied`` (shallow copies, cheap) and
-        hand its encoding to the shell; ``snapshot_ready`` persists and compacts.
+        hand its encoding and storage to the shell; ``snapshot_ready`` records
+        the file and compacts.
 
         Applying goes on meanwhile. ``log.snap_index``/``snap_blob`` (served to
-        catching-up peers, written by checkpoints) keep the previous snapshot
+        catching-up peers, named by checkpoints) keep the previous snapshot
         until then, so they always form a consistent pair.
         """
         index = self.log.applied
         self.snap_pending = index
         self.out.snapshots.append(SnapshotWanted(self.group, index, self.sm.snapshot_writer()))
 
-    def snapshot_ready(self, index: int, blob: bytes) -> None:
-        """The shell encoded the snapshot requested at ``index``: persist it, then
-        compact the log and the acceptor up to it."""
+    def request_snapshot(self) -> bool:
+        """The shell asks for a snapshot now (its log grew large on disk): taken
+        unless one is in progress or nothing was applied since the last."""
+        if self.snap_pending is not None or self.log.applied <= self.log.snap_index:
+            return False
+        self._take_snapshot()
+        return True
+
+    def snapshot_ready(self, index: int, blob: bytes, crc: int | None = None) -> None:
+        """The shell stored the snapshot requested at ``index`` durably in its
+        own file (``blob``: its bytes, or a bytes-like view of the file; ``crc``:
+        their CRC-32, computed here if None). Record in the WAL which file is
+        current, then compact the log and the acceptor up to it."""
         if index != self.snap_pending:
             # Requested by an earlier incarnation, or overtaken by an installed snapshot.
             self.out.dropped["snapshot_not_pending"] += 1
             return
         self.snap_pending = None
-        if index <= self.log.snap_index:
+        if index < self.log.snap_index:
             return
-        self.out.persist.append(rec.snapshot(self.group, index, blob))
-        self.log.compact(index, blob)
-        self.acceptor.compact(index)
-
+        if crc is None:
+            crc = zlib.crc32(blob)
+        self.out.persist.append(rec.snapfile(self.group, index, len(blob), crc))
+        self.snap_file_index = index
+        if index > self.log.snap_index:
+            self.log.compact(index, blob, crc)
+            self.acceptor.compact(index)
     def _reset_catchup(self) -> None:
         self.catchup_peer = None
         self.catchup_target = 0
@@ -72,8 +91,7 @@ class CatchUp:
             off = m.offset if m.snap_index == log.snap_index and m.offset < len(blob) else 0
             data = blob[off : off + self.cfg.snapshot_chunk_bytes]
             self._send(
-                frm,
-                SnapChunk(self.group, log.snap_index, len(blob), off, data, zlib.crc32(blob)),
+                frm, SnapChunk(self.group, log.snap_index, len(blob), off, bytes(data), log.snap_crc)
             )
             return
         # An empty Learn tells the asker we cannot help (we restarted, or lag).
@@ -123,19 +141,23 @@ class CatchUp:
         if zlib.crc32(blob) != m.crc or len(blob) != m.total:
             self.out.dropped["snap_bad_checksum"] += 1
             return
-        self.install_snapshot(m.index, blob, persist=True)
+        self.install_snapshot(m.index, blob, m.crc, persist=True)
         self._after_catchup_progress()
 
-    def install_snapshot(self, index: int, blob: bytes, persist: bool) -> None:
+    def install_snapshot(self, index: int, blob: bytes, crc: int, persist: bool) -> None:
+        """Jump the state machine to the snapshot at ``index``. With ``persist``
+        the shell is asked to store it as the group's snapshot file (as for our
+        own snapshots: ``SnapshotWanted``, then ``snapshot_ready`` records it);
+        until it has, checkpoints wait (``PaxosNode.checkpoint``), since the
+        records before ``index`` are the only durable copy of that state."""
         if index <= self.log.applied:
             return
-        if persist:
-            self.out.persist.append(rec.snapshot(self.group, index, blob))
         self.sm = self.sm_cls.restore(blob)
-        self.log.install(index, blob)
-        if self.snap_pending is not None and self.snap_pending <= index:
-            self.snap_pending = None  # its result would be older than this state: dropped
-
+        self.log.install(index, blob, crc)
+        self.snap_pending = None  # an own snapshot in progress is older than this state
+        if persist:
+            self.snap_pending = index
+            self.out.snapshots.append(SnapshotWanted(self.group, index, BlobWriter(blob)))
         self.acceptor.compact(index)
         self.out.apply.append(SnapshotInstalled(self.group, index))
         p = self.proposer

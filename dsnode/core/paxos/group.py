@@ -21,11 +21,12 @@ from a quorum, itself included, does it become a candidate and run phase 1.
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 from dsnode.core.commands import Form
-from dsnode.core.errors import InvariantBroken, PeerMisbehaved
+from dsnode.core.errors import InvariantBroken, PeerMisbehaved, StateLost
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.catchup import CatchUp
@@ -49,6 +50,7 @@ from dsnode.core.paxos.messages import (
 from dsnode.core.paxos.outputs import (
     Applied,
     Outbox,
+    StoredSnapshot,
 )
 from dsnode.core.paxos.proposer import LeaderSide, Proposer, merge_promises
 from dsnode.core.paxos.roles import Role
@@ -119,6 +121,11 @@ class PaxosGroup(LeaderSide, CatchUp):
         self._catchup_stalls = 0
         # index of the snapshot handed to the shell and not yet back (snapshot_ready)
         self.snap_pending: int | None = None
+        # newest snapshot the shell holds durably in a file (snapshot_ready, or
+        # recovered from one); checkpoints name it
+        self.snap_file_index = 0
+        # newest snapshot file the replayed WAL records name (records.SNAPFILE)
+        self.snap_file_named = 0
         # highest chosen_through written in a commit record (records.COMMIT)
         self.commit_persisted = 0
         self.recovery_gaps = 0
@@ -698,8 +705,10 @@ class PaxosGroup(LeaderSide, CatchUp):
             self.log.learn(r[2], r[3])
         elif tag == rec.PROMISE:
             self.acceptor.recover_promise(r[2])
-        elif tag == rec.SNAPSHOT:
-            self.install_snapshot(r[2], r[3], persist=False)
+        elif tag == rec.SNAPFILE:
+            self.snap_file_named = max(self.snap_file_named, r[2])
+        elif tag == rec.SNAPSHOT:  # the inline format: moved into a file on the way
+            self.install_snapshot(r[2], r[3], zlib.crc32(r[3]), persist=True)
         self.max_round = max(self.max_round, self.acceptor.promised[0])
 
     def _recover_commit(self, through: int) -> None:
@@ -717,6 +726,21 @@ class PaxosGroup(LeaderSide, CatchUp):
         log.advance()
         self.commit_persisted = max(self.commit_persisted, log.chosen_through)
 
+    def recover_snapshot(self, snap: StoredSnapshot) -> None:
+        """Before any record: start from the snapshot the shell read from its file."""
+        self.install_snapshot(snap.index, snap.blob, snap.crc, persist=False)
+        self.snap_file_index = max(self.snap_file_index, snap.index)
+
     def finish_recovery(self) -> None:
-        """After the last record: apply the chosen prefix the records proved."""
+        """After the last record: apply the chosen prefix the records proved.
+
+        Raises ``StateLost`` if the records name a snapshot file (as the state
+        they no longer hold) that the snapshot recovered from does not reach
+        and the records after it do not cover either."""
         self._advance()
+        if self.snap_file_named > self.log.chosen_through:
+            raise StateLost(
+                f"group {self.group}: the log names snapshot file {self.snap_file_named} as "
+                f"current, but no valid snapshot file reaches it and the log only proves "
+                f"slots through {self.log.chosen_through}"
+            )

@@ -12,14 +12,17 @@ from dsnode.core.errors import InvariantBroken
 
 
 class Log:
-    __slots__ = ("chosen", "chosen_through", "applied", "snap_index", "snap_blob")
+    __slots__ = ("chosen", "chosen_through", "applied", "snap_index", "snap_blob", "snap_crc")
 
     def __init__(self) -> None:
         self.chosen: dict[int, bytes] = {}
         self.chosen_through = 0
         self.applied = 0
         self.snap_index = 0
+        # the snapshot at snap_index (bytes, or a bytes-like view of the shell's file:
+        # len() and slicing) and its CRC-32, for catch-up
         self.snap_blob: bytes | None = None
+        self.snap_crc = 0
 
     def learn(self, slot: int, value: bytes) -> None:
         if slot <= self.snap_index:
@@ -48,19 +51,21 @@ class Log:
             (s, self.chosen[s]) for s in range(max(from_slot, self.snap_index + 1), end + 1)
         )
 
-    def compact(self, index: int, blob: bytes) -> None:
+    def compact(self, index: int, blob: bytes, crc: int) -> None:
         """Drop chosen values up to ``index`` (applied, and in ``blob``)."""
         if index > self.applied:
             raise InvariantBroken(f"compact past applied {index} > {self.applied}")
         self.snap_index = index
         self.snap_blob = blob
+        self.snap_crc = crc
         for s in [s for s in self.chosen if s <= index]:
             del self.chosen[s]
 
-    def install(self, index: int, blob: bytes) -> None:
+    def install(self, index: int, blob: bytes, crc: int) -> None:
         """A snapshot from elsewhere (or from recovery) at ``index``."""
         self.snap_index = index
         self.snap_blob = blob
+        self.snap_crc = crc
         for s in [s for s in self.chosen if s <= index]:
             del self.chosen[s]
         self.applied = index

@@ -2,7 +2,7 @@
 
 Inputs: ``step(from_peer, msg)``, ``tick()``, ``propose(group, token, cmd,
 request_id)``, ``read(group, token, cmd)``, ``campaign(group)``,
-``snapshot_ready(group, index, blob)``; one drain,
+``snapshot_ready(group, index, blob, crc)``; one drain,
 ``ready()``. Recovery:
 ``recover(records)`` on a fresh node, before any input. The shell must keep the
 ordering contract of ``dsnode.core.effects``.
@@ -23,7 +23,7 @@ from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.config import PaxosConfig
 from dsnode.core.paxos.group import PaxosGroup
 from dsnode.core.paxos.messages import ZERO_BALLOT, NodeHeartbeat
-from dsnode.core.paxos.outputs import Outbox
+from dsnode.core.paxos.outputs import Outbox, StoredSnapshot
 from dsnode.core.paxos.roles import Role
 
 
@@ -112,13 +112,23 @@ class PaxosNode:
         g = self.groups.get(group)
         return g is not None and g.transfer_leadership(target)
 
-    def snapshot_ready(self, group: Any, index: int, blob: bytes) -> None:
-        """The shell finished the ``SnapshotWanted(group, index, ...)`` writer: ``blob``
-        is the state machine at ``index``. Persists it and compacts (see
-        ``PaxosGroup.snapshot_ready``); unknown groups are ignored."""
+    def snapshot_ready(
+        self, group: Any, index: int, blob: bytes, crc: int | None = None
+    ) -> None:
+        """The shell finished the ``SnapshotWanted(group, index, ...)`` job: the
+        snapshot is durable in its file; ``blob`` is its bytes (or a bytes-like
+        view of the file) and ``crc`` their CRC-32 (computed here if None).
+        Records the file in the WAL and compacts (``PaxosGroup.snapshot_ready``);
+        unknown groups are ignored."""
         g = self.groups.get(group)
         if g is not None:
-            g.snapshot_ready(index, blob)
+            g.snapshot_ready(index, blob, crc)
+
+    def request_snapshots(self) -> int:
+        """Take a snapshot of every group that applied anything since its last
+        one and has none in progress (the shell's log grew large on disk); the
+        jobs come out of the next ``ready()``. Returns how many were started."""
+        return sum(g.request_snapshot() for g in self.groups.values())
 
     # ------------------------------------------------------------ drain
     def ready(self) -> Ready:
@@ -128,12 +138,23 @@ class PaxosNode:
         return self.out.take()
 
     # ------------------------------------------------------------ recovery
-    def recover(self, records: Iterable[bytes]) -> None:
-        """Rebuild acceptor promises/accepts and snapshots from WAL records.
+    def recover(
+        self, records: Iterable[bytes], snapshots: Mapping[Any, StoredSnapshot] | None = None
+    ) -> None:
+        """Rebuild acceptor promises/accepts, logs and state machines.
 
-        Records of unknown groups are ignored (the group was removed).
-        The apply notices recovery produces stay in the next ``ready()``.
+        ``snapshots``: per group, the newest valid snapshot file the shell
+        found; each group starts from it, then the WAL records are replayed
+        (those it covers change nothing). Records of unknown groups are
+        ignored (the group was removed). Raises ``StateLost`` when a group's
+        records name a newer snapshot file than the state recovered reaches.
+        The apply notices (and snapshot jobs) recovery produces stay in the
+        next ``ready()``.
         """
+        for gid, snap in (snapshots or {}).items():
+            g = self.groups.get(gid)
+            if g is not None:
+                g.recover_snapshot(snap)
         for raw in records:
             r = rec.decode(raw)
             g = self.groups.get(r[1])
@@ -142,31 +163,36 @@ class PaxosNode:
         for g in self.groups.values():
             g.finish_recovery()
 
-    def checkpoint(self) -> bytes:
-        """The node's durable Paxos state as one blob of records, for a WAL snapshot.
+    def checkpoint(self) -> bytes | None:
+        """The node's durable Paxos state as one blob of records, for a WAL
+        snapshot; None while a snapshot installed from a peer is not yet in its
+        file (the records before it are its only durable copy until then).
 
-        Per group: its latest state-machine snapshot, its promise, every
-        accepted value above the snapshot, the chosen values its acceptor does
-        not hold and a commit record for the chosen prefix that its commit
-        records prove. Replaying these through :meth:`recover` rebuilds the
-        state that the records persisted so far would (the same acceptor, log
-        and state machine: tests/core/test_checkpoint_property.py, and the
-        simulator on every restart), so the WAL may drop everything before the
-        checkpoint. Call it with ``ready()`` drained: what it says must be on
-        the WAL already.
+        Per group: which snapshot file is current (a ``snapfile`` record, not
+        the state: the checkpoint stays small whatever the state), its
+        promise, every accepted value above the snapshot, the chosen values its
+        acceptor does not hold and a commit record for the chosen prefix that
+        its commit records prove. Replaying these through :meth:`recover`, with
+        the same snapshot files, rebuilds the state that the records persisted
+        so far would (the same acceptor, log and state machine:
+        tests/core/test_checkpoint_property.py, and the simulator on every
+        restart), so the WAL may drop everything before the checkpoint. Call
+        it with ``ready()`` drained: what it says must be on the WAL already.
         """
         out: list[bytes] = []
         for gid in sorted(self.groups, key=str):
             g = self.groups[gid]
-            if g.log.snap_blob is not None and g.log.snap_index > 0:
-                out.append(rec.snapshot(gid, g.log.snap_index, g.log.snap_blob))
+            log = g.log
+            if log.snap_index > 0:
+                if g.snap_file_index != log.snap_index:
+                    return None
+                out.append(rec.snapfile(gid, log.snap_index, len(log.snap_blob), log.snap_crc))
             a = g.acceptor
             if a.promised != ZERO_BALLOT:
                 out.append(rec.promise(gid, a.promised))
             for slot in sorted(a.accepted):
                 ballot, value = a.accepted[slot]
                 out.append(rec.accept(gid, slot, ballot, value))
-            log = g.log
             # every chosen value the log holds, above a gap too (catch-up may teach
             # slot n+2 before n+1), as the chosen records so far hold them
             for slot in sorted(s for s in log.chosen if s > log.snap_index):
@@ -182,6 +208,10 @@ class PaxosNode:
         return msgpack.packb(out, use_bin_type=True)
 
     # ------------------------------------------------------------ queries
+    def snapshot_indexes(self) -> dict[Any, int]:
+        """Per group, the snapshot (file) a :meth:`checkpoint` taken now names."""
+        return {gid: g.log.snap_index for gid, g in self.groups.items() if g.log.snap_index}
+
     def leader_of(self, group: Any) -> str | None:
         g = self.groups[group]
         return g.me if g.role is Role.LEADER else g.leader_hint

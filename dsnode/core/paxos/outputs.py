@@ -34,12 +34,49 @@ class SnapshotInstalled:
 @dataclass(frozen=True, slots=True)
 class SnapshotWanted:
     """Work in ``Ready.snapshots``: encode ``writer`` (a capture of the state
-    machine at ``index``) step by step, then call ``snapshot_ready(group,
-    index, writer.result())``. Until then the group starts no other snapshot."""
+    machine at ``index``) step by step, store the bytes durably as the
+    group's snapshot file for ``index``, then call ``snapshot_ready(group,
+    index, blob, crc)``. Until then the group starts no other snapshot.
+
+    The writer (``DedupSnapshotWriter``, or ``BlobWriter`` for a snapshot
+    installed from a peer) has ``step(n, max_bytes=None) -> bool`` (encode up to
+    ``n`` more entries and about ``max_bytes``; True when done), then ``pieces()`` (the bytes in order, not
+    joined: a shell writes them to its file one by one) and ``result()``
+    (joined)."""
 
     group: Any
     index: int
-    writer: Any  # DedupSnapshotWriter: step(n) -> bool, result() -> bytes
+    writer: Any
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSnapshot:
+    """A group's snapshot a shell read back from its file for
+    ``PaxosNode.recover``: the state at ``index``, ``blob`` (bytes or a
+    read-only bytes-like view) and its CRC-32."""
+
+    index: int
+    blob: Any
+    crc: int
+
+
+class BlobWriter:
+    """The ``SnapshotWanted`` writer of an already encoded snapshot (one
+    installed from a peer): nothing left to encode."""
+
+    __slots__ = ("_blob",)
+
+    def __init__(self, blob: bytes) -> None:
+        self._blob = blob
+
+    def step(self, max_entries: int, max_bytes: int | None = None) -> bool:
+        return True
+
+    def pieces(self) -> list[bytes]:
+        return [self._blob]
+
+    def result(self) -> bytes:
+        return self._blob
 
 
 _READY_FIELDS = tuple(f.name for f in fields(Ready))

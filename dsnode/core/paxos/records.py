@@ -5,9 +5,13 @@ Each record is msgpack bytes of a list whose first element is its type tag:
 - ``["promise", group, [round, node]]``: the acceptor promised this ballot;
 - ``["accept", group, slot, [round, node], value]``: it accepted ``value``
   for ``slot`` at that ballot (this also implies a promise of that ballot);
-- ``["snapshot", group, index, blob]``: the group's state machine at
-  ``index`` (``blob`` from ``DedupKV.snapshot``); everything at or below
-  ``index`` is chosen and may be dropped from the WAL;
+- ``["snapfile", group, index, size, crc]``: the group's state machine at
+  ``index`` is durable in the shell's snapshot file for ``(group, index)``
+  (``size`` bytes, CRC-32 ``crc``): the WAL records only which file is
+  current, never the state itself; everything at or below ``index`` is chosen
+  and may be dropped from the WAL once a checkpoint says so;
+- ``["snapshot", group, index, blob]``: the same with the state inline (the
+  format before snapshot files; still read on recovery, no longer written);
 - ``["chosen", group, slot, value]``: ``value`` is chosen in ``slot``; written
   when this node learns a chosen value that its own acceptor does not hold
   (catch-up, or a leader whose own accept was overtaken);
@@ -33,6 +37,7 @@ from dsnode.core.paxos.messages import Ballot
 PROMISE = "promise"
 ACCEPT = "accept"
 SNAPSHOT = "snapshot"
+SNAPFILE = "snapfile"
 CHOSEN = "chosen"
 COMMIT = "commit"
 
@@ -47,6 +52,10 @@ def accept(group: Any, slot: int, ballot: Ballot, value: bytes) -> bytes:
 
 def snapshot(group: Any, index: int, blob: bytes) -> bytes:
     return msgpack.packb([SNAPSHOT, group, index, blob], use_bin_type=True)
+
+
+def snapfile(group: Any, index: int, size: int, crc: int) -> bytes:
+    return msgpack.packb([SNAPFILE, group, index, size, crc], use_bin_type=True)
 
 
 def chosen(group: Any, slot: int, value: bytes) -> bytes:
@@ -65,6 +74,6 @@ def decode(raw: bytes) -> list:
         rec[2] = tuple(rec[2])
     elif tag == ACCEPT:
         rec[3] = tuple(rec[3])
-    elif tag not in (SNAPSHOT, CHOSEN, COMMIT):
+    elif tag not in (SNAPSHOT, SNAPFILE, CHOSEN, COMMIT):
         raise ValueError(f"unknown record tag {tag!r}")
     return rec

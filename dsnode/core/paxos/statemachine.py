@@ -255,18 +255,28 @@ def _bin_header(n: int) -> bytes:
 
 
 class DedupSnapshotWriter:
-    """Encodes a captured ``DedupKV`` piecewise into exactly the bytes of
+    """Encodes a captured ``DedupKV`` piecewise into the bytes of
     :meth:`DedupKV.snapshot` at capture time
     (``[kv_blob, table, cluster_uuid, forgotten]``).
 
-    ``step(n)`` encodes up to ``n`` KV entries, and once they are done up to ``n``
-    results of the dedup table; the step after the last one only joins the pieces
-    (one copy). The shell calls ``step`` once per event-loop turn until it returns
-    True, then hands :meth:`result` to the core's ``snapshot_ready``.
+    ``step(n, max_bytes)`` encodes up to ``n`` KV entries (fewer once about
+    ``max_bytes`` are encoded), and once they are done up to ``n`` results of the
+    dedup table per step. The shell calls ``step`` once per event-loop turn until
+    it returns True, then writes :meth:`pieces` to the group's snapshot file
+    (``result`` joins them).
+
+    Streaming, so the encoded state never sits in memory whole: after each
+    step the shell takes the new KV bytes (:meth:`take_kv_parts`) and writes
+    them after :data:`STREAM_HEAD_BYTES` reserved bytes; when done it writes
+    :meth:`stream_head` there and :meth:`tail` at the end. Those bytes differ
+    from :meth:`result` only in using the 4-byte bin length form (which every
+    msgpack reader accepts), so ``DedupKV.restore`` reads them the same.
     """
 
-    __slots__ = ("_kv", "_rows", "_uuid", "_forgotten", "_blob", "_table", "_row", "_left",
-                 "_items", "_pack")
+    __slots__ = ("_kv", "_rows", "_uuid", "_forgotten", "_tail", "_pieces", "_table", "_row",
+                 "_left", "_items", "_pack")
+
+    STREAM_HEAD_BYTES = 6
 
     def __init__(self, kv: SnapshotWriter, rows: list[tuple], uuid: str | None,
                  forgotten: int) -> None:
@@ -274,18 +284,19 @@ class DedupSnapshotWriter:
         self._rows = rows  # (client, floor, last, {seq: (index, result)}), copies
         self._uuid = uuid
         self._forgotten = forgotten
-        self._blob: bytes | None = None
+        self._tail: bytes | None = None
+        self._pieces: list[bytes] | None = None
         self._table: list[bytes] | None = None  # the table's encoded pieces so far
         self._row = 0  # next row to encode
         self._left = 0  # results of that row still to encode
         self._items: Iterator | None = None  # over them
         self._pack = msgpack.Packer(use_bin_type=True).pack
 
-    def step(self, max_entries: int) -> bool:
-        if self._blob is not None:
+    def step(self, max_entries: int, max_bytes: int | None = None) -> bool:
+        if self._tail is not None:
             return True
         if self._kv.remaining:
-            self._kv.step(max_entries)
+            self._kv.step(max_entries, max_bytes)
             return False
         rows = self._rows
         if self._table is None:
@@ -295,13 +306,8 @@ class DedupSnapshotWriter:
         if self._row < len(rows):
             self._encode_rows(max_entries)
             return False
-        parts = self._kv.parts()
-        kv_len = sum(map(len, parts))
-        head = b"\x94" + _bin_header(kv_len)  # fixarray of 4, then the KV blob as bin
         pack = self._pack
-        tail = pack(self._uuid) + pack(self._forgotten)
-        self._blob = b"".join([head, *parts, *self._table, tail])
-        self._kv = None  # type: ignore[assignment]  # free the pieces
+        self._tail = b"".join(self._table) + pack(self._uuid) + pack(self._forgotten)
         self._rows = []
         self._table = []
         return True
@@ -326,10 +332,35 @@ class DedupSnapshotWriter:
                 self._row += 1
                 self._items = None
 
-    def result(self) -> bytes:
-        if self._blob is None:
+    def take_kv_parts(self) -> list[bytes]:
+        """The KV bytes encoded since the last call, in order; no longer kept here."""
+        return self._kv.take_parts()
+
+    @staticmethod
+    def stream_head(kv_len: int) -> bytes:
+        """The first bytes of a streamed snapshot whose KV blob is ``kv_len`` bytes."""
+        return b"\x94\xc6" + kv_len.to_bytes(4, "big")  # fixarray of 4, bin 32
+
+    def tail(self) -> bytes:
+        """The bytes after the KV blob (the dedup table, cluster UUID, forgotten)."""
+        if self._tail is None:
             raise ValueError("snapshot not fully encoded")
-        return self._blob
+        return self._tail
+
+    def pieces(self) -> list[bytes]:
+        """The encoded bytes in order (their concatenation is :meth:`result`)."""
+        if self._pieces is None:
+            parts = self._kv.parts()
+            head = b"\x94" + _bin_header(sum(map(len, parts)))  # fixarray of 4, then bin
+            self._pieces = [head, *parts, self.tail()]
+            self._kv = None  # type: ignore[assignment]
+        return self._pieces
+
+    def result(self) -> bytes:
+        pieces = self.pieces()
+        if len(pieces) != 1:
+            self._pieces = pieces = [b"".join(pieces)]
+        return pieces[0]
 
 
 def _array_header(n: int) -> bytes:
