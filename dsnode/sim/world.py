@@ -26,7 +26,6 @@ import collections
 import dataclasses
 import random
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +46,7 @@ from dsnode.sim.disk import SimDisk
 from dsnode.sim.faults import FaultConfig, FaultSchedule
 from dsnode.sim.linearizability import check_history
 from dsnode.sim.network import SimNetwork
+from dsnode.sim.shell import drain, step_snapshot
 from dsnode.sim.trace import Trace
 from dsnode.sim.workload import Workload
 
@@ -307,37 +307,48 @@ class SimWorld:
 
     # ------------------------------------------------------------ the shell
     def _drain(self, node: str) -> None:
-        r = self.cores[node].ready()
-        if not r:
-            return
+        drain(
+            self.cores[node],
+            persist=lambda records: self._persist(node, records),
+            applied=lambda notices: self._applied(node, notices),
+            out=lambda sends, replies: self._out(node, sends, replies),
+            snapshots=lambda jobs: self._snapshots(node, jobs),
+        )
+
+    def _persist(self, node: str, records: list[bytes]) -> None:
         disk = self.disks[node]
-        if r.persist:
-            disk.append(r.persist)
-            fmax = self.cfg.fsync_ticks_max
-            delay = self.sync_rng.randint(0, fmax) if fmax else 0
-            if delay == 0:
-                self.checker.on_durable(node, disk.fsync())
-            else:
-                disk.request_sync(self.now + delay)
-            if self.cfg.checkpoint_chance and self.ckpt_rng.random() < self.cfg.checkpoint_chance:
-                blob = self.cores[node].checkpoint()
-                if blob is not None:  # None: an installed snapshot is not in its file yet
-                    self.ckpt_pending[node] = (blob, disk.appended)
-            self._promote_checkpoint(node)
-        for notice in r.apply:
+        disk.append(records)
+        fmax = self.cfg.fsync_ticks_max
+        delay = self.sync_rng.randint(0, fmax) if fmax else 0
+        if delay == 0:
+            self.checker.on_durable(node, disk.fsync())
+        else:
+            disk.request_sync(self.now + delay)
+        if self.cfg.checkpoint_chance and self.ckpt_rng.random() < self.cfg.checkpoint_chance:
+            blob = self.cores[node].checkpoint()
+            if blob is not None:  # None: an installed snapshot is not in its file yet
+                self.ckpt_pending[node] = (blob, disk.appended)
+        self._promote_checkpoint(node)
+
+    def _applied(self, node: str, notices: list) -> None:
+        for notice in notices:
             self.checker.on_apply(node, notice)
-        if r.send or r.reply:
-            held = self.held_out[node]
-            if held or disk.appended > len(disk.durable):
-                held.append((disk.appended, r.send, r.reply))
-                self._release(node)
-            else:
-                self._effects(node, r.send, r.reply)
-        if r.snapshots:
-            self.snap_jobs[node].extend(r.snapshots)
-            if self.cfg.snapshot_entries_per_tick == 0:
-                self._advance_snapshots(node, None)
-                self._drain(node)
+
+    def _out(self, node: str, sends: list, replies: list) -> None:
+        """Messages and replies leave once the records before them are durable."""
+        disk = self.disks[node]
+        held = self.held_out[node]
+        if held or disk.appended > len(disk.durable):
+            held.append((disk.appended, sends, replies))
+            self._release(node)
+        else:
+            self._effects(node, sends, replies)
+
+    def _snapshots(self, node: str, jobs: list) -> None:
+        self.snap_jobs[node].extend(jobs)
+        if self.cfg.snapshot_entries_per_tick == 0:
+            self._advance_snapshots(node, None)
+            self._drain(node)
 
     def _effects(self, node: str, sends: list, replies: list) -> None:
         now = self.now
@@ -401,17 +412,12 @@ class SimWorld:
         core = self.cores[node]
         keep = []
         for job in self.snap_jobs[node]:
-            w = job.writer
-            if budget is None:
-                while not w.step(1 << 30):
-                    pass
-            elif not w.step(budget):
+            snap = step_snapshot(job, budget)
+            if snap is None:
                 keep.append(job)
                 continue
-            blob = w.result()
-            crc = zlib.crc32(blob)
-            self.disks[node].write_snapshot(job.group, StoredSnapshot(job.index, blob, crc))
-            core.snapshot_ready(job.group, job.index, blob, crc)
+            self.disks[node].write_snapshot(job.group, snap)
+            core.snapshot_ready(job.group, job.index, snap.blob, snap.crc)
             self.trace(self.now, node, "snapshot", f"group={job.group} index={job.index}")
         self.snap_jobs[node] = keep
 

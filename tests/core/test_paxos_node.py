@@ -26,8 +26,8 @@ from dsnode.core.paxos.messages import (
     from_wire,
     to_wire,
 )
-from dsnode.core.paxos.outputs import StoredSnapshot
 from dsnode.core.paxos.statemachine import DedupKV
+from dsnode.sim.shell import drain, step_snapshot
 
 NODES = ("a", "b", "c")
 CFG = PaxosConfig(
@@ -60,14 +60,16 @@ class Cluster:
         return PaxosNode(n, self.groups, random.Random(n), self.cfg)
 
     def drain(self, n: str) -> Ready:
-        r = self.nodes[n].ready()
-        self.disk[n].extend(r.persist)
-        for dst, msg in r.send:
-            if n not in self.cut and dst not in self.cut:
-                self.queue.append((n, dst, to_wire(msg)))  # through the wire form
-        self.applied[n].extend(r.apply)
-        self.replies[n].extend(r.reply)
-        self.snap_jobs[n].extend(r.snapshots)
+        """The shared shell (dsnode/sim/shell.py); instant, always-durable disk."""
+
+        def out(sends: list, replies: list) -> None:
+            for dst, msg in sends:
+                if n not in self.cut and dst not in self.cut:
+                    self.queue.append((n, dst, to_wire(msg)))  # through the wire form
+            self.replies[n].extend(replies)
+
+        r = drain(self.nodes[n], persist=self.disk[n].extend, out=out,
+                  applied=self.applied[n].extend, snapshots=self.snap_jobs[n].extend)
         if not self.hold_snapshots and self.snap_jobs[n]:
             self.finish_snapshots(n)
             self.drain(n)
@@ -76,11 +78,10 @@ class Cluster:
     def finish_snapshots(self, n: str) -> None:
         jobs, self.snap_jobs[n] = self.snap_jobs[n], []
         for job in jobs:
-            while not job.writer.step(3):
+            while (snap := step_snapshot(job, 3)) is None:  # a few entries per step
                 pass
-            blob = job.writer.result()
-            self.files[n][job.group] = StoredSnapshot(job.index, blob, zlib.crc32(blob))
-            self.nodes[n].snapshot_ready(job.group, job.index, blob)
+            self.files[n][job.group] = snap
+            self.nodes[n].snapshot_ready(job.group, job.index, snap.blob)
 
     def settle(self, rounds: int = 50) -> None:
         for _ in range(rounds):
