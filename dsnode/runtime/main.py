@@ -18,6 +18,7 @@ import random
 import signal
 import socket
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any
@@ -436,6 +437,8 @@ class Node:
             "node_id": cfg.node_id,
             "cluster_id": cfg.cluster_id,
             "cluster_uuid": self.cluster_uuid,
+            # user + system CPU of this process since start (capacity per core, bench)
+            "cpu_seconds": round(time.process_time(), 3),
             "ready": self.readiness()[0],
             "members": [
                 {"node_id": nid, "addr": addr, "state": self.member_state(nid)}

@@ -108,6 +108,11 @@ async def test_status_lists_members_partitions_and_ready(servers: Servers, conn:
         assert p["replicas"] == ["n1"]
         assert p["leader"] in ("n1", None)
     assert r["partitions"][0]["leader"] == "n1", "a ready one-node cluster leads every partition"
+    cpu = r["cpu_seconds"]
+    assert type(cpu) is float and cpu > 0
+    for i in range(200):
+        assert_ok(await conn.call("put", key=b"cpu%d" % i, value=b"v"))
+    assert assert_ok(await conn.call("status"))["cpu_seconds"] > cpu
 
 
 # ====================================================================== get / put / delete
