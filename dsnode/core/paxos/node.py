@@ -41,18 +41,77 @@ class PaxosNode:
         self.config = config or PaxosConfig()
         self.rng = rng
         self.out = Outbox()
-        self.groups: dict[Any, PaxosGroup] = {
-            g: group_cls(g, node_id, tuple(members), rng, self.out, self.config, acceptor_cls,
-                         self.peer_alive)
-            for g, members in sorted(groups.items(), key=lambda kv: str(kv[0]))
-        }
-        self._dirty: set[Any] = set()
+        self._acceptor_cls = acceptor_cls
+        self._group_cls = group_cls
+        self.groups: dict[Any, PaxosGroup] = {}
         # node-level liveness: one NodeHeartbeat per peer per heartbeat interval, and
         # the tick we last heard anything from each peer
         self.now = 0
-        self.peers = sorted({m for ms in groups.values() for m in ms} - {node_id})
+        self.peers: list[str] = []
         self.peer_heard: dict[str, int] = {}
         self._last_node_heartbeat = -(10**9)
+        self._dirty: set[Any] = set()
+        # recovered records (and snapshot files) of groups this node does not have
+        # (yet): a group created later from the metadata group's state gets them
+        self._orphans: dict[Any, list[list]] = {}
+        self._orphan_snapshots: dict[Any, StoredSnapshot] = {}
+        for g, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            self._create(g, members)
+        self._update_peers()
+
+    # ------------------------------------------------------------ groups
+    def _create(self, group: Any, members: Sequence[str], sm_cls: type | None = None) -> PaxosGroup:
+        g = self._group_cls(group, self.node_id, tuple(members), self.rng, self.out,
+                            self.config, self._acceptor_cls, self.peer_alive)
+        if sm_cls is not None:  # the group's state machine (membership, KV, ...)
+            g.sm_cls = sm_cls
+            g.sm = sm_cls()
+        g.now = self.now
+        if self.config.lease_ticks:
+            g.heard_leader_at = self.now  # as at a start: honour what it may have acked
+        self.groups[group] = g
+        return g
+
+    def _update_peers(self) -> None:
+        self.peers = sorted({m for g in self.groups.values() for m in g.members} - {self.node_id})
+
+    def add_group(self, group: Any, members: Sequence[str], sm_cls: type | None = None) -> None:
+        """Start hosting ``group`` (a partition the metadata group placed here), with
+        ``members`` in preference order and ``sm_cls`` as its state machine (default
+        the KV store). Records and a snapshot file of it that recovery set aside are
+        replayed into it first. Raises ValueError for a group this node has, or one
+        it is no member of."""
+        if group in self.groups:
+            raise ValueError(f"group {group!r} exists on {self.node_id}")
+        if self.node_id not in members:
+            raise ValueError(f"{self.node_id} is no member of group {group!r}: {list(members)}")
+        g = self._create(group, members, sm_cls)
+        snap = self._orphan_snapshots.pop(group, None)
+        if snap is not None:
+            g.recover_snapshot(snap)
+        for r in self._orphans.pop(group, ()):
+            g.recover_record(r)
+        g.finish_recovery()
+        self._update_peers()
+
+    def remove_group(self, group: Any) -> None:
+        """Stop hosting ``group``: its pending requests fail (definitely if not yet
+        proposed), its messages are dropped from now on; its records stay in the
+        WAL until the next checkpoint, which no longer lists it."""
+        g = self.groups.pop(group, None)
+        if g is None:
+            return
+        g.become_follower()  # fails what it had pending, into the shared outbox
+        self._dirty.discard(group)
+        self._update_peers()
+
+    def drop_orphans(self) -> list[Any]:
+        """Forget what recovery set aside for groups never created (they were removed
+        for good); returns their ids."""
+        gone = sorted(set(self._orphans) | set(self._orphan_snapshots), key=str)
+        self._orphans.clear()
+        self._orphan_snapshots.clear()
+        return gone
 
     # ------------------------------------------------------------ inputs
     def step(self, from_peer: str, msg: Any) -> None:
@@ -145,8 +204,10 @@ class PaxosNode:
 
         ``snapshots``: per group, the newest valid snapshot file the shell
         found; each group starts from it, then the WAL records are replayed
-        (those it covers change nothing). Records of unknown groups are
-        ignored (the group was removed). Raises ``StateLost`` when a group's
+        (those it covers change nothing). Records and snapshot files of groups
+        this node does not have are set aside: ``add_group`` replays them into a
+        group created later (the metadata group first, then the partitions its
+        state names), ``drop_orphans`` forgets them. Raises ``StateLost`` when a group's
         records name a newer snapshot file than the state recovered reaches.
         The apply notices (and snapshot jobs) recovery produces stay in the
         next ``ready()``.
@@ -155,11 +216,15 @@ class PaxosNode:
             g = self.groups.get(gid)
             if g is not None:
                 g.recover_snapshot(snap)
+            else:
+                self._orphan_snapshots[gid] = snap
         for raw in records:
             r = rec.decode(raw)
             g = self.groups.get(r[1])
             if g is not None:
                 g.recover_record(r)
+            else:
+                self._orphans.setdefault(r[1], []).append(r)
         for g in self.groups.values():
             g.finish_recovery()
 
@@ -178,7 +243,11 @@ class PaxosNode:
         tests/core/test_checkpoint_property.py, and the simulator on every
         restart), so the WAL may drop everything before the checkpoint. Call
         it with ``ready()`` drained: what it says must be on the WAL already.
+        Also None while recovery's set-aside records of groups not created yet
+        are pending (``add_group``/``drop_orphans``): they would be lost.
         """
+        if self._orphans or self._orphan_snapshots:
+            return None
         out: list[bytes] = []
         for gid in sorted(self.groups, key=str):
             g = self.groups[gid]
