@@ -135,3 +135,25 @@ def test_a_member_campaigning_without_pre_vote_wakes_a_quiet_leader_and_all_conv
             break
     leaders = [n for n in NODES if c.nodes[n].is_leader(0)]
     assert len(leaders) == 1 and all(c.nodes[n].leader_of(0) == leaders[0] for n in NODES)
+
+
+def test_quiet_groups_are_not_ticked_until_input_or_a_liveness_change_wakes_them():
+    groups = {g: NODES for g in range(40)}
+    c = _quiet_cluster(groups)
+    c.tick(2)
+    a = c.nodes["a"]
+    assert a._quiet == set(groups)  # every group quiet: a tick touches none of them
+    before = {g: grp.now for g, grp in a.groups.items()}
+    c.tick(50)
+    assert all(a.groups[g].now == before[g] for g in groups)
+    # an input wakes its group with its clock caught up first
+    a.propose(3, "w", Put(b"k", b"v2"), request_id=("cl", 99))
+    assert a.groups[3].now == a.now and 3 not in a._quiet
+    c.settle()
+    assert c.replies["a"][-1].result == {"succeeded": True, "version": 2}
+    # a peer going silent wakes the groups it is in, so they can react
+    died_at = a.now
+    del c.nodes["c"]
+    c.tick(Q.election_timeout_ticks + 1)
+    assert not a.peer_alive("c")
+    assert all(a.groups[g].now >= died_at + Q.election_timeout_ticks for g in groups)

@@ -76,6 +76,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.group = group
         self.me = node_id
         self.members = tuple(sorted(members))
+        self.member_set = frozenset(members)
         # the order in which members should lead (the ring's replica order)
         self.preferred = tuple(members)
         self.quorum = len(self.members) // 2 + 1
@@ -419,6 +420,25 @@ class PaxosGroup(LeaderSide, CatchUp):
         return self.now - self.heard_leader_at < self.cfg.election_timeout_ticks
 
     # ---------------------------------------------------------------- quiescence
+    def is_quiet(self) -> bool:
+        """Quiesced with nothing that needs the clock: the node may stop ticking it
+        until an input or a peer's liveness change (``PaxosNode.tick``)."""
+        if not self.quiesced or self.log.chosen_through > self.commit_persisted:
+            return False
+        if self.catchup_peer is not None or self.snap_in is not None:
+            return False
+        if self.role is Role.FOLLOWER:
+            return self.leader_hint is not None and self.alive(self.leader_hint)
+        p = self.proposer
+        if self.role is not Role.LEADER or p is None:
+            return False
+        if p.proposals or p.queue or p.reads or p.read_wanted or self.transfer is not None:
+            return False
+        live = [m for m in self.members if m != self.me and self.alive(m)]
+        if len(live) + 1 < self.quorum:
+            return False  # it must notice it lost its quorum and step down
+        return all(p.acked_seq.get(m, 0) >= self.quiet_seq for m in live)  # all told
+
     def _member_fresh(self, m: str) -> bool:
         """Answered this leader lately, or (quiesced) its node is alive."""
         p = self.proposer

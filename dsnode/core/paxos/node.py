@@ -51,6 +51,9 @@ class PaxosNode:
         self.peer_heard: dict[str, int] = {}
         self._last_node_heartbeat = -(10**9)
         self._dirty: set[Any] = set()
+        # groups not ticked (see ``tick``), and the peers alive at the last tick
+        self._quiet: set[Any] = set()
+        self._alive_seen: frozenset[str] = frozenset()
         # recovered records (and snapshot files) of groups this node does not have
         # (yet): a group created later from the metadata group's state gets them
         self._orphans: dict[Any, list[list]] = {}
@@ -98,9 +101,10 @@ class PaxosNode:
         """Stop hosting ``group``: its pending requests fail (definitely if not yet
         proposed), its messages are dropped from now on; its records stay in the
         WAL until the next checkpoint, which no longer lists it."""
-        g = self.groups.pop(group, None)
+        g = self._awake(group)
         if g is None:
             return
+        del self.groups[group]
         g.become_follower()  # fails what it had pending, into the shared outbox
         self._dirty.discard(group)
         self._update_peers()
@@ -118,7 +122,7 @@ class PaxosNode:
         self.peer_heard[from_peer] = self.now
         if type(msg) is NodeHeartbeat:
             return
-        g = self.groups.get(getattr(msg, "group", None))
+        g = self._awake(getattr(msg, "group", None))
         if g is None:
             self.out.dropped["unknown_group"] += 1
             return
@@ -126,14 +130,40 @@ class PaxosNode:
 
     def tick(self, n: int = 1) -> None:
         """``n`` ticks of this node's clock passed since the last call (the shell
-        passes every tick that elapsed, also after a pause: see ``PaxosGroup.tick``)."""
+        passes every tick that elapsed, also after a pause: see ``PaxosGroup.tick``).
+
+        Quiet groups (``PaxosGroup.is_quiet``: quiesced, nothing to do, their
+        leader's node alive) are not ticked: an idle node's work per tick does
+        not grow with the number of groups. A quiet group is woken, its clock
+        caught up first, by any input for it and by any change in the liveness
+        of a peer (which may be its leader, or a member it must tell)."""
         self.now += n
         if self.now - self._last_node_heartbeat >= self.config.heartbeat_interval_ticks:
             self._last_node_heartbeat = self.now
             beat = NodeHeartbeat()
             self.out.send.extend((peer, beat) for peer in self.peers)
-        for g in self.groups.values():
+        alive = frozenset(p for p in self.peers if self.peer_alive(p))
+        if alive != self._alive_seen:
+            changed = alive ^ self._alive_seen
+            self._alive_seen = alive
+            for gid in [gid for gid in self._quiet if changed & self.groups[gid].member_set]:
+                self._awake(gid)
+        quiet = self._quiet
+        for gid, g in self.groups.items():
+            if gid in quiet:
+                continue
             g.tick(n)
+            if self.config.quiesce and g.is_quiet():
+                quiet.add(gid)
+
+    def _awake(self, gid: Any) -> PaxosGroup | None:
+        """The group, no longer quiet, its clock caught up with the node's."""
+        g = self.groups.get(gid)
+        if g is not None and gid in self._quiet:
+            self._quiet.discard(gid)
+            if self.now > g.now:
+                g.tick(self.now - g.now)
+        return g
 
     def peer_alive(self, peer: str) -> bool:
         """Heard from ``peer`` (anything, a node heartbeat at least) within an election
@@ -144,7 +174,7 @@ class PaxosNode:
         return heard is not None and self.now - heard < self.config.election_timeout_ticks
 
     def propose(self, group: Any, token: Any, cmd: Any, request_id: Any = None) -> None:
-        g = self.groups.get(group)
+        g = self._awake(group)
         if g is None:
             self.out.reply.append(Reply(token, error=("unavailable", "unknown group", False)))
             return
@@ -152,7 +182,7 @@ class PaxosNode:
         self._dirty.add(group)
 
     def read(self, group: Any, token: Any, cmd: Get) -> None:
-        g = self.groups.get(group)
+        g = self._awake(group)
         if g is None:
             self.out.reply.append(Reply(token, error=("unavailable", "unknown group", False)))
             return
@@ -161,14 +191,14 @@ class PaxosNode:
 
     def campaign(self, group: Any) -> None:
         """Start phase 1 in ``group`` now, without a pre-vote; no-op for a leader."""
-        g = self.groups.get(group)
+        g = self._awake(group)
         if g is not None:
             g.campaign()
 
     def transfer_leadership(self, group: Any, target: str) -> bool:
         """Hand ``group``'s leadership to ``target`` (see ``PaxosGroup.transfer_leadership``);
         False when this node does not lead the group or ``target`` is no other member."""
-        g = self.groups.get(group)
+        g = self._awake(group)
         return g is not None and g.transfer_leadership(target)
 
     def snapshot_ready(
@@ -179,7 +209,7 @@ class PaxosNode:
         view of the file) and ``crc`` their CRC-32 (computed here if None).
         Records the file in the WAL and compacts (``PaxosGroup.snapshot_ready``);
         unknown groups are ignored."""
-        g = self.groups.get(group)
+        g = self._awake(group)
         if g is not None:
             g.snapshot_ready(index, blob, crc)
 
@@ -187,7 +217,7 @@ class PaxosNode:
         """Take a snapshot of every group that applied anything since its last
         one and has none in progress (the shell's log grew large on disk); the
         jobs come out of the next ``ready()``. Returns how many were started."""
-        return sum(g.request_snapshot() for g in self.groups.values())
+        return sum(self._awake(gid).request_snapshot() for gid in list(self.groups))
 
     # ------------------------------------------------------------ drain
     def ready(self) -> Ready:
@@ -323,5 +353,5 @@ class PaxosNode:
         return self.out.reads
 
     def lease_held(self, group: Any) -> bool:
-        g = self.groups.get(group)
+        g = self._awake(group)
         return g is not None and g.lease_held()
