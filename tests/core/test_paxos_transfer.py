@@ -125,13 +125,33 @@ def test_preferred_leader_takes_over_once_caught_up_and_alive():
 
 
 def test_wire_forms_and_older_peers():
-    for m in (TimeoutNow(3, (2, "a")), Prepare(0, (1, "a"), 5, "b"),
+    for m in (TimeoutNow(3, (2, "a")), Prepare(0, (1, "a"), 5, (4, "b")),
               Accepted(0, (1, "a"), True, (1, "a"), (4, 5), 2, 9)):
         assert from_wire(msgpack.unpackb(msgpack.packb(to_wire(m)))) == m
     # peers that predate the trailing fields
-    assert from_wire(["px.prepare", 0, [1, "a"], 5]) == Prepare(0, (1, "a"), 5, "")
+    assert from_wire(["px.prepare", 0, [1, "a"], 5]) == Prepare(0, (1, "a"), 5, (0, ""))
     assert from_wire(["px.accepted", 0, [1, "a"], True, [1, "a"], [4], 2]).chosen_through == 0
     for bad in (["px.timeout_now", 0, [1]], ["px.prepare", 0, [1, "a"], 5, 7],
-                ["px.prepare", 0, [1, "a"], 5, "x" * 300]):
+                ["px.prepare", 0, [1, "a"], 5, "b"]):
         with pytest.raises(PeerMisbehaved):
             from_wire(bad)
+
+
+def test_a_stale_hand_over_frees_no_acceptor_from_a_newer_leader():
+    """a handed over in ballot (1, a) long ago and has led again since, in (2, a), with
+    a lease: a prepare citing the old hand-over must not be promised (it would elect b
+    while a serves reads from its lease); one citing a's current ballot is."""
+    c = Cluster(STICKY)
+    c.tick(STICKY.election_timeout_ticks)
+    c.elect("a")
+    c.elect("a")  # led again, in a newer ballot
+    c.tick(STICKY.heartbeat_interval_ticks)
+    gc = c.nodes["c"].groups[0]
+    current = gc.acceptor.promised
+    assert current[1] == "a" and current[0] >= 2 and c.nodes["a"].lease_held(0)
+    stale = (current[0] - 1, "a")
+    c.nodes["c"].step("b", Prepare(0, (current[0] + 5, "b"), 1, stale))
+    assert gc.acceptor.promised == current
+    assert c.nodes["c"].dropped["prepare_while_leader_live"] == 1
+    c.nodes["c"].step("b", Prepare(0, (current[0] + 5, "b"), 1, current))
+    assert gc.acceptor.promised == (current[0] + 5, "b")

@@ -34,6 +34,7 @@ from dsnode.core.paxos.config import PaxosConfig
 from dsnode.core.paxos.learner import Learner
 from dsnode.core.paxos.log import Log
 from dsnode.core.paxos.messages import (
+    ZERO_BALLOT,
     Accept,
     Accepted,
     Ballot,
@@ -133,7 +134,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         # leadership transfer: as leader, (target, tick started); as candidate, the
         # leader that handed over to us (sent along with our Prepare)
         self.transfer: tuple[str, int] | None = None
-        self.transfer_from = ""
+        self.transfer_from: Ballot = ZERO_BALLOT
         self.leader_since = 0
         self.become_follower()
 
@@ -145,7 +146,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.role = Role.FOLLOWER
         self.quiesced = False
         self.transfer = None
-        self.transfer_from = ""
+        self.transfer_from = ZERO_BALLOT
         self.proposer = None
         self.learner = None
         self.promises = {}
@@ -180,7 +181,7 @@ class PaxosGroup(LeaderSide, CatchUp):
             if m != self.me:
                 self._send(m, msg)
 
-    def become_candidate(self, transfer_from: str = "") -> None:
+    def become_candidate(self, transfer_from: Ballot = ZERO_BALLOT) -> None:
         self._fail_pending("leadership lost")
         self.role = Role.CANDIDATE
         self.quiesced = False
@@ -207,7 +208,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.role = Role.LEADER
         self.quiesced = False
         self.transfer = None
-        self.transfer_from = ""
+        self.transfer_from = ZERO_BALLOT
         self.leader_since = self.now
         self.promises = {}
         self.promise_parts = {}
@@ -585,7 +586,13 @@ class PaxosGroup(LeaderSide, CatchUp):
         if self.role is Role.LEADER or m.ballot[1] != frm or m.ballot < self.acceptor.promised:
             self.out.dropped["stale_timeout_now"] += 1
             return
-        self.become_candidate(transfer_from=frm)
+        self.become_candidate(transfer_from=m.ballot)
+
+    def _handed_over(self, m: Prepare) -> bool:
+        """``m`` comes from the successor our leader named in the ballot we promised
+        it: that leader has stepped down (and serves no lease); nothing to honour."""
+        t = m.transfer_from
+        return t != ZERO_BALLOT and t == self.acceptor.promised and t[1] == self.leader_hint
 
     # ---------------------------------------------------------------- phase 1
     def _on_prepare(self, frm: str, m: Prepare) -> None:
@@ -597,7 +604,7 @@ class PaxosGroup(LeaderSide, CatchUp):
             and frm != self.me
             and m.ballot > self.acceptor.promised
             and frm != self.leader_hint
-            and not (m.transfer_from and m.transfer_from == self.leader_hint)
+            and not self._handed_over(m)
             and self._leader_recent()
         ):
             # Leader stickiness: a live leader is not deposed by a node that
@@ -608,7 +615,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         reply = self.acceptor.on_prepare(
             m, self.out.persist, self.log.chosen_through, self.cfg.message_bytes_max
         )
-        if reply.ok and m.transfer_from and m.transfer_from == self.leader_hint:
+        if reply.ok and self._handed_over(m):
             self.elapsed = 0  # our leader handed over: give its successor time
         if (
             reply.ok

@@ -27,15 +27,17 @@ NOOP = b""
 class Prepare:
     """Phase 1a for every slot >= ``from_slot`` at once.
 
-    ``transfer_from``: the leader that handed its leadership over to the sender
-    (``TimeoutNow``); acceptors following that leader promise at once instead
-    of waiting out its silence (and its lease, which it gave up). "" otherwise;
-    absent on the wire from nodes that predate leadership transfer."""
+    ``transfer_from``: the ballot of the leader that handed its leadership over
+    to the sender (``TimeoutNow``); an acceptor whose promise is exactly that
+    ballot, and which follows that leader, promises at once instead of waiting
+    out its silence (and its lease, which it gave up by stepping down). A stale
+    hand-over (that leader has led again since, in a newer ballot) frees nobody.
+    ``ZERO_BALLOT`` otherwise; absent on the wire from older nodes."""
 
     group: Any
     ballot: Ballot
     from_slot: int
-    transfer_from: str = ""
+    transfer_from: Ballot = (0, "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,12 +254,6 @@ def _bytes(x: Any) -> bytes:
     raise PeerMisbehaved(f"bad bytes {x!r}")
 
 
-def _str(x: Any) -> str:
-    if isinstance(x, str) and len(x) <= 255:
-        return x
-    raise PeerMisbehaved(f"bad node id {x!r}")
-
-
 def _bool(x: Any) -> bool:
     if isinstance(x, bool):
         return x
@@ -280,7 +276,7 @@ def from_wire(x: Any) -> Message:
     if cls is Promise and len(args) == len(_FIELDS[cls]) - 1:
         args = [*args, 0]  # from a node that predates chunked promises: complete
     if cls is Prepare and len(args) == len(_FIELDS[cls]) - 1:
-        args = [*args, ""]  # from a node that predates leadership transfer
+        args = [*args, ZERO_BALLOT]  # from a node that predates leadership transfer
     if cls is Accepted and len(args) == len(_FIELDS[cls]) - 1:
         args = [*args, 0]  # likewise
     if cls is Accept and len(args) == len(_FIELDS[cls]) - 1:
@@ -292,7 +288,7 @@ def from_wire(x: Any) -> Message:
         raise PeerMisbehaved(f"bad group {g!r}")
     try:
         if cls is Prepare:
-            return Prepare(g, _ballot(args[1]), _int(args[2]), _str(args[3]))
+            return Prepare(g, _ballot(args[1]), _int(args[2]), _ballot(args[3]))
         if cls is TimeoutNow:
             return TimeoutNow(g, _ballot(args[1]))
         if cls is NodeHeartbeat:
