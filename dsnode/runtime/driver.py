@@ -14,9 +14,10 @@ drains the core's ``Ready``:
    ``snapshot_ready``, which records the file in the WAL.
 
 Checkpoints (every ``checkpoint_every_records`` WAL records) write the core's
-``checkpoint()``, which names the snapshot files instead of holding them, as
-the WAL's snapshot, off the loop; once it is durable, older segments and
-older snapshot files go.
+checkpoint, which names the snapshot files instead of holding them, as the
+WAL's snapshot: captured at once (``checkpoint_writer``), encoded a piece per
+loop turn, written off the loop; once it is durable, older segments and older
+snapshot files go.
 
 A single flusher task runs the fsyncs: while one fsync is in flight, later
 batches accumulate and share the next one (group commit).
@@ -53,6 +54,7 @@ from dsnode.runtime.logs import get_logger
 from dsnode.wire.errors import TIMEOUT, UNAVAILABLE
 
 if TYPE_CHECKING:
+    from dsnode.core.paxos.checkpoint import CheckpointWriter
     from dsnode.core.paxos.node import PaxosNode
     from dsnode.core.paxos.outputs import SnapshotWanted
     from dsnode.runtime.peers import PeerNetwork
@@ -78,6 +80,9 @@ PINS = "pins"  # [PINS, table]: the sender's member pins (core.membership.incarn
 SNAPSHOT_ENTRIES_PER_STEP = 1024
 # ... and at most about this many bytes of them (large values: fewer entries).
 SNAPSHOT_BYTES_PER_STEP = 1 << 20
+# Records of a checkpoint (accepted values of the log window) encoded per loop turn;
+# at most SNAPSHOT_BYTES_PER_STEP of them too.
+CHECKPOINT_RECORDS_PER_STEP = 1024
 # Encoded pieces handed to the snapshot file's thread and not yet written, at most.
 SNAPSHOT_WRITES_QUEUED_MAX = 16
 # Disk bound (issue 14): besides every snapshot_interval_slots slots, the groups
@@ -584,23 +589,29 @@ class Driver:
 
         The blob names the snapshot files and holds only the records above them
         (the open slot window), so building it costs no more than the window.
+        The core captures it now (``checkpoint_writer``: dict copies, as of
+        ``wal.last_lsn``); it is encoded a piece per loop turn
+        (``CHECKPOINT_RECORDS_PER_STEP``), then written off the loop.
         """
         started = time.perf_counter()
-        blob = self.core.checkpoint()
-        if blob is None:
+        writer = self.core.checkpoint_writer()
+        if writer is None:
             return  # an installed snapshot is still being stored: try again later
         named = self.core.snapshot_indexes()
         lsn = self.wal.last_lsn
         self._records_since_checkpoint = 0
         self._stored_since_checkpoint = False
         self._checkpoint_task = asyncio.create_task(
-            self._write_checkpoint(lsn, blob, named, started)
+            self._write_checkpoint(lsn, writer, named, started)
         )
 
     async def _write_checkpoint(
-        self, lsn: int, blob: bytes, named: dict[Any, int], started: float
+        self, lsn: int, writer: CheckpointWriter, named: dict[Any, int], started: float
     ) -> None:
         try:
+            while not writer.step(CHECKPOINT_RECORDS_PER_STEP, SNAPSHOT_BYTES_PER_STEP):
+                await asyncio.sleep(0)
+            blob = writer.result()
             await self.wal.write_snapshot(lsn, blob)
             removed = await self.snapshots.prune(named) if self.snapshots is not None else 0
             log.info("checkpoint_written", lsn=lsn, bytes=len(blob), snapshot_files_removed=removed)

@@ -410,3 +410,41 @@ def test_freed_heap_memory_can_be_handed_back_here():
     del junk
     assert memory.trim() in (True, False)  # ran: whether pages were free is the heap's affair
     assert memory._libc is not None
+
+
+async def test_a_checkpoint_is_encoded_over_many_loop_turns(tmp_path, monkeypatch):
+    """The checkpoint of a large log window is captured at once and encoded a few
+    records per loop turn (issue 7.5: no stall); what reaches the WAL is the
+    checkpoint as of the capture, and a restart from it loses nothing."""
+    import dsnode.runtime.driver as driver_mod
+
+    node = SoloNode(tmp_path, interval=10**9, checkpoint_every=10**9)
+    await node.put_all(_keys(400), per_slot=4)  # about 100 slots, none snapshotted
+    await node.idle()
+    want = node.kv()
+    expected = node.core.checkpoint()
+    records = len(msgpack.unpackb(expected))
+    assert records > 100
+    monkeypatch.setattr(driver_mod, "CHECKPOINT_RECORDS_PER_STEP", 4)
+    turns = 0
+    encoded_after: list[int] = []  # loop turns before the blob went to the WAL
+    real_write = node.wal.write_snapshot
+
+    async def write_snapshot(lsn, data):
+        encoded_after.append(turns)
+        await real_write(lsn, data)
+
+    monkeypatch.setattr(node.wal, "write_snapshot", write_snapshot)
+    node.driver._start_checkpoint()
+    task = node.driver._checkpoint_task
+    assert task is not None
+    while not task.done():
+        turns += 1
+        await asyncio.sleep(0)
+    assert encoded_after and encoded_after[0] >= records // 4
+    await node.stop()
+    again = SoloNode(tmp_path, interval=10**9, checkpoint_every=10**9)
+    assert again.recovered.snapshot == expected
+    await again.caught_up(node.core.applied_index(0))
+    assert again.kv() == want
+    await again.stop()
