@@ -11,7 +11,9 @@ drains the core's ``Ready``:
 3. requested snapshots are encoded a piece per loop turn
    (``SNAPSHOT_ENTRIES_PER_STEP``), written to the group's own snapshot file
    off the loop (``runtime/snapshots.py``), then handed back via
-   ``snapshot_ready``, which records the file in the WAL.
+   ``snapshot_ready``, which records the file in the WAL;
+4. a snapshot received from a peer is decoded into a fresh state machine on a
+   worker thread (``SnapshotRestore``), then installed via ``snapshot_restored``.
 
 Checkpoints (every ``checkpoint_every_records`` WAL records) write the core's
 checkpoint, which names the snapshot files instead of holding them, as the
@@ -56,7 +58,7 @@ from dsnode.wire.errors import TIMEOUT, UNAVAILABLE
 if TYPE_CHECKING:
     from dsnode.core.paxos.checkpoint import CheckpointWriter
     from dsnode.core.paxos.node import PaxosNode
-    from dsnode.core.paxos.outputs import SnapshotWanted
+    from dsnode.core.paxos.outputs import SnapshotRestore, SnapshotWanted
     from dsnode.runtime.peers import PeerNetwork
     from dsnode.runtime.snapshots import SnapshotStore
     from dsnode.runtime.wal import WriteAheadLog
@@ -403,11 +405,11 @@ class Driver:
 
     def _flush_ready(self) -> None:
         ready = self.core.ready()
+        for restore in ready.restores:
+            self._spawn_snapshot_task(self._run_restore(restore))
         for job in ready.snapshots:
             self._snapshot_started[(job.group, job.index)] = time.perf_counter()
-            task = self._loop.create_task(self._run_snapshot(job))
-            self._snapshot_tasks.add(task)
-            task.add_done_callback(self._snapshot_tasks.discard)
+            self._spawn_snapshot_task(self._run_snapshot(job))
         if ready.persist:
             self.wal.append_many(ready.persist)
             self._records_since_checkpoint += len(ready.persist)
@@ -458,6 +460,23 @@ class Driver:
                          or not self._resend(r.token, r.error[0], r.error[2])]
                 if local:
                     self._deliver_local(local)
+
+    def _spawn_snapshot_task(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._snapshot_tasks.add(task)
+        task.add_done_callback(self._snapshot_tasks.discard)
+
+    async def _run_restore(self, job: SnapshotRestore) -> None:
+        """Decode a peer's snapshot into a fresh state machine on a worker thread
+        (it touches nothing the core owns; the GIL's switch interval bounds the
+        loop's wait), then hand it to the core, which installs it."""
+        try:
+            sm = await asyncio.to_thread(job.restore, job.blob)
+        except Exception as e:  # a peer's snapshot that passed its CRC yet does not decode
+            log.warning("snapshot_restore_failed", group=job.group, index=job.index, why=repr(e))
+            sm = None
+        self.core.snapshot_restored(job.group, job.index, sm)
+        self._schedule_flush()
 
     async def _run_snapshot(self, job: SnapshotWanted) -> None:
         """Encode one piece of a requested snapshot per loop turn (I/O and ticks run

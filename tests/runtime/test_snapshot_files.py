@@ -448,3 +448,36 @@ async def test_a_checkpoint_is_encoded_over_many_loop_turns(tmp_path, monkeypatc
     await again.caught_up(node.core.applied_index(0))
     assert again.kv() == want
     await again.stop()
+
+
+async def test_a_peers_snapshot_is_decoded_on_a_worker_thread(tmp_path):
+    """``Ready.restores``: the driver decodes a peer's snapshot off the event loop's
+    thread and hands the state machine to the core; one that does not decode
+    comes back as None (the core asks again), and the node goes on."""
+    import threading
+
+    from dsnode.core.paxos.outputs import SnapshotRestore
+    from dsnode.core.paxos.statemachine import DedupKV
+
+    node = SoloNode(tmp_path, interval=10**9, checkpoint_every=10**9)
+    source = DedupKV()
+    source.kv.apply(Put(b"k", b"v"))
+    blob = source.snapshot()
+    threads: list[int] = []
+    got: list[tuple] = []
+
+    def restore(data: bytes) -> DedupKV:
+        threads.append(threading.get_ident())
+        return DedupKV.restore(data)
+
+    node.core.snapshot_restored = lambda group, index, sm: got.append((group, index, sm))
+    d = node.driver
+    d._spawn_snapshot_task(d._run_restore(SnapshotRestore(0, 7, blob, 0, restore)))
+    d._spawn_snapshot_task(d._run_restore(SnapshotRestore(0, 8, b"\xc1", 0, restore)))
+    await node.until(lambda: len(got) == 2, "both restores back")
+    assert threads and threading.get_ident() not in threads
+    (g1, i1, sm1), (g2, i2, sm2) = sorted(got, key=lambda x: x[1])
+    assert (g1, i1, g2, i2) == (0, 7, 0, 8)
+    assert sm1.kv.get(b"k") == (b"v", 1) and sm2 is None
+    assert d._fatal is None
+    await node.stop()

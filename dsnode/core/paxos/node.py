@@ -123,6 +123,15 @@ class PaxosNode:
         if g is not None:
             g.snapshot_ready(index, blob, crc)
 
+    def snapshot_restored(self, group: Any, index: int, sm: Any | None) -> None:
+        """The shell finished the ``SnapshotRestore(group, index, ...)`` job: ``sm`` is
+        the state machine decoded from the peer's snapshot, or None if decoding
+        failed (``PaxosGroup.snapshot_restored``); unknown groups are ignored."""
+        g = self.groups.get(group)
+        if g is not None:
+            g.snapshot_restored(index, sm)
+            self._dirty.add(group)
+
     def request_snapshots(self) -> int:
         """Take a snapshot of every group that applied anything since its last
         one and has none in progress (the shell's log grew large on disk); the
