@@ -82,9 +82,10 @@ PINS = "pins"  # [PINS, table]: the sender's member pins (core.membership.incarn
 SNAPSHOT_ENTRIES_PER_STEP = 1024
 # ... and at most about this many bytes of them (large values: fewer entries).
 SNAPSHOT_BYTES_PER_STEP = 1 << 20
-# Records of a checkpoint (accepted values of the log window) encoded per loop turn;
-# at most SNAPSHOT_BYTES_PER_STEP of them too.
+# Records of a checkpoint (accepted values of the log window) encoded per loop turn,
+# and about at most this many bytes of them (each value is copied twice: a few ms).
 CHECKPOINT_RECORDS_PER_STEP = 1024
+CHECKPOINT_BYTES_PER_STEP = 256 << 10
 # Encoded pieces handed to the snapshot file's thread and not yet written, at most.
 SNAPSHOT_WRITES_QUEUED_MAX = 16
 # Disk bound (issue 14): besides every snapshot_interval_slots slots, the groups
@@ -628,9 +629,11 @@ class Driver:
         self, lsn: int, writer: CheckpointWriter, named: dict[Any, int], started: float
     ) -> None:
         try:
-            while not writer.step(CHECKPOINT_RECORDS_PER_STEP, SNAPSHOT_BYTES_PER_STEP):
+            while not writer.step(CHECKPOINT_RECORDS_PER_STEP, CHECKPOINT_BYTES_PER_STEP):
                 await asyncio.sleep(0)
-            blob = writer.result()
+            # joining the pieces copies the whole window: bytes.join lets the GIL go
+            # for large results, so a worker thread keeps that copy off the loop
+            blob = await asyncio.to_thread(writer.result)
             await self.wal.write_snapshot(lsn, blob)
             removed = await self.snapshots.prune(named) if self.snapshots is not None else 0
             log.info("checkpoint_written", lsn=lsn, bytes=len(blob), snapshot_files_removed=removed)

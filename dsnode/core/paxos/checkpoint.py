@@ -43,7 +43,9 @@ class GroupCapture:
         # leader's commit since the last tick has no commit record yet
         self.through = min(g.commit_persisted, log.chosen_through)
 
-    def records(self) -> Iterator[bytes]:
+    def records(self) -> Iterator[bytes | None]:
+        """The records in order; None for a chosen slot the acceptor holds (no
+        record), so that a step's budget counts the slots it looked at."""
         gid, accepted = self.gid, self.accepted
         yield from self.head
         for slot in sorted(accepted):
@@ -56,8 +58,13 @@ class GroupCapture:
             held = accepted.get(slot)
             if held is None or held[1] != value:
                 yield rec.chosen(gid, slot, value)
+            else:
+                yield None
         if self.through > self.snap_index:
             yield rec.commit(gid, self.through)
+
+
+_END = object()  # the end of the records
 
 
 class CheckpointWriter:
@@ -67,23 +74,25 @@ class CheckpointWriter:
     __slots__ = ("_records", "_parts", "_count", "_done", "_pack")
 
     def __init__(self, groups: list[GroupCapture]) -> None:
-        self._records: Iterator[bytes] = (r for g in groups for r in g.records())
+        self._records: Iterator[bytes | None] = (r for g in groups for r in g.records())
         self._parts: list[bytes] = []
         self._count = 0
         self._done = False
         self._pack = msgpack.Packer(use_bin_type=True).pack
 
     def step(self, max_records: int, max_bytes: int | None = None) -> bool:
-        """Encode up to ``max_records`` more records, stopping early once about
-        ``max_bytes`` are encoded; True once all are."""
+        """Encode up to ``max_records`` more records (slots looked at), stopping
+        early once about ``max_bytes`` are encoded; True once all are."""
         if max_records < 1:
             raise ValueError("max_records must be >= 1")
         if self._done:
             return True
-        pack, parts, got = self._pack, self._parts, 0
+        pack, parts, got, end = self._pack, self._parts, 0, _END
         for _ in range(max_records):
-            r = next(self._records, None)
+            r = next(self._records, end)
             if r is None:
+                continue
+            if r is end:
                 self._done = True
                 return True
             piece = pack(r)
