@@ -30,6 +30,15 @@ the core persist the record naming the file and compact. A shell that crashes
 or drops the work loses nothing but the compaction. On restart the shell
 passes each group's newest valid snapshot file to ``recover``.
 
+``restores`` hands out the decoding of a snapshot received from a peer: each
+entry (``SnapshotRestore``) carries the checked bytes and ``restore``, a pure
+function from bytes to a fresh state machine. The shell runs it outside the
+event loop's turn (a worker thread: it touches nothing the core owns) and
+calls the core's ``snapshot_restored(group, index, sm)``, with ``None`` if it
+raised; the core installs it then, unless it applied past ``index``
+meanwhile. Until then the group does not ask its peers for more. A shell that
+crashes or drops the work loses nothing: catch-up asks again.
+
 Cores never perform these effects themselves and never read a clock.
 """
 
@@ -60,6 +69,8 @@ class Ready:
     apply: list[Any] = field(default_factory=list)
     reply: list[Reply] = field(default_factory=list)
     snapshots: list[Any] = field(default_factory=list)
+    restores: list[Any] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.persist or self.send or self.apply or self.reply or self.snapshots)
+        return bool(self.persist or self.send or self.apply or self.reply or self.snapshots
+                    or self.restores)

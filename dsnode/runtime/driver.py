@@ -11,12 +11,15 @@ drains the core's ``Ready``:
 3. requested snapshots are encoded a piece per loop turn
    (``SNAPSHOT_ENTRIES_PER_STEP``), written to the group's own snapshot file
    off the loop (``runtime/snapshots.py``), then handed back via
-   ``snapshot_ready``, which records the file in the WAL.
+   ``snapshot_ready``, which records the file in the WAL;
+4. a snapshot received from a peer is decoded into a fresh state machine on a
+   worker thread (``SnapshotRestore``), then installed via ``snapshot_restored``.
 
 Checkpoints (every ``checkpoint_every_records`` WAL records) write the core's
-``checkpoint()``, which names the snapshot files instead of holding them, as
-the WAL's snapshot, off the loop; once it is durable, older segments and
-older snapshot files go.
+checkpoint, which names the snapshot files instead of holding them, as the
+WAL's snapshot: captured at once (``checkpoint_writer``), encoded a piece per
+loop turn, written off the loop; once it is durable, older segments and older
+snapshot files go.
 
 A single flusher task runs the fsyncs: while one fsync is in flight, later
 batches accumulate and share the next one (group commit).
@@ -53,8 +56,9 @@ from dsnode.runtime.logs import get_logger
 from dsnode.wire.errors import TIMEOUT, UNAVAILABLE
 
 if TYPE_CHECKING:
+    from dsnode.core.paxos.checkpoint import CheckpointWriter
     from dsnode.core.paxos.node import PaxosNode
-    from dsnode.core.paxos.outputs import SnapshotWanted
+    from dsnode.core.paxos.outputs import SnapshotRestore, SnapshotWanted
     from dsnode.runtime.peers import PeerNetwork
     from dsnode.runtime.snapshots import SnapshotStore
     from dsnode.runtime.wal import WriteAheadLog
@@ -78,6 +82,10 @@ PINS = "pins"  # [PINS, table]: the sender's member pins (core.membership.incarn
 SNAPSHOT_ENTRIES_PER_STEP = 1024
 # ... and at most about this many bytes of them (large values: fewer entries).
 SNAPSHOT_BYTES_PER_STEP = 1 << 20
+# Records of a checkpoint (accepted values of the log window) encoded per loop turn,
+# and about at most this many bytes of them (each value is copied twice: a few ms).
+CHECKPOINT_RECORDS_PER_STEP = 1024
+CHECKPOINT_BYTES_PER_STEP = 256 << 10
 # Encoded pieces handed to the snapshot file's thread and not yet written, at most.
 SNAPSHOT_WRITES_QUEUED_MAX = 16
 # Disk bound (issue 14): besides every snapshot_interval_slots slots, the groups
@@ -398,11 +406,11 @@ class Driver:
 
     def _flush_ready(self) -> None:
         ready = self.core.ready()
+        for restore in ready.restores:
+            self._spawn_snapshot_task(self._run_restore(restore))
         for job in ready.snapshots:
             self._snapshot_started[(job.group, job.index)] = time.perf_counter()
-            task = self._loop.create_task(self._run_snapshot(job))
-            self._snapshot_tasks.add(task)
-            task.add_done_callback(self._snapshot_tasks.discard)
+            self._spawn_snapshot_task(self._run_snapshot(job))
         if ready.persist:
             self.wal.append_many(ready.persist)
             self._records_since_checkpoint += len(ready.persist)
@@ -453,6 +461,23 @@ class Driver:
                          or not self._resend(r.token, r.error[0], r.error[2])]
                 if local:
                     self._deliver_local(local)
+
+    def _spawn_snapshot_task(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._snapshot_tasks.add(task)
+        task.add_done_callback(self._snapshot_tasks.discard)
+
+    async def _run_restore(self, job: SnapshotRestore) -> None:
+        """Decode a peer's snapshot into a fresh state machine on a worker thread
+        (it touches nothing the core owns; the GIL's switch interval bounds the
+        loop's wait), then hand it to the core, which installs it."""
+        try:
+            sm = await asyncio.to_thread(job.restore, job.blob)
+        except Exception as e:  # a peer's snapshot that passed its CRC yet does not decode
+            log.warning("snapshot_restore_failed", group=job.group, index=job.index, why=repr(e))
+            sm = None
+        self.core.snapshot_restored(job.group, job.index, sm)
+        self._schedule_flush()
 
     async def _run_snapshot(self, job: SnapshotWanted) -> None:
         """Encode one piece of a requested snapshot per loop turn (I/O and ticks run
@@ -584,23 +609,31 @@ class Driver:
 
         The blob names the snapshot files and holds only the records above them
         (the open slot window), so building it costs no more than the window.
+        The core captures it now (``checkpoint_writer``: dict copies, as of
+        ``wal.last_lsn``); it is encoded a piece per loop turn
+        (``CHECKPOINT_RECORDS_PER_STEP``), then written off the loop.
         """
         started = time.perf_counter()
-        blob = self.core.checkpoint()
-        if blob is None:
+        writer = self.core.checkpoint_writer()
+        if writer is None:
             return  # an installed snapshot is still being stored: try again later
         named = self.core.snapshot_indexes()
         lsn = self.wal.last_lsn
         self._records_since_checkpoint = 0
         self._stored_since_checkpoint = False
         self._checkpoint_task = asyncio.create_task(
-            self._write_checkpoint(lsn, blob, named, started)
+            self._write_checkpoint(lsn, writer, named, started)
         )
 
     async def _write_checkpoint(
-        self, lsn: int, blob: bytes, named: dict[Any, int], started: float
+        self, lsn: int, writer: CheckpointWriter, named: dict[Any, int], started: float
     ) -> None:
         try:
+            while not writer.step(CHECKPOINT_RECORDS_PER_STEP, CHECKPOINT_BYTES_PER_STEP):
+                await asyncio.sleep(0)
+            # joining the pieces copies the whole window: bytes.join lets the GIL go
+            # for large results, so a worker thread keeps that copy off the loop
+            blob = await asyncio.to_thread(writer.result)
             await self.wal.write_snapshot(lsn, blob)
             removed = await self.snapshots.prune(named) if self.snapshots is not None else 0
             log.info("checkpoint_written", lsn=lsn, bytes=len(blob), snapshot_files_removed=removed)

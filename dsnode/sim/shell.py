@@ -5,7 +5,8 @@ that both carry out the same contract the runtime driver does.
 ``drain`` takes one ``Ready`` and hands its parts to the callbacks in order:
 records to persist first, then apply notices, then the messages and replies
 (which the shell must hold until the records before them are durable), then
-the snapshot work. ``step_snapshot`` advances one ``SnapshotWanted`` job by a
+the work done outside the core: snapshots received from peers to decode
+(``restores``, handed back with ``snapshot_restored``) and snapshots to encode. ``step_snapshot`` advances one ``SnapshotWanted`` job by a
 budget of entries and returns the finished snapshot, ready to be stored and
 handed back with ``snapshot_ready``.
 """
@@ -26,6 +27,7 @@ def drain(
     persist: Callable[[list[bytes]], None],
     out: Callable[[list, list], None],
     applied: Callable[[list], None] | None = None,
+    restores: Callable[[list], None] | None = None,
     snapshots: Callable[[list[SnapshotWanted]], None] | None = None,
 ) -> Ready:
     """Take ``core.ready()`` and carry it out through the callbacks; returns it."""
@@ -38,6 +40,8 @@ def drain(
         applied(r.apply)
     if r.send or r.reply:
         out(r.send, r.reply)
+    if r.restores and restores is not None:
+        restores(r.restores)
     if r.snapshots and snapshots is not None:
         snapshots(r.snapshots)
     return r

@@ -39,7 +39,7 @@ from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.config import bound_for, lease_ticks_for
 from dsnode.core.paxos.group import PaxosGroup
 from dsnode.core.paxos.messages import Accepted, Promise
-from dsnode.core.paxos.outputs import SnapshotWanted, StoredSnapshot
+from dsnode.core.paxos.outputs import SnapshotRestore, SnapshotWanted, StoredSnapshot
 from dsnode.sim.checkers import SafetyChecker, SafetyViolation
 from dsnode.sim.checkpoints import disagreement
 from dsnode.sim.disk import SimDisk
@@ -229,6 +229,9 @@ class SimWorld:
         self.ticks_given = {n: 0 for n in self.node_ids}
         # snapshots a node's shell is still encoding (SnapshotWanted), per node
         self.snap_jobs: dict[str, list[SnapshotWanted]] = {n: [] for n in self.node_ids}
+        # peers' snapshots a node's shell is still decoding (SnapshotRestore), per node:
+        # handed back on the node's next tick, as the driver's worker thread would
+        self.restore_jobs: dict[str, list[SnapshotRestore]] = {n: [] for n in self.node_ids}
         self.checker = SafetyChecker(self.groups, cfg.check_amnesiac_votes)
         self.faults = FaultSchedule(self._sub(), self, cfg.faults)
         self.crash_rng = self._sub()
@@ -273,6 +276,7 @@ class SimWorld:
         )
         self.checker.on_restart(node)
         self.snap_jobs[node] = []
+        self.restore_jobs[node] = []
         records = self.disks[node].records()
         snaps = self.disks[node].newest_snapshots()
         self._check_checkpoint(node, records, snaps)
@@ -302,18 +306,25 @@ class SimWorld:
         self.held[node] = []  # the connections die with the process
         self.held_out[node].clear()  # so do the effects still waiting for a sync
         self.snap_jobs[node] = []  # the encoding in progress dies with the process
+        self.restore_jobs[node] = []  # and so does the decoding
         self.trace(self.now, node, "crash", f"mid_ready={mid_ready} survived={len(survived)}")
         self.workload.on_node_crash(self.now, node)
 
     # ------------------------------------------------------------ the shell
     def _drain(self, node: str) -> None:
-        drain(
+        r = drain(
             self.cores[node],
             persist=lambda records: self._persist(node, records),
             applied=lambda notices: self._applied(node, notices),
             out=lambda sends, replies: self._out(node, sends, replies),
-            snapshots=lambda jobs: self._snapshots(node, jobs),
+            restores=self.restore_jobs[node].extend,
+            snapshots=self.snap_jobs[node].extend,
         )
+        if (r.restores or r.snapshots) and self.cfg.snapshot_entries_per_tick == 0:
+            # the shell with unlimited time: decoded and encoded within this drain
+            self._finish_restores(node)
+            self._advance_snapshots(node, None)
+            self._drain(node)
 
     def _persist(self, node: str, records: list[bytes]) -> None:
         disk = self.disks[node]
@@ -343,12 +354,6 @@ class SimWorld:
             self._release(node)
         else:
             self._effects(node, sends, replies)
-
-    def _snapshots(self, node: str, jobs: list) -> None:
-        self.snap_jobs[node].extend(jobs)
-        if self.cfg.snapshot_entries_per_tick == 0:
-            self._advance_snapshots(node, None)
-            self._drain(node)
 
     def _effects(self, node: str, sends: list, replies: list) -> None:
         now = self.now
@@ -405,6 +410,18 @@ class SimWorld:
                            records[mark:], snaps)
         if why is not None:
             raise SafetyViolation(f"checkpoint and recovery disagree: {why}")
+
+    def _finish_restores(self, node: str) -> None:
+        """Decode the peers' snapshots handed out so far and give them back."""
+        core = self.cores[node]
+        jobs, self.restore_jobs[node] = self.restore_jobs[node], []
+        for job in jobs:
+            try:
+                sm = job.restore(job.blob)
+            except ValueError:
+                sm = None
+            core.snapshot_restored(job.group, job.index, sm)
+            self.trace(self.now, node, "restored", f"group={job.group} index={job.index}")
 
     def _advance_snapshots(self, node: str, budget: int | None) -> None:
         """Encode each pending snapshot one piece further (``None``: to the end);
@@ -465,6 +482,8 @@ class SimWorld:
                     break  # n itself was just refused
             if self.cores[n] is None:
                 continue
+            if self.restore_jobs[n]:
+                self._finish_restores(n)
             if self.snap_jobs[n]:
                 self._advance_snapshots(n, self.cfg.snapshot_entries_per_tick or None)
         self.workload.on_tick(now)

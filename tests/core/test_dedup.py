@@ -260,3 +260,32 @@ def test_leader_answers_an_expired_retry_with_an_indeterminate_error_on_every_re
     states = {repr(c.nodes[n].groups[0].sm.dedup_state()) for n in NODES}
     assert len(states) == 1
     assert {c.nodes[n].groups[0].sm.kv.revision for n in NODES} == {2}
+
+
+def test_restore_reads_the_kv_blob_in_place_and_rejects_a_cut_snapshot():
+    """The KV blob (nearly all of a snapshot) is decoded from a view of the
+    snapshot's bytes, not a copy, for the whole-blob form and the streamed one
+    (bin 32 header); a snapshot cut short or with bytes after it is refused."""
+    from dsnode.core.paxos.statemachine import _split_snapshot
+
+    sm = DedupKV()
+    for i in range(50):
+        sm.apply([C, i + 1], put(b"k%d" % i), i + 1)
+    whole = sm.snapshot()
+    w = sm.snapshot_writer()
+    kv_parts: list[bytes] = []
+    while not w.step(7):
+        kv_parts += w.take_kv_parts()
+    kv_parts += w.take_kv_parts()
+    kv_len = sum(map(len, kv_parts))
+    streamed = w.stream_head(kv_len) + b"".join(kv_parts) + w.tail()
+    assert streamed != whole
+    for blob in (whole, streamed):
+        parts = _split_snapshot(blob)
+        assert isinstance(parts[0], memoryview) and len(parts) == 4
+        back = DedupKV.restore(blob)
+        assert sorted(back.kv.items()) == sorted(sm.kv.items())
+        assert back.dedup_state() == sm.dedup_state()
+    for bad in (whole[:-3], whole + b"\x00", whole[:40]):
+        with pytest.raises(ValueError):
+            DedupKV.restore(bad)

@@ -19,6 +19,7 @@ from dsnode.core.paxos import Applied, PaxosConfig, PaxosNode, Role, SnapshotIns
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.messages import (
     Accept,
+    CatchupReq,
     NodeHeartbeat,
     Prepare,
     PreVote,
@@ -53,6 +54,10 @@ class Cluster:
         # shell with unlimited time; when held, they wait here for the test.
         self.hold_snapshots = False
         self.snap_jobs: dict[str, list] = {n: [] for n in NODES}
+        # Peers' snapshots to decode (Ready.restores): decoded at once by default; when
+        # held, they wait here for the test.
+        self.hold_restores = False
+        self.restore_jobs: dict[str, list] = {n: [] for n in NODES}
         # the shell's snapshot files: node -> group -> newest StoredSnapshot
         self.files: dict[str, dict] = {n: {} for n in NODES}
 
@@ -69,11 +74,20 @@ class Cluster:
             self.replies[n].extend(replies)
 
         r = drain(self.nodes[n], persist=self.disk[n].extend, out=out,
-                  applied=self.applied[n].extend, snapshots=self.snap_jobs[n].extend)
+                  applied=self.applied[n].extend, restores=self.restore_jobs[n].extend,
+                  snapshots=self.snap_jobs[n].extend)
+        if not self.hold_restores and self.restore_jobs[n]:
+            self.finish_restores(n)
+            self.drain(n)
         if not self.hold_snapshots and self.snap_jobs[n]:
             self.finish_snapshots(n)
             self.drain(n)
         return r
+
+    def finish_restores(self, n: str) -> None:
+        jobs, self.restore_jobs[n] = self.restore_jobs[n], []
+        for job in jobs:
+            self.nodes[n].snapshot_restored(job.group, job.index, job.restore(job.blob))
 
     def finish_snapshots(self, n: str) -> None:
         jobs, self.snap_jobs[n] = self.snap_jobs[n], []
@@ -298,6 +312,69 @@ def _cluster_with_c_behind_compaction() -> Cluster:
         c.nodes["a"].propose(0, i, Put(b"k%d" % i, b"x" * 20), request_id=("cl", i + 1))
         c.settle()
     return c
+
+
+def test_a_peers_snapshot_is_installed_only_once_the_shell_decoded_it():
+    """Decoding a peer's snapshot is the shell's (issue 7.5: off the event loop's
+    turn): the core hands out ``SnapshotRestore`` and keeps its state, asks no peer
+    for more meanwhile, and installs the decoded state machine on
+    ``snapshot_restored``."""
+    c = _cluster_with_c_behind_compaction()
+    c.hold_restores = True
+    c.cut = set()
+    c.tick(20)
+    g = c.nodes["c"].groups[0]
+    [job] = c.restore_jobs["c"]
+    assert g.snap_restoring == job.index > c.nodes["c"].applied_index(0)
+    assert not any(isinstance(x, SnapshotInstalled) for x in c.applied["c"])
+    sent: list = []
+    real_drain = c.drain
+
+    def drain(n: str) -> Ready:
+        r = real_drain(n)
+        sent.extend(m for _, m in r.send if n == "c")
+        return r
+
+    c.drain = drain
+    c.tick(30)  # catch-up retries fall due: none goes out while decoding
+    assert not any(isinstance(m, CatchupReq) for m in sent)
+    assert c.nodes["c"].applied_index(0) < job.index
+    c.hold_restores = False
+    c.finish_restores("c")
+    c.settle()
+    c.tick(10)
+    assert any(isinstance(x, SnapshotInstalled) for x in c.applied["c"])
+    assert g.snap_restoring is None
+    a_kv, c_kv = c.nodes["a"].state_machine(0).kv, c.nodes["c"].state_machine(0).kv
+    assert sorted(c_kv.items()) == sorted(a_kv.items())
+    assert c.nodes["c"].applied_index(0) == c.nodes["a"].applied_index(0)
+
+
+@pytest.mark.parametrize(
+    ("index_delta", "decoded", "counter"),
+    [(1, True, "snap_restore_unexpected"), (0, False, "snap_restore_failed")],
+)
+def test_a_restore_that_is_unexpected_or_failed_changes_nothing(index_delta, decoded, counter):
+    """A restore for another index than the one handed out, or one the shell could
+    not decode (None), is dropped and counted; the state stays, and for a failed
+    one catch-up asks again and installs the snapshot in the end."""
+    c = _cluster_with_c_behind_compaction()
+    c.hold_restores = True
+    c.cut = set()
+    c.tick(20)
+    [job] = c.restore_jobs["c"]
+    c.restore_jobs["c"] = []
+    node = c.nodes["c"]
+    before = node.applied_index(0)
+    sm = job.restore(job.blob) if decoded else None
+    node.snapshot_restored(0, job.index + index_delta, sm)
+    assert node.dropped[counter] == 1
+    assert node.applied_index(0) == before < job.index
+    c.hold_restores = False
+    if index_delta:
+        node.snapshot_restored(0, job.index, sm)
+    c.tick(30)
+    assert node.applied_index(0) == c.nodes["a"].applied_index(0)
 
 
 def test_lagging_replica_catches_up_by_snapshot_after_compaction():

@@ -410,3 +410,74 @@ def test_freed_heap_memory_can_be_handed_back_here():
     del junk
     assert memory.trim() in (True, False)  # ran: whether pages were free is the heap's affair
     assert memory._libc is not None
+
+
+async def test_a_checkpoint_is_encoded_over_many_loop_turns(tmp_path, monkeypatch):
+    """The checkpoint of a large log window is captured at once and encoded a few
+    records per loop turn (issue 7.5: no stall); what reaches the WAL is the
+    checkpoint as of the capture, and a restart from it loses nothing."""
+    import dsnode.runtime.driver as driver_mod
+
+    node = SoloNode(tmp_path, interval=10**9, checkpoint_every=10**9)
+    await node.put_all(_keys(400), per_slot=4)  # about 100 slots, none snapshotted
+    await node.idle()
+    want = node.kv()
+    expected = node.core.checkpoint()
+    records = len(msgpack.unpackb(expected))
+    assert records > 100
+    monkeypatch.setattr(driver_mod, "CHECKPOINT_RECORDS_PER_STEP", 4)
+    turns = 0
+    encoded_after: list[int] = []  # loop turns before the blob went to the WAL
+    real_write = node.wal.write_snapshot
+
+    async def write_snapshot(lsn, data):
+        encoded_after.append(turns)
+        await real_write(lsn, data)
+
+    monkeypatch.setattr(node.wal, "write_snapshot", write_snapshot)
+    node.driver._start_checkpoint()
+    task = node.driver._checkpoint_task
+    assert task is not None
+    while not task.done():
+        turns += 1
+        await asyncio.sleep(0)
+    assert encoded_after and encoded_after[0] >= records // 4
+    await node.stop()
+    again = SoloNode(tmp_path, interval=10**9, checkpoint_every=10**9)
+    assert again.recovered.snapshot == expected
+    await again.caught_up(node.core.applied_index(0))
+    assert again.kv() == want
+    await again.stop()
+
+
+async def test_a_peers_snapshot_is_decoded_on_a_worker_thread(tmp_path):
+    """``Ready.restores``: the driver decodes a peer's snapshot off the event loop's
+    thread and hands the state machine to the core; one that does not decode
+    comes back as None (the core asks again), and the node goes on."""
+    import threading
+
+    from dsnode.core.paxos.outputs import SnapshotRestore
+    from dsnode.core.paxos.statemachine import DedupKV
+
+    node = SoloNode(tmp_path, interval=10**9, checkpoint_every=10**9)
+    source = DedupKV()
+    source.kv.apply(Put(b"k", b"v"))
+    blob = source.snapshot()
+    threads: list[int] = []
+    got: list[tuple] = []
+
+    def restore(data: bytes) -> DedupKV:
+        threads.append(threading.get_ident())
+        return DedupKV.restore(data)
+
+    node.core.snapshot_restored = lambda group, index, sm: got.append((group, index, sm))
+    d = node.driver
+    d._spawn_snapshot_task(d._run_restore(SnapshotRestore(0, 7, blob, 0, restore)))
+    d._spawn_snapshot_task(d._run_restore(SnapshotRestore(0, 8, b"\xc1", 0, restore)))
+    await node.until(lambda: len(got) == 2, "both restores back")
+    assert threads and threading.get_ident() not in threads
+    (g1, i1, sm1), (g2, i2, sm2) = sorted(got, key=lambda x: x[1])
+    assert (g1, i1, g2, i2) == (0, 7, 0, 8)
+    assert sm1.kv.get(b"k") == (b"v", 1) and sm2 is None
+    assert d._fatal is None
+    await node.stop()

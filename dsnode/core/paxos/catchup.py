@@ -17,6 +17,7 @@ from dsnode.core.paxos.messages import CatchupReq, Learn, SnapChunk
 from dsnode.core.paxos.outputs import (
     BlobWriter,
     SnapshotInstalled,
+    SnapshotRestore,
     SnapshotWanted,
     unavailable,
 )
@@ -78,6 +79,8 @@ class CatchUp:
         to = to or self.catchup_peer
         if to is None:
             return  # catch-up was called off (a role change) while a reply was on its way
+        if self.snap_restoring is not None:
+            return  # a peer's snapshot is being restored: ask for what follows it after
         self.catchup_sent_at = self.now
         idx, off = 0, 0
         if self.snap_in is not None:
@@ -114,7 +117,9 @@ class CatchUp:
             self._send_catchup()
 
     def _on_snap_chunk(self, frm: str, m: SnapChunk) -> None:
-        if m.index <= self.log.applied:
+        if m.index <= self.log.applied or (
+            self.snap_restoring is not None and m.index <= self.snap_restoring
+        ):
             return
         if (
             self.snap_in is not None
@@ -141,10 +146,35 @@ class CatchUp:
         if zlib.crc32(blob) != m.crc or len(blob) != m.total:
             self.out.dropped["snap_bad_checksum"] += 1
             return
-        self.install_snapshot(m.index, blob, m.crc, persist=True)
+        # Decoding a large snapshot is the shell's (off the event loop's turn): it
+        # comes back through snapshot_restored.
+        self.snap_restoring = m.index
+        self._restoring_blob = (blob, m.crc)
+        self.out.restores.append(
+            SnapshotRestore(self.group, m.index, blob, m.crc, self.sm_cls.restore)
+        )
+
+    def snapshot_restored(self, index: int, sm: object | None) -> None:
+        """The shell decoded the peer's snapshot at ``index`` (``SnapshotRestore``)
+        into ``sm`` (None: it could not). Installed unless stale: the group
+        applied past ``index`` meanwhile, or another restore was asked for."""
+        if index != self.snap_restoring:
+            self.out.dropped["snap_restore_unexpected"] += 1
+            return
+        job_blob, job_crc = self._restoring_blob
+        self.snap_restoring = None
+        self._restoring_blob = (b"", 0)
+        if sm is None:
+            self.out.dropped["snap_restore_failed"] += 1
+        elif index <= self.log.applied:
+            self.out.dropped["snap_restore_stale"] += 1
+        else:
+            self.install_snapshot(index, job_blob, job_crc, persist=True, sm=sm)
         self._after_catchup_progress()
 
-    def install_snapshot(self, index: int, blob: bytes, crc: int, persist: bool) -> None:
+    def install_snapshot(
+        self, index: int, blob: bytes, crc: int, persist: bool, sm: object | None = None
+    ) -> None:
         """Jump the state machine to the snapshot at ``index``. With ``persist``
         the shell is asked to store it as the group's snapshot file (as for our
         own snapshots: ``SnapshotWanted``, then ``snapshot_ready`` records it);
@@ -152,7 +182,7 @@ class CatchUp:
         records before ``index`` are the only durable copy of that state."""
         if index <= self.log.applied:
             return
-        self.sm = self.sm_cls.restore(blob)
+        self.sm = sm if sm is not None else self.sm_cls.restore(blob)
         self.log.install(index, blob, crc)
         self.snap_pending = None  # an own snapshot in progress is older than this state
         if persist:

@@ -118,6 +118,10 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.catchup_sent_at = -(10**9)
         self.snap_in: tuple[int, int, int] | None = None  # (index, total, crc)
         self.snap_buf = bytearray()
+        # index of a peer's snapshot handed to the shell to restore (SnapshotRestore)
+        # and not yet back (snapshot_restored)
+        self.snap_restoring: int | None = None
+        self._restoring_blob: tuple[bytes, int] = (b"", 0)  # its bytes and CRC-32
         self._catchup_turn = 0
         self._catchup_progress: tuple[int, int] = (-1, -1)
         self._catchup_stalls = 0
@@ -284,6 +288,7 @@ class PaxosGroup(LeaderSide, CatchUp):
                 cfg.leader_probe_chance
                 and self.catchup_peer is None
                 and self.snap_in is None
+                and self.snap_restoring is None
                 and self.rng.random() < cfg.leader_probe_chance
             ):
                 others = [m for m in self.members if m != self.me]
@@ -426,7 +431,8 @@ class PaxosGroup(LeaderSide, CatchUp):
         until an input or a peer's liveness change (``PaxosNode.tick``)."""
         if not self.quiesced or self.log.chosen_through > self.commit_persisted:
             return False
-        if self.catchup_peer is not None or self.snap_in is not None:
+        if (self.catchup_peer is not None or self.snap_in is not None
+                or self.snap_restoring is not None):
             return False
         if self.role is Role.FOLLOWER:
             return self.leader_hint is not None and self.alive(self.leader_hint)
@@ -453,6 +459,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         if (
             p.proposals or p.queue or p.reads or p.read_wanted or self.transfer is not None
             or self.catchup_peer is not None or self.snap_in is not None
+            or self.snap_restoring is not None
             or self.log.applied < self.log.chosen_through
         ):
             return False

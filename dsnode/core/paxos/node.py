@@ -14,15 +14,14 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import msgpack
-
 from dsnode.core.commands import Get
 from dsnode.core.effects import Ready, Reply
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
+from dsnode.core.paxos.checkpoint import CheckpointWriter, GroupCapture
 from dsnode.core.paxos.config import PaxosConfig
 from dsnode.core.paxos.group import PaxosGroup
-from dsnode.core.paxos.messages import ZERO_BALLOT, NodeHeartbeat
+from dsnode.core.paxos.messages import NodeHeartbeat
 from dsnode.core.paxos.outputs import Outbox, StoredSnapshot
 from dsnode.core.paxos.roles import Role
 
@@ -213,6 +212,15 @@ class PaxosNode:
         if g is not None:
             g.snapshot_ready(index, blob, crc)
 
+    def snapshot_restored(self, group: Any, index: int, sm: Any | None) -> None:
+        """The shell finished the ``SnapshotRestore(group, index, ...)`` job: ``sm`` is
+        the state machine decoded from the peer's snapshot, or None if decoding
+        failed (``PaxosGroup.snapshot_restored``); unknown groups are ignored."""
+        g = self._awake(group)
+        if g is not None:
+            g.snapshot_restored(index, sm)
+            self._dirty.add(group)
+
     def request_snapshots(self) -> int:
         """Take a snapshot of every group that applied anything since its last
         one and has none in progress (the shell's log grew large on disk); the
@@ -276,35 +284,28 @@ class PaxosNode:
         Also None while recovery's set-aside records of groups not created yet
         are pending (``add_group``/``drop_orphans``): they would be lost.
         """
+        w = self.checkpoint_writer()
+        if w is None:
+            return None
+        while not w.step(1 << 30):
+            continue
+        return w.result()
+
+    def checkpoint_writer(self) -> CheckpointWriter | None:
+        """What :meth:`checkpoint` returns, captured now (shallow copies of each
+        group's accepted and chosen values) and encoded later, a bounded piece
+        per ``step`` (``core.paxos.checkpoint``), so the shell never encodes the
+        whole log window in one event-loop turn. None when :meth:`checkpoint`
+        would be. Same precondition: ``ready()`` drained."""
         if self._orphans or self._orphan_snapshots:
             return None
-        out: list[bytes] = []
+        groups = []
         for gid in sorted(self.groups, key=str):
             g = self.groups[gid]
-            log = g.log
-            if log.snap_index > 0:
-                if g.snap_file_index != log.snap_index:
-                    return None
-                out.append(rec.snapfile(gid, log.snap_index, len(log.snap_blob), log.snap_crc))
-            a = g.acceptor
-            if a.promised != ZERO_BALLOT:
-                out.append(rec.promise(gid, a.promised))
-            for slot in sorted(a.accepted):
-                ballot, value = a.accepted[slot]
-                out.append(rec.accept(gid, slot, ballot, value))
-            # every chosen value the log holds, above a gap too (catch-up may teach
-            # slot n+2 before n+1), as the chosen records so far hold them
-            for slot in sorted(s for s in log.chosen if s > log.snap_index):
-                value = log.chosen[slot]
-                held = a.accepted.get(slot)
-                if held is None or held[1] != value:
-                    out.append(rec.chosen(gid, slot, value))
-            # the prefix the commit records so far prove: a slot learned from the
-            # leader's commit since the last tick has no commit record yet
-            through = min(g.commit_persisted, log.chosen_through)
-            if through > log.snap_index:
-                out.append(rec.commit(gid, through))
-        return msgpack.packb(out, use_bin_type=True)
+            if g.log.snap_index > 0 and g.snap_file_index != g.log.snap_index:
+                return None
+            groups.append(GroupCapture(g))
+        return CheckpointWriter(groups)
 
     # ------------------------------------------------------------ queries
     def snapshot_indexes(self) -> dict[Any, int]:

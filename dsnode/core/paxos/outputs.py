@@ -7,6 +7,7 @@ shells (runtime driver, simulator) read these types from ``Ready``.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -47,6 +48,20 @@ class SnapshotWanted:
     group: Any
     index: int
     writer: Any
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRestore:
+    """Work in ``Ready.restores``: decode ``blob`` (a peer's snapshot at
+    ``index``, CRC-32 ``crc`` checked) with ``restore(blob)`` into a fresh
+    state machine, off the event loop's turn, then call
+    ``snapshot_restored(group, index, sm)`` (``sm`` None if ``restore`` raised)."""
+
+    group: Any
+    index: int
+    blob: bytes
+    crc: int
+    restore: Callable[[bytes], Any]
 
 
 @dataclass(frozen=True, slots=True)

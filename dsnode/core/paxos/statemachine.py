@@ -36,6 +36,7 @@ import itertools
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 
@@ -218,7 +219,7 @@ class DedupKV:
         """Accepts this format and the older ones: ``[kv_blob, table]`` (0.1) and
         ``[kv_blob, table, cluster_uuid]``, whose table rows ``[client, seq, result]``
         kept only each client's highest seq (lower ones become the floor)."""
-        parts = msgpack.unpackb(blob, raw=False)
+        parts = _split_snapshot(blob)
         sm = cls(limits)
         sm.kv = KVStore.restore(parts[0])
         sm.cluster_uuid = parts[2] if len(parts) > 2 else None
@@ -239,6 +240,28 @@ class DedupKV:
                 clients[_client_key(c)] = w
                 sm.entries += 1
         return sm
+
+
+def _split_snapshot(blob: Any) -> list:
+    """The snapshot's top-level array, its first item (the KV blob, nearly all of
+    the bytes) as a zero-copy view of ``blob``: unpacking it as ``bytes`` would
+    copy it whole in one call, holding the GIL (a shell decodes on a worker
+    thread while its event loop goes on) and doubling the memory."""
+    view = memoryview(blob).cast("B")
+    if len(view) > 6 and 0x92 <= view[0] <= 0x94 and view[1] in _BIN_LEN_BYTES:
+        size_len = _BIN_LEN_BYTES[view[1]]
+        start = 2 + size_len
+        end = start + int.from_bytes(view[2:start], "big")
+        if end <= len(view):
+            rest = msgpack.Unpacker(raw=False)
+            rest.feed(view[end:])
+            parts = [view[start:end], *rest]
+            if len(parts) == view[0] & 0x0F:
+                return parts
+    return msgpack.unpackb(blob, raw=False)
+
+
+_BIN_LEN_BYTES = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # msgpack bin 8/16/32: bytes of the length
 
 
 def _client_key(c: object) -> object:
