@@ -9,7 +9,6 @@ from dsnode.core.effects import Reply
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.group import PaxosGroup
 from dsnode.core.paxos.messages import Ballot
-from dsnode.core.paxos.roles import Role
 from dsnode.core.paxos.statemachine import DedupKV
 
 
@@ -74,12 +73,8 @@ class LeaseIgnoresDriftGroup(PaxosGroup):
     measured on the leader's own clock, as if all clocks ran at one rate and ticks
     had no granularity (``config.lease_ticks_for`` is the bound it ignores)."""
 
-    def lease_held(self) -> bool:
-        p = self.proposer
-        if not self.cfg.lease_ticks or p is None or self.role is not Role.LEADER:
-            return False
-        sent = p.round_sent.get(p.confirmed_seq(self.members, self.quorum))
-        return sent is not None and self.now < sent + self.cfg.election_timeout_ticks
+    def _lease_length(self) -> int:
+        return self.cfg.election_timeout_ticks
 
 
 class IdBlindKV(DedupKV):

@@ -431,20 +431,27 @@ class PaxosGroup(LeaderSide, CatchUp):
         until an input or a peer's liveness change (``PaxosNode.tick``)."""
         if not self.quiesced or self.log.chosen_through > self.commit_persisted:
             return False
-        if (self.catchup_peer is not None or self.snap_in is not None
-                or self.snap_restoring is not None):
+        if self._busy():
             return False
         if self.role is Role.FOLLOWER:
             return self.leader_hint is not None and self.alive(self.leader_hint)
         p = self.proposer
         if self.role is not Role.LEADER or p is None:
             return False
-        if p.proposals or p.queue or p.reads or p.read_wanted or self.transfer is not None:
-            return False
         live = [m for m in self.members if m != self.me and self.alive(m)]
         if len(live) + 1 < self.quorum:
             return False  # it must notice it lost its quorum and step down
         return all(p.acked_seq.get(m, 0) >= self.quiet_seq for m in live)  # all told
+
+    def _busy(self) -> bool:
+        """Catching up, or (as leader) commands, reads or a transfer in progress."""
+        if (self.catchup_peer is not None or self.snap_in is not None
+                or self.snap_restoring is not None):
+            return True
+        p = self.proposer
+        return p is not None and bool(
+            p.proposals or p.queue or p.reads or p.read_wanted or self.transfer is not None
+        )
 
     def _member_fresh(self, m: str) -> bool:
         """Answered this leader lately, or (quiesced) its node is alive."""
@@ -456,12 +463,7 @@ class PaxosGroup(LeaderSide, CatchUp):
     def _idle(self) -> bool:
         """Nothing to do and a quorum (live members all) has everything chosen."""
         p = self.proposer
-        if (
-            p.proposals or p.queue or p.reads or p.read_wanted or self.transfer is not None
-            or self.catchup_peer is not None or self.snap_in is not None
-            or self.snap_restoring is not None
-            or self.log.applied < self.log.chosen_through
-        ):
+        if self._busy() or self.log.applied < self.log.chosen_through:
             return False
         ct = self.log.chosen_through
         fresh = self.cfg.heartbeat_interval_ticks * 2

@@ -153,7 +153,10 @@ class LeaderSide:
         if self.transfer is not None:
             return False  # about to hand over: the successor must not wait for us
         sent = p.round_sent.get(p.confirmed_seq(self.members, self.quorum))
-        return sent is not None and self.now < sent + self.cfg.lease_ticks
+        return sent is not None and self.now < sent + self._lease_length()
+
+    def _lease_length(self) -> int:
+        return self.cfg.lease_ticks
 
     def flush(self) -> None:
         """Turn queued commands into slots and start a read round (batching point)."""
