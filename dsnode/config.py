@@ -186,15 +186,17 @@ class NodeConfig(BaseModel):
         "size (at least 8 MiB); bounds the data directory at about 2.5x the data; 0: off",
     )
 
-    # partitioning (issue 8): take effect with the partitioned build; not used yet
+    # partitioning (issue 8)
     partitions: int = Field(
         default=PARTITIONS_DEFAULT, ge=1, le=PARTITIONS_MAX,
         description="partitions of the cluster, fixed when it is created (recorded in the "
-        "data directory; a later start with another value is refused); not used yet",
+        "data directory; a later start that sets another value is refused, one that does "
+        "not set it uses the recorded value)",
     )
     replication: int = Field(
         default=REPLICATION_DEFAULT, ge=1, le=REPLICATION_MAX,
-        description="replicas of each partition, capped by the cluster size; not used yet",
+        description="replicas of each partition, capped by the cluster size; used when the "
+        "cluster is created",
     )
 
     # time
@@ -216,6 +218,12 @@ class NodeConfig(BaseModel):
         default=True,
         description="a leader holding a lease answers linearizable gets without a "
         "read-index round (false: every linearizable get takes a round)",
+    )
+    prefer_ring_leaders: bool = Field(
+        default=True,
+        description="each partition's leader hands leadership over to the first healthy, "
+        "caught-up replica in ring order, so leaders stay spread over the nodes (false: "
+        "a leader keeps leading until it fails)",
     )
     request_timeout_ms: int = Field(
         default=10_000, ge=1, description="deadline of a request that sends no timeout_ms, ms"

@@ -75,6 +75,21 @@ class Form:
     cluster_uuid: str
 
 
+@dataclass(frozen=True, slots=True)
+class SetRing:
+    """Not a client command: the ring the metadata group holds (issue 8).
+
+    Proposed with ``Form`` in slot 1 of a new cluster's metadata group (the
+    members it was started with, P and R), later by membership changes, each
+    with the next epoch. ``members`` is sorted; placement is a function of
+    (members, partitions, replication) alone (``dsnode.core.ring``)."""
+
+    members: tuple[str, ...]
+    partitions: int
+    replication: int
+    epoch: int
+
+
 Command = Get | Put | Delete | Txn
 
 
@@ -142,6 +157,8 @@ def encode(cmd: Command) -> list:
         return ["G", cmd.key, cmd.consistency]
     if isinstance(cmd, Form):
         return ["F", cmd.cluster_uuid]
+    if isinstance(cmd, SetRing):
+        return ["R", list(cmd.members), cmd.partitions, cmd.replication, cmd.epoch]
     raise TypeError(f"not a command: {cmd!r}")
 
 
@@ -161,6 +178,8 @@ def decode(x: list) -> Command:
         return Get(x[1], x[2])
     if tag == "F":
         return Form(x[1])
+    if tag == "R":
+        return SetRing(tuple(x[1]), x[2], x[3], x[4])
     raise ValueError(f"unknown command tag {tag!r}")
 
 

@@ -24,10 +24,16 @@ snapshot files go.
 A single flusher task runs the fsyncs: while one fsync is in flight, later
 batches accumulate and share the next one (group commit).
 
-Routing (the router's job for the one group of this build): a request is
-proposed here when this node leads the group, forwarded to the leader over the
-peer connection when another node does, and parked until the deadline while no
-leader is known. ``stale`` reads are served from the local replica.
+Routing (``dsnode.core.router.Router`` decides, the driver carries it out): a
+request's key picks its partition on the metadata group's ring; it is proposed
+here when this node leads that partition, forwarded to the leader over the peer
+connection when another node does, and parked until the deadline while no
+leader is known (or before the ring is). ``stale`` reads go to the replica with
+the fewest requests in flight from this node, this node's own included. A
+``txn`` whose keys span partitions is answered ``bad_request``. Leaders of
+partitions this node does not host come from their leaders' reports
+(``LEADS``, ``core.router.leaders``), sent when the set a node leads changes
+and once a second.
 
 A write with a request id (``Pending.dedup``, PROTOCOL.md "Client request ids")
 is re-sent, marked as a retry, when its attempt ends without a known outcome
@@ -43,17 +49,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import random
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dsnode.core import commands
-from dsnode.core.commands import STALE, Command, Get
+from dsnode.core.commands import STALE, Command, Get, Txn
 from dsnode.core.effects import Reply
 from dsnode.core.errors import PeerMisbehaved
 from dsnode.core.paxos.messages import Accepted, Promise, from_wire, to_wire
+from dsnode.core.paxos.roles import Role
+from dsnode.core.ring import Ring
+from dsnode.core.router import Forward, Local, OpKind, Overloaded, Router
+from dsnode.core.router.leaders import LeaderHints, decode_led, encode_led
 from dsnode.runtime.logs import get_logger
-from dsnode.wire.errors import TIMEOUT, UNAVAILABLE
+from dsnode.wire.errors import BAD_REQUEST, OVERLOADED, TIMEOUT, UNAVAILABLE
 
 if TYPE_CHECKING:
     from dsnode.core.paxos.checkpoint import CheckpointWriter
@@ -65,7 +76,7 @@ if TYPE_CHECKING:
 
 log = get_logger("dsnode.driver")
 
-GROUP = 0  # the one replicated group of this build (the ring splits it later)
+META = "meta"  # the metadata group: members, P, R and the ring epoch (core.paxos.metadata)
 
 # Runtime-level peer messages (the Paxos core's own are tagged "px.*").
 # [FWD, fwd_id, group, encoded command, timeout_ms] or, for a write with a request id,
@@ -76,6 +87,15 @@ FWD_REPLY = "fwdr"  # [FWD_REPLY, fwd_id, result | None, [code, message, indeter
 # node pair per heartbeat interval, sent by the Paxos core); still accepted, no longer sent
 HEARTBEAT = "hb"
 PINS = "pins"  # [PINS, table]: the sender's member pins (core.membership.incarnations)
+# [LEADS, [[pid, round, node], ...]]: the partitions the sender leads, with their ballots
+LEADS = "leads"
+LEADS_REFRESH_S = 1.0
+# with nothing in flight, leader changes are looked for every this many ticks (requests
+# look up their own partition's leader as they are routed)
+LEADERS_SWEEP_TICKS = 5  # a node's report goes out at least this often (and on every change)
+NOT_LEADER = "not leader"  # a forward's definite answer: route it again
+CROSS_PARTITION = ("txn keys span partitions {pids}: cross-partition transactions are not "
+                   "supported yet (see docs/PROTOCOL.md); keep a txn's keys in one partition")
 
 # KV entries of a requested snapshot encoded per event-loop turn: about 1 ms of
 # msgpack for 100-byte values, so a snapshot never stalls the loop as a whole.
@@ -101,7 +121,7 @@ class Pending:
     """One client request in flight. ``done`` guards against answering twice."""
 
     __slots__ = ("conn", "rid", "write", "done", "cmd", "deadline", "sent", "fwd_id", "fwd_to",
-                 "bucket", "dedup")
+                 "bucket", "dedup", "parked")
 
     def __init__(self, conn: Any, rid: int, write: bool) -> None:
         self.conn = conn
@@ -117,6 +137,7 @@ class Pending:
         self.bucket: dict | None = None  # its timer-wheel slot, left as soon as it is answered
         # a write's request id, [client_id, seq] or [client_id, seq, True] once re-sent
         self.dedup: list | None = None
+        self.parked = False  # waiting in the driver's list to be routed again
 
     def finish(self) -> None:
         """Answered: drop out of the timer wheel so nothing keeps it (or its value) alive."""
@@ -163,15 +184,26 @@ class Driver:
         checkpoint_every_records: int,
         snapshots: SnapshotStore | None = None,
         snapshot_wal_ratio: float = SNAPSHOT_WAL_RATIO,
+        inflight_max: int = 1 << 30,
+        rng: random.Random | None = None,
     ) -> None:
         self.core = core
+        self._inflight_max = inflight_max
+        self._rng = rng or random.Random(0)
+        self.router: Router | None = None  # built once the ring is known
+        self.hints = LeaderHints()  # leaders of partitions not hosted here
+        self._led: tuple = ()  # the (pid, ballot)s last reported in LEADS
+        self._next_sweep = 0
+        self._ticker_wake = asyncio.Event()
+        self._ticker_sleeping = False
+        self._leads_sent_at = -1e9
         self.wal = wal
         # where state-machine snapshots go; None keeps them in memory only (tests)
         self.snapshots = snapshots
         self._snapshot_wal_ratio = snapshot_wal_ratio
         self.net = net
         self.node_id = node_id
-        self._deliver_local = deliver
+        self._deliver = deliver
         self._loop = asyncio.get_running_loop()
         self._flush_scheduled = False
         self._waiting: collections.deque[tuple[int, list, list[Reply]]] = collections.deque()
@@ -200,6 +232,8 @@ class Driver:
         self.peer_seen: dict[tuple[str, Any], list] = {}
         self.on_pins: Callable[[str, object], None] | None = None
         self.counters: collections.Counter = collections.Counter()
+        # stale reads by the replica the router sent them to (None: parked)
+        self.stale_reads_to: collections.Counter = collections.Counter()
         # metrics (dsnode/runtime/metrics.py): commands proposed per group, and an observer
         # told about ticks and finished snapshots
         self.proposals: collections.Counter = collections.Counter()
@@ -214,6 +248,7 @@ class Driver:
     # ------------------------------------------------------------ client input
     def submit(self, pending: Pending, cmd: Command, timeout_s: float) -> None:
         self._advance_clock()
+        self._wake_ticker()
         pending.cmd = cmd
         pending.deadline = self.tick_count + max(1, int(timeout_s / self._tick_seconds) + 1)
         bucket = self._deadlines[pending.deadline]
@@ -222,39 +257,161 @@ class Driver:
         self._dispatch(pending)
         self._schedule_flush()
 
+    # ------------------------------------------------------------ routing
+    def ring(self) -> Ring | None:
+        """The ring requests are routed by: the metadata group's (None until it is
+        known). A core without a metadata group hosts one group, 0, holding every
+        key: a ring of one partition over its members."""
+        core = self.core
+        if getattr(core, "metadata", None) is None:
+            router = self.router
+            if router is None:
+                return Ring(core.groups[0].members, 1, len(core.groups[0].members))
+            return router.ring  # type: ignore[return-value]
+        return core.ring
+
+    def _router(self) -> Router | None:
+        router = self.router
+        ring = self.ring()
+        if ring is None:
+            return None
+        if router is None or router.ring is not ring:
+            if router is not None and router.ring.placement() == ring.placement():
+                router.ring = ring  # same placement (a new epoch only): keep what is counted
+                return router
+            router = self.router = Router(self.node_id, ring, self._rng, self._inflight_max)
+            self._sync_leaders()
+        return router
+
     def _dispatch(self, p: Pending) -> None:
         cmd = p.cmd
         assert cmd is not None
-        core = self.core
+        router = self._router()
         counters = self.counters
-        if type(cmd) is Get and cmd.consistency == STALE:
-            counters["route_stale_local"] += 1
-            core.read(GROUP, p, cmd)
+        if router is None:
+            counters["route_park"] += 1
+            self._park(p)  # no ring yet (a new cluster forming): routed on a tick
             return
-        leader = core.leader_of(GROUP)
-        if leader == self.node_id:
+        router.finish(p)  # routed again: no longer counted where it went before
+        t = type(cmd)
+        if t is Txn:
+            keys = commands.keys_of(cmd)
+            ring = router.ring
+            pids = sorted({ring.partition_of(k) for k in keys})
+            if len(pids) > 1:
+                counters["route_cross_partition"] += 1
+                self._deliver_local([Reply(p, error=(
+                    BAD_REQUEST, CROSS_PARTITION.format(pids=", ".join(map(str, pids))), False))])
+                return
+            key = keys[0] if keys else b""
+        else:
+            key = cmd.key  # type: ignore[union-attr]
+        if t is Get:
+            kind = OpKind.STALE if cmd.consistency == STALE else OpKind.READ  # type: ignore[union-attr]
+        else:
+            kind = OpKind.WRITE
+        if kind is not OpKind.STALE:
+            self._refresh_leader(router, router.ring.partition_of(key))
+        d = router.route(p, key, kind)
+        dt = type(d)
+        if kind is OpKind.STALE and dt is not Overloaded:
+            self.stale_reads_to[self.node_id if dt is Local else getattr(d, "node", None)] += 1
+        core = self.core
+        if dt is Local:
+            pid = d.partition
+            if kind is OpKind.STALE:
+                counters["route_stale_local"] += 1
+                core.read(pid, p, cmd)
+                return
             counters["route_local"] += 1
             p.sent = True
-            if type(cmd) is Get:
-                core.read(GROUP, p, cmd)
+            if t is Get:
+                core.read(pid, p, cmd)
             else:
-                self.proposals[GROUP] += 1
-                core.propose(GROUP, p, cmd, p.dedup)
-        elif leader is not None and self.net is not None and self.net.connected(leader):
+                self.proposals[pid] += 1
+                core.propose(pid, p, cmd, p.dedup)
+        elif dt is Forward:
+            if self.net is None or not self.net.connected(d.node):
+                router.finish(p)
+                if d.partition not in core.groups:  # a report from a node we cannot reach
+                    self.hints.lost(d.node)
+                counters["route_park"] += 1
+                self._park(p)
+                return
             counters["route_forward"] += 1
             fwd_id = next(self._fwd_ids)
             self._forwarded[fwd_id] = p
             p.sent = True
             p.fwd_id = fwd_id
-            p.fwd_to = leader
+            p.fwd_to = d.node
             timeout_ms = max(1, int((p.deadline - self.tick_count) * self._tick_seconds * 1000))
-            m = [FWD, fwd_id, GROUP, commands.encode(cmd), timeout_ms]
+            m = [FWD, fwd_id, d.partition, commands.encode(cmd), timeout_ms]
             if p.dedup is not None:
                 m.append(p.dedup)
-            self.net.send(leader, m)
-        else:
+            self.net.send(d.node, m)
+        elif dt is Overloaded:
+            counters["route_overloaded"] += 1
+            self._deliver_local([Reply(p, error=(
+                OVERLOADED, f"{d.inflight} requests in flight on this node; retry later", False))])
+        else:  # Park: no leader known; on_leader_change hands it back
             counters["route_park"] += 1
+
+    def _refresh_leader(self, router: Router, pid: int) -> None:
+        """Bring the router's view of ``pid``'s leader up to date before routing to it."""
+        leader = (self.core.leader_of(pid) if pid in self.core.groups
+                  else self.hints.leader(pid))
+        if router.leader(pid) != leader:
+            for p in router.on_leader_change(pid, leader, _movable):
+                self._redispatch(p)  # type: ignore[arg-type]
+
+    def _sync_leaders(self) -> None:
+        """Tell the router every partition's leader as this node knows it now: its own
+        groups' view for partitions it hosts, the leaders' reports for the others; send
+        again what a change hands back."""
+        router = self.router
+        if router is None:
+            return
+        groups = self.core.groups
+        leader_of = self.core.leader_of
+        hints = self.hints
+        for pid in range(router.ring.partitions):
+            leader = leader_of(pid) if pid in groups else hints.leader(pid)
+            if router.leader(pid) != leader:
+                for p in router.on_leader_change(pid, leader, _movable):
+                    self._redispatch(p)  # type: ignore[arg-type]
+
+    def _redispatch(self, p: Pending) -> None:
+        """``p`` was handed back on a leader change: parked, or forwarded to a node
+        that no longer leads (movable: a read, a write with a request id, or not
+        proposed anywhere yet). Route it again (a forwarded write as a retry)."""
+        if p.done:
+            return
+        if p.fwd_id:
+            self._forwarded.pop(p.fwd_id, None)
+            if p.write and p.sent:
+                self._park_retry(p)
+                return
+            p.fwd_id = 0
+            p.fwd_to = None
+        self._park(p)
+
+    def _park(self, p: Pending) -> None:
+        """Hold ``p`` to be routed again on the next tick. A request is either counted
+        by the router or parked here, never both, and parked at most once: routed
+        twice, a write without a request id could be applied twice."""
+        if self.router is not None:
+            self.router.finish(p)
+        if not p.parked:
+            p.parked = True
             self._parked.append(p)
+
+    def _deliver_local(self, replies: list[Reply]) -> None:
+        """Answer this node's clients; their requests leave the router's count."""
+        router = self.router
+        if router is not None:
+            for r in replies:
+                router.finish(r.token)
+        self._deliver(replies)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -264,6 +421,7 @@ class Driver:
     # ------------------------------------------------------------ peer input
     def on_peer_messages(self, peer: str, batch: list) -> None:
         self._advance_clock()
+        self._wake_ticker()
         self.heard[peer] = self.tick_count
         core = self.core
         for m in batch:
@@ -285,6 +443,8 @@ class Driver:
                 self._on_forward(peer, m)
             elif tag == FWD_REPLY:
                 self._on_forward_reply(m)
+            elif tag == LEADS:
+                self._on_leads(peer, m)
             elif tag == PINS and len(m) == 2:
                 if self.on_pins is not None:
                     self.on_pins(peer, m[1])
@@ -313,18 +473,26 @@ class Driver:
     def _on_forward(self, peer: str, m: list) -> None:
         try:
             _, fwd_id, group, enc, _timeout_ms, *rest = m
-            if type(fwd_id) is not int or group not in self.core.groups or len(rest) > 1:
-                raise ValueError("bad forward id or group")
+            if type(fwd_id) is not int or type(group) is not int or len(rest) > 1:
+                raise ValueError("bad forward id or partition")
             cmd = commands.decode_checked(enc)
             dedup = _checked_dedup(rest[0]) if rest and type(cmd) is not Get else None
         except (ValueError, TypeError, IndexError, KeyError):
             self.counters["malformed_peer_message"] += 1
             return
+        if group not in self.core.groups:
+            # not (or no longer, or not yet) hosted here: definitely not applied
+            self._reply_remote(Forwarded(peer, fwd_id, False), None,
+                               (UNAVAILABLE, NOT_LEADER, False))
+            return
         token = Forwarded(peer, fwd_id, type(cmd) is not Get)
         self.counters["forwarded_in"] += 1
+        if type(cmd) is Get and cmd.consistency == STALE:
+            self.core.read(group, token, cmd)  # any replica serves a stale read
+            return
         if self.core.leader_of(group) != self.node_id:
             # Not proposed here: definitely no effect, so the origin may try again.
-            self._reply_remote(token, None, (UNAVAILABLE, "not leader", False))
+            self._reply_remote(token, None, (UNAVAILABLE, NOT_LEADER, False))
             return
         if type(cmd) is Get:
             self.core.read(group, token, cmd)
@@ -351,15 +519,31 @@ class Driver:
             return
         if error is not None:
             if code == UNAVAILABLE and not indeterminate and p.deadline > self.tick_count:
+                if message == NOT_LEADER and p.fwd_to is not None and p.cmd is not None:
+                    self._not_leader(p)
                 p.sent = False
                 p.fwd_id = 0
-                self._parked.append(p)  # definitely not applied: route again later
+                p.fwd_to = None
+                self._park(p)  # definitely not applied: route again later
                 return
             if self._resend(p, code, bool(indeterminate)):
                 return
             self._deliver_local([Reply(p, error=(code, message, bool(indeterminate)))])
         else:
+            result["forwarded"] = True  # a fresh dict off the wire (PROTOCOL.md)
             self._deliver_local([Reply(p, result=result)])
+
+    def _not_leader(self, p: Pending) -> None:
+        """``p.fwd_to`` said it does not lead ``p``'s partition: stop believing its
+        report (a partition hosted here follows the group's own view instead)."""
+        router = self.router
+        if router is None:
+            return
+        keys = commands.keys_of(p.cmd)  # type: ignore[arg-type]
+        if keys:
+            pid = router.ring.partition_of(keys[0])
+            if pid not in self.core.groups:
+                self.hints.forget(pid, p.fwd_to)  # type: ignore[arg-type]
 
     def _resend(self, p: Pending, code: str, indeterminate: bool) -> bool:
         """Park a write with a request id whose attempt failed with an unknown outcome
@@ -376,16 +560,7 @@ class Driver:
         p.fwd_id = 0
         p.fwd_to = None
         self.counters["route_resend"] += 1
-        self._parked.append(p)  # p.sent stays True: a deadline answer is indeterminate
-
-    def _resend_forwarded(self, leader: str) -> None:
-        """A new leader: writes with a request id forwarded to another node and not yet
-        answered go again (to ``leader``) instead of waiting out their deadline."""
-        stale = [(i, p) for i, p in self._forwarded.items()
-                 if p.dedup is not None and p.fwd_to != leader and not p.done]
-        for fwd_id, p in stale:
-            del self._forwarded[fwd_id]
-            self._park_retry(p)
+        self._park(p)  # p.sent stays True: a deadline answer is indeterminate
 
     def _reply_remote(self, token: Forwarded, result: dict | None, error: tuple | None) -> None:
         if token.done or self.net is None:
@@ -670,9 +845,37 @@ class Driver:
         if self._clock_start is None:
             self._clock_start = time.monotonic()
         while True:
-            next_at = self._clock_start + (self.tick_count + 1) * self._tick_seconds
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            idle = self._idle_ticks()
+            next_at = self._clock_start + (self.tick_count + idle) * self._tick_seconds
+            delay = max(0.0, next_at - time.monotonic())
+            if idle > 1:  # a long sleep: new work (a request, a peer's message) cuts it short
+                self._ticker_wake.clear()
+                self._ticker_sleeping = True
+                try:
+                    await asyncio.wait_for(self._ticker_wake.wait(), delay)
+                except TimeoutError:
+                    pass
+                self._ticker_sleeping = False
+            else:
+                await asyncio.sleep(delay)
             self._on_tick()
+
+    def _wake_ticker(self) -> None:
+        if self._ticker_sleeping:
+            self._ticker_sleeping = False
+            self._ticker_wake.set()
+
+    def _idle_ticks(self) -> int:
+        """How many ticks the ticker may sleep: one while anything is in progress here
+        (requests in flight or parked, effects waiting for the disk, work the core
+        ticks); when the node is idle, as long as the core allows (its next node
+        heartbeat), so an idle node wakes a few times per heartbeat interval, not every
+        tick, whatever the number of partitions it hosts."""
+        if (self._deadlines or self._parked or self._forwarded or self._waiting
+                or self._checkpoint_task is not None or self._snapshot_tasks):
+            return 1
+        idle = getattr(self.core, "idle_ticks", None)
+        return 1 if idle is None else idle()
 
     def _on_tick(self) -> None:
         self._advance_clock()
@@ -688,20 +891,60 @@ class Driver:
                 expired = self._deadlines.pop(t, None)
                 if expired:
                     self._expire(expired)
-        leader = self.core.leader_of(GROUP)
-        if leader != self._last_leader:
-            self._last_leader = leader
-            if leader is not None and self._forwarded:
-                self._resend_forwarded(leader)
-            g = self.core.groups[GROUP]
-            log.info("leader_changed", group=GROUP, leader=leader, role=g.role.value,
-                     ballot=list(g.ballot if g.role.value == "leader" else g.acceptor.promised))
-        if self._parked and leader is not None:
+        self._leaders_tick()
+        if self._parked and self._router() is not None:
             parked, self._parked = self._parked, []
             for p in parked:
+                p.parked = False
                 if not p.done:
                     self._dispatch(p)
         self._schedule_flush()
+
+    def _leaders_tick(self) -> None:
+        """Every tick: follow leader changes (the router re-sends what they strand),
+        log this node's own changes, and report the partitions it leads to every
+        peer when that set changed or a second passed."""
+        core = self.core
+        meta = getattr(core, "metadata", None)
+        if meta is not None:
+            leader = core.leader_of(meta)
+            if leader != self._last_leader:
+                self._last_leader = leader
+                log.info("leader_changed", group=meta, leader=leader)
+        router = self._router()
+        if router is None:
+            return
+        if router.in_flight == 0 and self.tick_count < self._next_sweep:
+            return  # idle: the sweep below runs every LEADERS_SWEEP_TICKS at most
+        self._next_sweep = self.tick_count + LEADERS_SWEEP_TICKS
+        self._sync_leaders()
+        led = tuple((pid, g.ballot) for pid, g in core.groups.items()
+                    if pid != meta and g.role is Role.LEADER)
+        now = self.tick_count * self._tick_seconds
+        if led != self._led:
+            gained = sorted({p for p, _ in led} - {p for p, _ in self._led})
+            lost = sorted({p for p, _ in self._led} - {p for p, _ in led})
+            log.info("leadership_changed", leads=len(led), gained=gained, lost=lost)
+        elif now - self._leads_sent_at < LEADS_REFRESH_S:
+            return
+        self._led = led
+        self._leads_sent_at = now
+        if self.net is not None:
+            msg = [LEADS, encode_led(led)]
+            for peer in self.net.links:
+                if self.net.connected(peer):
+                    self.net.send(peer, msg)
+
+    def _on_leads(self, peer: str, m: list) -> None:
+        router = self._router()
+        if router is None:
+            return  # the ring is not known yet: the next report (within a second) counts
+        try:
+            led = decode_led(m[1] if len(m) == 2 else None, router.ring.partitions)
+        except ValueError:
+            self.counters["malformed_peer_message"] += 1
+            return
+        self.hints.report(peer, led)
 
     def _expire(self, expired: dict[Pending, None]) -> None:
         out = []
@@ -712,6 +955,16 @@ class Driver:
                 out.append(Reply(p, error=_deadline_error(p)))
         if out:
             self._deliver_local(out)
+
+
+def _movable(p: object) -> bool:
+    """Whether a request may be routed again on a leader change: not while the core
+    holds it (a local proposal or read: the core answers it), nor a write without a
+    request id that may have reached the old leader (it could apply twice)."""
+    assert isinstance(p, Pending)
+    if p.sent and not p.fwd_id:
+        return False
+    return not (p.fwd_id and p.write and p.dedup is None)
 
 
 def _checked_dedup(v: object) -> list:

@@ -32,9 +32,11 @@ from dsnode.core.errors import InvariantBroken, StateLost
 from dsnode.core.membership.incarnations import Incarnations
 from dsnode.core.paxos.config import PaxosConfig, bound_for, lease_ticks_for
 from dsnode.core.paxos.node import PaxosNode
+from dsnode.core.ring import Ring, check_partitions
+from dsnode.core.ring.ring import check_partitions_value, check_replication_value
 from dsnode.runtime import logs, memory, sdnotify
 from dsnode.runtime.admin import AdminError, AdminServer
-from dsnode.runtime.driver import GROUP, PINS, Driver
+from dsnode.runtime.driver import META, PINS, Driver
 from dsnode.runtime.metrics import NodeMetrics, node_registry
 from dsnode.runtime.peers import PeerNetwork
 from dsnode.runtime.security import Security, SecurityError, check_exposure
@@ -135,6 +137,35 @@ def check_identity(config: NodeConfig, data_dir: Path) -> tuple[dict[str, str], 
     return dict(want["peers"]), incarnation
 
 
+def record_partitions(config: NodeConfig, data_dir: Path, peers: dict[str, str]) -> tuple[int, int]:
+    """P and R of the cluster this data directory belongs to (issue 8): recorded in
+    the identity file when the directory is first bound (from the settings
+    ``partitions`` and ``replication``); a later start that sets ``partitions`` to
+    another value is refused (changing P would move nearly every key), one that
+    does not set it uses the recorded value. A directory bound before partitions
+    existed holds one group with every key on every member: P = 1, R = all."""
+    path = data_dir / IDENTITY_FILE
+    have = msgpack.unpackb(path.read_bytes(), raw=False)
+    recorded, replication = have.get("partitions"), have.get("replication")
+    if recorded is None:
+        fresh = have.get("cluster_uuid") is None and not (data_dir / "wal").exists()
+        if fresh:
+            recorded, replication = config.partitions, config.replication
+        else:
+            recorded, replication = 1, len(peers)
+        write_atomically(path, {**have, "partitions": recorded, "replication": replication})
+    elif "partitions" in config.model_fields_set:
+        why = check_partitions(recorded, config.partitions)
+        if why is not None:
+            raise StartupError(f"data dir {data_dir}: {why}")
+    try:
+        check_partitions_value(recorded)
+        check_replication_value(replication)
+    except ValueError as e:
+        raise StartupError(f"data dir {data_dir}: {IDENTITY_FILE} is corrupt ({e})") from None
+    return recorded, replication
+
+
 def load_pins(data_dir: Path) -> Incarnations:
     """The peers' pinned incarnations (``MEMBERS_FILE``); none yet on a new directory."""
     path = data_dir / MEMBERS_FILE
@@ -198,6 +229,11 @@ class Node:
             # enough to ride out a pause of the followers' event loops (a snapshot, a GC).
             leader_quorum_timeout_ticks=cfg.ticks(cfg.election_timeout_ms),
             quiesce=True,
+            # partition leaders spread: each hands over to its first healthy ring replica
+            prefer_leader=cfg.prefer_ring_leaders,
+            formation_group=META,
+            formation_ring=self.formation_ring,
+            formation_uuid=self.formation_uuid,
             lease_ticks=lease_ticks_for(cfg.ticks(cfg.election_timeout_ms), cfg.clock_drift_max)
             if cfg.leader_leases else 0,
             snapshot_interval_slots=cfg.snapshot_interval_slots,
@@ -223,6 +259,9 @@ class Node:
         data_dir = prepare_data_dir(cfg)
         self.data_dir = data_dir
         self.peers, incarnation = check_identity(cfg, data_dir)
+        self.partitions, self.replication = record_partitions(cfg, data_dir, self.peers)
+        self.formation_ring = (tuple(sorted(self.peers)), self.partitions, self.replication)
+        self.formation_uuid = stored_cluster_uuid(data_dir)
         self.pins = load_pins(data_dir)
         wal = WriteAheadLog(data_dir / "wal", fsync=cfg.fsync, segment_bytes=cfg.wal_segment_bytes)
         try:
@@ -237,23 +276,26 @@ class Node:
             self.log.warning("wal_repaired", what=repair)
         peers = self.peers
         seed = int.from_bytes(os.urandom(8), "big")
-        core = PaxosNode(cfg.node_id, {GROUP: tuple(peers)}, random.Random(seed),
-                         self.paxos_config())
+        core = PaxosNode(cfg.node_id, {META: tuple(peers)}, random.Random(seed),
+                         self.paxos_config(), metadata=META)
         snapshots = SnapshotStore(data_dir / "snapshots", fsync=cfg.fsync)
         self.snapshots = snapshots
         try:
-            found = snapshots.recover(core.groups)
+            found = snapshots.recover([META, *range(self.partitions)])
         except OSError as e:
             raise StartupError(f"snapshot files cannot be read: {e}") from None
         for repair in found.repairs:
             self.log.warning("snapshots_repaired", what=repair)
         recover_core(core, recovered, found, self.log)
+        if self.check_ring(core):
+            raise StartupError(self.refused or "ring mismatch")
         if len(peers) == 1:  # no one else can lead: take over now, not after a timeout
             self.metrics.on_tick(core)  # the ballot before it, so the election is counted
-            core.campaign(GROUP)
+            for gid in list(core.groups):
+                core.campaign(gid)
         self.core = core
-        stored = stored_cluster_uuid(data_dir)
-        formed = core.state_machine(GROUP).cluster_uuid
+        stored = self.formation_uuid
+        formed = core.state_machine(META).cluster_uuid
         if stored is not None and formed is not None and stored != formed:
             raise StartupError(
                 f"data dir {data_dir}: {IDENTITY_FILE} names cluster {stored} but the log "
@@ -268,7 +310,7 @@ class Node:
             "recovered",
             snapshot_lsn=recovered.snapshot_lsn,
             records=len(recovered.records),
-            applied=core.applied_index(GROUP),
+            partitions=sorted(g for g in core.groups if g != META),
             peers=",".join(peers),
             rng_seed=seed,
         )
@@ -292,6 +334,8 @@ class Node:
             checkpoint_every_records=cfg.snapshot_every_records,
             snapshots=snapshots,
             snapshot_wal_ratio=cfg.snapshot_wal_ratio,
+            inflight_max=cfg.inflight_requests_max,
+            rng=random.Random(seed ^ 0xA11CE),
         )
         self.driver.snapshot_bytes = sum(len(s.blob) for s in found.snapshots.values())
         self.driver.observer = self.metrics
@@ -299,6 +343,7 @@ class Node:
         server.driver = self.driver
         server.peer_network = self.net
         server.status_provider = self.status
+        server.ring_provider = self.ring_map
         loop = asyncio.get_running_loop()
         self.server_handle = await loop.create_server(
             server.protocol_factory, sock=listener, backlog=1024,
@@ -310,6 +355,20 @@ class Node:
             await self.start_admin(cfg.metrics_listen)
         if self.net is not None:
             self.net.start()
+
+    def check_ring(self, core: PaxosNode) -> bool:
+        """The metadata group's ring must have the P this data directory recorded (a
+        node configured for another cluster shape must not serve): otherwise stop,
+        exit status 2, naming both. True when it stopped."""
+        ring = core.ring
+        if ring is None or ring.partitions == self.partitions:
+            return False
+        self.on_refused(
+            f"the cluster's ring has {ring.partitions} partitions but this node's data "
+            f"directory recorded partitions = {self.partitions}: start it with the "
+            "cluster's value on a new data directory"
+        )
+        return True
 
     def save_pins(self) -> None:
         """Persist the pins now (before a newly pinned peer's link carries anything)."""
@@ -332,7 +391,9 @@ class Node:
         assert self.driver is not None and self.core is not None
         while True:
             await asyncio.sleep(1.0)
-            formed = self.core.state_machine(GROUP).cluster_uuid
+            if self.check_ring(self.core):
+                return
+            formed = self.core.state_machine(META).cluster_uuid
             if formed is not None and formed != self.cluster_uuid:
                 assert self.data_dir is not None
                 await asyncio.to_thread(record_cluster_uuid, self.data_dir, formed)
@@ -400,21 +461,57 @@ class Node:
         if not self.client_server.accepting:
             return False, "shutting down"
         me = self.config.node_id
-        for gid in self.core.groups:
-            leader = self.core.leader_of(gid)
+        ring = self.driver.ring() if self.driver is not None else None
+        if ring is None:
+            return False, "the partition map is not known yet (cluster forming)"
+        leaders = self.leaders(ring)
+        for pid, leader in enumerate(leaders):
             if leader is None:
-                return False, f"partition {gid}: no leader known"
+                return False, f"partition {pid}: no leader known"
             if leader != me and (self.net is None or not self.net.connected(leader)):
-                return False, f"partition {gid}: leader {leader} is not reachable"
+                return False, f"partition {pid}: leader {leader} is not reachable"
         return True, "ready"
 
+    def leaders(self, ring: Ring) -> list[str | None]:
+        """Every partition's leader as this node knows it: its own group's view for a
+        partition it hosts, the leader's report for the others."""
+        assert self.core is not None and self.driver is not None
+        core, hints = self.core, self.driver.hints
+        return [core.leader_of(pid) if pid in core.groups else hints.leader(pid)
+                for pid in range(ring.partitions)]
+
+    def ring_map(self) -> dict | None:
+        """The ``ring`` op's answer (docs/PROTOCOL.md): P, R, epoch, members and every
+        partition's replicas (ring order) and leader; None before the ring is known."""
+        if self.driver is None:
+            return None
+        ring = self.driver.ring()
+        if ring is None:
+            return None
+        leaders = self.leaders(ring)
+        return {
+            "partitions": ring.partitions,
+            "replication": ring.replication,
+            "epoch": ring.epoch,
+            "members": [{"node_id": nid, "addr": self.peers[nid]} for nid in ring.members
+                        if nid in self.peers],
+            "map": [{"id": pid, "replicas": list(ring.replicas(pid)), "leader": leaders[pid]}
+                    for pid in range(ring.partitions)],
+        }
+
     def status(self) -> dict:
+        """The ``status`` op's answer. ``partitions`` lists every partition of the ring;
+        ``paxos`` (and ``keys``, ``revision``) describe the lowest-numbered partition
+        this node hosts (the metadata group on a node that hosts none), plus
+        node-wide counters: with ``partitions = 1`` that is the cluster's one group."""
         assert self.driver is not None and self.wal is not None and self.core is not None
         cfg = self.config
         core, driver = self.core, self.driver
         peers = self.peers
-        leader = core.leader_of(GROUP)
-        group = core.groups[GROUP]
+        hosted = sorted(g for g in core.groups if g != META)
+        gid = hosted[0] if hosted else META
+        leader = core.leader_of(gid)
+        group = core.groups[gid]
         commit = group.log.chosen_through
         peer_info = {}
         for pid in peers:
@@ -433,6 +530,20 @@ class Node:
             if self.net is not None:
                 info["link"] = self.net.links[pid].stats()
             peer_info[pid] = info
+        ring = driver.ring()
+        if ring is not None:
+            leaders = self.leaders(ring)
+            partitions = [
+                {"id": p, "replicas": list(ring.replicas(p)), "leader": leaders[p],
+                 "applied": core.groups[p].log.applied if p in core.groups else None}
+                for p in range(ring.partitions)
+            ]
+            ring_info = {"partitions": ring.partitions, "replication": ring.replication,
+                         "epoch": ring.epoch}
+        else:
+            partitions = []
+            ring_info = {"partitions": self.partitions, "replication": None, "epoch": 0}
+        led = sum(1 for g in hosted if core.groups[g].role.value == "leader")
         return {
             "node_id": cfg.node_id,
             "cluster_id": cfg.cluster_id,
@@ -444,8 +555,12 @@ class Node:
                 {"node_id": nid, "addr": addr, "state": self.member_state(nid)}
                 for nid, addr in peers.items()
             ],
-            "partitions": [{"id": GROUP, "replicas": list(group.members), "leader": leader}],
+            "partitions": partitions,
+            "ring": ring_info,
+            "hosted": len(hosted),
+            "leads": led,
             "paxos": {
+                "group": gid,
                 "role": group.role.value,
                 "ballot": list(group.ballot) if group.role.value == "leader"
                 else list(group.acceptor.promised),
@@ -457,22 +572,27 @@ class Node:
                 "largest_message_bytes": core.largest_message,
                 "lease": {
                     "enabled": core.config.lease_ticks > 0,
-                    "held": core.lease_held(GROUP),
+                    "held": core.lease_held(gid),
                     "duration_ms": core.config.lease_ticks * cfg.tick_interval_ms,
                 },
                 "quiesced": group.quiesced,
+                "quiet_groups": core.quiet_groups,
                 "reads": {"lease": core.reads["lease"],
                           "read_index": core.reads["read_index"]},
                 "malformed_peer_messages": driver.counters["malformed_peer_message"]
                 + (self.net.malformed if self.net is not None else 0),
+                "routes": {k[6:]: v for k, v in driver.counters.items()
+                           if k.startswith("route_")},
+                "stale_reads_to": {str(k): v for k, v in driver.stale_reads_to.items()},
             },
-            "keys": len(group.sm.kv),
+            "keys": sum(len(core.groups[g].sm.kv) for g in hosted),
             "revision": group.sm.kv.revision,
             "wal": {"last_lsn": self.wal.last_lsn, "durable_lsn": self.wal.durable_lsn,
                     **self.wal.stats},
             "snapshot_files": {
                 "current": group.snap_file_index,
-                "on_disk": len(self.snapshots.files(GROUP)) if self.snapshots else 0,
+                "on_disk": sum(len(self.snapshots.files(g)) for g in core.groups)
+                if self.snapshots else 0,
                 "last": driver.last_snapshot,
                 **(self.snapshots.stats if self.snapshots else {}),
             },
@@ -604,6 +724,9 @@ def check_corrupt_snapshots(core: PaxosNode, found: RecoveredSnapshots, log: Any
     """A corrupt snapshot file is a startup error unless an older valid one plus
     the log reach past it (the replayed log proves its slots chosen)."""
     for group, index, err in found.corrupt:
+        if group not in core.groups:  # a partition the ring does not place here
+            log.warning("snapshot_ignored", why=str(err), hosted=False)
+            continue
         reached = core.groups[group].log.chosen_through
         if index > reached:
             raise StartupError(

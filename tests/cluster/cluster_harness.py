@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 import signal
 import time
@@ -367,8 +368,13 @@ def check_linearizable(history: History, budget: int = 2_000_000) -> None:
         lines = [
             f"  [{r.call}->{r.ret}] c{r.client}@{r.node} {r.kind} v={r.value!r} "
             f"if={r.if_version} -> {r.outcome} {r.result or r.error}"
-            for r in key_ops[-60:]
+            for r in key_ops
         ]
+        dump = os.environ.get("DSNODE_TEST_HISTORY_DUMP")
+        if dump:  # the whole history of the key, for a closer look
+            with open(dump, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        lines = lines[-60:]
         raise AssertionError(
             f"history not linearizable ({res.detail}) on key {res.key!r}:\n" + "\n".join(lines)
         )

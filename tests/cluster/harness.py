@@ -50,6 +50,10 @@ HarnessError = WaitTimeout
 
 
 # ---------------------------------------------------------------- ports
+SINGLE_GROUP_ENV = {"DSNODE_PARTITIONS": "1", "DSNODE_REPLICATION": "16",
+                    "DSNODE_PREFER_RING_LEADERS": "false"}
+
+
 def _ephemeral_range() -> tuple[int, int]:
     try:
         lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
@@ -179,6 +183,11 @@ class ServerProcess:
         self._log_file.flush()
         env = {k: v for k, v in os.environ.items() if not k.startswith("DSNODE_")}
         env.pop("NOTIFY_SOCKET", None)
+        # Tests of one group's protocol (leases, catch-up, failover, restarts) run one
+        # partition on every node, the whole keyspace in one group as before the ring,
+        # whose leader stays put until it fails (their scenarios pick a leader to hurt);
+        # tests of partitioning set DSNODE_PARTITIONS and the others themselves.
+        env.update(SINGLE_GROUP_ENV)
         env.update(self.env)
         self.proc = subprocess.Popen(
             self.argv(),

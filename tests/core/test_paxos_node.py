@@ -41,25 +41,26 @@ CFG = PaxosConfig(
 
 
 class Cluster:
-    def __init__(self, cfg: PaxosConfig = CFG, groups=None) -> None:
+    def __init__(self, cfg: PaxosConfig = CFG, groups=None, names=NODES) -> None:
         self.cfg = cfg
-        self.groups = groups or {0: NODES}
-        self.disk = {n: [] for n in NODES}
-        self.nodes = {n: self._make(n) for n in NODES}
+        self.names = names
+        self.groups = groups or {0: names}
+        self.disk = {n: [] for n in names}
+        self.nodes = {n: self._make(n) for n in names}
         self.queue: list[tuple[str, str, object]] = []
-        self.replies: dict[str, list] = {n: [] for n in NODES}
-        self.applied: dict[str, list] = {n: [] for n in NODES}
+        self.replies: dict[str, list] = {n: [] for n in names}
+        self.applied: dict[str, list] = {n: [] for n in names}
         self.cut: set[str] = set()  # isolated nodes
         # Requested snapshots (Ready.snapshots): encoded at once by default, like a
         # shell with unlimited time; when held, they wait here for the test.
         self.hold_snapshots = False
-        self.snap_jobs: dict[str, list] = {n: [] for n in NODES}
+        self.snap_jobs: dict[str, list] = {n: [] for n in names}
         # Peers' snapshots to decode (Ready.restores): decoded at once by default; when
         # held, they wait here for the test.
         self.hold_restores = False
-        self.restore_jobs: dict[str, list] = {n: [] for n in NODES}
+        self.restore_jobs: dict[str, list] = {n: [] for n in names}
         # the shell's snapshot files: node -> group -> newest StoredSnapshot
-        self.files: dict[str, dict] = {n: {} for n in NODES}
+        self.files: dict[str, dict] = {n: {} for n in names}
 
     def _make(self, n: str) -> PaxosNode:
         return PaxosNode(n, self.groups, random.Random(n), self.cfg)
@@ -99,7 +100,7 @@ class Cluster:
 
     def settle(self, rounds: int = 50) -> None:
         for _ in range(rounds):
-            for n in NODES:
+            for n in self.names:
                 if n in self.nodes:
                     self.drain(n)
             if not self.queue:

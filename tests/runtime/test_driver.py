@@ -42,14 +42,16 @@ async def _started_node(tmp_path, **settings) -> tuple[Node, asyncio.Task]:
         port = s.getsockname()[1]
     cfg = load_config(
         {"node_id": "n1", "listen": f"127.0.0.1:{port}", "data_dir": str(tmp_path / "d"),
-         "log_format": "json", "election_timeout_ms": "50", "heartbeat_interval_ms": "10",
+         "log_format": "json", "election_timeout_ms": "50", "partitions": "1",
+         "heartbeat_interval_ms": "10",
          **settings},
         {},
     )
     node = Node(cfg)
     await node.start()
     task = asyncio.create_task(node.driver.run())
-    await async_wait_until(lambda: node.core.leader_of(0), 10, "a leader")
+    await async_wait_until(lambda: 0 in node.core.groups and node.core.leader_of(0), 10,
+                           "a leader")
     return node, task
 
 

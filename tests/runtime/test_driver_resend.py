@@ -13,15 +13,19 @@ from dsnode.core.commands import Put
 from dsnode.core.effects import Ready, Reply
 from dsnode.core.paxos.roles import Role
 from dsnode.core.paxos.statemachine import DedupKV
-from dsnode.runtime.driver import FWD, FWD_REPLY, GROUP, Driver, Pending
+from dsnode.runtime.driver import FWD, FWD_REPLY, Driver, Pending
+
+GROUP = 0  # a core without a metadata group: one group holding every key
 
 
 class StubCore:
     def __init__(self, leader: str) -> None:
         self.leader = leader
         # what the driver logs on a leader change
-        self.groups = {GROUP: SimpleNamespace(role=Role.FOLLOWER,
+        self.groups = {GROUP: SimpleNamespace(role=Role.FOLLOWER, members=("a", "b", "c"),
+                                              ballot=(1, "b"),
                                               acceptor=SimpleNamespace(promised=(1, "b")))}
+        self.metadata = None
         self.proposed: list[tuple[Any, Any, Any]] = []
 
     def leader_of(self, group: Any) -> str:
@@ -157,3 +161,22 @@ async def test_forward_with_a_malformed_request_id_is_dropped_and_counted():
     assert d.counters["malformed_peer_message"] == 6 and core.proposed == []
     d.on_peer_messages("b", [[FWD, 9, GROUP, enc, 100, [b"c", 1, True]]])
     assert core.proposed[-1][2] == [b"c", 1, True]
+
+
+async def test_a_write_refused_by_a_stale_leader_is_routed_once_when_the_leader_changes():
+    """A forwarded write without a request id answered "not leader" (definitely not
+    applied) waits to be routed again; the leader change that follows must not hand it
+    out a second time: sent twice, it could be applied twice."""
+    d, core, net, answered = _driver("b")
+    p = Pending(None, 1, True)
+    d.submit(p, Put(b"k", b"v", None), timeout_s=5.0)
+    (to, first), = net.sent
+    assert to == "b"
+    d.on_peer_messages("b", [[FWD_REPLY, first[1], None, ["unavailable", "not leader", False]]])
+    core.leader = "c"
+    d._on_tick()
+    d._on_tick()
+    again = [(to, m) for to, m in net.sent[1:] if m[0] == FWD]
+    assert [to for to, _ in again] == ["c"]  # once
+    assert answered == []
+    assert d.router is not None and d.router.in_flight == 1

@@ -165,6 +165,9 @@ async def test_a_reply_waits_for_the_records_of_an_earlier_ready():
     s.driver.on_peer_messages("n2", [to_wire(Accept(0, (1, "n2"), ((1, value),), 0))])
     await s.settle()
     records = len(s.wal.records)
+    router = s.driver._router()
+    for busy in ("n2", "n3"):  # the peers have requests in flight: the least busy is n1
+        router.inflight.start(busy)
     s.driver.submit(Pending(None, 9, False), Get(b"k", consistency=STALE), timeout_s=60)
     await s.settle()
     assert len(s.wal.records) == records  # the read appended nothing of its own

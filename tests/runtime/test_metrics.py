@@ -65,7 +65,8 @@ def _port() -> int:
 async def _node(tmp_path, **settings) -> tuple[Node, asyncio.Task, asyncio.Event]:
     cfg = load_config(
         {"node_id": "n1", "listen": f"127.0.0.1:{_port()}", "data_dir": str(tmp_path / "d"),
-         "log_format": "json", "election_timeout_ms": "50", "heartbeat_interval_ms": "10",
+         "log_format": "json", "election_timeout_ms": "50", "partitions": "1",
+         "heartbeat_interval_ms": "10",
          "metrics_listen": f"127.0.0.1:{_port()}", **settings},
         {},
     )
@@ -73,7 +74,8 @@ async def _node(tmp_path, **settings) -> tuple[Node, asyncio.Task, asyncio.Event
     await node.start()
     stop = asyncio.Event()
     task = asyncio.create_task(node.run(stop))
-    await async_wait_until(lambda: node.core.leader_of(0), 10, "a leader")
+    await async_wait_until(lambda: 0 in node.core.groups and node.core.leader_of(0), 10,
+                           "a leader")
     return node, task, stop
 
 

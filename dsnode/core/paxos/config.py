@@ -39,6 +39,13 @@ class PaxosConfig:
     # the group whose first chosen value (slot 1) names the cluster: a Form command
     # with a fresh UUID (the metadata group); None: no group does
     formation_group: object = 0
+    # what that first value also holds, when the formation group is the metadata group
+    # of a partitioned cluster: the ring it starts with, (sorted members, partitions,
+    # replication) (a ``SetRing`` of epoch 1 next to the ``Form``); None: no ring
+    formation_ring: tuple | None = None
+    # the UUID the ``Form`` names (a data directory that already belongs to a cluster
+    # formed before the metadata group existed); None: a fresh random one
+    formation_uuid: str | None = None
     # per tick, the chance that a leader also asks a random peer for chosen values past
     # its own (a catch-up request is always safe); the simulator turns it on so that
     # deposed leaders that have not noticed yet learn what a newer leader chose

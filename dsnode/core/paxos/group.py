@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from dsnode.core.commands import Form
+from dsnode.core.commands import Form, SetRing
 from dsnode.core.errors import InvariantBroken, PeerMisbehaved, StateLost
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
@@ -242,7 +242,13 @@ class PaxosGroup(LeaderSide, CatchUp):
             # A new cluster: nothing was ever accepted by this quorum, so slot 1 is
             # free; choosing the cluster's UUID there is how the members agree on it.
             uuid = f"{self.rng.getrandbits(128):032x}"
-            p.proposals[1] = pack_batch([(None, Form(uuid))])
+            if self.cfg.formation_uuid is not None:
+                uuid = self.cfg.formation_uuid
+            first: list = [(None, Form(uuid))]
+            if self.cfg.formation_ring is not None:
+                members, partitions, replication = self.cfg.formation_ring
+                first.append((None, SetRing(tuple(members), partitions, replication, 1)))
+            p.proposals[1] = pack_batch(first)
             self.learner.track(1)
             p.next_slot = 2
         if res.snap_peer is not None and res.snap_index > self.log.chosen_through:

@@ -22,8 +22,10 @@ from dsnode.core.paxos.checkpoint import CheckpointWriter, GroupCapture
 from dsnode.core.paxos.config import PaxosConfig
 from dsnode.core.paxos.group import PaxosGroup
 from dsnode.core.paxos.messages import NodeHeartbeat
+from dsnode.core.paxos.metadata import MetaSM
 from dsnode.core.paxos.outputs import Outbox, StoredSnapshot
 from dsnode.core.paxos.roles import Role
+from dsnode.core.ring import Ring
 
 
 class PaxosNode:
@@ -35,6 +37,7 @@ class PaxosNode:
         config: PaxosConfig | None = None,
         acceptor_cls: type[Acceptor] = Acceptor,
         group_cls: type[PaxosGroup] = PaxosGroup,
+        metadata: Any = None,
     ) -> None:
         self.node_id = node_id
         self.config = config or PaxosConfig()
@@ -57,8 +60,14 @@ class PaxosNode:
         # (yet): a group created later from the metadata group's state gets them
         self._orphans: dict[Any, list[list]] = {}
         self._orphan_snapshots: dict[Any, StoredSnapshot] = {}
+        # the metadata group's id (its state machine holds the ring: MetaSM), or None:
+        # no ring, the groups given here are all there is (tests, the single-group build)
+        self.metadata = metadata
+        self._ring_epoch = 0  # the ring the hosted partitions were last synced with
         for g, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
-            self._create(g, members)
+            self._create(g, members, MetaSM if g == metadata and g is not None else None)
+        if metadata is not None and metadata not in self.groups:
+            raise ValueError(f"the metadata group {metadata!r} is not among the groups")
         self._update_peers()
 
     # ------------------------------------------------------------ groups
@@ -89,12 +98,62 @@ class PaxosNode:
             raise ValueError(f"{self.node_id} is no member of group {group!r}: {list(members)}")
         g = self._create(group, members, sm_cls)
         snap = self._orphan_snapshots.pop(group, None)
+        records = self._orphans.pop(group, ())
+        if snap is None and not records and self.config.lease_ticks:
+            # nothing of it was ever stored here, so this node acknowledged no lease in
+            # it: no need to sit out an election timeout before helping elect a leader
+            g.heard_leader_at = -(10**9)
         if snap is not None:
             g.recover_snapshot(snap)
-        for r in self._orphans.pop(group, ()):
+        for r in records:
             g.recover_record(r)
         g.finish_recovery()
         self._update_peers()
+
+    # ------------------------------------------------------------ partitions
+    @property
+    def ring(self) -> Ring | None:
+        """The metadata group's current ring (None: no metadata group, or no ring yet)."""
+        if self.metadata is None:
+            return None
+        return self.groups[self.metadata].sm.ring
+
+    def sync_partitions(self) -> list[Any]:
+        """Host the partitions the metadata group's ring places on this node (issue 8):
+        create each missing one with its replicas in ring order (the first is its
+        preferred leader), replaying what recovery set aside for it, and forget what
+        recovery set aside for partitions the ring does not place here. Membership
+        is fixed for now, so hosted partitions are never removed. Returns the ids
+        created. Called by ``recover`` (metadata first, then the partitions) and by
+        ``ready`` whenever the ring's epoch changed."""
+        ring = self.ring
+        if ring is None:
+            return []
+        self._ring_epoch = ring.epoch
+        placed = set(ring.partitions_of(self.node_id)) if self.node_id in ring.members else set()
+        created = []
+        for pid in sorted(placed):
+            if pid not in self.groups:
+                self.add_group(pid, ring.replicas(pid))
+                created.append(pid)
+        for gid in [*self._orphans, *self._orphan_snapshots]:
+            if gid != self.metadata and gid not in placed:
+                self._orphans.pop(gid, None)
+                self._orphan_snapshots.pop(gid, None)
+        return created
+
+    def _ring_changed(self) -> None:
+        """The metadata group applied a new ring: create this node's new partitions.
+        A new group has no leader to wait for: its preferred leader's election timer
+        fires after two heartbeat intervals (time for the other replicas, which learn
+        the ring from the metadata leader's next heartbeat, to create theirs), the
+        others' after a full random election timeout, so the preferred one is elected
+        first nearly always, without a hand-over."""
+        soon = 2 * self.config.heartbeat_interval_ticks
+        for pid in self.sync_partitions():
+            g = self.groups[pid]
+            g.elapsed = 0
+            g.timeout = soon if g.preferred[0] == self.node_id else g._random_timeout()
 
     def remove_group(self, group: Any) -> None:
         """Stop hosting ``group``: its pending requests fail (definitely if not yet
@@ -154,6 +213,17 @@ class PaxosNode:
             g.tick(n)
             if self.config.quiesce and g.is_quiet():
                 quiet.add(gid)
+
+    def idle_ticks(self) -> int:
+        """Ticks the shell may let pass before the next ``tick`` without this node
+        missing a duty: 1 while any group is ticked (not quiet); with every group quiet
+        (an idle node), the ticks until its next node heartbeat is due. Liveness changes
+        are then noticed at heartbeat pace, and any input wakes what it concerns, so an
+        idle node wakes once per heartbeat interval whatever the number of groups."""
+        if len(self._quiet) < len(self.groups) or self._dirty:
+            return 1
+        due = self._last_node_heartbeat + self.config.heartbeat_interval_ticks - self.now
+        return max(1, due)
 
     def _awake(self, gid: Any) -> PaxosGroup | None:
         """The group, no longer quiet, its clock caught up with the node's."""
@@ -229,6 +299,10 @@ class PaxosNode:
 
     # ------------------------------------------------------------ drain
     def ready(self) -> Ready:
+        if self.metadata is not None:
+            meta = self.groups[self.metadata].sm
+            if meta.ring_epoch != self._ring_epoch:
+                self._ring_changed()
         for group in sorted(self._dirty, key=str):
             self.groups[group].flush()
         self._dirty.clear()
@@ -263,8 +337,9 @@ class PaxosNode:
                 g.recover_record(r)
             else:
                 self._orphans.setdefault(r[1], []).append(r)
-        for g in self.groups.values():
+        for g in list(self.groups.values()):
             g.finish_recovery()
+        self.sync_partitions()
 
     def checkpoint(self) -> bytes | None:
         """The node's durable Paxos state as one blob of records, for a WAL
@@ -338,6 +413,11 @@ class PaxosNode:
 
     def state_machine(self, group: Any):
         return self.groups[group].sm
+
+    @property
+    def quiet_groups(self) -> int:
+        """Groups not ticked right now (quiet: see ``tick``)."""
+        return len(self._quiet)
 
     @property
     def dropped(self):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -145,18 +145,23 @@ class Router:
         self._release(r)
         return True
 
-    def on_leader_change(self, pid: int, leader: str | None) -> list[object]:
+    def on_leader_change(
+        self, pid: int, leader: str | None, movable: Callable[[object], bool] | None = None
+    ) -> list[object]:
         """Record ``pid``'s new leader (None: unknown) and hand back, oldest
         first, the leader-bound requests of ``pid`` that were parked or sent to
-        another node than the new leader. They are no longer counted: the driver
-        re-sends each with ``route`` (same token) within its deadline. Stale
-        reads are not affected."""
+        another node than the new leader, and that ``movable`` accepts (default
+        all; a write without a request id that may have reached the old leader
+        cannot be sent again, so it stays counted where it went). Those handed
+        back are no longer counted: the driver re-sends each with ``route``
+        (same token) within its deadline. Stale reads are not affected."""
         self._set_leader(pid, leader)
         if leader is None:
             return []
         resend = [
             t for t, r in self._routed.items()
             if r.partition == pid and r.kind is not OpKind.STALE and r.target != leader
+            and (movable is None or movable(t))
         ]
         for t in resend:
             self._release(self._routed.pop(t))
