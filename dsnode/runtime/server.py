@@ -89,6 +89,10 @@ class ClientServer:
         self.inflight = 0
         self.accepting = True
         self.status_provider: Callable[[], dict] | None = None
+        # The partition map for the ``ring`` op, set by the node like ``status_provider``:
+        # {"partitions", "replication", "epoch", "members": [{"node_id", "addr"}],
+        #  "map": [{"id", "replicas", "leader"}]}, or None while the ring is not known yet.
+        self.ring_provider: Callable[[], dict | None] | None = None
         self.peer_network: PeerNetwork | None = None
         self.default_timeout_s = config.request_timeout_ms / 1000
         self._packer = msgpack.Packer(use_bin_type=True)
@@ -346,6 +350,9 @@ class ClientConnection(asyncio.Protocol):
             counts[(op, "ok")] += 1
             self._send({"id": rid, "ok": True, **srv.status()})
             return
+        if op == "ring":
+            self._ring(rid)
+            return
         if not srv.accepting:
             self._refuse(rid, op, errors.UNAVAILABLE, "node is shutting down")
             return
@@ -365,6 +372,17 @@ class ClientConnection(asyncio.Protocol):
         srv.driver.submit(pending, cmd, timeout_s)
         if self.inflight >= srv.config.connection_inflight_max:
             self._pause_reading()
+
+    def _ring(self, rid: int) -> None:
+        """The partition map (PROTOCOL.md, "ring"), or ``unavailable`` (definite) while the
+        node does not know it yet."""
+        provider = self.server.ring_provider
+        body = provider() if provider is not None else None
+        if body is None:
+            self._refuse(rid, "ring", errors.UNAVAILABLE, "partition map not known yet")
+            return
+        self.server.metrics.requests[("ring", "ok")] += 1
+        self._send({"id": rid, "ok": True, **body})
 
     def _refuse(self, rid: int, op: str, code: str, message: str) -> None:
         """Answer a request with an error before it reaches the driver, and count it."""
