@@ -24,6 +24,22 @@ Endpoints
     for its ``status`` and adds the other members' addresses to its endpoints (as etcd's
     client does), so a later failover can reach nodes it was not told about.
 
+Ring-aware routing (on by default; ``ring_aware=False`` turns it off)
+    The keyspace is split into partitions, each led by one node. The client asks a node of
+    its pool for the partition map (the ``ring`` op) on the first keyed call, and sends each
+    ``get``/``put``/``delete`` (a ``txn``: the partition of its first key) straight to its
+    partition's leader, connecting to that member if needed (with TLS and the token, like
+    any connection), so the node need not forward it. A ``stale`` get goes to any replica
+    of the partition. Among equally eligible endpoints the client picks the one with the
+    fewest of its requests in flight, ties broken by a ``random.Random`` seeded with
+    ``seed`` (default: from ``os.urandom``). An answer with ``forwarded: true`` (the node
+    sent the request on), an ``unavailable`` answer or a lost connection makes it fetch
+    the map again, at most once per ``RING_REFRESH_MIN_S``. A request takes the usual
+    route (the pool, below) when the map is not known, names no leader or no address, or
+    the leader cannot be connected (then it is left alone for ``DIRECT_RETRY_S``); a
+    server without the op (``unknown_op``) is not asked again. ``stats`` counts requests
+    ``sent`` and answers ``forwarded``, so a bench can report the forwarded share.
+
 Deadlines
     Every call has a deadline, ``timeout`` seconds (per call, else the client default) from
     the call's start. It bounds connecting, retries and waiting, and is sent to the server as
