@@ -997,30 +997,30 @@ class Client:
             ring = self._ring
             if ring is None:
                 return None
-        part = ring.part_of(key)
+        pid = ring.partition_of(key)
         retry_at = self._direct_retry_at
         if stale:
-            nodes: Sequence[str | None] = part.replicas
-        else:
-            nodes = (part.leader,)
-        eligible: dict[str, tuple[str, int]] = {}
-        for node in nodes:
-            ep = ring.addrs.get(node) if node is not None else None
-            if ep is not None and retry_at.get(ep, 0.0) <= now:
-                eligible[_fmt_endpoint(*ep)] = ep
-        if not eligible:
-            return None
-        if len(eligible) == 1:
-            (ep,) = eligible.values()
-        else:
+            eligible = ring.replica_addrs[pid]
+            if retry_at:
+                eligible = {n: ep for n, ep in eligible.items() if retry_at.get(ep, 0.0) <= now}
+            if not eligible:
+                return None
             ep = eligible[pick(eligible, self._inflight, self._rng)]
+        else:
+            leader = ring.leader_addrs[pid]
+            if leader is None or (retry_at and retry_at.get(leader, 0.0) > now):
+                return None
+            ep = leader
+        conn = self._direct.get(ep)
+        if conn is not None and conn.open:
+            return conn
         return await self._conn_to(loop, ep, deadline)
 
     async def _conn_to(
         self, loop: asyncio.AbstractEventLoop, ep: tuple[str, int], deadline: float
     ) -> _Connection | None:
-        """An open connection to ``ep``: a pool connection already there, else this
-        client's member connection, connected now if needed. None if that fails in time
+        """An open connection to ``ep``: a pool connection already there, else a member
+        connection of this client's, connected now if needed. None if that fails in time
         (the endpoint is then left alone for a while)."""
         best: _Connection | None = None
         for c in self._slots:
@@ -1129,7 +1129,8 @@ class Client:
         map may be stale (a node went away)."""
         if self._closed:
             return
-        self._want_ring()
+        if self._ring_on:
+            self._ring_dirty = True  # fetched again with the next keyed request
         if conn.endpoint_index < 0:
             if self._direct.get(conn.endpoint) is conn:
                 del self._direct[conn.endpoint]

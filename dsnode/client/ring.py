@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dsnode.client.endpoints import parse_endpoints
+from dsnode.client.endpoints import fmt_endpoint, parse_endpoints
 from dsnode.core.ring.hashing import partition_of
 
 __all__ = ["RingMap", "PartitionInfo"]
@@ -27,16 +27,35 @@ class PartitionInfo:
     leader: str | None
 
 
+Endpoint = tuple[str, int]
+
+
 @dataclass(frozen=True, slots=True)
 class RingMap:
     """A checked ``ring`` answer. ``addrs`` maps node ids to ``(host, port)``; a member
-    whose ``addr`` does not parse has no entry (requests for it take the usual route)."""
+    whose ``addr`` does not parse has no entry (requests for it take the usual route).
+
+    Per partition id, for the client's hot path: ``leader_addrs`` the leader's endpoint
+    (None: no leader known, or no address for it) and ``replica_addrs`` the replicas'
+    endpoints by their ``host:port`` names."""
 
     partitions: int
     replication: int
     epoch: int
     parts: tuple[PartitionInfo, ...]  # indexed by partition id
-    addrs: dict[str, tuple[str, int]]
+    addrs: dict[str, Endpoint]
+    leader_addrs: tuple[Endpoint | None, ...] = ()
+    replica_addrs: tuple[dict[str, Endpoint], ...] = ()
+
+    def __post_init__(self) -> None:
+        addrs = self.addrs
+        leaders = tuple(None if p.leader is None else addrs.get(p.leader) for p in self.parts)
+        replicas = tuple(
+            {fmt_endpoint(*addrs[n]): addrs[n] for n in p.replicas if n in addrs}
+            for p in self.parts
+        )
+        object.__setattr__(self, "leader_addrs", leaders)
+        object.__setattr__(self, "replica_addrs", replicas)
 
     @classmethod
     def from_wire(cls, resp: dict[str, Any]) -> RingMap:
@@ -47,7 +66,7 @@ class RingMap:
         members = resp.get("members")
         if not isinstance(members, list):
             raise ValueError("'members' must be a list")
-        addrs: dict[str, tuple[str, int]] = {}
+        addrs: dict[str, Endpoint] = {}
         for i, m in enumerate(members):
             if not isinstance(m, dict) or not isinstance(m.get("node_id"), str):
                 raise ValueError(f"members[{i}] must be a map with a str 'node_id'")
