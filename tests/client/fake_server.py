@@ -20,6 +20,7 @@ would. ``fake_cluster`` starts several servers sharing one store and one map.
 from __future__ import annotations
 
 import asyncio
+import ssl as _ssl
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -56,10 +57,12 @@ class FakeServer:
     """Start with ``await start()``; ``port``, ``requests`` (all, in arrival order), ``conns``."""
 
     def __init__(
-        self, hook: Hook | None = None, token: str | None = None, node_id: str = "n1"
+        self, hook: Hook | None = None, token: str | None = None, node_id: str = "n1",
+        ssl: _ssl.SSLContext | None = None,
     ) -> None:
         self.hook = hook
         self.token = token
+        self.ssl = ssl  # a server context: TLS on
         self.node_id = node_id
         self.ring: dict[str, Any] | None = None
         self.data: dict[bytes, tuple[bytes, int]] = {}
@@ -75,7 +78,7 @@ class FakeServer:
         self.refuse_ids = False
 
     async def start(self) -> FakeServer:
-        self._server = await asyncio.start_server(self._on_conn, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._on_conn, "127.0.0.1", 0, ssl=self.ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -265,12 +268,14 @@ def ring_map(
 
 
 async def fake_cluster(
-    n: int, partitions: int = 8, replication: int = 3, token: str | None = None
+    n: int, partitions: int = 8, replication: int = 3, token: str | None = None,
+    ssl: _ssl.SSLContext | None = None,
 ) -> list[FakeServer]:
     """``n`` servers ``n0``, ``n1``, ... sharing one store (any node serves any key, as
     in the real cluster) and one map (``ring_map``; mutate ``servers[0].ring`` to change
     it for all). Stop each when done."""
-    servers = [await FakeServer(token=token, node_id=f"n{i}").start() for i in range(n)]
+    servers = [await FakeServer(token=token, node_id=f"n{i}", ssl=ssl).start()
+               for i in range(n)]
     ring = ring_map(servers, partitions, min(replication, n))
     first = servers[0]
     for s in servers:

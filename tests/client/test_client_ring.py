@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import ssl
 
 import fake_server as fs  # tests/client is on sys.path (pytest's prepend import mode)
 import pytest
 from polling import async_wait_until
 
 import dsnode.client.client as client_module
+from dsnode.certs import write_bundle
 from dsnode.client import Client, Op, SyncClient, Unauthenticated
 from dsnode.client.ring import RingMap
 from dsnode.core.ring.hashing import partition_of
@@ -268,6 +270,26 @@ async def test_member_connections_say_hello_with_the_token_first():
         with pytest.raises(Unauthenticated):
             await c.put(keys[0], "v")
         await c.close()
+    finally:
+        for s in servers:
+            await s.stop()
+
+
+async def test_member_connections_use_tls_like_the_pool(tmp_path):
+    write_bundle(tmp_path, ["n0"])
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp_path / "n0.pem", tmp_path / "n0.key")
+    servers = await fs.fake_cluster(3, partitions=P, ssl=ctx)
+    try:
+        keys = [f"k{i}".encode() for i in range(20)]
+        async with Client(servers[0].endpoint, timeout=5.0, cacert=str(tmp_path / "ca.pem")) as c:
+            for k in keys:
+                await c.put(k, "v")
+            assert c.stats["routed"] == 20 and c.stats["forwarded"] == 0
+        assert all(len(s.conns) == 1 for s in servers)  # one TLS connection to each
+        assert sorted(r["key"] for s in servers for r in s.requests if r["op"] == "put") == sorted(
+            keys
+        )
     finally:
         for s in servers:
             await s.stop()
