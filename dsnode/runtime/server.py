@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import msgpack
@@ -29,6 +29,7 @@ from dsnode.wire.requests import Limits, RequestError, parse_request, request_id
 
 if TYPE_CHECKING:
     from dsnode.config import NodeConfig
+    from dsnode.core.ring import Ring
     from dsnode.runtime.peers import PeerLink, PeerNetwork
 
 log = get_logger("dsnode.server")
@@ -57,6 +58,25 @@ def oversized_answer(rid: int, write: bool, size: int, limit: int) -> dict:
         return errors.error_response(rid, errors.TOO_LARGE, text)
     return errors.error_response(rid, errors.INTERNAL, text + "; it may have taken effect",
                                  indeterminate=True)
+
+
+def ring_answer(
+    ring: Ring, addrs: Mapping[str, str], leader_of: Callable[[int], str | None]
+) -> dict:
+    """The body of a ``ring`` answer (PROTOCOL.md) for ``ring_provider``: ``addrs`` maps
+    member ids to their client ``host:port``; ``leader_of(pid)`` is the leader this node
+    knows of (None: none). Every member of the ring needs an address (KeyError if not).
+    Set it as ``server.ring_provider = lambda: ring_answer(ring, addrs, leader_of)``."""
+    return {
+        "partitions": ring.partitions,
+        "replication": ring.replication,
+        "epoch": ring.epoch,
+        "members": [{"node_id": m, "addr": addrs[m]} for m in ring.members],
+        "map": [
+            {"id": pid, "replicas": list(replicas), "leader": leader_of(pid)}
+            for pid, replicas in enumerate(ring.placement())
+        ],
+    }
 
 
 # Largest frame a connection may send before it has authenticated: a hello is tiny, and an

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+from dsnode.client.ring import RingMap
 from dsnode.config import NodeConfig
-from dsnode.runtime.server import ClientServer
+from dsnode.core.ring import Ring
+from dsnode.runtime.server import ClientServer, ring_answer
 from dsnode.wire.framing import FrameDecoder, pack_frame, unpack_payload
 
 MAP = {
@@ -60,3 +62,18 @@ async def test_ring_answers_the_providers_map_or_unavailable_until_there_is_one(
     conn.connection_lost(None)
     assert server._sweeper is not None
     server._sweeper.cancel()  # the first-frame sweeper the connection started
+
+
+def test_ring_answer_lists_every_partition_in_ring_order_with_known_leaders():
+    ring = Ring(["a", "b", "c", "d"], partitions=16, replication=3, epoch=5)
+    addrs = {m: f"127.0.0.1:{7000 + i}" for i, m in enumerate(ring.members)}
+    leaders = {0: "b", 5: None}
+    body = ring_answer(ring, addrs, lambda pid: leaders.get(pid, ring.replicas(pid)[0]))
+    assert (body["partitions"], body["replication"], body["epoch"]) == (16, 3, 5)
+    assert body["members"] == [{"node_id": m, "addr": addrs[m]} for m in ring.members]
+    assert [p["id"] for p in body["map"]] == list(range(16))
+    assert all(p["replicas"] == list(ring.replicas(p["id"])) for p in body["map"])
+    assert body["map"][0]["leader"] == "b" and body["map"][5]["leader"] is None
+    assert body["map"][1]["leader"] == ring.replicas(1)[0]
+    checked = RingMap.from_wire(body)  # what the client accepts
+    assert checked.part_of(b"k").replicas == ring.replicas(ring.partition_of(b"k"))
