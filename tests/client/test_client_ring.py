@@ -146,6 +146,20 @@ async def test_stale_gets_spread_over_the_replicas_by_least_connections(cluster)
         assert c.stats["forwarded"] == 0  # every replica may answer a stale get
 
 
+async def test_a_replica_that_refuses_connections_is_left_out_of_stale_picks(cluster):
+    await cluster[2].stop()
+    loop = asyncio.get_running_loop()
+    async with Client(cluster[0].endpoint, timeout=2.0, seed=3) as c:
+        start = loop.time()
+        for i in range(30):
+            assert (await c.get(f"k{i}", consistency="stale")).version == 0
+        # the usual way only when n2 was tried and refused, once per DIRECT_RETRY_S
+        tries = 1 + math.floor((loop.time() - start) / client_module.DIRECT_RETRY_S)
+        assert 30 - c.stats["routed"] <= tries
+    got = _keyed(cluster[:2], "get")
+    assert len(got["n0"]) + len(got["n1"]) == 30 and got["n1"]
+
+
 async def _stale_targets(cluster, seed: int, n: int) -> list[str]:
     """Which node each of ``n`` stale gets, one after the other (all ties), went to."""
     before = {s.node_id: len(_keyed([s], "get")[s.node_id]) for s in cluster}
