@@ -1,4 +1,4 @@
-"""The ``dsnode`` command line: client commands (get, put, del, txn, status, endpoint) and,
+"""The ``dsnode`` command line: client commands (get, put, del, txn, status, key, endpoint) and,
 when their modules exist, ``serve``, ``bench`` and ``local-cluster``.
 
 Behaviour (also in ``dsnode --help``):
@@ -38,7 +38,15 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 
 from dsnode import __version__
-from dsnode.cli_format import escape, jsonable, key_text, render_status, table
+from dsnode.cli_format import (
+    escape,
+    jsonable,
+    key_placement,
+    key_text,
+    render_key,
+    render_status,
+    table,
+)
 from dsnode.client.client import (
     DEFAULT_DIAL_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -47,7 +55,8 @@ from dsnode.client.client import (
     TxnResult,
     parse_endpoints,
 )
-from dsnode.client.errors import ConnectFailed, DsnodeError
+from dsnode.client.errors import ConnectFailed, DsnodeError, UnknownOp
+from dsnode.client.ring import RingMap
 
 DEFAULT_ENDPOINTS = "127.0.0.1:7379"
 T = TypeVar("T")
@@ -256,12 +265,15 @@ def _dial_timeout() -> float:
 
 
 def _client(settings: Settings, endpoints: str | None = None, discover: bool = True) -> Client:
+    # One request per command: fetching the partition map first would cost a round trip
+    # (and maybe a second connection) to save the node one forwarding hop.
     return Client(
         endpoints or settings.endpoints,
         timeout=settings.timeout,
         token=settings.token,
         dial_timeout=_dial_timeout(),
         discover=discover,
+        ring_aware=False,
         **_tls_kwargs(),
     )
 
@@ -746,8 +758,10 @@ def status_command(
     token: str | None,
     output: str | None,
 ) -> None:
-    """Show the contacted node's view: leader, role, revision and readiness, then its
-    members and groups as tables, then the rest (log, Paxos and peer details).
+    """Show the contacted node's view: readiness, the ring (partitions, replication, epoch)
+    and how many partitions it leads, then its members and one row per partition (id,
+    replicas, leader, applied: '-' where this node holds no replica) as tables, then the
+    rest (log, Paxos and peer details). With -o json, the status answer as it came.
 
     With --check the exit status is 1 when the node is not ready (it cannot serve
     linearizable requests now), for scripts and health checks.
@@ -761,6 +775,45 @@ def status_command(
             click.echo(line)
     if check and st.get("ready") is not True:
         sys.exit(EXIT_ERROR)
+
+
+@main.command("key")
+@click.argument("key")
+@_common_options(group_level=False)
+def key_command(
+    key: str,
+    endpoints: str | None,
+    timeout: float | None,
+    token: str | None,
+    output: str | None,
+) -> None:
+    """Where KEY lives: its partition, that partition's replicas (in ring order, the first
+    the preferred leader) and its current leader, from the contacted node's partition map.
+
+    Text output: 'key', 'partition: N of P', 'replicas', 'leader' (with its address;
+    '-' when the node knows of none) and the ring's 'epoch'. JSON output: {"key",
+    "partition", "partitions", "replicas", "leader", "leader_addr", "epoch"}.
+    """
+    s = _settings(endpoints, timeout, token, output)
+    kb = _key_arg(key)
+    try:
+        answer = _run(s, lambda c: c.ring())
+    except CommandError as exc:
+        if exc.code != UnknownOp.code:
+            raise
+        raise CommandError("this node has no partition map (the 'ring' op is newer than "
+                           "it)", exc.code) from None
+    try:
+        ring = RingMap.from_wire(answer)
+    except ValueError as exc:
+        raise CommandError(f"malformed partition map from the server: {exc}",
+                           "internal") from None
+    info = key_placement(ring, kb)
+    if s.output == "json":
+        _print_json(info)
+    else:
+        for line in render_key(info):
+            click.echo(line)
 
 
 # --------------------------------------------------------------------------- endpoint

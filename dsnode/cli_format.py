@@ -9,6 +9,9 @@ import base64
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from dsnode.client.endpoints import fmt_endpoint
+from dsnode.client.ring import RingMap
+
 # C0 controls other than newline and tab, DEL, and the C1 controls: bytes a terminal may
 # act on (escape sequences, cursor moves) instead of showing.
 _UNSAFE = {c for c in range(0x20) if c not in (0x09, 0x0A)} | {0x7F} | set(range(0x80, 0xA0))
@@ -133,40 +136,87 @@ def _list_table(title: str, rows: list[dict[str, Any]]) -> list[str]:
 
 
 # Shown first, in this order, when present.
-_STATUS_HEAD = ("node_id", "cluster_id", "ready", "leader", "role", "revision", "keys",
-                "server_version")
+_STATUS_HEAD = ("node_id", "cluster_id", "ready", "ring", "leads", "leader", "role", "revision",
+                "keys", "server_version")
+# The columns of the partition table, first, in this order; any other field follows.
+_PARTITION_COLS = ("id", "replicas", "leader", "applied")
 
 
 def render_status(st: dict[str, Any]) -> list[str]:
-    """A node's status for people: the essentials first, then members and groups as
-    tables, then every other field as ``name: value`` (nested maps flattened to dotted
-    names, maps of maps and lists of maps as tables). Never a raw JSON blob."""
+    """A node's status for people: the essentials first, then members and partitions as
+    tables (one row per partition: id, replicas, leader, applied), then every other field
+    as ``name: value`` (nested maps flattened to dotted names, maps of maps and lists of
+    maps as tables). Never a raw JSON blob.
+
+    With a ``ring`` (a partitioned node) the summary says how the keyspace is split and
+    how many partitions this node leads and hosts; without one (an older node) it names
+    the leader(s) of its groups, as before."""
     st = dict(st)
-    partitions = st.pop("partitions", None) or []
+    partitions = [p for p in st.pop("partitions", None) or [] if isinstance(p, dict)]
     members = st.pop("members", None) or []
+    ring = st.pop("ring", None)
     paxos = st.get("paxos") if isinstance(st.get("paxos"), dict) else {}
-    leaders = {p.get("leader") for p in partitions if isinstance(p, dict)}
+    node_id = st.pop("node_id", None)
     head: dict[str, Any] = {
-        "node_id": st.pop("node_id", None),
+        "node_id": node_id,
         "cluster_id": st.pop("cluster_id", None),
         "ready": st.pop("ready", None),
-        "leader": ",".join(sorted(str(x) for x in leaders if x)) or None,
+        "ring": None,
+        "leads": None,
+        "leader": None,
         "role": paxos.get("role"),
         "revision": st.pop("revision", None),
         "keys": st.pop("keys", None),
         "server_version": st.pop("server_version", None),
     }
+    shown = {"ready"}  # shown even when absent; the others only when present
+    if isinstance(ring, dict):
+        head["ring"] = (f"{scalar(ring.get('partitions'))} partitions, replication "
+                        f"{scalar(ring.get('replication'))}, epoch {scalar(ring.get('epoch'))}")
+        led = sum(1 for p in partitions if node_id is not None and p.get("leader") == node_id)
+        hosted = sum(1 for p in partitions if node_id in (p.get("replicas") or ()))
+        head["leads"] = f"{led} of {len(partitions)} partitions (replica of {hosted})"
+    else:
+        leaders = {p.get("leader") for p in partitions}
+        head["leader"] = ",".join(sorted(str(x) for x in leaders if x)) or None
+        shown.add("leader")
     lines = [f"{name}: {scalar(head[name])}" for name in _STATUS_HEAD
-             if head[name] is not None or name in ("leader", "ready")]
+             if head[name] is not None or name in shown]
     lines += _list_table("members", [m for m in members if isinstance(m, dict)])
-    groups = [
-        {"id": p.get("id"), "leader": p.get("leader"), "replicas": p.get("replicas")}
-        | {k: v for k, v in p.items() if k not in ("id", "leader", "replicas")}
-        for p in partitions if isinstance(p, dict)
-    ]
-    lines += _list_table("groups", groups)
+    rows = [{c: p.get(c) for c in _PARTITION_COLS}
+            | {k: v for k, v in p.items() if k not in _PARTITION_COLS} for p in partitions]
+    lines += _list_table("partitions", rows)
     lines += _render_rest("", st)
     return lines
+
+
+def key_placement(ring: RingMap, key: bytes) -> dict[str, Any]:
+    """Where ``key`` lives by a partition map:
+    ``key``, ``partition``, ``partitions``, ``replicas``, ``leader`` (None: none known),
+    ``leader_addr`` and ``epoch``."""
+    part = ring.part_of(key)
+    addr = ring.addrs.get(part.leader) if part.leader is not None else None
+    return {
+        "key": key,
+        "partition": part.id,
+        "partitions": ring.partitions,
+        "replicas": list(part.replicas),
+        "leader": part.leader,
+        "leader_addr": None if addr is None else fmt_endpoint(*addr),
+        "epoch": ring.epoch,
+    }
+
+
+def render_key(info: dict[str, Any]) -> list[str]:
+    """:func:`key_placement` for people: ``name: value`` lines."""
+    return [
+        f"key: {key_text(info['key'])}",
+        f"partition: {info['partition']} of {info['partitions']}",
+        f"replicas: {scalar(info['replicas'])}",
+        f"leader: {scalar(info['leader'])}"
+        + (f" ({info['leader_addr']})" if info["leader_addr"] else ""),
+        f"epoch: {info['epoch']}",
+    ]
 
 
 def _render_rest(prefix: str, st: dict[str, Any]) -> list[str]:

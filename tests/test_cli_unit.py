@@ -15,6 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from dsnode.cli import main, parse_txn_spec
+from dsnode.cli_format import render_status
+from dsnode.core.ring.hashing import partition_of
 
 
 def _load_fake_server() -> Any:
@@ -180,10 +182,120 @@ def test_status_text_and_json(run):
     lines = r.stdout.splitlines()
     assert lines[:4] == ["node_id: n1", "cluster_id: c1", "ready: true", "leader: n1"]
     assert "  NODE_ID  ADDR         STATE" in lines and "  n1       127.0.0.1:1  alive" in lines
-    assert "  ID  LEADER  REPLICAS" in lines and "  0   n1      n1" in lines
+    assert "  ID  REPLICAS  LEADER  APPLIED" in lines and "  0   n1        n1      -" in lines
     assert "{" not in r.stdout
     doc = json.loads(run("status", "-o", "json").stdout)
     assert doc["cluster_id"] == "c1" and doc["partitions"][0]["leader"] == "n1"
+
+
+PARTITIONED_STATUS = {
+    "node_id": "n2", "cluster_id": "c1", "ready": True, "revision": 41, "keys": 7,
+    "ring": {"partitions": 4, "replication": 2, "epoch": 3},
+    "members": [{"node_id": "n1", "addr": "127.0.0.1:7379", "state": "alive"},
+                {"node_id": "n2", "addr": "127.0.0.1:7380", "state": "alive"},
+                {"node_id": "n3", "addr": "127.0.0.1:7381", "state": "dead"}],
+    "partitions": [
+        {"id": 0, "replicas": ["n1", "n2"], "leader": "n1", "applied": 17},
+        {"id": 1, "replicas": ["n2", "n3"], "leader": "n2", "applied": 1234},
+        {"id": 2, "replicas": ["n3", "n1"], "leader": None, "applied": None},
+        {"id": 3, "replicas": ["n2", "n1"], "leader": "n2", "applied": 9, "lag": 2},
+    ],
+    "paxos": {"quiesced": 3},
+}
+
+
+def test_status_of_a_partitioned_node_is_a_summary_then_one_row_per_partition(srv):
+    async def hook(req, conn):
+        return fs.ok(req, **PARTITIONED_STATUS) if req.get("op") == "status" else None
+
+    srv.call(lambda: setattr(srv.server, "hook", hook))
+    r = CliRunner().invoke(main, ["--endpoints", srv.endpoint, "status"])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[:7] == [
+        "node_id: n2", "cluster_id: c1", "ready: true",
+        "ring: 4 partitions, replication 2, epoch 3",
+        "leads: 2 of 4 partitions (replica of 3)",
+        "revision: 41", "keys: 7",
+    ]
+    at = lines.index("partitions: 4")
+    assert lines[at + 1:at + 6] == [
+        "  ID  REPLICAS  LEADER  APPLIED  LAG",
+        "  0   n1,n2     n1      17       -",
+        "  1   n2,n3     n2      1234     -",
+        "  2   n3,n1     -       -        -",  # not hosted here: applied is null
+        "  3   n2,n1     n2      9        2",
+    ]
+    assert "paxos.quiesced: 3" in lines and not any(x.startswith("leader:") for x in lines)
+    r = CliRunner().invoke(main, ["--endpoints", srv.endpoint, "status", "--output", "json"])
+    assert r.exit_code == 0 and json.loads(r.stdout) == PARTITIONED_STATUS
+
+
+def test_status_table_of_a_node_without_ring_or_partitions():
+    lines = render_status({"node_id": "n1", "ready": False, "members": []})
+    assert lines == ["node_id: n1", "ready: false", "leader: -", "members: 0", "partitions: 0"]
+
+
+def _serve_ring(srv, ring):
+    srv.call(lambda: setattr(srv.server, "ring", ring))
+
+
+def test_key_prints_partition_replicas_and_leader_in_text_and_json(run, srv):
+    ring = {
+        "partitions": 4, "replication": 2, "epoch": 9,
+        "members": [{"node_id": "n1", "addr": "127.0.0.1:7379"},
+                    {"node_id": "n2", "addr": "[::1]:7380"}],
+        "map": [{"id": p, "replicas": ["n2", "n1"] if p % 2 else ["n1", "n2"],
+                 "leader": None if p == 3 else ("n2" if p % 2 else "n1")} for p in range(4)],
+    }
+    _serve_ring(srv, ring)
+    keys = {partition_of(f"k{i}".encode(), 4): f"k{i}" for i in range(100)}
+    r = run("key", keys[1])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == [
+        f"key: {keys[1]}", "partition: 1 of 4", "replicas: n2,n1",
+        "leader: n2 ([::1]:7380)", "epoch: 9",
+    ]
+    r = run("key", keys[3])
+    assert "leader: -" in r.stdout.splitlines()
+    r = run("key", keys[0], "-o", "json")
+    assert json.loads(r.stdout) == {
+        "key": keys[0], "partition": 0, "partitions": 4, "replicas": ["n1", "n2"],
+        "leader": "n1", "leader_addr": "127.0.0.1:7379", "epoch": 9,
+    }
+    binary = b"\xff\x1b"
+    r = run("-o", "json", "key", binary.decode("utf-8", "surrogateescape"))
+    doc = json.loads(r.stdout)
+    assert doc["key_b64"] == base64.b64encode(binary).decode()
+    assert doc["partition"] == partition_of(binary, 4)
+    ops = [x["op"] for x in srv.call(lambda: list(srv.server.requests))]
+    assert ops.count("ring") == 4 and set(ops) <= {"ring", "status"}  # status: discovery
+
+
+def test_key_errors_old_server_malformed_map_and_empty_key(run, srv):
+    r = run("key", "k")  # the fake server has no ring op until given a map
+    assert r.exit_code == 1
+    assert r.stderr.startswith("error: unknown_op: this node has no partition map")
+    _serve_ring(srv, {"partitions": 2, "replication": 1, "epoch": 1, "members": [],
+                      "map": [{"id": 0, "replicas": [], "leader": None}]})
+    r = run("key", "k", "-o", "json")
+    assert r.exit_code == 1
+    err = json.loads(r.stdout)["error"]
+    assert err["code"] == "internal" and "malformed partition map" in err["message"]
+    r = run("key", "")
+    assert r.exit_code == 2 and "KEY must not be empty" in r.stderr
+
+
+def test_key_waits_out_a_map_not_known_yet_then_reports_unavailable(srv):
+    async def hook(req, conn):
+        if req.get("op") == "ring":
+            return fs.err(req, "unavailable", "partition map not known yet")
+        return None
+
+    srv.call(lambda: setattr(srv.server, "hook", hook))
+    r = CliRunner().invoke(main, ["--endpoints", srv.endpoint, "--timeout", "0.3", "key", "k"])
+    assert r.exit_code == 1
+    assert r.stderr == "error: unavailable: partition map not known yet\n"
 
 
 def test_server_error_exits_1_with_one_line_message(srv):
@@ -235,7 +347,7 @@ def test_usage_errors_exit_2(run):
 def test_main_is_callable_entry_point_and_lists_client_commands():
     r = CliRunner().invoke(main, ["--help"])
     assert r.exit_code == 0
-    for name in ("get", "put", "del", "txn", "status"):
+    for name in ("get", "put", "del", "txn", "status", "key"):
         assert f"  {name} " in r.stdout
 
 
@@ -349,7 +461,8 @@ def test_help_lists_real_commands_and_describes_options():
     r = CliRunner().invoke(main, ["--help"])
     assert "partitioned" not in r.stdout and "endpoint" in r.stdout
     ctx = click.Context(main)
-    for path in (["get"], ["put"], ["del"], ["txn"], ["status"], ["local-cluster"], ["bench"],
+    for path in (["get"], ["put"], ["del"], ["txn"], ["status"], ["key"], ["local-cluster"],
+                 ["bench"],
                  ["endpoint", "health"], ["endpoint", "status"]):
         cmd: Any = main
         for name in path:

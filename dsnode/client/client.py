@@ -24,6 +24,22 @@ Endpoints
     for its ``status`` and adds the other members' addresses to its endpoints (as etcd's
     client does), so a later failover can reach nodes it was not told about.
 
+Ring-aware routing (on by default; ``ring_aware=False`` turns it off)
+    The keyspace is split into partitions, each led by one node. The client asks a node of
+    its pool for the partition map (the ``ring`` op) on the first keyed call, and sends each
+    ``get``/``put``/``delete`` (a ``txn``: the partition of its first key) straight to its
+    partition's leader, connecting to that member if needed (with TLS and the token, like
+    any connection), so the node need not forward it. A ``stale`` get goes to any replica
+    of the partition. Among equally eligible endpoints the client picks the one with the
+    fewest of its requests in flight, ties broken by a ``random.Random`` seeded with
+    ``seed`` (default: from ``os.urandom``). An answer with ``forwarded: true`` (the node
+    sent the request on), an ``unavailable`` answer or a lost connection makes it fetch
+    the map again, at most once per ``RING_REFRESH_MIN_S``. A request takes the usual
+    route (the pool, below) when the map is not known, names no leader or no address, or
+    the leader cannot be connected (then it is left alone for ``DIRECT_RETRY_S``); a
+    server without the op (``unknown_op``) is not asked again. ``stats`` counts requests
+    ``sent`` and answers ``forwarded``, so a bench can report the forwarded share.
+
 Deadlines
     Every call has a deadline, ``timeout`` seconds (per call, else the client default) from
     the call's start. It bounds connecting, retries and waiting, and is sent to the server as
@@ -70,6 +86,8 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 import msgpack
 
+from dsnode.client.endpoints import fmt_endpoint as _fmt_endpoint
+from dsnode.client.endpoints import parse_endpoints
 from dsnode.client.errors import (
     CONNECTION_LOST,
     ConnectFailed,
@@ -79,9 +97,12 @@ from dsnode.client.errors import (
     Internal,
     TooLarge,
     Unavailable,
+    UnknownOp,
     error_from_wire,
 )
+from dsnode.client.ring import RingMap
 from dsnode.client.tls import client_ssl_context
+from dsnode.core.router.least_conn import InFlight, pick
 from dsnode.wire import errors as codes
 from dsnode.wire.framing import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -111,7 +132,7 @@ DEFAULT_DIAL_TIMEOUT = 2.0
 _SERVER_MARGIN_MAX_S = 0.2  # timeout_ms is sent this much (or 10%) below the client deadline
 CLIENT_NAME = "dsnode-py/0.1"
 
-READ_OPS = frozenset({"get", "status", "hello"})
+READ_OPS = frozenset({"get", "status", "hello", "ring"})
 """Ops that never change state, so the client may send them again."""
 
 _RETRY_CODES = frozenset({codes.UNAVAILABLE, codes.OVERLOADED, CONNECTION_LOST})
@@ -122,6 +143,10 @@ ID_WRITE_OPS = frozenset({"put", "delete", "txn"})
 CLIENT_ID_BYTES = 16
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_MAX_S = 1.0
+RING_REFRESH_MIN_S = 0.5
+"""The partition map is fetched again at most this often (seconds)."""
+DIRECT_RETRY_S = 1.0
+"""A member endpoint that could not be connected is not tried again for this long."""
 
 KeyLike = str | bytes | bytearray | memoryview
 T = TypeVar("T")
@@ -208,34 +233,6 @@ def _to_bytes(data: object, what: str) -> bytes:
     raise TypeError(f"{what} must be str or bytes, not {type(data).__name__}")
 
 
-def parse_endpoints(endpoints: str | Iterable[str]) -> list[tuple[str, int]]:
-    """Parse ``"host:port,host:port"`` or a list of ``host:port`` (IPv6 as ``[::1]:7379``).
-
-    Raises ValueError naming the bad entry; the result is never empty.
-    """
-    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
-    out: list[tuple[str, int]] = []
-    for raw in items:
-        item = raw.strip()
-        if not item:
-            continue
-        host, sep, port_text = item.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"endpoint {item!r} is not host:port")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        try:
-            port = int(port_text)
-        except ValueError:
-            raise ValueError(f"endpoint {item!r} has a bad port") from None
-        if not 0 < port < 65536:
-            raise ValueError(f"endpoint {item!r} has a port out of range")
-        out.append((host, port))
-    if not out:
-        raise ValueError("no endpoints given")
-    return out
-
-
 # --------------------------------------------------------------------------- connection
 
 
@@ -268,11 +265,14 @@ class _Connection(asyncio.Protocol):
         self,
         loop: asyncio.AbstractEventLoop,
         endpoint_index: int,
+        endpoint: tuple[str, int],
         max_frame_bytes: int,
         on_lost: Callable[[_Connection], None],
     ) -> None:
         self.loop = loop
-        self.endpoint_index = endpoint_index
+        self.endpoint_index = endpoint_index  # in the client's endpoints; -1: a member's
+        self.endpoint = endpoint
+        self.name = _fmt_endpoint(*endpoint)  # the key of the client's in-flight counts
         self.max_frame_bytes = max_frame_bytes
         self.on_lost = on_lost
         self.transport: asyncio.Transport | None = None
@@ -438,6 +438,8 @@ class Client:
         key: str | None = None,
         ssl: _ssl.SSLContext | None = None,
         request_ids: bool = True,
+        ring_aware: bool = True,
+        seed: int | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
@@ -474,6 +476,29 @@ class Client:
         self._closed = False
         self.server_info: dict[str, Any] | None = None
         """The last ``hello`` answer received on a new connection (only with a token)."""
+        self.ring_aware = ring_aware
+        """Whether keyed requests go straight to their partition's leader (see above)."""
+        self._ring_on = ring_aware  # turned off for good by a server without the ring op
+        self._ring: RingMap | None = None
+        self._ring_dirty = ring_aware  # a (re)fetch of the map is wanted
+        self._ring_next_at = 0.0  # loop time before which no fetch starts
+        self._ring_task: asyncio.Task[None] | None = None
+        # Connections to members chosen from the map, by endpoint, beside the pool's.
+        self._direct: dict[tuple[str, int], _Connection] = {}
+        self._direct_connecting: dict[tuple[str, int], asyncio.Task[_Connection]] = {}
+        self._direct_retry_at: dict[tuple[str, int], float] = {}
+        self._inflight = InFlight()  # requests awaiting an answer, per endpoint name
+        self._rng = random.Random(
+            seed if seed is not None else int.from_bytes(os.urandom(8), "big")
+        )
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("sent", "forwarded", "routed", "ring_fetches", "ring_errors"), 0
+        )
+        """Counters: ``sent`` request frames written (every attempt, internal ``ring`` and
+        ``hello`` included); ``forwarded`` answers carrying ``forwarded: true`` (the node
+        sent the request on to another node); ``routed`` attempts sent to an endpoint chosen
+        from the partition map; ``ring_fetches`` maps received; ``ring_errors`` fetches that
+        failed (other than a server without the op)."""
 
     # -- lifecycle
 
@@ -502,11 +527,17 @@ class Client:
         Idempotent. Waits (briefly, at most 1 s) for the transports to finish closing.
         """
         self._closed = True
-        for task in self._connecting.values():
+        tasks: list[asyncio.Task[Any]] = [*self._connecting.values(),
+                                          *self._direct_connecting.values()]
+        if self._ring_task is not None:
+            tasks.append(self._ring_task)
+        for task in tasks:
             task.cancel()
         self._connecting.clear()
-        conns = [c for c in self._slots if c is not None]
+        self._direct_connecting.clear()
+        conns = [c for c in self._slots if c is not None] + list(self._direct.values())
         self._slots = [None] * len(self._slots)
+        self._direct.clear()
         for c in conns:
             c.close("client closed")
         waits = [c.closed for c in conns if not c.closed.done()]
@@ -523,7 +554,13 @@ class Client:
     @property
     def in_flight(self) -> int:
         """Requests currently awaiting an answer, over all connections."""
-        return sum(len(c.pending) for c in self._slots if c is not None)
+        conns = [c for c in self._slots if c is not None] + list(self._direct.values())
+        return sum(len(c.pending) for c in conns)
+
+    @property
+    def partition_map(self) -> RingMap | None:
+        """The partition map requests are routed by (None: not known, or not ring-aware)."""
+        return self._ring
 
     # -- public API
 
@@ -531,10 +568,11 @@ class Client:
         self, key: KeyLike, consistency: str = "linearizable", *, timeout: float | None = None
     ) -> GetResult:
         """Read ``key``. ``consistency``: ``"linearizable"`` (default) or ``"stale"``."""
-        msg: dict[str, Any] = {"op": "get", "key": _to_bytes(key, "key")}
+        kb = _to_bytes(key, "key")
+        msg: dict[str, Any] = {"op": "get", "key": kb}
         if consistency != "linearizable":
             msg["consistency"] = consistency
-        resp = await self._call(msg, timeout, False)
+        resp = await self._call(msg, timeout, False, kb, consistency == "stale")
         return GetResult(resp.get("value"), resp.get("version", 0))
 
     async def put(
@@ -549,24 +587,22 @@ class Client:
         it (0: only if absent). A failed condition is a result (``succeeded=False``), not an
         error. Sent again after an unknown outcome only with its request id (see the retry
         rule and request ids above)."""
-        msg: dict[str, Any] = {
-            "op": "put",
-            "key": _to_bytes(key, "key"),
-            "value": _to_bytes(value, "value"),
-        }
+        kb = _to_bytes(key, "key")
+        msg: dict[str, Any] = {"op": "put", "key": kb, "value": _to_bytes(value, "value")}
         if if_version is not None:
             msg["if_version"] = _check_version(if_version, "if_version")
-        resp = await self._call(msg, timeout, True)
+        resp = await self._call(msg, timeout, True, kb)
         return PutResult(resp["succeeded"], resp["version"])
 
     async def delete(
         self, key: KeyLike, if_version: int | None = None, *, timeout: float | None = None
     ) -> DeleteResult:
         """Delete ``key``; with ``if_version``, only if the current version equals it."""
-        msg: dict[str, Any] = {"op": "delete", "key": _to_bytes(key, "key")}
+        kb = _to_bytes(key, "key")
+        msg: dict[str, Any] = {"op": "delete", "key": kb}
         if if_version is not None:
             msg["if_version"] = _check_version(if_version, "if_version")
-        resp = await self._call(msg, timeout, True)
+        resp = await self._call(msg, timeout, True, kb)
         return DeleteResult(resp["succeeded"], resp.get("existed", False), resp["version"])
 
     async def txn(
@@ -579,7 +615,10 @@ class Client:
     ) -> TxnResult:
         """Atomically: if every ``(key, version)`` compare holds run ``then``, else ``else_``.
 
-        Build sub-ops with :meth:`Op.get`, :meth:`Op.put`, :meth:`Op.delete`.
+        Build sub-ops with :meth:`Op.get`, :meth:`Op.put`, :meth:`Op.delete`. A ring-aware
+        client sends it to the leader of its first key's partition (compares first); a
+        server answers a txn whose keys span partitions ``bad_request`` until cross-partition
+        transactions exist.
         """
         msg: dict[str, Any] = {"op": "txn"}
         ifs = [
@@ -594,12 +633,20 @@ class Client:
         else_w = [_op_to_wire(o) for o in else_]
         if else_w:
             msg["else"] = else_w
-        resp = await self._call(msg, timeout, True)
+        first = ifs or then_w or else_w
+        resp = await self._call(msg, timeout, True, first[0]["key"] if first else None)
         return TxnResult(resp["succeeded"], resp.get("results", []))
 
     async def status(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The node's status map (``node_id``, ``ready``, ``members``, ``partitions``...)."""
         return _strip(await self._call({"op": "status"}, timeout, False))
+
+    async def ring(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The contacted node's partition map, as sent (``partitions``, ``replication``,
+        ``epoch``, ``members``, ``map``); :meth:`RingMap.from_wire` checks it. Raises
+        :class:`Unavailable` while the node does not know it yet, :class:`UnknownOp` from
+        a server without the op."""
+        return _strip(await self._call({"op": "ring"}, timeout, False))
 
     async def hello(self, *, timeout: float | None = None) -> dict[str, Any]:
         """Send ``hello`` (with the token, if any); returns ``node_id``, ``protocol``..."""
@@ -623,8 +670,17 @@ class Client:
 
     # -- the request path
 
-    async def _call(self, msg: dict[str, Any], timeout: float | None, write: bool) -> dict:
-        """Send ``msg`` with retries per the retry rule; return the ``ok`` response map."""
+    async def _call(
+        self,
+        msg: dict[str, Any],
+        timeout: float | None,
+        write: bool,
+        key: bytes | None = None,
+        stale: bool = False,
+    ) -> dict:
+        """Send ``msg`` with retries per the retry rule; return the ``ok`` response map.
+
+        ``key`` (with ``stale`` for a stale get) routes it by the partition map."""
         loop = self._loop
         if loop is None:
             loop = self._bind_loop()
@@ -640,7 +696,7 @@ class Client:
         maybe_applied = False  # an earlier attempt may have reached the server
         while True:
             try:
-                return await self._attempt(loop, msg, deadline, budget, write)
+                return await self._attempt(loop, msg, deadline, budget, write, key, stale)
             except DsnodeError as exc:
                 if with_id and _refuses_ids(exc):
                     # an older server: nothing was applied; go on without ids from now on
@@ -671,14 +727,23 @@ class Client:
         deadline: float,
         budget: float,
         write: bool,
+        key: bytes | None = None,
+        stale: bool = False,
     ) -> dict:
-        # Pick the open connection with the fewest requests in flight (fast path: one slot).
-        slots = self._slots
-        conn = slots[0]
-        if len(slots) > 1:
-            conn = self._pick()
-        if conn is None or not conn.open:
-            conn = await self._acquire(deadline)
+        conn = None
+        if key is not None and self._ring_on:
+            conn = await self._route(loop, key, stale, deadline)
+        if conn is None:
+            # The usual choice: the open pool connection with the fewest requests in flight
+            # (fast path: one slot).
+            slots = self._slots
+            conn = slots[0]
+            if len(slots) > 1:
+                conn = self._pick()
+            if conn is None or not conn.open:
+                conn = await self._acquire(deadline)
+        else:
+            self.stats["routed"] += 1
         return await self._send(loop, conn, msg, deadline, budget, write)
 
     async def _send(
@@ -720,6 +785,9 @@ class Client:
             raise ConnectionLost(conn.close_reason + "; not sent")
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         conn.pending[rid] = fut
+        inflight = self._inflight
+        inflight.start(conn.name)
+        self.stats["sent"] += 1
         conn.write(HEADER.pack(len(payload)) + payload)
         # From here on a write may reach the server: it is never sent again.
         handle = loop.call_at(deadline, _expire, fut)
@@ -734,10 +802,18 @@ class Client:
         finally:
             handle.cancel()
             conn.pending.pop(rid, None)
+            inflight.finish(conn.name)
+        if resp.get("forwarded") is True:
+            # The node sent it on: the map this client routed by is stale (or unknown).
+            self.stats["forwarded"] += 1
+            self._want_ring()
         if resp.get("ok") is True:
             return resp
         if resp.get("ok") is False:
-            raise error_from_wire(resp.get("error"), write)
+            err = error_from_wire(resp.get("error"), write)
+            if err.code == codes.UNAVAILABLE:
+                self._want_ring()
+            raise err
         raise Internal(f"malformed response (no ok field): {resp!r:.200}", indeterminate=write)
 
     # -- connection management
@@ -832,53 +908,28 @@ class Client:
         errors: list[str] = []
         refused = 0
         start = self._preferred
-        dial = self._dial_budget()
         for k in range(n):
             idx = (start + k) % n
             host, port = self._endpoints[idx]
             try:
-                async with asyncio.timeout(dial):
-                    _, conn = await loop.create_connection(
-                        lambda idx=idx: _Connection(
-                            loop, idx, self._max_frame_bytes, self._on_lost
-                        ),
-                        host,
-                        port,
-                        ssl=self._ssl,
-                    )
+                conn = await self._dial(loop, idx, (host, port))
             except ConnectionRefusedError:
                 refused += 1
                 errors.append(f"{_fmt_endpoint(host, port)}: connection refused")
                 continue
             except TimeoutError:
-                errors.append(f"{_fmt_endpoint(host, port)}: no answer within {dial:g}s")
+                errors.append(
+                    f"{_fmt_endpoint(host, port)}: no answer within {self._dial_budget():g}s"
+                )
                 continue
             except OSError as exc:
                 errors.append(f"{_fmt_endpoint(host, port)}: {exc.strerror or exc}")
                 continue
-            if self._token is not None:
-                try:
-                    hello = await self._send(
-                        loop,
-                        conn,
-                        self._hello_msg(),
-                        loop.time() + self.timeout,
-                        self.timeout,
-                        False,
-                    )
-                except DsnodeError as exc:
-                    conn.close(f"hello failed: {exc}")
-                    if not exc.retryable:
-                        raise
-                    errors.append(f"{host}:{port}: hello: {exc}")
-                    continue
-                except BaseException:
-                    conn.close("connect cancelled")
+            except DsnodeError as exc:
+                if not exc.retryable:
                     raise
-                self.server_info = _strip(hello)
-            if self._closed:
-                conn.close("client closed")
-                raise ConnectionLost("client is closed", retryable=False)
+                errors.append(f"{host}:{port}: hello: {exc}")
+                continue
             self._preferred = idx
             self._failed_rounds = 0
             self._slots[slot] = conn
@@ -890,6 +941,163 @@ class Client:
         if refused == n:
             raise _AllRefused(errors)
         raise _RoundFailed(errors)
+
+    async def _dial(
+        self, loop: asyncio.AbstractEventLoop, idx: int, endpoint: tuple[str, int]
+    ) -> _Connection:
+        """Connect to one endpoint (within the dial budget) and, with a token, say hello.
+
+        Raises OSError or TimeoutError if the connection fails, the hello's DsnodeError if
+        the node refuses it (the connection is then closed)."""
+        host, port = endpoint
+        async with asyncio.timeout(self._dial_budget()):
+            _, conn = await loop.create_connection(
+                lambda: _Connection(loop, idx, endpoint, self._max_frame_bytes, self._on_lost),
+                host,
+                port,
+                ssl=self._ssl,
+            )
+        if self._token is not None:
+            try:
+                hello = await self._send(
+                    loop, conn, self._hello_msg(), loop.time() + self.timeout, self.timeout,
+                    False,
+                )
+            except DsnodeError as exc:
+                conn.close(f"hello failed: {exc}")
+                raise
+            except BaseException:
+                conn.close("connect cancelled")
+                raise
+            self.server_info = _strip(hello)
+        if self._closed:
+            conn.close("client closed")
+            raise ConnectionLost("client is closed", retryable=False)
+        return conn
+
+    # -- the partition map
+
+    async def _route(
+        self, loop: asyncio.AbstractEventLoop, key: bytes, stale: bool, deadline: float
+    ) -> _Connection | None:
+        """The connection to send a request for ``key`` on, chosen by the partition map:
+        its partition's leader, or for a stale get the least busy of its replicas. None:
+        take the usual route (no map, leader unknown, or no member connectable now)."""
+        now = loop.time()
+        if self._ring_dirty and now >= self._ring_next_at and self._ring_task is None:
+            self._start_ring_fetch(loop)  # the first fetch, or one wanted too soon before
+        ring = self._ring
+        if ring is None:
+            task = self._ring_task
+            if task is None:
+                return None
+            # Before the first map (or while none could be had): wait for the fetch, but
+            # leave the request at least half of its time.
+            await asyncio.wait((task,), timeout=min(self._dial_budget(), (deadline - now) / 2))
+            ring = self._ring
+            if ring is None:
+                return None
+        pid = ring.partition_of(key)
+        retry_at = self._direct_retry_at
+        if stale:
+            eligible = ring.replica_addrs[pid]
+            if retry_at:
+                eligible = {n: ep for n, ep in eligible.items() if retry_at.get(ep, 0.0) <= now}
+            if not eligible:
+                return None
+            ep = eligible[pick(eligible, self._inflight, self._rng)]
+        else:
+            leader = ring.leader_addrs[pid]
+            if leader is None or (retry_at and retry_at.get(leader, 0.0) > now):
+                return None
+            ep = leader
+        conn = self._direct.get(ep)
+        if conn is not None and conn.open:
+            return conn
+        return await self._conn_to(loop, ep, deadline)
+
+    async def _conn_to(
+        self, loop: asyncio.AbstractEventLoop, ep: tuple[str, int], deadline: float
+    ) -> _Connection | None:
+        """An open connection to ``ep``: a pool connection already there, else a member
+        connection of this client's, connected now if needed. None if that fails in time
+        (the endpoint is then left alone for a while)."""
+        best: _Connection | None = None
+        for c in self._slots:
+            if c is not None and c.open and c.endpoint == ep:
+                if best is None or len(c.pending) < len(best.pending):
+                    best = c
+        if best is not None:
+            return best
+        conn = self._direct.get(ep)
+        if conn is not None and conn.open:
+            return conn
+        task = self._direct_connecting.get(ep) or self._start_direct(loop, ep)
+        await asyncio.wait((task,), timeout=deadline - loop.time())
+        if not task.done() or task.cancelled():
+            return None
+        exc = task.exception()
+        if isinstance(exc, DsnodeError) and not exc.retryable:
+            raise exc  # the token was refused, or the client closed: as on the usual route
+        return None if exc is not None else task.result()
+
+    def _start_direct(
+        self, loop: asyncio.AbstractEventLoop, ep: tuple[str, int]
+    ) -> asyncio.Task[_Connection]:
+        async def connect() -> _Connection:
+            conn = await self._dial(loop, -1, ep)
+            self._direct[ep] = conn
+            return conn
+
+        task = loop.create_task(connect())
+        self._direct_connecting[ep] = task
+
+        def done(t: asyncio.Task[_Connection]) -> None:
+            if self._direct_connecting.get(ep) is t:
+                del self._direct_connecting[ep]
+            if not t.cancelled() and t.exception() is not None:
+                self._direct_retry_at[ep] = loop.time() + DIRECT_RETRY_S
+
+        task.add_done_callback(done)
+        return task
+
+    def _want_ring(self) -> None:
+        """The map may be stale: fetch it now, or (within RING_REFRESH_MIN_S of the last
+        fetch) with the first keyed request after that."""
+        if not self._ring_on:
+            return
+        self._ring_dirty = True
+        loop = self._loop
+        if (loop is not None and self._ring_task is None and not self._closed
+                and loop.time() >= self._ring_next_at):
+            self._start_ring_fetch(loop)
+
+    def _start_ring_fetch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._ring_dirty = False
+        self._ring_next_at = loop.time() + RING_REFRESH_MIN_S
+        self._ring_task = loop.create_task(self._fetch_ring(loop))
+
+    async def _fetch_ring(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Ask a node of the pool for the map, once (a failure is retried by a later
+        request, rate-limited); a server without the op turns routing off for good."""
+        try:
+            budget = self._dial_budget()
+            try:
+                resp = await self._attempt(loop, {"op": "ring"}, loop.time() + budget, budget,
+                                           False)
+                ring = RingMap.from_wire(resp)
+            except UnknownOp:
+                self._ring_on = False
+                self._ring_dirty = False
+                return
+            except (DsnodeError, ValueError):
+                self.stats["ring_errors"] += 1
+                self._ring_dirty = self._ring_on
+                return
+            self._ring = ring
+            self.stats["ring_fetches"] += 1
+        finally:
+            self._ring_task = None
 
     async def _learn_members(self, loop: asyncio.AbstractEventLoop, conn: _Connection) -> None:
         """Add the addresses of the members the node reports to the endpoints (best effort:
@@ -917,10 +1125,16 @@ class Client:
                 self._endpoints.append(ep)
 
     def _on_lost(self, conn: _Connection) -> None:
-        """A connection closed: the next connect starts at the next endpoint."""
+        """A connection closed: the next connect starts at the next endpoint; the partition
+        map may be stale (a node went away)."""
         if self._closed:
             return
-        if conn.endpoint_index == self._preferred:
+        if self._ring_on:
+            self._ring_dirty = True  # fetched again with the next keyed request
+        if conn.endpoint_index < 0:
+            if self._direct.get(conn.endpoint) is conn:
+                del self._direct[conn.endpoint]
+        elif conn.endpoint_index == self._preferred:
             self._preferred = (conn.endpoint_index + 1) % len(self._endpoints)
 
     # -- helpers
@@ -959,10 +1173,6 @@ class _AllRefused(_RoundFailed):
 def _refuses_ids(exc: DsnodeError) -> bool:
     """An older server's answer to a write carrying request ids."""
     return exc.code == codes.BAD_REQUEST and "unknown field 'client_id'" in exc.message
-
-
-def _fmt_endpoint(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _backoff(attempt: int) -> float:
@@ -1096,6 +1306,18 @@ class SyncClient:
 
     def hello(self, *, timeout: float | None = None) -> dict[str, Any]:
         return self._run(self._client.hello(timeout=timeout), timeout)
+
+    def ring(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._run(self._client.ring(timeout=timeout), timeout)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The client's counters (see :attr:`Client.stats`)."""
+        return self._client.stats
+
+    @property
+    def partition_map(self) -> RingMap | None:
+        return self._client.partition_map
 
     def request(
         self, op: str, fields: dict[str, Any] | None = None, timeout: float | None = None

@@ -59,7 +59,7 @@ LOOP_LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 SNAPSHOT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 TIMED_OPS = ("get", "put", "delete", "txn")  # data requests: timed, and proposed or read
-OPS = (*TIMED_OPS, "hello", "status")
+OPS = (*TIMED_OPS, "hello", "status", "ring")
 OTHER_OP = "other"  # an op name the server does not know (answered unknown_op or bad_request)
 SNAPSHOT_KINDS = ("state_machine", "wal_checkpoint")
 SHED_REASONS = ("inflight_requests_max", "max_connections")

@@ -46,6 +46,7 @@ HASH_PREFIX = "sha256:"
 OP_ROLES: dict[str, str | None] = {
     "hello": None,
     "status": READ,
+    "ring": READ,
     "get": READ,
     "put": READWRITE,
     "delete": READWRITE,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import msgpack
@@ -29,6 +29,7 @@ from dsnode.wire.requests import Limits, RequestError, parse_request, request_id
 
 if TYPE_CHECKING:
     from dsnode.config import NodeConfig
+    from dsnode.core.ring import Ring
     from dsnode.runtime.peers import PeerLink, PeerNetwork
 
 log = get_logger("dsnode.server")
@@ -57,6 +58,25 @@ def oversized_answer(rid: int, write: bool, size: int, limit: int) -> dict:
         return errors.error_response(rid, errors.TOO_LARGE, text)
     return errors.error_response(rid, errors.INTERNAL, text + "; it may have taken effect",
                                  indeterminate=True)
+
+
+def ring_answer(
+    ring: Ring, addrs: Mapping[str, str], leader_of: Callable[[int], str | None]
+) -> dict:
+    """The body of a ``ring`` answer (PROTOCOL.md) for ``ring_provider``: ``addrs`` maps
+    member ids to their client ``host:port``; ``leader_of(pid)`` is the leader this node
+    knows of (None: none). Every member of the ring needs an address (KeyError if not).
+    Set it as ``server.ring_provider = lambda: ring_answer(ring, addrs, leader_of)``."""
+    return {
+        "partitions": ring.partitions,
+        "replication": ring.replication,
+        "epoch": ring.epoch,
+        "members": [{"node_id": m, "addr": addrs[m]} for m in ring.members],
+        "map": [
+            {"id": pid, "replicas": list(replicas), "leader": leader_of(pid)}
+            for pid, replicas in enumerate(ring.placement())
+        ],
+    }
 
 
 # Largest frame a connection may send before it has authenticated: a hello is tiny, and an
@@ -89,6 +109,10 @@ class ClientServer:
         self.inflight = 0
         self.accepting = True
         self.status_provider: Callable[[], dict] | None = None
+        # The partition map for the ``ring`` op, set by the node like ``status_provider``:
+        # {"partitions", "replication", "epoch", "members": [{"node_id", "addr"}],
+        #  "map": [{"id", "replicas", "leader"}]}, or None while the ring is not known yet.
+        self.ring_provider: Callable[[], dict | None] | None = None
         self.peer_network: PeerNetwork | None = None
         self.default_timeout_s = config.request_timeout_ms / 1000
         self._packer = msgpack.Packer(use_bin_type=True)
@@ -346,6 +370,9 @@ class ClientConnection(asyncio.Protocol):
             counts[(op, "ok")] += 1
             self._send({"id": rid, "ok": True, **srv.status()})
             return
+        if op == "ring":
+            self._ring(rid)
+            return
         if not srv.accepting:
             self._refuse(rid, op, errors.UNAVAILABLE, "node is shutting down")
             return
@@ -365,6 +392,17 @@ class ClientConnection(asyncio.Protocol):
         srv.driver.submit(pending, cmd, timeout_s)
         if self.inflight >= srv.config.connection_inflight_max:
             self._pause_reading()
+
+    def _ring(self, rid: int) -> None:
+        """The partition map (PROTOCOL.md, "ring"), or ``unavailable`` (definite) while the
+        node does not know it yet."""
+        provider = self.server.ring_provider
+        body = provider() if provider is not None else None
+        if body is None:
+            self._refuse(rid, "ring", errors.UNAVAILABLE, "partition map not known yet")
+            return
+        self.server.metrics.requests[("ring", "ok")] += 1
+        self._send({"id": rid, "ok": True, **body})
 
     def _refuse(self, rid: int, op: str, code: str, message: str) -> None:
         """Answer a request with an error before it reaches the driver, and count it."""

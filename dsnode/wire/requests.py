@@ -38,6 +38,7 @@ OP_FIELDS: dict[str, frozenset[str]] = {
     "delete": frozenset({"key", "if_version", "client_id", "seq", "retry"}),
     "txn": frozenset({"if", "then", "else", "client_id", "seq", "retry"}),
     "status": frozenset(),
+    "ring": frozenset(),  # the partition map (PROTOCOL.md, "ring")
 }
 
 
@@ -59,7 +60,7 @@ class Limits:
 class Request:
     id: int
     op: str
-    command: Command | None  # None for hello/status
+    command: Command | None  # None for hello/status/ring
     timeout_ms: int | None
     fields: dict
     # the write's request id for deduplication: [client_id, seq] or [client_id, seq, True]

@@ -9,15 +9,23 @@ task, so answers may come back out of order. Tests steer it with ``hook``: an as
 Writes with a request id (``client_id``, ``seq``) are applied once and a repeat gets the
 first answer (PROTOCOL.md, "Client request ids"); ``applied`` counts how often each id was
 applied. ``refuse_ids=True`` answers them like a server older than request ids.
+
+The partition map: ``ring`` (None: the server has no ``ring`` op and answers
+``unknown_op``, like an older one) is the ``ring`` op's answer (PROTOCOL.md). While it is
+set, a keyed request reaching a node that is not its partition's leader (for a stale get:
+not one of its replicas) is answered with ``forwarded: true``, as a node that sent it on
+would. ``fake_cluster`` starts several servers sharing one store and one map.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl as _ssl
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from dsnode.core.ring.hashing import partition_of
 from dsnode.wire.errors import error_response
 from dsnode.wire.framing import FrameDecoder, pack_frame, unpack_payload
 
@@ -48,9 +56,15 @@ class FakeConn:
 class FakeServer:
     """Start with ``await start()``; ``port``, ``requests`` (all, in arrival order), ``conns``."""
 
-    def __init__(self, hook: Hook | None = None, token: str | None = None) -> None:
+    def __init__(
+        self, hook: Hook | None = None, token: str | None = None, node_id: str = "n1",
+        ssl: _ssl.SSLContext | None = None,
+    ) -> None:
         self.hook = hook
         self.token = token
+        self.ssl = ssl  # a server context: TLS on
+        self.node_id = node_id
+        self.ring: dict[str, Any] | None = None
         self.data: dict[bytes, tuple[bytes, int]] = {}
         self.versions: dict[bytes, int] = {}
         self.requests: list[dict[str, Any]] = []
@@ -64,7 +78,7 @@ class FakeServer:
         self.refuse_ids = False
 
     async def start(self) -> FakeServer:
-        self._server = await asyncio.start_server(self._on_conn, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._on_conn, "127.0.0.1", 0, ssl=self.ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -129,10 +143,30 @@ class FakeServer:
         resp = await self.hook(req, conn) if self.hook is not None else None
         if resp is None:
             resp = self.answer(req, conn)
+            if self._forwards(req):
+                resp = {**resp, "forwarded": True}
         if resp is DROP:
             conn.writer.transport.abort()
         elif resp is not SILENT:
             conn.send(resp)
+
+    def _forwards(self, req: dict[str, Any]) -> bool:
+        """Whether a node of the ring would have sent ``req`` on to another node."""
+        ring = self.ring
+        op = req.get("op")
+        if ring is None or op not in ("get", "put", "delete", "txn"):
+            return False
+        if op == "txn":
+            keys = [x["key"] for part in ("if", "then", "else") for x in req.get(part, [])]
+            if not keys:
+                return False
+            key = keys[0]
+        else:
+            key = req["key"]
+        part = ring["map"][partition_of(_b(key), ring["partitions"])]
+        if req.get("consistency") == "stale":
+            return self.node_id not in part["replicas"]
+        return part["leader"] != self.node_id
 
     # -- the in-memory KV (single node, trivially strictly serializable)
 
@@ -146,10 +180,12 @@ class FakeServer:
             if self.token is not None and req.get("token") != self.token:
                 return err(req, "unauthenticated", "bad token")
             return ok(req, node_id="n1", cluster_id="c1", protocol=1, server_version="fake")
+        if op == "ring" and self.ring is not None:
+            return ok(req, **self.ring)
         if op == "status":
             return ok(
                 req,
-                node_id="n1",
+                node_id=self.node_id,
                 cluster_id="c1",
                 ready=True,
                 members=[{"node_id": "n1", "addr": "127.0.0.1:1", "state": "alive"}],
@@ -207,6 +243,47 @@ class FakeServer:
         self.versions[key] = version
         self.data[key] = (value, version)
         return version
+
+
+def ring_map(
+    servers: list[FakeServer], partitions: int, replication: int, epoch: int = 1
+) -> dict[str, Any]:
+    """A ``ring`` answer for ``servers``: partition ``p`` on servers ``p``, ``p + 1``, ...
+    (mod N), the first its leader."""
+    n = len(servers)
+    return {
+        "partitions": partitions,
+        "replication": replication,
+        "epoch": epoch,
+        "members": [{"node_id": s.node_id, "addr": s.endpoint} for s in servers],
+        "map": [
+            {
+                "id": p,
+                "replicas": [servers[(p + i) % n].node_id for i in range(replication)],
+                "leader": servers[p % n].node_id,
+            }
+            for p in range(partitions)
+        ],
+    }
+
+
+async def fake_cluster(
+    n: int, partitions: int = 8, replication: int = 3, token: str | None = None,
+    ssl: _ssl.SSLContext | None = None,
+) -> list[FakeServer]:
+    """``n`` servers ``n0``, ``n1``, ... sharing one store (any node serves any key, as
+    in the real cluster) and one map (``ring_map``; mutate ``servers[0].ring`` to change
+    it for all). Stop each when done."""
+    servers = [await FakeServer(token=token, node_id=f"n{i}", ssl=ssl).start()
+               for i in range(n)]
+    ring = ring_map(servers, partitions, min(replication, n))
+    first = servers[0]
+    for s in servers:
+        s.ring = ring
+        s.data, s.versions, s.applied, s._first = (
+            first.data, first.versions, first.applied, first._first
+        )
+    return servers
 
 
 def _b(x: Any) -> bytes:

@@ -64,7 +64,9 @@ async def server():
 
 @pytest.fixture
 async def client(server):
-    c = Client(server.endpoint, timeout=2.0)
+    """A client of the one fake node; routing by the partition map has tests of its own
+    (test_client_ring.py), so these count exactly the requests they make."""
+    c = Client(server.endpoint, timeout=2.0, ring_aware=False)
     await c.connect()
     yield c
     await c.close()
@@ -195,7 +197,7 @@ async def test_pool_spreads_requests_to_least_in_flight_connection(server):
         return None
 
     server.hook = hook
-    async with Client(server.endpoint, timeout=3.0, pool_size=2) as c:
+    async with Client(server.endpoint, timeout=3.0, pool_size=2, ring_aware=False) as c:
         assert len(server.conns) == 2
         tasks = [asyncio.create_task(c.get(f"k{i}")) for i in range(4)]
         await server.wait_requests(4, "get")
@@ -563,7 +565,8 @@ async def test_connects_to_first_reachable_endpoint_and_rotates_on_loss():
     dead_endpoint = gone.endpoint
     await gone.stop()
     try:
-        async with Client([dead_endpoint, a.endpoint, b.endpoint], timeout=2.0) as c:
+        async with Client([dead_endpoint, a.endpoint, b.endpoint], timeout=2.0,
+                          ring_aware=False) as c:
             await c.get("x")
             assert len(a.requests) == 1 and not b.requests
             a.drop_all()

@@ -105,7 +105,8 @@ async def test_write_whose_answer_is_lost_is_retried_on_another_node_and_applied
     proxy = await AnswerEatingProxy(cluster.nodes[leader].addr, eat=3).start()
     try:
         endpoints = f"127.0.0.1:{proxy.port},{_ep(cluster.nodes[other].addr)}"
-        async with Client(endpoints, timeout=10.0) as c:
+        # not ring-aware: every put must go through the proxy, not straight to the leader
+        async with Client(endpoints, timeout=10.0, ring_aware=False) as c:
             answers = [(await c.put(b"k%d" % i, b"v%d" % i)).version for i in range(6)]
             assert proxy.eaten, "the proxy never cut the connection"
             assert c.write_retries == 1

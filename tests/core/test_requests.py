@@ -28,6 +28,8 @@ def test_valid_requests_become_commands():
             "then": [{"op": "get", "key": b"a"}, {"op": "put", "key": b"b", "value": b""}]})
     assert t.command == Txn(((b"a", 3),), (SubGet(b"a"), SubPut(b"b", b"")), ())
     assert ok({"op": "status", "timeout_ms": 5}).timeout_ms == 5
+    ring = ok({"op": "ring", "timeout_ms": 5})
+    assert (ring.op, ring.command, ring.timeout_ms, ring.dedup) == ("ring", None, 5, None)
 
 
 @pytest.mark.parametrize(
@@ -59,6 +61,7 @@ def test_valid_requests_become_commands():
                                 {"op": "delete", "key": b"a"}]}, "bad_request", "twice"),
         ({"op": "txn", "then": [{"op": "get", "key": b"a"}] * 5}, "bad_request", "max_txn_ops"),
         ({"op": "hello", "token": 5}, "bad_request", "'token'"),
+        ({"op": "ring", "key": b"k"}, "bad_request", "unknown field 'key' for op 'ring'"),
     ],
 )
 def test_bad_requests_get_a_clear_error_naming_the_field(obj, code, needle):

@@ -57,6 +57,7 @@ def test_bad_tokens_file_lines_are_named(line: str, why: str) -> None:
 def test_roles_per_op() -> None:
     assert required_role("get", Get(b"k")) == "read"
     assert required_role("status") == "read"
+    assert required_role("ring") == "read"
     assert required_role("put", Put(b"k", b"v")) == "readwrite"
     assert required_role("txn", Txn((), (SubGet(b"k"),), ())) == "read"
     assert required_role("txn", Txn((), (), (SubPut(b"k", b"v"),))) == "readwrite"
