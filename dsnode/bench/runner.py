@@ -716,7 +716,8 @@ async def resolve_route(config: BenchConfig) -> tuple[str, str | None]:
         fallback = "one-node" if config.route == "ring" else "spread"
         return fallback, (
             f"{host}:{port} answered unknown_op to the ring op (no partition map): "
-            f"--route {config.route} ran as --route {fallback}"
+            f"--route {config.route} ran as --route {fallback}; such a build may also "
+            "forward without marking answers forwarded, so the forwarded share can read 0"
         )
     except (OSError, TimeoutError, TargetError) as exc:
         raise BenchError(f"cannot connect to {host}:{port} (dsnode): {exc!r}") from None
