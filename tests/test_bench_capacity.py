@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import click.testing
 import pytest
+from bench_scripts import REPO, load_bench_script
 from test_bench import FakeConfig, FakeDsnode, serve_in_thread
 
 from dsnode.bench.cli import bench_command
@@ -460,3 +463,60 @@ def test_no_cpu_flag_skips_the_cpu_section() -> None:
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["capacity"] is None and out["routing"]["route"] == "ring"
+
+
+# --------------------------------------------------------------------------- bench/capacity.py
+
+
+
+def _report(puts: int, projected: float | None, route: str, share: float, note: str | None):
+    cap = {"acked_puts": puts, "busiest_cpu_s_per_1k_puts": None if projected is None
+           else 1000 / projected, "busiest_node": "n1", "projected_puts_per_s_per_core":
+           projected, "notes": []}  # fmt: skip
+    routing = {"route": route, "note": note, "forwarded_share": share}
+    return {"ops": {"put": {"ok": puts, "throughput": puts / 10}}, "capacity": cap,
+            "routing": routing}  # fmt: skip
+
+
+def test_capacity_script_table_and_ratios() -> None:
+    mod = load_bench_script("capacity")
+    rows = [
+        mod.row_of(3, "ring", _report(30000, 10000.0, "one-node", 0.0, "fell back")),
+        mod.row_of(3, "one-node", _report(29000, 9000.0, "one-node", 0.5, None)),
+        mod.row_of(6, "ring", _report(31000, 18000.0, "ring", 0.01, None)),
+        mod.row_of(6, "one-node", _report(28000, None, "one-node", 0.8, None)),
+    ]
+    assert rows[0]["ran_as"] == "one-node" and rows[0]["notes"] == ["fell back"]
+    assert mod.ratios(rows) == {"ring": (3, 6, 1.8), "one-node": (3, 6, None)}
+    lines = mod.render(rows).splitlines()
+    assert lines[0].split() == ["nodes", "route", "acked", "puts", "busiest", "cpu", "s/1k",
+                                "puts", "puts/s", "per", "core", "forwarded", "wall", "puts/s"]
+    assert lines[1].split() == ["3", "ring", "(ran", "as", "one-node)", "30,000", "0.100",
+                                "10,000", "0.0%", "3,000"]
+    assert lines[4].split()[-4:] == ["n/a", "n/a", "80.0%", "2,800"]
+    assert lines[5] == "ratio 6/3 nodes, route ring: 1.80x ok (target >= 1.7x)"
+    assert lines[6] == (
+        "ratio 6/3 nodes, route one-node: n/a (a projected figure is missing) (target >= 1.7x)"
+    )
+    args = mod.argparse.Namespace(duration=5.0, warmup=1.0, inflight=64, connections=16,
+                                  keyspace=1000, value_size=100)  # fmt: skip
+    argv = mod.bench_args(args, "127.0.0.1:1,127.0.0.1:2", "ring")
+    assert argv[argv.index("--route") + 1] == "ring" and "--output" in argv
+    with pytest.raises(mod.argparse.ArgumentTypeError):
+        mod.parse_nodes("3,0")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_capacity_script_end_to_end() -> None:
+    """Starts real 3- and 6-node clusters: a smoke of the whole script (not in the
+    default run)."""
+    p = subprocess.run(
+        [sys.executable, str(REPO / "bench/capacity.py"), "--duration", "1", "--warmup", "0",
+         "--keyspace", "1000"],
+        capture_output=True, text=True, timeout=280, cwd=REPO,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert len(lines) == 7 and lines[0].startswith("nodes")
+    assert lines[5].startswith("ratio 6/3 nodes, route ring: ")
