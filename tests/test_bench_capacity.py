@@ -71,6 +71,15 @@ def test_busiest_node_cpu_per_1k_puts_and_projection() -> None:
     ]
 
 
+def test_mixed_load_keeps_the_figure_and_says_what_the_cpu_covers() -> None:
+    cap = capacity_figures(_sample({"n1": 0.0}), _sample({"n1": 1.0}), 500, other_acked=1500)
+    assert cap.cpu_s_per_1k_puts == pytest.approx(2.0)
+    assert cap.notes == (
+        "the CPU also covers 1,500 acked gets/txns: the figure is per put, not for puts "
+        "alone (use --mix put=1)",
+    )
+
+
 def test_unreachable_node_is_reported_and_the_busiest_figure_skipped() -> None:
     """A node we could not read may have been the busiest: no figure, but a note,
     and the nodes we did read still show their CPU."""
@@ -263,7 +272,8 @@ class FakeNode(asyncio.Protocol):
         if op == "ring" and c.ring_supported:
             leaders = c.ring_epochs[min(c.ring_requests, len(c.ring_epochs) - 1)]
             c.ring_requests += 1
-            return {"id": rid, **_ring_reply(leaders, c.addrs, epoch=c.ring_requests)}
+            members = {**c.addrs, **c.extra_members}
+            return {"id": rid, **_ring_reply(leaders, members, epoch=c.ring_requests)}
         if op in ("put", "get"):
             forwarded = c.true_leader(req["key"]) != self.node_id
             c.seen[self.node_id].append((req["key"], forwarded))
@@ -333,6 +343,24 @@ async def test_ring_route_sends_each_request_to_its_partition_leader() -> None:
     assert leaderless > 0
     assert result.route_counts["answers"] == 1200
     assert result.route_counts["forwarded"] == leaderless
+
+
+async def test_ring_route_sends_an_unreachable_leaders_keys_to_the_home_endpoint() -> None:
+    """A member that cannot be connected costs no failed requests: its partitions go
+    to the home endpoint, which forwards them."""
+    leaders = _leaders(12, ["n1", "n2", "n3", "n4"])
+    with fake_cluster(leaders) as c:
+        with serve_in_thread(lambda: FakeDsnode(FakeConfig())) as gone_port:
+            pass  # now closed: nothing listens there
+        c.extra_members["n4"] = f"127.0.0.1:{gone_port}"
+        cfg = _cfg(c, endpoints=(c.addrs["n1"],), route="ring", connect_timeout=2.0)
+        result = await run_process(cfg, plan_shards(cfg)[0])
+    assert result.ok["put"] == 1200 and result.errors["put"] == {}
+    to_n4 = [k for k, _ in c.seen["n1"] if leaders[partition_of(k, 12)] == "n4"]
+    assert to_n4 and all(f == (leaders[partition_of(k, 12)] == "n4") for k, f in c.seen["n1"])
+    for nid in ("n2", "n3"):
+        assert c.seen[nid] and all(leaders[partition_of(k, 12)] == nid for k, _ in c.seen[nid])
+    assert result.route_counts["forwarded"] == len(to_n4)
 
 
 async def test_one_node_route_counts_forwarded_answers() -> None:

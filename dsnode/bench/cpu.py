@@ -71,8 +71,13 @@ def _round(v: float | None, digits: int) -> float | None:
     return None if v is None else round(v, digits)
 
 
-def capacity_figures(before: CpuSample, after: CpuSample, acked_puts: int) -> Capacity:
+def capacity_figures(
+    before: CpuSample, after: CpuSample, acked_puts: int, other_acked: int = 0
+) -> Capacity:
     """CPU used per node between two samples and the busiest node's cost per 1,000 puts.
+
+    ``other_acked`` counts the gets and txns of a mixed load: their CPU is in the
+    samples too, which a note says.
 
     A node missing from either sample (unreachable), or whose counter went backwards
     (it restarted), gets ``None`` and a note; then the busiest-node figure is skipped,
@@ -95,6 +100,11 @@ def capacity_figures(before: CpuSample, after: CpuSample, acked_puts: int) -> Ca
             cpu_s[nid] = a - b
     if not nodes:
         notes.append("no cluster members known")
+    if other_acked:
+        notes.append(
+            f"the CPU also covers {other_acked:,} acked gets/txns: the figure is per put, "
+            "not for puts alone (use --mix put=1)"
+        )
     measured = {k: v for k, v in cpu_s.items() if v is not None}
     if len(measured) < len(cpu_s) or not measured:
         notes.append("busiest-node figure skipped: not every node was measured")

@@ -115,8 +115,8 @@ def _fmt_addr(host: str, port: int) -> str:
 class RingTarget(Target):
     """Connections to every member; each request goes to its partition's leader.
 
-    The whole target counts as closed once any of its connections is: the runner
-    then lets the rest drain and reconnects all of them.
+    The whole target counts as closed once any of its open connections closes: the
+    runner then lets the rest drain and reconnects all of them.
     """
 
     name = "dsnode-ring"
@@ -128,19 +128,26 @@ class RingTarget(Target):
         self.view = view
         self.home_addr = _fmt_addr(host, port)
         self._subs: dict[str, DsnodeTarget] = {}
+        #: Member addresses that could not be connected at the last connect (-> why).
+        self.unreachable: dict[str, str] = {}
 
     async def connect(self) -> None:
+        """Connect to every member; only the home endpoint is required. A member that
+        cannot be reached gets no connection: its partitions go to the home endpoint,
+        which forwards them (:attr:`unreachable` lists it)."""
         addrs = dict.fromkeys([*self.view.map.addrs.values(), self.home_addr])
         subs = {a: DsnodeTarget(*split_addr(a), self.options) for a in addrs}
         for sub in subs.values():
             sub.on_forwarded = self._forwarded
         got = await asyncio.gather(*(s.connect() for s in subs.values()), return_exceptions=True)
-        failed = [r for r in got if isinstance(r, BaseException)]
-        if failed:
+        outcome = dict(zip(subs, got, strict=True))
+        home_failed = outcome[self.home_addr]
+        if isinstance(home_failed, BaseException):
             for s in subs.values():
                 s.close()
-            raise failed[0]
-        self._subs = subs
+            raise home_failed
+        self.unreachable = {a: repr(r) for a, r in outcome.items() if isinstance(r, BaseException)}
+        self._subs = {a: s for a, s in subs.items() if a not in self.unreachable}
         self.server_info = dict(subs[self.home_addr].server_info)
 
     def _forwarded(self) -> None:

@@ -688,7 +688,9 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
         with asyncio.Runner(loop_factory=_new_loop) as runner:
             after, _ = runner.run(_sample_cpu(config, before.members))
         assert after is not None  # the member list was given
-        report.capacity = capacity_figures(before, after, report.acked_all.get("put", 0))
+        acked = report.acked_all
+        others = sum(n for op, n in acked.items() if op != "put")
+        report.capacity = capacity_figures(before, after, acked.get("put", 0), others)
     elif cpu_note is not None:
         report.capacity = Capacity({}, report.acked_all.get("put", 0), notes=(cpu_note,))
     if config.cleanup:
