@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from bench_scripts import load_bench_script
 
 from dsnode.bench.etcd import (
     EtcdTarget,
@@ -356,11 +356,7 @@ async def test_connect_refused() -> None:
 
 
 def _load_compare() -> Any:
-    spec = importlib.util.spec_from_file_location("compare_etcd", REPO / "bench/compare_etcd.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("compare_etcd")
 
 
 def test_compare_parse_check_perf_and_ratios() -> None:

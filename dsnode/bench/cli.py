@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from dsnode.bench.routing import ROUTES
 from dsnode.bench.runner import (
     CONSISTENCIES,
     BenchConfig,
@@ -185,6 +186,22 @@ def _inherit_group_settings(
     "client does), to measure what deduplication costs.",
 )
 @click.option(
+    "--route",
+    type=click.Choice(ROUTES),
+    default="auto",
+    help="dsnode: where requests go. ring: each to its partition's leader (map from the "
+    "ring op, fetched again when answers say forwarded); one-node: all to the first "
+    "endpoint; spread: connections round-robin over --endpoints; auto: ring when the "
+    "server answers the ring op, else spread. ring on a server without the ring op "
+    "runs as one-node.",
+)
+@click.option(
+    "--cpu/--no-cpu",
+    default=True,
+    help="dsnode: read every member's cpu_seconds before and after the run and report "
+    "the busiest node's CPU per 1,000 acked puts (capacity per core).",
+)
+@click.option(
     "--progress/--no-progress",
     default=None,
     show_default=False,
@@ -217,12 +234,17 @@ def bench_command(
     prefix: str,
     cleanup: bool,
     request_ids: bool,
+    route: str,
+    cpu: bool,
     progress: bool | None,
 ) -> None:
     """Benchmark a dsnode (or Redis) server with pipelined puts, gets and txns.
 
     Latencies (microseconds) go into HDR histograms; the report gives throughput
-    overall and per op, p50/p90/p99/p99.9/max and error counts by code.
+    overall and per op, p50/p90/p99/p99.9/max and error counts by code. Against
+    dsnode it also gives the route used with the share of answers the nodes had to
+    forward, and each node's CPU seconds with the busiest node's CPU per 1,000
+    acknowledged puts and the puts/s that implies with one core per node.
     """
     endpoints, token, output = _inherit_group_settings(ctx, target, endpoints, token, output)
     try:
@@ -249,6 +271,8 @@ def bench_command(
             prefix=prefix,
             cleanup=cleanup,
             request_ids=request_ids,
+            route=route,
+            cpu=cpu,
         ).validated()
     except BenchError as exc:
         raise click.UsageError(str(exc)) from None

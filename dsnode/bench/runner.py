@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import multiprocessing
 import os
@@ -24,6 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TextIO
 
+from dsnode.bench.cpu import Capacity, CpuSample, capacity_figures, sample_cluster
+from dsnode.bench.ring_target import RingTarget, RingUnsupported, RingView, fetch_ring
+from dsnode.bench.routing import ROUTES, RingMapError, RouteCounts, route_summary
 from dsnode.bench.stats import (
     HIST_HIGHEST_US,
     OPS,
@@ -32,7 +36,14 @@ from dsnode.bench.stats import (
     encode_histogram,
     new_histogram,
 )
-from dsnode.bench.targets import Target, TargetError, TargetOptions, TxnOp, get_target
+from dsnode.bench.targets import (
+    CONNECTION_LOST,
+    Target,
+    TargetError,
+    TargetOptions,
+    TxnOp,
+    get_target,
+)
 from dsnode.client.tls import client_ssl_context
 
 CONSISTENCIES = ("linearizable", "stale")
@@ -123,6 +134,8 @@ class BenchConfig:
     prefix: str = "bench/"
     cleanup: bool = False
     request_ids: bool = False  # dsnode: writes carry client_id/seq (PROTOCOL.md)
+    route: str = "auto"  # see dsnode.bench.routing; run_bench resolves "auto"
+    cpu: bool = True  # dsnode: read every member's cpu_seconds before and after
 
     def validated(self) -> BenchConfig:
         """Check and normalise (default endpoint port, duration default, clamps)."""
@@ -156,6 +169,10 @@ class BenchConfig:
                 f"--key-size {self.key_size} too small for --prefix {self.prefix!r} and "
                 f"--keyspace {self.keyspace} (needs >= {need})"
             )
+        if self.route not in ROUTES:
+            raise BenchError(f"--route must be one of {ROUTES}")
+        if self.route == "ring" and self.target != "dsnode":
+            raise BenchError("--route ring needs --target dsnode")
         if self.consistency not in CONSISTENCIES:
             raise BenchError(f"--consistency must be one of {CONSISTENCIES}")
         mix = dict(self.mix)
@@ -202,6 +219,8 @@ def plan_shards(config: BenchConfig) -> list[Shard]:
     """Spread connections over endpoints and processes, and in-flight slots over connections."""
     c, p = config.connections, config.processes
     eps = [parse_endpoint(e, None) for e in config.endpoints]
+    if config.route == "one-node":
+        eps = eps[:1]
     per: list[list[tuple[str, int, int]]] = [[] for _ in range(p)]
     for j in range(c):
         host, port = eps[j % len(eps)]
@@ -256,6 +275,14 @@ class _Load:
         self.keyspace = config.keyspace
         self.written: bytearray | None = bytearray(config.keyspace) if config.cleanup else None
         self.txn_ops = config.txn_ops
+        # Every acknowledged request of the whole run (warmup and drain included): the
+        # CPU samples of the capacity figure cover all of it.
+        self.acked_all = dict.fromkeys(self.ops, 0)
+        self.route_counts = RouteCounts()
+        self.forwarded_flag = False  # set by the target just before a forwarded answer's done
+
+    def note_forwarded(self) -> None:
+        self.forwarded_flag = True
 
     def stop_issuing(self) -> None:
         """No new requests from now on; outstanding ones drain."""
@@ -280,7 +307,7 @@ class _Conn:
     def __init__(
         self,
         load: _Load,
-        cls: type[Target],
+        make_target: TargetFactory,
         host: str,
         port: int,
         depth: int,
@@ -288,7 +315,7 @@ class _Conn:
         rng: random.Random,
     ) -> None:
         self.load = load
-        self.cls = cls
+        self.make_target = make_target
         self.host = host
         self.port = port
         self.depth = depth
@@ -299,7 +326,9 @@ class _Conn:
         self.idle: asyncio.Future[None] | None = None
 
     async def connect(self) -> None:
-        target = self.cls(self.host, self.port, self.options)
+        if self.target is not None:
+            self.target.close()  # a composite target may still hold open connections
+        target = self.make_target(self.host, self.port, self.options)
         await target.connect()
         self.target = target
 
@@ -396,7 +425,13 @@ class _Conn:
             return
         self.outstanding -= 1
         load.done_total += 1
+        forwarded = load.forwarded_flag
+        load.forwarded_flag = False
+        if recorded and t1 <= load.measure_end_ns and code != CONNECTION_LOST:
+            load.route_counts.answers += 1
+            load.route_counts.forwarded += forwarded
         if code is None:
+            load.acked_all[op] += 1
             if recorded and t1 <= load.measure_end_ns:
                 us = (t1 - t0) // 1000
                 load.hists[op].record_value(
@@ -415,6 +450,9 @@ class _Conn:
         elif self.outstanding == 0 and self.idle is not None and not self.idle.done():
             self.idle.set_result(None)
 
+
+#: Builds one connection's target from ``(host, port, options)``.
+TargetFactory = Callable[[str, int, TargetOptions], Target]
 
 #: ``tick(phase, done_total, err_total)``, called periodically while running.
 TickFn = Callable[[int, int, int], None]
@@ -436,17 +474,29 @@ async def run_process(
     """
     loop = asyncio.get_running_loop()
     load = _Load(config, shard, loop)
-    cls = get_target(config.target)
     options = TargetOptions(
         consistency=config.consistency,
         token=config.token,
         connect_timeout=config.connect_timeout,
         ssl=client_ssl_context(config.cacert) if config.cacert else None,
         request_ids=config.request_ids,
+        on_forwarded=load.note_forwarded,
     )
+    view: RingView | None = None
+    make_target: TargetFactory = get_target(config.target)
+    if config.route == "ring":
+        view = await _ring_view(shard, options, load.route_counts)
+        make_target = functools.partial(RingTarget, view=view)
+
     conns = [
         _Conn(
-            load, cls, host, port, depth, options, random.Random(f"{config.seed}/{shard.index}/{j}")
+            load,
+            make_target,
+            host,
+            port,
+            depth,
+            options,
+            random.Random(f"{config.seed}/{shard.index}/{j}"),
         )
         for j, (host, port, depth) in enumerate(shard.conns)
     ]
@@ -492,6 +542,8 @@ async def run_process(
             t.cancel()
         if ticker is not None:
             ticker.cancel()
+        if view is not None:
+            await view.close()
         for c in conns:
             if c.target is not None:
                 c.target.close()
@@ -523,7 +575,23 @@ async def run_process(
         server_info=dict(info),
         interrupted=load.interrupted,
         written=bytes(load.written) if load.written is not None else None,
+        acked_all=dict(load.acked_all),
+        route_counts=asdict(load.route_counts),
     )
+
+
+async def _ring_view(shard: Shard, options: TargetOptions, counts: RouteCounts) -> RingView:
+    """This process's copy of the partition map, from its first connection's endpoint."""
+    host, port, _ = shard.conns[0]
+    try:
+        ring = await fetch_ring(host, port, options)
+    except RingUnsupported as exc:
+        raise BenchError(f"--route ring: {exc}") from None
+    except (OSError, TimeoutError, TargetError, RingMapError) as exc:
+        raise BenchError(
+            f"--route ring: cannot fetch the ring map from {host}:{port}: {exc!r}"
+        ) from None
+    return RingView(ring, counts, asyncio.get_running_loop().time)
 
 
 def _begin_measuring(load: _Load) -> None:
@@ -586,8 +654,21 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchReport:
-    """Run a whole bench (one or more processes) and return the merged report."""
+    """Run a whole bench (one or more processes) and return the merged report.
+
+    For dsnode it also resolves ``--route auto`` (or a ``ring`` route the server does
+    not support) and, with ``cpu``, reads every member's CPU seconds before and after.
+    """
     config = config.validated()
+    dsnode = config.target == "dsnode"
+    note: str | None = None
+    before: CpuSample | None = None
+    cpu_note: str | None = None
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        route, note = runner.run(resolve_route(config))
+        config = replace(config, route=route)
+        if dsnode and config.cpu:
+            before, cpu_note = runner.run(_sample_cpu(config, None))
     shards = plan_shards(config)
     ops = [op for op, w in config.mix if w > 0]
     if len(shards) == 1:
@@ -601,10 +682,67 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
     if progress is not None:
         progress.close()
     report = BenchReport.merge(config.to_json(), ops, results)
+    if dsnode:
+        report.routing = route_summary(config.route, note, report.route_counts)
+    if before is not None:
+        with asyncio.Runner(loop_factory=_new_loop) as runner:
+            after, _ = runner.run(_sample_cpu(config, before.members))
+        assert after is not None  # the member list was given
+        acked = report.acked_all
+        others = sum(n for op, n in acked.items() if op != "put")
+        report.capacity = capacity_figures(before, after, acked.get("put", 0), others)
+    elif cpu_note is not None:
+        report.capacity = Capacity({}, report.acked_all.get("put", 0), notes=(cpu_note,))
     if config.cleanup:
         with asyncio.Runner(loop_factory=_new_loop) as runner:
             report.cleanup = runner.run(cleanup_written(config, results))
     return report
+
+
+async def resolve_route(config: BenchConfig) -> tuple[str, str | None]:
+    """The route to run with, and a note when it is not the one asked for.
+
+    ``auto`` is ``ring`` when the first endpoint answers the ``ring`` op, else
+    ``spread``; an explicit ``ring`` the server does not support falls back to
+    ``one-node``. Targets other than dsnode never route by ring.
+    """
+    if config.route not in ("auto", "ring"):
+        return config.route, None
+    if config.target != "dsnode":
+        return "spread", None
+    host, port = parse_endpoint(config.endpoints[0], None)
+    options = _control_options(config)
+    try:
+        await fetch_ring(host, port, options)
+    except RingUnsupported:
+        fallback = "one-node" if config.route == "ring" else "spread"
+        return fallback, (
+            f"{host}:{port} answered unknown_op to the ring op (no partition map): "
+            f"--route {config.route} ran as --route {fallback}; such a build may also "
+            "forward without marking answers forwarded, so the forwarded share can read 0"
+        )
+    except (OSError, TimeoutError, TargetError) as exc:
+        raise BenchError(f"cannot connect to {host}:{port} (dsnode): {exc!r}") from None
+    except RingMapError as exc:
+        raise BenchError(f"{host}:{port} answered the ring op with a malformed map: {exc}") from None
+    return "ring", None
+
+
+def _control_options(config: BenchConfig) -> TargetOptions:
+    """Options of the bench's own one-off connections (ring map, status)."""
+    return TargetOptions(
+        token=config.token,
+        connect_timeout=config.connect_timeout,
+        ssl=client_ssl_context(config.cacert) if config.cacert else None,
+    )
+
+
+async def _sample_cpu(
+    config: BenchConfig, members: dict[str, str] | None
+) -> tuple[CpuSample | None, str | None]:
+    host, port = parse_endpoint(config.endpoints[0], None)
+    options = _control_options(config)
+    return await sample_cluster(host, port, options, members)
 
 
 def key_format(config: BenchConfig) -> bytes:

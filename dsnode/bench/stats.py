@@ -9,6 +9,9 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
+from dsnode.bench.cpu import Capacity
+from dsnode.bench.routing import RouteCounts, render_routing
+
 #: Histogram range in microseconds: 1 us .. 60 s, 3 significant digits.
 HIST_LOWEST_US = 1
 HIST_HIGHEST_US = 60_000_000
@@ -69,6 +72,10 @@ class ProcessResult:
     written: bytes | None = None
     """With ``--cleanup``: byte i is 1 when key i of the keyspace was written (or may have
     been: a put whose answer never came counts)."""
+    acked_all: dict[str, int] = field(default_factory=dict)
+    """Acknowledged requests per op over the whole run (warmup and drain included)."""
+    route_counts: dict[str, int] = field(default_factory=dict)
+    """:class:`~dsnode.bench.routing.RouteCounts` as a dict (answers in the window)."""
 
 
 @dataclass
@@ -108,6 +115,12 @@ class BenchReport:
     processes: int
     cleanup: dict[str, Any] | None = None
     """With ``--cleanup``: ``{"deleted", "errors"}`` of the delete pass after the run."""
+    acked_all: dict[str, int] = field(default_factory=dict)
+    route_counts: RouteCounts = field(default_factory=RouteCounts)
+    routing: dict[str, Any] | None = None
+    """dsnode: the route used and the forwarded share (:func:`route_summary`)."""
+    capacity: Capacity | None = None
+    """dsnode with ``cpu``: CPU per node and the capacity-per-core figure."""
 
     @classmethod
     def merge(
@@ -145,8 +158,13 @@ class BenchReport:
             all_rate += rate
             all_req_rate += req_rate
         info: dict[str, Any] = {}
+        acked_all: Counter[str] = Counter()
+        counts = RouteCounts()
         for r in results:
             info = info or r.server_info
+            acked_all.update(r.acked_all)
+            for k, v in r.route_counts.items():
+                setattr(counts, k, getattr(counts, k) + v)
         last_err = next((r.last_connect_error for r in results if r.last_connect_error), None)
         return cls(
             config=config,
@@ -159,6 +177,8 @@ class BenchReport:
             server_info=info,
             interrupted=any(r.interrupted for r in results),
             processes=len(results),
+            acked_all=dict(acked_all),
+            route_counts=counts,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -178,6 +198,8 @@ class BenchReport:
             "last_connect_error": self.last_connect_error,
             "interrupted": self.interrupted,
             "cleanup": self.cleanup,
+            "routing": self.routing,
+            "capacity": None if self.capacity is None else self.capacity.to_json(),
             "histograms": {op: _encode(r.histogram) for op, r in self.per_op.items() if r.ok},
         }
 
@@ -240,6 +262,10 @@ class BenchReport:
                 f"failed connection attempts: {self.connect_errors} "
                 f"(last: {self.last_connect_error})"
             )
+        if self.routing is not None:
+            lines.extend(render_routing(self.routing))
+        if self.capacity is not None:
+            lines.extend(self.capacity.render_text())
         if self.cleanup is not None:
             lines.append(
                 f"cleanup: deleted the {self.cleanup['deleted']} keys written under "

@@ -65,6 +65,9 @@ class TargetOptions:
     client_name: str = "dsnode-bench"
     ssl: Any = None  # an ssl.SSLContext for TLS, else plain TCP
     request_ids: bool = False  # dsnode: puts and txns carry client_id/seq, as the client's do
+    #: dsnode: called just before the ``done`` callback of an answer that carries
+    #: ``"forwarded": true`` (the node forwarded the request to another node).
+    on_forwarded: Callable[[], None] | None = None
 
 
 class Target(abc.ABC):
@@ -338,6 +341,9 @@ class DsnodeTarget(StreamTarget):
         # a request id per write (one client id per connection), as dsnode's client sends
         self._client_id = os.urandom(16) if self.options.request_ids else None
         self._seqs = itertools.count(1)
+        #: Called before ``done`` for answers with ``"forwarded": true`` (the owner may
+        #: replace it, as the ring router does).
+        self.on_forwarded: Callable[[], None] | None = self.options.on_forwarded
 
     async def handshake(self) -> None:
         hello: dict[str, Any] = {"op": "hello", "client": self.options.client_name}
@@ -414,6 +420,8 @@ class DsnodeTarget(StreamTarget):
                 return
             done = pending.pop(req_id, None)
             if done is not None:
+                if self.on_forwarded is not None and msg.get("forwarded") is True:  # type: ignore[union-attr]
+                    self.on_forwarded()
                 done(None if msg.get("ok") is True else _error_code(msg))  # type: ignore[union-attr]
                 continue
             fut = self._replies.pop(req_id, None)
