@@ -40,7 +40,7 @@ from dsnode.runtime.driver import META, PINS, Driver
 from dsnode.runtime.metrics import NodeMetrics, node_registry
 from dsnode.runtime.peers import PeerNetwork
 from dsnode.runtime.security import Security, SecurityError, check_exposure
-from dsnode.runtime.server import ClientServer
+from dsnode.runtime.server import ClientServer, ring_answer
 from dsnode.runtime.snapshots import RecoveredSnapshots, SnapshotStore
 from dsnode.runtime.wal import Recovered, WALCorruptError, WALFailedError, WriteAheadLog
 
@@ -489,15 +489,7 @@ class Node:
         if ring is None:
             return None
         leaders = self.leaders(ring)
-        return {
-            "partitions": ring.partitions,
-            "replication": ring.replication,
-            "epoch": ring.epoch,
-            "members": [{"node_id": nid, "addr": self.peers[nid]} for nid in ring.members
-                        if nid in self.peers],
-            "map": [{"id": pid, "replicas": list(ring.replicas(pid)), "leader": leaders[pid]}
-                    for pid in range(ring.partitions)],
-        }
+        return ring_answer(ring, self.peers, leaders.__getitem__)
 
     def status(self) -> dict:
         """The ``status`` op's answer. ``partitions`` lists every partition of the ring;
