@@ -62,6 +62,7 @@ from _procs import (  # noqa: E402
     tail,
     tmpdir,
 )
+from _storage import builds  # noqa: E402
 
 INFLIGHTS = (64, 256)
 
@@ -325,6 +326,14 @@ def compute_ratios(rows: list[dict[str, Any]], perf: dict[str, Any] | None) -> d
             out[f"dsnode puts/s (inflight {inflight}) / etcdctl check perf writes/s"] = ratio(
                 get("dsnode", "put", inflight, "ops_s"), perf["writes_s"]
             )
+    base = next((r["system"] for r in rows if r["system"].startswith("dsnode@")), None)
+    if base is not None:
+        for op in ("put", "get"):
+            for inflight in INFLIGHTS:
+                out[f"{op} throughput dsnode/{base} (inflight {inflight})"] = ratio(
+                    get("dsnode", op, inflight, "ops_s"), get(base, op, inflight, "ops_s"))
+                out[f"{op} p99 latency dsnode/{base} (inflight {inflight})"] = ratio(
+                    get("dsnode", op, inflight, "p99_us"), get(base, op, inflight, "p99_us"))
     return out
 
 
@@ -341,6 +350,9 @@ def main() -> int:
     ap.add_argument("--check-perf-load", default="xl", choices=("s", "m", "l", "xl", "none"),
                     help="etcdctl check perf --load (none: skip; it runs for 60s)")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None, help="also write all results here")
+    ap.add_argument("--baseline", default=None,
+                    help="also run the dsnode workload on this commit (a temporary worktree), "
+                    "e.g. the single-group build 94d2824")
     ap.add_argument("--dsnode-cmd", default=f"{shlex.quote(sys.executable)} -m dsnode",
                     help="command that runs the dsnode CLI (before 'serve ...')")  # fmt: skip
     args = ap.parse_args()
@@ -367,11 +379,16 @@ def main() -> int:
         for p in eprocs:
             stop(p)
 
-        dprocs, dports = start_dsnode_cluster(work, dsnode_cmd)
-        log(f"dsnode: 3 nodes on ports {dports} (durable defaults)")
-        workload("dsnode", "dsnode", dports, args.dsnode_connections, args, rows, raw)
-        for p in dprocs:
-            stop(p)
+        with builds(args.baseline) as codes:
+            for name, code in codes:
+                system = "dsnode" if name == "current" else f"dsnode@{args.baseline}"
+                run = tmpdir("dsnode-compare-run-")
+                dprocs, dports = start_dsnode_cluster(run, dsnode_cmd,
+                                                      env={"PYTHONPATH": str(code)})
+                log(f"{system}: 3 nodes on ports {dports} (durable defaults)")
+                workload(system, "dsnode", dports, args.dsnode_connections, args, rows, raw)
+                for p in dprocs:
+                    stop(p)
         raw["loadavg_end"] = os.getloadavg()
     finally:
         cleanup()
