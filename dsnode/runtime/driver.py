@@ -89,10 +89,7 @@ HEARTBEAT = "hb"
 PINS = "pins"  # [PINS, table]: the sender's member pins (core.membership.incarnations)
 # [LEADS, [[pid, round, node], ...]]: the partitions the sender leads, with their ballots
 LEADS = "leads"
-LEADS_REFRESH_S = 1.0
-# with nothing in flight, leader changes are looked for every this many ticks (requests
-# look up their own partition's leader as they are routed)
-LEADERS_SWEEP_TICKS = 5  # a node's report goes out at least this often (and on every change)
+LEADS_REFRESH_S = 1.0  # a node's report goes out at least this often (and on every change)
 NOT_LEADER = "not leader"  # a forward's definite answer: route it again
 CROSS_PARTITION = ("txn keys span partitions {pids}: cross-partition transactions are not "
                    "supported yet (see docs/PROTOCOL.md); keep a txn's keys in one partition")
@@ -193,7 +190,7 @@ class Driver:
         self.router: Router | None = None  # built once the ring is known
         self.hints = LeaderHints()  # leaders of partitions not hosted here
         self._led: tuple = ()  # the (pid, ballot)s last reported in LEADS
-        self._next_sweep = 0
+        self._role_changes: int | None = -1  # the core's count when `_led` was computed
         self._ticker_wake = asyncio.Event()
         self._ticker_sleeping = False
         self._leads_sent_at = -1e9
@@ -230,6 +227,7 @@ class Driver:
         # (peer, group) -> [highest slot it said it accepted, highest ballot it promised]:
         # durable at the peer before it answered; pinned by the node (issue 15)
         self.peer_seen: dict[tuple[str, Any], list] = {}
+        self.peer_seen_changed: set[tuple[str, Any]] = set()  # raised since the node looked
         self.on_pins: Callable[[str, object], None] | None = None
         self.counters: collections.Counter = collections.Counter()
         # stale reads by the replica the router sent them to (None: parked)
@@ -421,7 +419,6 @@ class Driver:
     # ------------------------------------------------------------ peer input
     def on_peer_messages(self, peer: str, batch: list) -> None:
         self._advance_clock()
-        self._wake_ticker()
         self.heard[peer] = self.tick_count
         core = self.core
         for m in batch:
@@ -452,6 +449,8 @@ class Driver:
                 self.counters["heartbeats_received"] += 1  # `heard` above is what counts
             else:
                 self.counters["malformed_peer_message"] += 1
+        if self._ticker_sleeping and self._idle_ticks() == 1:
+            self._wake_ticker()  # the batch gave this node work that the ticker must time
         self._schedule_flush()
 
     def _saw(self, peer: str, msg: Accepted | Promise) -> None:
@@ -461,14 +460,18 @@ class Driver:
                 self.peer_acked[peer] = top
         else:
             top = msg.accepted[-1][0] if msg.accepted else 0
-        seen = self.peer_seen.get((peer, msg.group))
+        key = (peer, msg.group)
+        seen = self.peer_seen.get(key)
         if seen is None:
-            self.peer_seen[(peer, msg.group)] = [top, msg.promised]
+            self.peer_seen[key] = [top, msg.promised]
+            self.peer_seen_changed.add(key)
             return
         if top > seen[0]:
             seen[0] = top
+            self.peer_seen_changed.add(key)
         if msg.promised > seen[1]:
             seen[1] = msg.promised
+            self.peer_seen_changed.add(key)
 
     def _on_forward(self, peer: str, m: list) -> None:
         try:
@@ -914,23 +917,29 @@ class Driver:
         router = self._router()
         if router is None:
             return
-        if router.in_flight == 0 and self.tick_count < self._next_sweep:
-            return  # idle: the sweep below runs every LEADERS_SWEEP_TICKS at most
-        self._next_sweep = self.tick_count + LEADERS_SWEEP_TICKS
-        self._sync_leaders()
-        led = tuple((pid, g.ballot) for pid, g in core.groups.items()
-                    if pid != meta and g.role is Role.LEADER)
+        if router.in_flight:
+            self._sync_leaders()  # what a leader change strands is sent again at once
         now = self.tick_count * self._tick_seconds
-        if led != self._led:
-            gained = sorted({p for p, _ in led} - {p for p, _ in self._led})
-            lost = sorted({p for p, _ in self._led} - {p for p, _ in led})
-            log.info("leadership_changed", leads=len(led), gained=gained, lost=lost)
-        elif now - self._leads_sent_at < LEADS_REFRESH_S:
-            return
-        self._led = led
+        changes = getattr(core, "role_changes", None)
+        if changes is None or changes != self._role_changes:
+            # some group of this node started or stopped leading: look at them all
+            self._role_changes = changes
+            led = tuple((pid, g.ballot) for pid, g in core.groups.items()
+                        if pid != meta and g.role is Role.LEADER)
+            if led != self._led:
+                gained = sorted({p for p, _ in led} - {p for p, _ in self._led})
+                lost = sorted({p for p, _ in self._led} - {p for p, _ in led})
+                log.info("leadership_changed", leads=len(led), gained=gained, lost=lost)
+                self._led = led
+                self._send_leads(now)
+                return
+        if now - self._leads_sent_at >= LEADS_REFRESH_S:
+            self._send_leads(now)
+
+    def _send_leads(self, now: float) -> None:
         self._leads_sent_at = now
         if self.net is not None:
-            msg = [LEADS, encode_led(led)]
+            msg = [LEADS, encode_led(self._led)]
             for peer in self.net.links:
                 if self.net.connected(peer):
                     self.net.send(peer, msg)

@@ -402,8 +402,10 @@ class Node:
                     self.net.cluster_uuid = formed
                 self.log.info("cluster_formed", cluster_uuid=formed)
             changed = False
-            for (peer, group), (slot, ballot) in list(self.driver.peer_seen.items()):
-                changed |= self.pins.saw(peer, str(group), slot, ballot)
+            raised, self.driver.peer_seen_changed = self.driver.peer_seen_changed, set()
+            for key in raised:
+                slot, ballot = self.driver.peer_seen[key]
+                changed |= self.pins.saw(key[0], str(key[1]), slot, ballot)
             if changed:
                 await asyncio.to_thread(self.save_pins)
                 if self.net is not None:

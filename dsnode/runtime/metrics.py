@@ -185,7 +185,10 @@ class NodeMetrics:
         a leader that ends with the same one does not), as etcd's leader_changes_seen."""
         me = core.node_id
         ballots, leaders = self._ballots, self._leaders
-        for gid, g in core.groups.items():
+        # a quiet group changes nothing until an input wakes it (and a woken group is
+        # ticked, hence seen here, before it can quiesce again)
+        awake = getattr(core, "awake_groups", None)
+        for gid, g in (awake() if awake is not None else core.groups.items()):
             ballot = g.ballot
             last = ballots.get(gid)
             if last != ballot:

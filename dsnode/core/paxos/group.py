@@ -148,6 +148,7 @@ class PaxosGroup(LeaderSide, CatchUp):
             self.leader_hint = None
         self._fail_pending("leadership lost")
         self.role = Role.FOLLOWER
+        self.out.role_changes += 1
         self.quiesced = False
         self.transfer = None
         self.transfer_from = ZERO_BALLOT
@@ -188,6 +189,7 @@ class PaxosGroup(LeaderSide, CatchUp):
     def become_candidate(self, transfer_from: Ballot = ZERO_BALLOT) -> None:
         self._fail_pending("leadership lost")
         self.role = Role.CANDIDATE
+        self.out.role_changes += 1
         self.quiesced = False
         self.transfer = None
         self.transfer_from = transfer_from
@@ -210,6 +212,7 @@ class PaxosGroup(LeaderSide, CatchUp):
     def become_leader(self) -> None:
         res = merge_promises(self.promises, self.log.chosen_through + 1, self.log.chosen_through)
         self.role = Role.LEADER
+        self.out.role_changes += 1
         self.quiesced = False
         self.transfer = None
         self.transfer_from = ZERO_BALLOT

@@ -55,6 +55,9 @@ class PaxosNode:
         self._dirty: set[Any] = set()
         # groups not ticked (see ``tick``), and the peers alive at the last tick
         self._quiet: set[Any] = set()
+        # the others (ticked), in the order they became so: an idle node's tick touches
+        # only these, whatever the number of groups it hosts
+        self._ticking: dict[Any, PaxosGroup] = {}
         self._alive_seen: frozenset[str] = frozenset()
         # recovered records (and snapshot files) of groups this node does not have
         # (yet): a group created later from the metadata group's state gets them
@@ -81,6 +84,7 @@ class PaxosNode:
         if self.config.lease_ticks:
             g.heard_leader_at = self.now  # as at a start: honour what it may have acked
         self.groups[group] = g
+        self._ticking[group] = g
         return g
 
     def _update_peers(self) -> None:
@@ -163,6 +167,7 @@ class PaxosNode:
         if g is None:
             return
         del self.groups[group]
+        self._ticking.pop(group, None)
         g.become_follower()  # fails what it had pending, into the shared outbox
         self._dirty.discard(group)
         self._update_peers()
@@ -206,13 +211,17 @@ class PaxosNode:
             self._alive_seen = alive
             for gid in [gid for gid in self._quiet if changed & self.groups[gid].member_set]:
                 self._awake(gid)
-        quiet = self._quiet
-        for gid, g in self.groups.items():
-            if gid in quiet:
-                continue
+        quiet, ticking = self._quiet, self._ticking
+        for gid, g in list(ticking.items()):
             g.tick(n)
             if self.config.quiesce and g.is_quiet():
                 quiet.add(gid)
+                del ticking[gid]
+
+    def awake_groups(self) -> list[tuple[Any, PaxosGroup]]:
+        """The groups ticked now (not quiet): only these can change role or leader
+        without an input waking them first."""
+        return list(self._ticking.items())
 
     def idle_ticks(self) -> int:
         """Ticks the shell may let pass before the next ``tick`` without this node
@@ -220,7 +229,7 @@ class PaxosNode:
         (an idle node), the ticks until its next node heartbeat is due. Liveness changes
         are then noticed at heartbeat pace, and any input wakes what it concerns, so an
         idle node wakes once per heartbeat interval whatever the number of groups."""
-        if len(self._quiet) < len(self.groups) or self._dirty:
+        if self._ticking or self._dirty:
             return 1
         due = self._last_node_heartbeat + self.config.heartbeat_interval_ticks - self.now
         return max(1, due)
@@ -230,6 +239,7 @@ class PaxosNode:
         g = self.groups.get(gid)
         if g is not None and gid in self._quiet:
             self._quiet.discard(gid)
+            self._ticking[gid] = g
             if self.now > g.now:
                 g.tick(self.now - g.now)
         return g
@@ -413,6 +423,11 @@ class PaxosNode:
 
     def state_machine(self, group: Any):
         return self.groups[group].sm
+
+    @property
+    def role_changes(self) -> int:
+        """Times any group of this node became leader or stopped leading."""
+        return self.out.role_changes
 
     @property
     def quiet_groups(self) -> int:

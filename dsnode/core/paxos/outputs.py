@@ -107,6 +107,9 @@ class Outbox(Ready):
     # linearizable reads answered by a leader, by how it knew it still led: "lease"
     # (no round) or "read_index" (a quorum confirmed a round after the read arrived)
     reads: Counter = field(default_factory=Counter)
+    # times a group became leader or stopped leading (never drained): a shell that
+    # reports which groups this node leads looks again only when it moved
+    role_changes: int = 0
 
     def take(self) -> Ready:
         """Hand over everything produced so far as a ``Ready`` and start afresh."""
