@@ -205,8 +205,8 @@ def misplaced(node: str, core: Any, ring: Ring, metadata: Any) -> str | None:
             return (f"{node} hosts partition {gid} on {list(g.preferred)}; "
                     f"the ring places it on {list(want)}")
     held = core.ring
-    if held is not None and (held.members, held.partitions, held.replication) != (
-        ring.members, ring.partitions, ring.replication
+    if held is not None and (held.members, held.partitions, held.replication, held.epoch) != (
+        ring.members, ring.partitions, ring.replication, ring.epoch
     ):
         return f"{node}'s metadata group holds {held!r}, not {ring!r}"
     return None

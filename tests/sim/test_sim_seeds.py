@@ -11,6 +11,7 @@ import pytest
 
 from dsnode.core.ring import Ring
 from dsnode.sim.__main__ import main as sim_main
+from dsnode.sim.checkers import misplaced
 from dsnode.sim.world import META, SimConfig, SimWorld, partitioned_config
 
 DEFAULT_SEEDS = range(0, 1000)  # CI runs at least 1,000 seeds (issue 3)
@@ -77,6 +78,9 @@ def test_sim_partitioned_cores_host_exactly_the_ring_placement():
             continue
         assert set(core.groups) == {META, *ring.partitions_of(n)}
         assert core.ring.placement() == ring.placement()
+        assert misplaced(n, core, ring, META) is None
+        later = Ring(w.node_ids, 16, 3, epoch=2)  # same placement, another ring
+        assert "metadata group holds" in misplaced(n, core, later, META)
     written = {w.workload.group_of(o.key) for o in w.workload.acknowledged_writes()}
     chosen = {g for g, _slot in w.checker.chosen}
     assert META in chosen and written and written <= chosen
