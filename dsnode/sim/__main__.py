@@ -3,6 +3,13 @@
 Prints one line per failing seed with the exact repro command, and for a
 range the throughput in seeds/s and cluster-seconds simulated per wall second
 (ticks x nodes x ``--tick-ms``). Exit status 1 if any seed failed.
+
+Two kinds of cluster (``dsnode.sim.world``): by default ``--groups`` groups of
+``--replicas`` members drawn by the world (the fast mode the 1,000 CI seeds
+run); with ``--partitions P`` a partitioned cluster as the runtime runs one, a
+metadata group and a ring of P partitions with ``--replication`` (alias of
+``--replicas``) replicas each, created by the cores themselves, e.g.
+``python -m dsnode.sim --seeds 0-99 --nodes 5 --partitions 16 --replication 3``.
 """
 
 from __future__ import annotations
@@ -16,11 +23,12 @@ from dsnode.sim.broken import (
     BROKEN,
     BROKEN_GROUPS,
     LIVENESS_BROKEN,
+    RING_BROKEN,
     WORLD_BROKEN,
     configure,
 )
 from dsnode.sim.trace import Trace
-from dsnode.sim.world import SimConfig, SimWorld
+from dsnode.sim.world import SimConfig, SimWorld, partitioned_config
 
 
 def _range(text: str) -> range:
@@ -36,28 +44,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ticks", type=int, default=600, help="fault-phase ticks")
     ap.add_argument("--heal-ticks", type=int, default=600, help="convergence budget")
     ap.add_argument("--nodes", type=int, default=3)
-    ap.add_argument("--groups", type=int, default=2)
-    ap.add_argument("--replicas", type=int, default=3)
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--keys", type=int, default=6)
+    ap.add_argument("--groups", type=int, default=2, help="groups drawn by the world")
+    ap.add_argument("--partitions", type=int, default=0,
+                    help="a partitioned cluster with this many partitions (0: --groups)")
+    ap.add_argument("--replicas", "--replication", dest="replicas", type=int, default=3,
+                    help="members per group; partitioned, the ring's replication")
+    ap.add_argument("--clients", type=int, help="default 4; partitioned 8")
+    ap.add_argument("--keys", type=int, help="default 6; partitioned 24")
     ap.add_argument("--no-swarm", action="store_true", help="fixed timing and fault mix")
-    ap.add_argument("--broken", choices=sorted(BROKEN) + sorted(BROKEN_GROUPS) + sorted(LIVENESS_BROKEN) + list(WORLD_BROKEN), help="run a deliberately broken variant")
+    ap.add_argument("--broken", choices=sorted(BROKEN) + sorted(BROKEN_GROUPS)
+                    + sorted(LIVENESS_BROKEN) + list(WORLD_BROKEN) + sorted(RING_BROKEN),
+                    help="run a deliberately broken variant")
     ap.add_argument("--trace", action="store_true", help="print every event")
     ap.add_argument("--tick-ms", type=float, default=10.0, help="for cluster-seconds only")
     args = ap.parse_args(argv)
+    if args.partitions < 0:
+        ap.error("--partitions must be >= 0")
+    if args.partitions and args.groups != 2:
+        ap.error("--groups and --partitions choose two kinds of cluster: give one")
 
-    cfg = SimConfig(
-        nodes=args.nodes,
-        groups=args.groups,
-        replicas=args.replicas,
-        fault_ticks=args.ticks,
-        heal_ticks_max=args.heal_ticks,
-        clients=args.clients,
-        keys=args.keys,
-        swarm=not args.no_swarm,
-    )
-    if args.broken:
-        cfg = configure(cfg, args.broken)
+    run = dict(fault_ticks=args.ticks, heal_ticks_max=args.heal_ticks,
+               swarm=not args.no_swarm)
+    for name in ("clients", "keys"):
+        if getattr(args, name) is not None:
+            run[name] = getattr(args, name)
+    try:
+        if args.partitions:
+            cfg = partitioned_config(args.nodes, args.partitions, args.replicas, **run)
+        else:
+            cfg = SimConfig(nodes=args.nodes, groups=args.groups, replicas=args.replicas, **run)
+        if args.broken:
+            cfg = configure(cfg, args.broken)
+        SimWorld.check_config(cfg)
+    except ValueError as e:
+        ap.error(str(e))
     seeds = (
         range(args.seed, args.seed + 1) if args.seed is not None else (args.seeds or range(0, 1))
     )
@@ -66,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         ("heal_ticks", 600),
         ("nodes", 3),
         ("groups", 2),
+        ("partitions", 0),
         ("replicas", 3),
-        ("clients", 4),
-        ("keys", 6),
+        ("clients", None),
+        ("keys", None),
     ):
         if getattr(args, name) != default:
             flags.append(f"--{name.replace('_', '-')} {getattr(args, name)}")

@@ -9,7 +9,9 @@ from dsnode.core.effects import Reply
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.group import PaxosGroup
 from dsnode.core.paxos.messages import Ballot
+from dsnode.core.paxos.node import PaxosNode
 from dsnode.core.paxos.statemachine import DedupKV
+from dsnode.core.ring import Ring
 
 
 class ForgetfulAcceptor(Acceptor):
@@ -97,6 +99,63 @@ BROKEN_GROUPS = {
     "id-blind-dedup": IdBlindGroup,
 }
 
+class _PlacementNode(PaxosNode):
+    """A node that hosts the partitions ``placement(ring)`` names, each on the
+    members given; as it stands the ring's own placement, which the broken
+    placements below override."""
+
+    def placement(self, ring: Ring) -> dict[int, tuple[str, ...]]:
+        mine = ring.partitions_of(self.node_id) if self.node_id in ring.members else ()
+        return {p: ring.replicas(p) for p in mine}
+
+    def sync_partitions(self) -> list:
+        ring = self.ring
+        if ring is None:
+            return []
+        self._ring_epoch = ring.epoch
+        created = []
+        for pid, members in sorted(self.placement(ring).items()):
+            if pid not in self.groups and self.node_id in members:
+                self.add_group(pid, members)
+                created.append(pid)
+        return created
+
+
+class NextPartitionNode(_PlacementNode):
+    """Off by one: partition p goes where the ring places partition p + 1, on its
+    replicas (so some nodes host partitions the ring does not place on them)."""
+
+    def placement(self, ring: Ring) -> dict[int, tuple[str, ...]]:
+        n = ring.partitions
+        return {p: ring.replicas((p + 1) % n) for p in range(n)}
+
+
+class LeadersOnlyNode(_PlacementNode):
+    """Creates only the partitions it is the preferred leader of, not those it is
+    a follower replica of: each such partition has one member hosting it, so no
+    quorum and no leader (the settle check sees the replicas missing first)."""
+
+    def placement(self, ring: Ring) -> dict[int, tuple[str, ...]]:
+        mine = ring.led_by(self.node_id) if self.node_id in ring.members else ()
+        return {p: ring.replicas(p) for p in mine}
+
+
+class SortedReplicasNode(_PlacementNode):
+    """Right members, wrong order: each partition's replicas sorted by node id, so
+    the preferred leader is no longer the ring's first replica."""
+
+    def placement(self, ring: Ring) -> dict[int, tuple[str, ...]]:
+        return {p: tuple(sorted(m)) for p, m in super().placement(ring).items()}
+
+
+# variants that place partitions otherwise than the ring (the placement checks catch
+# them); they run only in the partitioned mode (SimConfig.partitions > 0)
+RING_BROKEN = {
+    "next-partition": NextPartitionNode,
+    "leaders-only": LeadersOnlyNode,
+    "sorted-replicas": SortedReplicasNode,
+}
+
 # variants of the world itself: "trusting-peers" admits a node whatever it lost
 # (no identity gate), so a wiped or rolled-back acceptor votes again
 WORLD_BROKEN = ("trusting-peers",)
@@ -108,6 +167,11 @@ def configure(cfg, name: str):
         return dataclasses.replace(cfg, acceptor_cls=BROKEN[name])
     if name in BROKEN_GROUPS:
         return dataclasses.replace(cfg, group_cls=BROKEN_GROUPS[name])
+    if name in RING_BROKEN:
+        if not cfg.partitions:
+            raise ValueError(f"the broken variant {name!r} runs only in a partitioned "
+                             "cluster (--partitions P)")
+        return dataclasses.replace(cfg, node_cls=RING_BROKEN[name])
     if name == "trusting-peers":
         return dataclasses.replace(
             cfg, identity_gate=False,

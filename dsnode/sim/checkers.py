@@ -19,6 +19,15 @@
   the votes it had already delivered (a wiped or rolled-back data directory)
   never has another promise or accept delivered. Tracked here from the votes
   themselves, independently of the pins that enforce it.
+- ``partitions match the ring`` (a partitioned cluster, :func:`misplaced` and
+  :func:`unhosted`): every node hosts only partitions the ring places on it,
+  each with the ring's replicas in the ring's order (the first its preferred
+  leader), the ring its metadata group holds is that ring, and once the
+  cluster settles every live replica hosts all its partitions.
+
+Every group is checked alike, the metadata group (whose state machine keeps
+the ring) and each partition; the groups and their members come from the
+world (for a partitioned cluster, its ring), not from what the nodes host.
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ from typing import Any
 
 import msgpack
 
-from dsnode.core.commands import Form
+from dsnode.core.commands import Form, SetRing
 from dsnode.core.kv.store import KVStore
 from dsnode.core.paxos import Applied, SnapshotInstalled
 from dsnode.core.paxos import records as rec
+from dsnode.core.paxos.metadata import MetaSM
 from dsnode.core.paxos.statemachine import unpack_batch
+from dsnode.core.ring import Ring
 
 
 class SafetyViolation(AssertionError):
@@ -39,9 +50,13 @@ class SafetyViolation(AssertionError):
 
 
 class SafetyChecker:
-    def __init__(self, groups: dict[Any, tuple[str, ...]], check_amnesia: bool = True) -> None:
+    def __init__(
+        self, groups: dict[Any, tuple[str, ...]], check_amnesia: bool = True,
+        metadata: Any = None,
+    ) -> None:
         self.check_amnesia = check_amnesia
         self.groups = groups
+        self.metadata = metadata  # the metadata group's id (None: there is none)
         self.quorum = {g: len(m) // 2 + 1 for g, m in groups.items()}
         # (group, slot, ballot) -> {node: value}
         self.votes: dict[tuple, dict[str, bytes]] = {}
@@ -152,7 +167,8 @@ class SafetyChecker:
     def exactly_once_state(self, group: Any) -> tuple[int, list]:
         """``(revision, items)`` of ``group``'s applied log replayed with each request id
         applied at its first occurrence only."""
-        kv = KVStore()
+        meta = MetaSM() if group == self.metadata else None
+        kv = KVStore() if meta is None else meta.kv
         seen: set[tuple] = set()
         slots = sorted(s for g, s in self.learned if g == group)
         if slots and slots != list(range(1, len(slots) + 1)):
@@ -166,5 +182,43 @@ class SafetyChecker:
                     if key in seen:
                         continue
                     seen.add(key)
-                kv.apply(cmd)
+                if type(cmd) is SetRing and meta is not None:
+                    meta.apply(None, cmd, s)  # the ring, kept in the metadata store
+                else:
+                    kv.apply(cmd)
         return kv.revision, sorted(kv.items())
+
+
+def misplaced(node: str, core: Any, ring: Ring, metadata: Any) -> str | None:
+    """Why the partitions ``node``'s core hosts disagree with ``ring`` (None: they
+    agree): a partition the ring does not place on ``node``, one whose members are
+    not its replicas or whose preference order is not the ring's, or a ring in the
+    node's metadata group that is not ``ring``."""
+    placed = ring.partitions_of(node) if node in ring.members else ()
+    for gid, g in core.groups.items():
+        if gid == metadata:
+            continue
+        if gid not in placed:
+            return f"{node} hosts partition {gid!r}, which the ring does not place on it"
+        want = ring.replicas(gid)
+        if g.preferred != want or g.member_set != frozenset(want):
+            return (f"{node} hosts partition {gid} on {list(g.preferred)}; "
+                    f"the ring places it on {list(want)}")
+    held = core.ring
+    if held is not None and (held.members, held.partitions, held.replication, held.epoch) != (
+        ring.members, ring.partitions, ring.replication, ring.epoch
+    ):
+        return f"{node}'s metadata group holds {held!r}, not {ring!r}"
+    return None
+
+
+def unhosted(cores: dict[str, Any], ring: Ring) -> dict[str, list[int]]:
+    """Per node of ``cores`` (a core, or None while the node is down): the
+    partitions ``ring`` places on it that it does not host."""
+    out = {}
+    for node, core in cores.items():
+        groups = core.groups if core is not None else {}
+        missing = [p for p in ring.partitions_of(node) if p not in groups]
+        if missing:
+            out[node] = missing
+    return out

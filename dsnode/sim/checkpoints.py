@@ -26,10 +26,12 @@ def recovered_state(
     cfg: PaxosConfig,
     records: list[bytes],
     snapshots: Mapping[Any, StoredSnapshot] | None = None,
+    metadata: Any = None,
 ) -> dict[Any, dict[str, Any]]:
     """Per group: what a node recovered from ``records`` (and the snapshot
-    files ``snapshots``) holds, field by field."""
-    core = PaxosNode(node_id, groups, random.Random(0), cfg)
+    files ``snapshots``) holds, field by field. ``metadata``: the metadata
+    group's id (a partitioned node, which creates its partitions in recovery)."""
+    core = PaxosNode(node_id, groups, random.Random(0), cfg, metadata=metadata)
     core.recover(records, snapshots)
     out = {}
     for gid, g in core.groups.items():
@@ -57,14 +59,18 @@ def disagreement(
     checkpoint: bytes,
     after: list[bytes],
     snapshots: Mapping[Any, StoredSnapshot] | None = None,
+    metadata: Any = None,
 ) -> str | None:
     """None if ``checkpoint`` plus the records ``after`` it recover what the
     ``full`` record stream does (both from the same snapshot files); else the
     first group and field that differ."""
-    whole = recovered_state(node_id, groups, cfg, full, snapshots)
+    whole = recovered_state(node_id, groups, cfg, full, snapshots, metadata)
     short = recovered_state(
-        node_id, groups, cfg, msgpack.unpackb(checkpoint) + list(after), snapshots
+        node_id, groups, cfg, msgpack.unpackb(checkpoint) + list(after), snapshots, metadata
     )
+    if set(whole) != set(short):
+        return (f"{node_id}: groups recovered from the full log {sorted(whole, key=str)}, "
+                f"from checkpoint + {len(after)} records {sorted(short, key=str)}")
     for gid in whole:
         for field, value in whole[gid].items():
             other = short[gid][field]

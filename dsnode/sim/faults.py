@@ -1,6 +1,11 @@
 """Fault schedule inside the fault model: at most f = (len(members)-1)//2
 replicas of any group down at once; partitions, one-way cuts, loss and
-duplication arbitrary. Every choice comes from the rng handed in."""
+duplication arbitrary. Every choice comes from the rng handed in.
+
+A crash, a pause or a crash of every node hits every group on the node at once
+(in a partitioned cluster the metadata group and several partitions); the crash
+budget counts every group the world knows of, whether the node has created it
+yet or not. Campaigns and leadership transfers pick among the groups a core hosts."""
 
 from __future__ import annotations
 
@@ -145,18 +150,20 @@ class FaultSchedule:
             w.net.heal()
             w.trace(now, "-", "heal")
         elif kind == "transfer":
+            # the groups each core hosts (partitioned: the metadata group, and the
+            # partitions it has created so far)
             leading = [(n, g) for n in w.node_ids if w.serving(n)
-                       for g in sorted(w.groups_of(n), key=str) if w.cores[n].is_leader(g)]
+                       for g in sorted(w.cores[n].groups, key=str) if w.cores[n].is_leader(g)]
             if leading:
                 node, group = rng.choice(leading)
                 target = rng.choice([m for m in w.groups[group] if m != node])
                 w.cores[node].transfer_leadership(group, target)
                 w.trace(now, node, "transfer", f"group {group} to {target}")
         elif kind == "campaign":
-            up = [n for n in w.node_ids if w.up[n] and w.groups_of(n)]
+            up = [n for n in w.node_ids if w.up[n] and w.cores[n].groups]
             if up:
                 node = rng.choice(up)
-                group = rng.choice(sorted(w.groups_of(node), key=str))
+                group = rng.choice(sorted(w.cores[node].groups, key=str))
                 w.cores[node].campaign(group)
                 w.trace(now, node, "campaign", f"group {group}")
         else:

@@ -86,6 +86,11 @@ class Workload:
 
     # ------------------------------------------------------------ helpers
     def group_of(self, key: bytes) -> Any:
+        """The group serving ``key``: partitioned, the ring's partition (as the
+        runtime's router picks it); else one of the world's groups by CRC-32."""
+        ring = self.world.ring
+        if ring is not None:
+            return ring.partition_of(key)
         groups = sorted(self.world.groups, key=str)
         return groups[zlib.crc32(key) % len(groups)]
 

@@ -14,10 +14,22 @@ world keeps the blob and where it stands in the node's records, and every
 restart that has one checks that it recovers what the full records do
 (``sim/checkpoints.py``).
 
+Two kinds of cluster. By default (``SimConfig.partitions == 0``) the world
+draws ``groups`` groups of ``replicas`` members itself and hands each node its
+groups. With ``partitions = P`` the world is a partitioned cluster as the
+runtime runs one: every node starts with only the metadata group (all nodes,
+:data:`META`), whose first chosen value holds the ring (P partitions, R =
+``replicas``), and each node's core creates the partition groups the ring
+places on it (``PaxosNode.sync_partitions``). The world's own view of the
+groups (for the checkers, the faults and the clients) is computed from the
+same ring, so it holds before any node has learned it; the placement check
+(``checkers.misplaced``) holds every node's hosted partitions to it.
+
 A run is a fault phase (``fault_ticks``) then a heal phase (everything
 restarted and reconnected) that must converge within ``heal_ticks_max``:
 pending client ops done, final linearizable reads of every key done, a leader
-in every group and all replicas at the same applied index.
+in every group and all replicas at the same applied index (and, partitioned,
+every live replica hosting its partitions).
 """
 
 from __future__ import annotations
@@ -40,7 +52,8 @@ from dsnode.core.paxos.config import bound_for, lease_ticks_for
 from dsnode.core.paxos.group import PaxosGroup
 from dsnode.core.paxos.messages import Accepted, Promise
 from dsnode.core.paxos.outputs import SnapshotRestore, SnapshotWanted, StoredSnapshot
-from dsnode.sim.checkers import SafetyChecker, SafetyViolation
+from dsnode.core.ring import Ring
+from dsnode.sim.checkers import SafetyChecker, SafetyViolation, misplaced, unhosted
 from dsnode.sim.checkpoints import disagreement
 from dsnode.sim.disk import SimDisk
 from dsnode.sim.faults import FaultConfig, FaultSchedule
@@ -65,12 +78,17 @@ SIM_PAXOS = PaxosConfig(
     leader_probe_chance=0.05,
 )
 
+META = "meta"  # the metadata group's id, as in the runtime (dsnode.runtime.driver.META)
+
 
 @dataclass(slots=True)
 class SimConfig:
     nodes: int = 3
-    groups: int = 2
-    replicas: int = 3
+    groups: int = 2  # groups the world draws (when partitions == 0)
+    replicas: int = 3  # members per group; partitioned, the ring's R
+    # > 0: a partitioned cluster like the runtime's (a metadata group and a ring of this
+    # many partitions, created by the cores); 0: ``groups`` groups drawn by the world
+    partitions: int = 0
     fault_ticks: int = 600
     heal_ticks_max: int = 600
     clients: int = 4
@@ -81,6 +99,7 @@ class SimConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     acceptor_cls: type = Acceptor
     group_cls: type = PaxosGroup
+    node_cls: type = PaxosNode
     check_budget: int = 200_000
     swarm: bool = True  # draw timing and fault parameters per seed
     # KV entries a node's shell encodes per tick for a requested snapshot; 0 = all
@@ -105,6 +124,19 @@ class SimConfig:
     # each node's clock runs at its own rate, drawn within 1 +- clock_drift of the
     # world's ticks; leases (paxos.lease_ticks) must hold for any such rates
     clock_drift: float = 0.0
+
+
+def node_ids(n: int) -> list[str]:
+    return [f"n{i}" for i in range(1, n + 1)]
+
+
+def partitioned_config(nodes: int = 5, partitions: int = 16, replication: int = 3,
+                       **kw: Any) -> SimConfig:
+    """A partitioned cluster (see the module docstring) with a workload sized for it:
+    more clients and keys than the default, so that most partitions see traffic."""
+    kw.setdefault("clients", 8)
+    kw.setdefault("keys", 24)
+    return SimConfig(nodes=nodes, partitions=partitions, replicas=replication, **kw)
 
 
 @dataclass(slots=True)
@@ -191,12 +223,26 @@ class SimWorld:
         self.now = 0
         self.faulty = False
         self.event_seq = 0
-        self.node_ids = [f"n{i}" for i in range(1, cfg.nodes + 1)]
-        r = min(cfg.replicas, cfg.nodes)
+        self.check_config(cfg)
+        self.node_ids = node_ids(cfg.nodes)
+        # every group and its members in preference order (a partition's replicas in
+        # ring order), for the checkers, the faults and the clients
         self.groups: dict[Any, tuple[str, ...]] = {}
-        for g in range(cfg.groups):
-            # in preference order (as the ring lists a partition's replicas)
-            self.groups[g] = tuple(self._sub().sample(self.node_ids, r))
+        self.ring: Ring | None = None  # partitioned: the ring the metadata group starts with
+        self.metadata: Any = None  # partitioned: the metadata group's id
+        if cfg.partitions:
+            ring = self.ring = Ring(self.node_ids, cfg.partitions, cfg.replicas, epoch=1)
+            self.metadata = META
+            self.groups[META] = ring.members
+            self.groups.update(enumerate(ring.placement()))
+            cfg = self.cfg = dataclasses.replace(cfg, paxos=dataclasses.replace(
+                cfg.paxos, formation_group=META,
+                formation_ring=(ring.members, cfg.partitions, cfg.replicas)))
+        else:
+            r = min(cfg.replicas, cfg.nodes)
+            for g in range(cfg.groups):
+                # in preference order (as the ring lists a partition's replicas)
+                self.groups[g] = tuple(self._sub().sample(self.node_ids, r))
         self.net = SimNetwork(
             self._sub(),
             self.node_ids,
@@ -232,7 +278,7 @@ class SimWorld:
         # peers' snapshots a node's shell is still decoding (SnapshotRestore), per node:
         # handed back on the node's next tick, as the driver's worker thread would
         self.restore_jobs: dict[str, list[SnapshotRestore]] = {n: [] for n in self.node_ids}
-        self.checker = SafetyChecker(self.groups, cfg.check_amnesiac_votes)
+        self.checker = SafetyChecker(self.groups, cfg.check_amnesiac_votes, self.metadata)
         self.faults = FaultSchedule(self._sub(), self, cfg.faults)
         self.crash_rng = self._sub()
         self.workload = Workload(
@@ -258,6 +304,17 @@ class SimWorld:
         # until the disk is durable up to it (the WAL syncs before it writes one)
         self.ckpt_rng = self._sub()
 
+    @staticmethod
+    def check_config(cfg: SimConfig) -> None:
+        """Raise ValueError, saying why, for a cluster shape the world cannot build."""
+        if cfg.nodes < 2:  # the fault model cuts the network between nodes
+            raise ValueError(f"the simulator needs at least two nodes, not {cfg.nodes}")
+        if cfg.partitions:
+            Ring(node_ids(cfg.nodes), cfg.partitions, cfg.replicas)  # raises if P or R is bad
+        elif cfg.groups < 1 or cfg.replicas < 1:
+            raise ValueError(f"need at least one group of one replica, not {cfg.groups} "
+                             f"of {cfg.replicas}")
+
     def _sub(self) -> random.Random:
         return random.Random(self.rng.getrandbits(64))
 
@@ -267,13 +324,28 @@ class SimWorld:
 
     # ------------------------------------------------------------ node lifecycle
     def groups_of(self, node: str) -> dict[Any, tuple[str, ...]]:
+        """The groups ``node`` is (or, partitioned, will be) a member of."""
         return {g: m for g, m in self.groups.items() if node in m}
 
+    def start_groups(self, node: str) -> dict[Any, tuple[str, ...]]:
+        """The groups a core of ``node`` starts with: partitioned, only the metadata
+        group (the core creates its partitions from the ring); else all of them."""
+        if self.metadata is not None:
+            return {self.metadata: self.groups[self.metadata]}
+        return self.groups_of(node)
+
+    def new_core(self, node: str, rng: random.Random, real: bool = True) -> PaxosNode:
+        """A core for ``node``, before recovery; ``real=False``: a probe with the
+        plain classes (not the configured, possibly broken, ones)."""
+        cfg = self.cfg
+        if not real:
+            return PaxosNode(node, self.start_groups(node), rng, cfg.paxos,
+                             metadata=self.metadata)
+        return cfg.node_cls(node, self.start_groups(node), rng, cfg.paxos, cfg.acceptor_cls,
+                            cfg.group_cls, metadata=self.metadata)
+
     def restart(self, node: str) -> None:
-        core = PaxosNode(
-            node, self.groups_of(node), self._sub(), self.cfg.paxos, self.cfg.acceptor_cls,
-            self.cfg.group_cls,
-        )
+        core = self.new_core(node, self._sub())
         self.checker.on_restart(node)
         self.snap_jobs[node] = []
         self.restore_jobs[node] = []
@@ -406,8 +478,8 @@ class SimWorld:
         if ck is None:
             return
         blob, mark = ck
-        why = disagreement(node, self.groups_of(node), self.cfg.paxos, records, blob,
-                           records[mark:], snaps)
+        why = disagreement(node, self.start_groups(node), self.cfg.paxos, records, blob,
+                           records[mark:], snaps, metadata=self.metadata)
         if why is not None:
             raise SafetyViolation(f"checkpoint and recovery disagree: {why}")
 
@@ -490,6 +562,18 @@ class SimWorld:
         for n in self.node_ids:
             if self.serving(n):
                 self._drain(n)
+        if self.ring is not None:
+            self._check_placement()
+
+    def _check_placement(self) -> None:
+        """Every running core hosts exactly the partitions the ring places on its node,
+        each with the ring's replicas in the ring's order."""
+        for n in self.node_ids:
+            core = self.cores[n]
+            if core is not None:
+                why = misplaced(n, core, self.ring, self.metadata)
+                if why is not None:
+                    raise SafetyViolation(f"ring: {why}")
 
     def serving(self, node: str) -> bool:
         """Up and not paused: takes input and produces output."""
@@ -539,7 +623,7 @@ class SimWorld:
         how = "wiped"
         if not wipe and disk.durable:
             keep = rng.randint(0, len(disk.durable) - 1)
-            probe = PaxosNode(node, self.groups_of(node), random.Random(0), self.cfg.paxos)
+            probe = self.new_core(node, random.Random(0), real=False)
             copy = disk.copy()
             copy.roll_back(keep)
             probe.recover(copy.durable, copy.newest_snapshots())
@@ -566,15 +650,25 @@ class SimWorld:
     def live_members(self, g: Any) -> list[str]:
         return [m for m in self.groups[g] if m not in self.retired]
 
+    def _leads(self, node: str, g: Any) -> bool:
+        core = self.cores[node]
+        return g in core.groups and core.is_leader(g)
+
     def leaderless_groups(self) -> list:
-        return [
-            g
-            for g in self.groups
-            if not any(self.cores[m].is_leader(g) for m in self.live_members(g))
-        ]
+        return [g for g in self.groups if not any(self._leads(m, g) for m in self.live_members(g))]
+
+    def unhosted(self) -> dict[str, list]:
+        """Partitioned: per live node, the partitions the ring places on it that its
+        core does not host (yet)."""
+        if self.ring is None:
+            return {}
+        live = {n: self.cores[n] for n in self.node_ids if n not in self.retired}
+        return unhosted(live, self.ring)
 
     def converged(self) -> bool:
         if not self.workload.idle():
+            return False
+        if self.unhosted():
             return False
         for g in self.groups:
             cores = [self.cores[m] for m in self.live_members(g)]
@@ -601,6 +695,12 @@ class SimWorld:
             while True:
                 self.run_tick(faulty=False)
                 if leaders_by and self.now >= leaders_by:
+                    gaps = self.unhosted()
+                    if gaps:
+                        raise SafetyViolation(
+                            f"ring: live replicas do not host their partitions {gaps} "
+                            f"{cfg.leader_after_heal_ticks_max} ticks after the heal at {healed_at}"
+                        )
                     missing = self.leaderless_groups()
                     if missing:
                         raise SafetyViolation(

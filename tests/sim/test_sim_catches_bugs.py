@@ -10,8 +10,8 @@ import dataclasses
 import pytest
 
 from dsnode.core.paxos.group import PaxosGroup
-from dsnode.sim.broken import BROKEN, LIVENESS_BROKEN, configure
-from dsnode.sim.world import SimConfig, SimWorld
+from dsnode.sim.broken import BROKEN, LIVENESS_BROKEN, RING_BROKEN, configure
+from dsnode.sim.world import SimConfig, SimWorld, partitioned_config
 
 SEARCH = range(0, 2000)  # stops at the first seed that catches the bug
 
@@ -226,3 +226,24 @@ def test_sim_catches_a_state_machine_that_applies_a_retried_request_id_twice():
             assert "took effect twice or never" in res.error, res.error
             return
     pytest.fail(f"no seed in {SEARCH} caught id-blind-dedup")
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected"),
+    [
+        ("next-partition", "which the ring does not place on it"),
+        ("sorted-replicas", "the ring places it on"),
+        ("leaders-only", "live replicas do not host their partitions"),
+    ],
+)
+def test_sim_catches_partitions_placed_otherwise_than_the_ring(variant, expected):
+    """Issue 8.9: a node whose sync_partitions hosts a partition the ring does not
+    place on it (off by one), one that orders a partition's replicas otherwise than
+    the ring (so its preferred leader is wrong) or one that never creates the
+    partitions it is only a follower of must each be flagged by the placement checks
+    (every hosted partition matches the ring; once settled every live replica hosts
+    its partitions), with the error naming the ring."""
+    assert set(RING_BROKEN) == {"next-partition", "sorted-replicas", "leaders-only"}
+    res = SimWorld(0, configure(partitioned_config(), variant)).run()
+    assert not res.ok
+    assert res.error.startswith("SafetyViolation: ring: ") and expected in res.error, res.error
