@@ -350,6 +350,8 @@ def main() -> int:
     ap.add_argument("--check-perf-load", default="xl", choices=("s", "m", "l", "xl", "none"),
                     help="etcdctl check perf --load (none: skip; it runs for 60s)")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None, help="also write all results here")
+    ap.add_argument("--no-etcd", action="store_true",
+                    help="skip etcd: only the dsnode builds (with --baseline: build against build)")
     ap.add_argument("--baseline", default=None,
                     help="also run the dsnode workload on this commit (a temporary worktree), "
                     "e.g. the single-group build 94d2824")
@@ -363,21 +365,21 @@ def main() -> int:
     raw: dict[str, Any] = {}
     perf: dict[str, Any] | None = None
     try:
-        etcd, etcdctl = ensure_etcd()
-        version = etcd_version(etcd)
-        raw["etcd_version"] = version
         raw["loadavg_start"] = os.getloadavg()
-        work = tmpdir("dsnode-compare-etcd-")
-
-        eprocs, eports = start_etcd(work, etcd)
-        log(f"etcd {version}: 3 members, client ports {eports}")
-        workload("etcd", "etcd", eports, None, args, rows, raw)
-        if args.check_perf_load != "none":
-            perf = run_check_perf(etcdctl, eports, args.check_perf_load)
-            perf["load"] = args.check_perf_load
-            raw["etcdctl check perf"] = perf
-        for p in eprocs:
-            stop(p)
+        if not args.no_etcd:
+            etcd, etcdctl = ensure_etcd()
+            version = etcd_version(etcd)
+            raw["etcd_version"] = version
+            work = tmpdir("dsnode-compare-etcd-")
+            eprocs, eports = start_etcd(work, etcd)
+            log(f"etcd {version}: 3 members, client ports {eports}")
+            workload("etcd", "etcd", eports, None, args, rows, raw)
+            if args.check_perf_load != "none":
+                perf = run_check_perf(etcdctl, eports, args.check_perf_load)
+                perf["load"] = args.check_perf_load
+                raw["etcdctl check perf"] = perf
+            for p in eprocs:
+                stop(p)
 
         with builds(args.baseline) as codes:
             for name, code in codes:

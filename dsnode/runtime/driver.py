@@ -762,9 +762,17 @@ class Driver:
     def _release(self) -> None:
         waiting = self._waiting
         durable = self.wal.durable_lsn
-        while waiting and waiting[0][0] <= durable:
-            _, send, replies = waiting.popleft()
-            self._effects(send, replies)
+        if waiting and waiting[0][0] <= durable:
+            # Everything this fsync made durable goes out in one pass: the messages in
+            # the order they were made, then the replies, one write per connection
+            # (a reply never waits for a message, nor the other way round).
+            sends: list = []
+            replies: list[Reply] = []
+            while waiting and waiting[0][0] <= durable:
+                _, send, answered = waiting.popleft()
+                sends += send
+                replies += answered
+            self._effects(sends, replies)
         if waiting:
             self._kick.set()
 
