@@ -247,7 +247,10 @@ def start_dsnode_cluster(
     for nid, port in zip(ids, ports, strict=True):
         argv = [*cmd, "serve", "--node-id", nid, "--listen", f"127.0.0.1:{port}",
                 "--peers", peers, "--data-dir", str(work / f"dsnode-{nid}")]  # fmt: skip
-        procs.append(spawn(argv, work / f"dsnode-{nid}.log", child_env(env)))
+        # ``python -m dsnode`` imports from its working directory first: run it in the
+        # tree PYTHONPATH names (another build's worktree), or this one
+        code = Path(env["PYTHONPATH"]) if env and "PYTHONPATH" in env else REPO
+        procs.append(spawn(argv, work / f"dsnode-{nid}.log", child_env(env), cwd=code))
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         for nid, p in zip(ids, procs, strict=True):

@@ -65,8 +65,12 @@ class DedupLimits:
                 raise ValueError(f"{name} must be >= 1")
 
 
+# the packer of every batch, its buffer kept (see ``records._pack``); cores run on one thread
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
 def pack_batch(items: list[tuple[list | None, Command]]) -> bytes:
-    return msgpack.packb([[rid, encode(cmd)] for rid, cmd in items], use_bin_type=True)
+    return _pack([[rid, encode(cmd)] for rid, cmd in items])
 
 
 def unpack_batch(value: bytes) -> list[tuple[list | None, Command]]:
