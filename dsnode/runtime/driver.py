@@ -238,6 +238,7 @@ class Driver:
         self.observer: DriverObserver | None = None
         self._snapshot_started: dict[tuple[Any, int], float] = {}
         self._snapshot_tasks: set[asyncio.Task] = set()
+        self._snapshot_turn = asyncio.Lock()  # held while a snapshot is being encoded
         self._wal_bytes_at_snapshot = wal.stats["bytes"] if hasattr(wal, "stats") else 0
         self.snapshot_bytes = 0  # size of the last stored snapshot (all groups)
         self._stored_since_checkpoint = False
@@ -666,6 +667,26 @@ class Driver:
         w = job.writer
         store = self.snapshots
         stream = store is not None and hasattr(w, "take_kv_parts")
+        # One snapshot is encoded at a time: with many partitions a disk-growth snapshot
+        # asks for every group's at once, and a piece of each per loop turn would make
+        # the turn as long as P pieces (the captured states wait, copy-on-write).
+        turn = self._snapshot_turn
+        await turn.acquire()
+        held = [True]
+
+        def release() -> None:  # once: the lock may be another snapshot's by then
+            if held[0]:
+                held[0] = False
+                turn.release()
+
+        try:
+            await self._encode_snapshot(job, store, stream, release)
+        finally:
+            release()
+
+    async def _encode_snapshot(self, job: SnapshotWanted, store: SnapshotStore | None,
+                               stream: bool, release: Callable[[], None]) -> None:
+        w = job.writer
         f = store.create(job.group, job.index, w.STREAM_HEAD_BYTES) if stream else None
         kv_len = 0
         try:
@@ -680,6 +701,7 @@ class Driver:
                 if done:
                     break
                 await asyncio.sleep(0)
+            release()  # encoded: the next snapshot may start while this one is written
             if store is None:
                 self._snapshot_stored(job, w.result(), None)
                 return
