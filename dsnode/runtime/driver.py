@@ -291,27 +291,26 @@ class Driver:
             counters["route_park"] += 1
             self._park(p)  # no ring yet (a new cluster forming): routed on a tick
             return
-        router.finish(p)  # routed again: no longer counted where it went before
         t = type(cmd)
+        ring = router.ring
         if t is Txn:
             keys = commands.keys_of(cmd)
-            ring = router.ring
             pids = sorted({ring.partition_of(k) for k in keys})
             if len(pids) > 1:
                 counters["route_cross_partition"] += 1
                 self._deliver_local([Reply(p, error=(
                     BAD_REQUEST, CROSS_PARTITION.format(pids=", ".join(map(str, pids))), False))])
                 return
-            key = keys[0] if keys else b""
+            pid = pids[0] if pids else ring.partition_of(b"")
         else:
-            key = cmd.key  # type: ignore[union-attr]
+            pid = ring.partition_of(cmd.key)  # type: ignore[union-attr]
         if t is Get:
             kind = OpKind.STALE if cmd.consistency == STALE else OpKind.READ  # type: ignore[union-attr]
         else:
             kind = OpKind.WRITE
         if kind is not OpKind.STALE:
-            self._refresh_leader(router, router.ring.partition_of(key))
-        d = router.route(p, key, kind)
+            self._refresh_leader(router, pid)
+        d = router.route_partition(p, pid, kind)
         dt = type(d)
         if kind is OpKind.STALE and dt is not Overloaded:
             self.stale_reads_to[self.node_id if dt is Local else getattr(d, "node", None)] += 1
@@ -331,7 +330,6 @@ class Driver:
                 core.propose(pid, p, cmd, p.dedup)
         elif dt is Forward:
             if self.net is None or not self.net.connected(d.node):
-                router.finish(p)
                 if d.partition not in core.groups:  # a report from a node we cannot reach
                     self.hints.lost(d.node)
                 counters["route_park"] += 1
@@ -355,29 +353,28 @@ class Driver:
         else:  # Park: no leader known; on_leader_change hands it back
             counters["route_park"] += 1
 
+    def leader_of(self, pid: int) -> str | None:
+        """``pid``'s leader as this node knows it: its own group's view for a partition
+        it hosts, the leader's report for the others."""
+        if pid in self.core.groups:
+            return self.core.leader_of(pid)
+        return self.hints.leader(pid)
+
     def _refresh_leader(self, router: Router, pid: int) -> None:
-        """Bring the router's view of ``pid``'s leader up to date before routing to it."""
-        leader = (self.core.leader_of(pid) if pid in self.core.groups
-                  else self.hints.leader(pid))
+        """Bring the router's view of ``pid``'s leader up to date; send again what a
+        change hands back."""
+        leader = self.leader_of(pid)
         if router.leader(pid) != leader:
             for p in router.on_leader_change(pid, leader, _movable):
                 self._redispatch(p)  # type: ignore[arg-type]
 
     def _sync_leaders(self) -> None:
-        """Tell the router every partition's leader as this node knows it now: its own
-        groups' view for partitions it hosts, the leaders' reports for the others; send
-        again what a change hands back."""
+        """Bring the router's view of every partition's leader up to date."""
         router = self.router
         if router is None:
             return
-        groups = self.core.groups
-        leader_of = self.core.leader_of
-        hints = self.hints
         for pid in range(router.ring.partitions):
-            leader = leader_of(pid) if pid in groups else hints.leader(pid)
-            if router.leader(pid) != leader:
-                for p in router.on_leader_change(pid, leader, _movable):
-                    self._redispatch(p)  # type: ignore[arg-type]
+            self._refresh_leader(router, pid)
 
     def _redispatch(self, p: Pending) -> None:
         """``p`` was handed back on a leader change: parked, or forwarded to a node
@@ -669,39 +666,16 @@ class Driver:
         stream = store is not None and hasattr(w, "take_kv_parts")
         # One snapshot is encoded at a time: with many partitions a disk-growth snapshot
         # asks for every group's at once, and a piece of each per loop turn would make
-        # the turn as long as P pieces (the captured states wait, copy-on-write).
-        turn = self._snapshot_turn
-        await turn.acquire()
-        held = [True]
-
-        def release() -> None:  # once: the lock may be another snapshot's by then
-            if held[0]:
-                held[0] = False
-                turn.release()
-
+        # the turn as long as P pieces (the captured states wait, copy-on-write). The
+        # next one starts while this one is written.
+        async with self._snapshot_turn:
+            f = store.create(job.group, job.index, w.STREAM_HEAD_BYTES) if stream else None
+            try:
+                kv_len = await self._encode_pieces(w, f)
+            except Exception as e:
+                await self._snapshot_failed(e, f)
+                return
         try:
-            await self._encode_snapshot(job, store, stream, release)
-        finally:
-            release()
-
-    async def _encode_snapshot(self, job: SnapshotWanted, store: SnapshotStore | None,
-                               stream: bool, release: Callable[[], None]) -> None:
-        w = job.writer
-        f = store.create(job.group, job.index, w.STREAM_HEAD_BYTES) if stream else None
-        kv_len = 0
-        try:
-            while True:
-                done = w.step(SNAPSHOT_ENTRIES_PER_STEP, SNAPSHOT_BYTES_PER_STEP)
-                if f is not None:
-                    parts = w.take_kv_parts()
-                    kv_len += sum(map(len, parts))
-                    f.append(parts)
-                    if f.backlog > SNAPSHOT_WRITES_QUEUED_MAX:
-                        await f.drained()
-                if done:
-                    break
-                await asyncio.sleep(0)
-            release()  # encoded: the next snapshot may start while this one is written
             if store is None:
                 self._snapshot_stored(job, w.result(), None)
                 return
@@ -710,13 +684,33 @@ class Driver:
             else:
                 snap = await store.write(job.group, job.index, w.pieces())
             self._snapshot_stored(job, snap.blob, snap.crc)
-        except Exception as e:  # a snapshot that cannot be stored: stop, not fill the WAL
-            self.fail(e)
+        except Exception as e:
+            await self._snapshot_failed(e, f)
+
+    async def _encode_pieces(self, w: Any, f: Any) -> int:
+        """Step ``w`` a piece per loop turn, handing the KV bytes to ``f`` as they
+        come; the KV blob's length."""
+        kv_len = 0
+        while True:
+            done = w.step(SNAPSHOT_ENTRIES_PER_STEP, SNAPSHOT_BYTES_PER_STEP)
             if f is not None:
-                try:
-                    await f.abandon()
-                except Exception as cleanup:  # the store is closing too: recovery removes it
-                    log.warning("snapshot_file_abandoned", why=repr(cleanup))
+                parts = w.take_kv_parts()
+                kv_len += sum(map(len, parts))
+                f.append(parts)
+                if f.backlog > SNAPSHOT_WRITES_QUEUED_MAX:
+                    await f.drained()
+            if done:
+                return kv_len
+            await asyncio.sleep(0)
+
+    async def _snapshot_failed(self, error: Exception, f: Any) -> None:
+        """A snapshot that cannot be stored: stop, rather than fill the WAL."""
+        self.fail(error)
+        if f is not None:
+            try:
+                await f.abandon()
+            except Exception as cleanup:  # the store is closing too: recovery removes it
+                log.warning("snapshot_file_abandoned", why=repr(cleanup))
 
     async def cancel_snapshots(self) -> None:
         """Shutdown: stop encoding; a file not finished stays a ``.tmp`` that the next

@@ -475,12 +475,9 @@ class Node:
         return True, "ready"
 
     def leaders(self, ring: Ring) -> list[str | None]:
-        """Every partition's leader as this node knows it: its own group's view for a
-        partition it hosts, the leader's report for the others."""
-        assert self.core is not None and self.driver is not None
-        core, hints = self.core, self.driver.hints
-        return [core.leader_of(pid) if pid in core.groups else hints.leader(pid)
-                for pid in range(ring.partitions)]
+        """Every partition's leader as this node knows it (``Driver.leader_of``)."""
+        assert self.driver is not None
+        return [self.driver.leader_of(pid) for pid in range(ring.partitions)]
 
     def ring_map(self) -> dict | None:
         """The ``ring`` op's answer (docs/PROTOCOL.md): P, R, epoch, members and every

@@ -120,11 +120,14 @@ class Router:
     # ------------------------------------------------------------ inputs
     def route(self, token: object, key: bytes, kind: OpKind) -> Decision:
         """Decide where the request ``token`` goes and count it as in flight."""
+        return self.route_partition(token, self.ring.partition_of(key), kind)
+
+    def route_partition(self, token: object, pid: int, kind: OpKind) -> Decision:
+        """``route`` for a request whose partition the caller already knows."""
         if token in self._routed:
             raise ValueError(f"request {token!r} is already in flight")
         if self.in_flight >= self.inflight_max:
             return Overloaded(self.in_flight)
-        pid = self.ring.partition_of(key)
         if kind is OpKind.STALE:
             target: str | None = pick(self.ring.replicas(pid), self.inflight, self.rng)
         else:
