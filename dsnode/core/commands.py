@@ -109,6 +109,8 @@ def keys_of(cmd: Command) -> tuple[bytes, ...]:
 
 def size_of(cmd: Command) -> int:
     """Approximate payload bytes of a command (keys and values), for batching limits."""
+    if type(cmd) in _tx.TYPES:
+        return _tx.size_of(cmd)
     if isinstance(cmd, Put):
         return len(cmd.key) + len(cmd.value) + 16
     if isinstance(cmd, Txn):
@@ -159,7 +161,7 @@ def encode(cmd: Command) -> list:
         return ["F", cmd.cluster_uuid]
     if isinstance(cmd, SetRing):
         return ["R", list(cmd.members), cmd.partitions, cmd.replication, cmd.epoch]
-    raise TypeError(f"not a command: {cmd!r}")
+    return _tx.encode(cmd)  # a transaction's own command, or TypeError
 
 
 def decode(x: list) -> Command:
@@ -180,6 +182,8 @@ def decode(x: list) -> Command:
         return Form(x[1])
     if tag == "R":
         return SetRing(tuple(x[1]), x[2], x[3], x[4])
+    if tag in _tx.TAGS:
+        return _tx.decode(x)
     raise ValueError(f"unknown command tag {tag!r}")
 
 
@@ -189,6 +193,8 @@ def decode_checked(x: object) -> Command:
     if not isinstance(x, list) or not x:
         raise ValueError("a command is a non-empty array")
     tag = x[0]
+    if isinstance(tag, str) and tag in _tx.TAGS:
+        return _tx.decode_checked(x)
     want = {"P": 4, "D": 3, "T": 4, "G": 3}.get(tag) if isinstance(tag, str) else None
     if want is None or len(x) != want:
         raise ValueError(f"bad command tag or length: {tag!r}")
@@ -240,3 +246,8 @@ def _ck_version(v: object, optional: bool) -> int | None:
     if type(v) is not int or v < 0:
         raise ValueError("a version is an int >= 0")
     return v
+
+
+# The two-phase-commit commands (``core.twopc.records``) travel and are logged like the
+# client commands; imported last, as that module builds on the sub-ops above.
+from dsnode.core.twopc import records as _tx  # noqa: E402

@@ -282,7 +282,7 @@ def test_restore_reads_the_kv_blob_in_place_and_rejects_a_cut_snapshot():
     assert streamed != whole
     for blob in (whole, streamed):
         parts = _split_snapshot(blob)
-        assert isinstance(parts[0], memoryview) and len(parts) == 4
+        assert isinstance(parts[0], memoryview) and len(parts) == 5
         back = DedupKV.restore(blob)
         assert sorted(back.kv.items()) == sorted(sm.kv.items())
         assert back.dedup_state() == sm.dedup_state()

@@ -192,6 +192,16 @@ class KVStore:
                     self._remove(s.key)
         return {"succeeded": holds, "results": results}
 
+    def apply_txn_writes(self, writes: tuple[SubOp, ...], revision: int) -> None:
+        """A cross-partition transaction's writes here (``core.twopc``), at the revision
+        its prepare reserved: its keys stayed locked since, so each key's version still
+        strictly increases."""
+        for s in writes:
+            if isinstance(s, SubPut):
+                self._set(s.key, s.value, revision)
+            else:
+                self._remove(s.key)
+
     # ------------------------------------------------------------ snapshots
     def snapshot(self) -> bytes:
         """The whole store in one go (tests, small stores); same bytes as the writer's."""

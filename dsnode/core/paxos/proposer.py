@@ -102,6 +102,17 @@ class Proposer:
             del self.round_sent[seq]
 
 
+def read_reply(token: Any, sm: Any, cmd: Get) -> Reply:
+    """A linearizable get answered from this leader's state machine: its value, or the
+    definite ``locked`` error while a prepared transaction may still write the key
+    (``DedupKV.read``; the shell asks again later)."""
+    result = sm.read(cmd) if hasattr(sm, "read") else sm.kv.apply(cmd)
+    err = result.get(ERROR_KEY)
+    if err is None:
+        return Reply(token, result=result)
+    return Reply(token, error=(err[0], err[1], False))
+
+
 class LeaderSide:
     """The leader's half of ``PaxosGroup`` (a mixin; the group owns the state):
     taking client commands and reads, batching them into slots, phase 2 and
@@ -136,7 +147,7 @@ class LeaderSide:
         queued = len(p.queue)
         if not queued and self.log.applied >= read_index and self.lease_held():
             self.out.reads["lease"] += 1
-            self.out.reply.append(Reply(token, result=self.sm.kv.apply(cmd)))
+            self.out.reply.append(read_reply(token, self.sm, cmd))
             return
         p.reads.append(PendingRead(token, cmd, read_index, p.read_seq + 1, queued))
         p.read_wanted = True
@@ -311,7 +322,7 @@ class LeaderSide:
         for r in p.reads:
             if (lease or r.seq <= confirmed) and not r.queued and self.log.applied >= r.read_index:
                 self.out.reads["lease" if lease else "read_index"] += 1
-                self.out.reply.append(Reply(r.token, result=self.sm.kv.apply(r.cmd)))
+                self.out.reply.append(read_reply(r.token, self.sm, r.cmd))
             else:
                 keep.append(r)
         p.reads = keep

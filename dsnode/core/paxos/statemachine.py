@@ -40,8 +40,10 @@ from typing import Any
 
 import msgpack
 
-from dsnode.core.commands import Command, Form, decode, encode
+from dsnode.core.commands import STALE, Command, Delete, Form, Get, Put, SubGet, Txn, decode, encode
 from dsnode.core.kv.store import ERROR_KEY, KVStore, SnapshotWriter
+from dsnode.core.twopc.participant import TxnTable
+from dsnode.core.twopc.records import TYPES as _TX_TYPES
 
 # Wire error code of rule 2/3 (dsnode.wire.errors.EXPIRED names the same string; the core
 # imports nothing from the wire package).
@@ -83,6 +85,16 @@ def _expired() -> dict:
     return {ERROR_KEY: [EXPIRED, EXPIRED_MESSAGE, True]}
 
 
+# A command that meets a key locked by a prepared cross-partition transaction is not
+# applied (and not remembered by the deduplication table): the answer is this error,
+# definite, and the shell sends the command again later (it never reaches a client).
+LOCKED = "locked"
+
+
+def _locked(txid: bytes) -> dict:
+    return {ERROR_KEY: [LOCKED, f"key locked by transaction {txid.hex()} in progress"]}
+
+
 class ClientWindow:
     """One client's part of the table."""
 
@@ -99,7 +111,7 @@ class ClientWindow:
 
 class DedupKV:
     __slots__ = ("kv", "clients", "entries", "forgotten", "limits", "cluster_uuid",
-                 "_expiry_index")
+                 "_expiry_index", "txns")
 
     def __init__(self, limits: DedupLimits | None = None) -> None:
         self.kv = KVStore()
@@ -110,6 +122,7 @@ class DedupKV:
         self.forgotten = 0  # clients dropped whole so far (rule 3)
         self._expiry_index = 0  # the log index expiry was last checked at
         self.cluster_uuid: str | None = None  # from the Form command (the metadata group)
+        self.txns = TxnTable()  # cross-partition transactions: locks, prepared, decisions
 
     def apply_value(self, value: bytes, index: int) -> list[dict]:
         """Apply the entry chosen at log ``index``; one result per command in the batch."""
@@ -122,11 +135,18 @@ class DedupKV:
     def apply(self, rid: list | None, cmd: Command, index: int) -> dict:
         """Apply one command of the entry at log ``index``. Results are fresh dicts, kept
         by the table and never changed afterwards: callers must copy, not mutate."""
-        if type(cmd) is Form:
+        t = type(cmd)
+        if t is Form:
             if self.cluster_uuid is None:
                 self.cluster_uuid = cmd.cluster_uuid
             return {"cluster_uuid": self.cluster_uuid}
+        if t in _TX_TYPES:
+            return self.txns.apply(cmd, self.kv)  # type: ignore[arg-type]
         if rid is None:
+            if self.txns.xlocks or self.txns.slocks:
+                holder = self._blocked(cmd)
+                if holder is not None:
+                    return _locked(holder)
             return self.kv.apply(cmd)
         client, seq = rid[0], rid[1]  # client: bytes from the wire (str in the simulator)
         limits = self.limits
@@ -153,6 +173,10 @@ class DedupKV:
             return seen[1]  # rule 1
         if seq <= w.floor:
             return _expired()  # rule 2
+        if self.txns.xlocks or self.txns.slocks:
+            holder = self._blocked(cmd)
+            if holder is not None:
+                return _locked(holder)  # not applied, not remembered: sent again later
         result = self.kv.apply(cmd)
         results[seq] = (index, result)
         w.order.append(seq)
@@ -164,6 +188,34 @@ class DedupKV:
         while len(clients) > limits.clients_max:
             self._drop_client(next(iter(clients)))
         return result
+
+    def _blocked(self, cmd: Command) -> bytes | None:
+        """The prepared transaction whose lock keeps ``cmd`` from being applied now."""
+        txns = self.txns
+        t = type(cmd)
+        if t is Put or t is Delete:
+            return txns.write_blocked(cmd.key)  # type: ignore[union-attr]
+        if t is Txn:
+            for k, _v in cmd.compares:  # type: ignore[union-attr]
+                h = txns.read_blocked(k)
+                if h is not None:
+                    return h
+            for sub in (*cmd.then, *cmd.otherwise):  # type: ignore[union-attr]
+                h = (txns.read_blocked(sub.key) if type(sub) is SubGet
+                     else txns.write_blocked(sub.key))
+                if h is not None:
+                    return h
+        return None
+
+    def read(self, cmd: Get) -> dict:
+        """A get's answer from this replica's state: a linearizable one waits (``LOCKED``)
+        while a prepared transaction may still write the key; a stale one reads the
+        last committed value."""
+        if cmd.consistency != STALE and self.txns.xlocks:
+            h = self.txns.read_blocked(cmd.key)
+            if h is not None:
+                return _locked(h)
+        return self.kv.apply(cmd)
 
     # ------------------------------------------------------------ bounds
     def _drop_oldest(self, w: ClientWindow) -> None:
@@ -193,15 +245,17 @@ class DedupKV:
 
     def dedup_state(self) -> tuple:
         """The table as one comparable value (replicas must agree on it)."""
-        return (self.forgotten, self._table())
+        return (self.forgotten, self._table(), self.txns.state())
 
     # ------------------------------------------------------------ snapshots
     def snapshot(self) -> bytes:
         """The whole state in one go; same bytes as :meth:`snapshot_writer` gives:
-        ``[kv_blob, table, cluster_uuid, forgotten]``, the table as
-        ``[[client, floor, last, [[seq, index, result], ...]], ...]`` in table order."""
+        ``[kv_blob, table, cluster_uuid, forgotten, txns]``, the table as
+        ``[[client, floor, last, [[seq, index, result], ...]], ...]`` in table order,
+        ``txns`` as ``TxnTable.to_snapshot`` gives it."""
         return msgpack.packb(
-            [self.kv.snapshot(), self._table(), self.cluster_uuid, self.forgotten],
+            [self.kv.snapshot(), self._table(), self.cluster_uuid, self.forgotten,
+             self.txns.to_snapshot()],
             use_bin_type=True,
         )
 
@@ -209,7 +263,7 @@ class DedupKV:
         """Capture the state now (shallow copies); encode it later, step by step."""
         rows = [(c, w.floor, w.last, dict(w.results)) for c, w in self.clients.items()]
         return DedupSnapshotWriter(self.kv.snapshot_writer(), rows, self.cluster_uuid,
-                                   self.forgotten)
+                                   self.forgotten, self.txns.to_snapshot())
 
     def _table(self) -> list[list]:
         # Results are fresh dicts per applied command and never changed afterwards.
@@ -220,14 +274,17 @@ class DedupKV:
 
     @classmethod
     def restore(cls, blob: bytes, limits: DedupLimits | None = None) -> DedupKV:
-        """Accepts this format and the older ones: ``[kv_blob, table]`` (0.1) and
+        """Accepts this format and the older ones: ``[kv_blob, table]`` (0.1),
         ``[kv_blob, table, cluster_uuid]``, whose table rows ``[client, seq, result]``
-        kept only each client's highest seq (lower ones become the floor)."""
+        kept only each client's highest seq (lower ones become the floor), and
+        ``[kv_blob, table, cluster_uuid, forgotten]`` (no transaction table)."""
         parts = _split_snapshot(blob)
         sm = cls(limits)
         sm.kv = KVStore.restore(parts[0])
         sm.cluster_uuid = parts[2] if len(parts) > 2 else None
         clients = sm.clients
+        if len(parts) > 4:
+            sm.txns = TxnTable.from_snapshot(parts[4])
         if len(parts) > 3:
             sm.forgotten = parts[3]
             for c, floor, last, results in parts[1]:
@@ -252,7 +309,7 @@ def _split_snapshot(blob: Any) -> list:
     copy it whole in one call, holding the GIL (a shell decodes on a worker
     thread while its event loop goes on) and doubling the memory."""
     view = memoryview(blob).cast("B")
-    if len(view) > 6 and 0x92 <= view[0] <= 0x94 and view[1] in _BIN_LEN_BYTES:
+    if len(view) > 6 and 0x92 <= view[0] <= 0x95 and view[1] in _BIN_LEN_BYTES:
         size_len = _BIN_LEN_BYTES[view[1]]
         start = 2 + size_len
         end = start + int.from_bytes(view[2:start], "big")
@@ -284,7 +341,7 @@ def _bin_header(n: int) -> bytes:
 class DedupSnapshotWriter:
     """Encodes a captured ``DedupKV`` piecewise into the bytes of
     :meth:`DedupKV.snapshot` at capture time
-    (``[kv_blob, table, cluster_uuid, forgotten]``).
+    (``[kv_blob, table, cluster_uuid, forgotten, txns]``).
 
     ``step(n, max_bytes)`` encodes up to ``n`` KV entries (fewer once about
     ``max_bytes`` are encoded), and once they are done up to ``n`` results of the
@@ -300,14 +357,15 @@ class DedupSnapshotWriter:
     msgpack reader accepts), so ``DedupKV.restore`` reads them the same.
     """
 
-    __slots__ = ("_kv", "_rows", "_uuid", "_forgotten", "_tail", "_pieces", "_table", "_row",
-                 "_left", "_items", "_pack")
+    __slots__ = ("_kv", "_rows", "_uuid", "_forgotten", "_txns", "_tail", "_pieces", "_table",
+                 "_row", "_left", "_items", "_pack")
 
     STREAM_HEAD_BYTES = 6
 
     def __init__(self, kv: SnapshotWriter, rows: list[tuple], uuid: str | None,
-                 forgotten: int) -> None:
+                 forgotten: int, txns: list) -> None:
         self._kv = kv
+        self._txns = txns  # TxnTable.to_snapshot(): small (transactions in progress)
         self._rows = rows  # (client, floor, last, {seq: (index, result)}), copies
         self._uuid = uuid
         self._forgotten = forgotten
@@ -334,7 +392,8 @@ class DedupSnapshotWriter:
             self._encode_rows(max_entries)
             return False
         pack = self._pack
-        self._tail = b"".join(self._table) + pack(self._uuid) + pack(self._forgotten)
+        self._tail = (b"".join(self._table) + pack(self._uuid) + pack(self._forgotten)
+                      + pack(self._txns))
         self._rows = []
         self._table = []
         return True
@@ -366,10 +425,10 @@ class DedupSnapshotWriter:
     @staticmethod
     def stream_head(kv_len: int) -> bytes:
         """The first bytes of a streamed snapshot whose KV blob is ``kv_len`` bytes."""
-        return b"\x94\xc6" + kv_len.to_bytes(4, "big")  # fixarray of 4, bin 32
+        return b"\x95\xc6" + kv_len.to_bytes(4, "big")  # fixarray of 5, bin 32
 
     def tail(self) -> bytes:
-        """The bytes after the KV blob (the dedup table, cluster UUID, forgotten)."""
+        """The bytes after the KV blob (the dedup table, cluster UUID, forgotten, txns)."""
         if self._tail is None:
             raise ValueError("snapshot not fully encoded")
         return self._tail
@@ -378,7 +437,7 @@ class DedupSnapshotWriter:
         """The encoded bytes in order (their concatenation is :meth:`result`)."""
         if self._pieces is None:
             parts = self._kv.parts()
-            head = b"\x94" + _bin_header(sum(map(len, parts)))  # fixarray of 4, then bin
+            head = b"\x95" + _bin_header(sum(map(len, parts)))  # fixarray of 5, then bin
             self._pieces = [head, *parts, self.tail()]
             self._kv = None  # type: ignore[assignment]
         return self._pieces

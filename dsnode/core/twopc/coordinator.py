@@ -1,0 +1,513 @@
+"""The coordinator of cross-partition transactions: one per node, pure.
+
+Inputs: ``begin`` (a client's ``txn`` whose keys span partitions), ``on_result``
+(the answer to a command it asked the shell to submit), ``tick``. Outputs, taken
+with ``take``: ``Submit`` (put this command into partition ``pid``'s log: route
+it to that partition's leader, and hand back its result or error with the same
+``handle``) and ``Reply`` (the client's answer). Nothing here reads a clock:
+``begin`` gets the node's wall-clock milliseconds for the transaction's
+priority and ticks for its deadline.
+
+One attempt of a transaction (``Attempt``) moves through these states; its
+transitions are the table ``TRANSITIONS`` (state, event) -> handler, and an
+event that has no entry for the attempt's state is stale and ignored:
+
+| state     | event                        | action                                                 | next      |
+|-----------|------------------------------|--------------------------------------------------------|-----------|
+| PREPARING | PREPARED (not the last)      | keep its versions, reads, revision                     | PREPARING |
+| PREPARING | PREPARED (the last)          | evaluate the compares; submit TxDecide(commit) to home | DECIDING  |
+| PREPARING | WAIT, FAILED                 | submit that prepare again after a backoff              | PREPARING |
+| PREPARING | DIE, TOO_OLD                 | submit TxResolve(abort) to every participant asked;    | RESOLVING |
+|           |                              | begin a new attempt (same ts; above the floor after    |           |
+|           |                              | TOO_OLD) if the deadline allows, else answer conflict  |           |
+| PREPARING | REFUSED                      | the same aborts; answer the refusal (e.g. too_large)   | RESOLVING |
+| PREPARING | DEADLINE                     | answer timeout (definite: commit was never proposed);  | RESOLVING |
+|           |                              | TxResolve(abort) to every participant asked            |           |
+| DECIDING  | DECIDED_COMMIT               | answer the results; TxResolve(commit) to all           | RESOLVING |
+| DECIDING  | DECIDED_ABORT                | (a participant gave up first) as DIE                   | RESOLVING |
+| DECIDING  | FAILED                       | submit the TxDecide again after a backoff              | DECIDING  |
+| DECIDING  | DECIDED_UNKNOWN              | answer timeout, indeterminate                          | DONE      |
+| DECIDING  | DEADLINE                     | answer timeout, indeterminate; keep asking the home    | DECIDING  |
+|           |                              | until the resolve horizon, to resolve the participants |           |
+| RESOLVING | RESOLVED (the last)          | a decided one's decision may go: forget it at home     | DONE      |
+| RESOLVING | RESOLVED (not the last)      |                                                        | RESOLVING |
+| RESOLVING | FAILED                       | submit that resolve again after a backoff              | RESOLVING |
+| RESOLVING, DECIDING | HORIZON            | stop (participants ask the home after their timeout,   | DONE      |
+|           |                              | the home's leader re-drives an unforgotten decision)   |           |
+
+Only this coordinator ever proposes commit for a ``txid``, and only from
+DECIDING, after every prepare was chosen; after it submitted an abort for a
+``txid`` it never proposes commit for it (a new attempt has a new ``txid``).
+So the decision chosen in the home partition (first one wins) is the only
+outcome, and the client hears commit only after it was chosen.
+
+Forgets are sent piggybacked on the next TxDecide to the same home, or alone
+once they waited ``forget_delay_ticks``.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsnode.core.commands import SubDelete, SubGet, SubPut, Txn, keys_of
+from dsnode.core.effects import Reply
+from dsnode.core.ring import Ring
+from dsnode.core.twopc import participant as part
+from dsnode.core.twopc.records import TxCommand, TxDecide, TxForget, TxPrepare, TxResolve
+
+# wire error codes (dsnode.wire.errors names the same strings; the core imports nothing
+# from the wire package)
+CONFLICT = "conflict"
+TIMEOUT = "timeout"
+UNAVAILABLE = "unavailable"
+LOCKED = "locked"
+
+FORGETS_PER_DECIDE_MAX = 256
+
+
+class State(enum.Enum):
+    PREPARING = "preparing"
+    DECIDING = "deciding"
+    RESOLVING = "resolving"
+    DONE = "done"
+
+
+class Event(enum.Enum):
+    PREPARED = "prepared"
+    WAIT = "wait"
+    DIE = "die"
+    TOO_OLD = "too_old"
+    REFUSED = "refused"  # resolved already (a late copy), or an error that changed nothing
+    FAILED = "failed"  # no answer known: unavailable, timeout (submit again)
+    DECIDED_COMMIT = "decided_commit"
+    DECIDED_ABORT = "decided_abort"
+    DECIDED_UNKNOWN = "decided_unknown"
+    RESOLVED = "resolved"
+    DEADLINE = "deadline"
+    HORIZON = "horizon"
+
+
+@dataclass(frozen=True, slots=True)
+class TwoPCConfig:
+    retry_ticks: int = 1  # first backoff after `wait` or a failed submit; doubles ...
+    retry_ticks_max: int = 8  # ... up to this
+    resolve_horizon_ticks: int = 500  # resolving goes on this long past the deadline
+    forget_delay_ticks: int = 5  # a forget waits this long for a TxDecide to ride on
+    prepare_timeout_ticks: int = 300  # (recovery) a participant asks the home after this
+    decision_timeout_ticks: int = 600  # (recovery) a home re-drives a decision after this
+
+    def __post_init__(self) -> None:
+        for name in ("retry_ticks", "retry_ticks_max", "resolve_horizon_ticks",
+                     "forget_delay_ticks", "prepare_timeout_ticks", "decision_timeout_ticks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    """Put ``cmd`` into partition ``pid``'s log; answer ``on_result(handle, ...)``."""
+
+    handle: Any
+    pid: int
+    cmd: TxCommand
+    deadline: int  # tick after which the shell may give up on it (answer FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A transaction split by partition (what each participant prepares)."""
+
+    home: int
+    prepares: dict[int, TxPrepare]
+
+
+def plan(txn: Txn, ring: Ring, txid: bytes, ts: int) -> Plan:
+    """Split ``txn``'s compares, gets and writes by partition; the home is the partition
+    of its first written key (of its first key when it writes none)."""
+    pid_of = ring.partition_of
+    compares: dict[int, list] = {}
+    reads: dict[int, list] = {}
+    then: dict[int, list] = {}
+    other: dict[int, list] = {}
+    for k, v in txn.compares:
+        compares.setdefault(pid_of(k), []).append((k, v))
+    for branch, out in ((txn.then, then), (txn.otherwise, other)):
+        for s in branch:
+            pid = pid_of(s.key)
+            if type(s) is SubGet:
+                lst = reads.setdefault(pid, [])
+                if s.key not in lst:
+                    lst.append(s.key)
+            else:
+                out.setdefault(pid, []).append(s)
+    written = [s.key for s in (*txn.then, *txn.otherwise) if type(s) is not SubGet]
+    first = written[0] if written else keys_of(txn)[0]
+    home = pid_of(first)
+    pids = sorted({*compares, *reads, *then, *other})
+    prepares = {
+        pid: TxPrepare(txid, ts, pid, home, tuple(compares.get(pid, ())),
+                       tuple(reads.get(pid, ())), tuple(then.get(pid, ())),
+                       tuple(other.get(pid, ())))
+        for pid in pids
+    }
+    return Plan(home, prepares)
+
+
+def outcome(txn: Txn, ring: Ring, prepared: dict[int, dict]) -> tuple[bool, list[dict]]:
+    """Whether the compares hold and the chosen branch's results, from every
+    participant's prepared answer (versions, reads and deletes' ``existed`` as they
+    were before the transaction; writes at each partition's reserved revision)."""
+    pid_of = ring.partition_of
+    versions: dict[bytes, int] = {}
+    values: dict[bytes, tuple] = {}
+    existed: dict[bytes, bool] = {}
+    for r in prepared.values():
+        versions.update((k, v) for k, v in r["versions"])
+        values.update((k, (val, ver)) for k, val, ver in r["reads"])
+        existed.update((k, e) for k, e in r["existed"])
+    holds = all(versions[k] == v for k, v in txn.compares)
+    results: list[dict] = []
+    for s in txn.then if holds else txn.otherwise:
+        if type(s) is SubGet:
+            value, version = values[s.key]
+            results.append({"value": value, "version": version})
+        elif type(s) is SubPut:
+            results.append({"version": prepared[pid_of(s.key)]["revision"]})
+        else:
+            assert type(s) is SubDelete
+            results.append({"existed": existed[s.key]})
+    return holds, results
+
+
+def has_writes(txn: Txn, holds: bool) -> bool:
+    return any(type(s) is not SubGet for s in (txn.then if holds else txn.otherwise))
+
+
+@dataclass(slots=True)
+class Attempt:
+    txid: bytes
+    ts: int
+    txn: Txn
+    plan: Plan
+    ring: Ring  # the ring it was planned on (its partitions' ids)
+    token: Any  # the client's, None once answered (or handed to a newer attempt)
+    deadline: int
+    state: State = State.PREPARING
+    prepared: dict[int, dict] = field(default_factory=dict)  # pid -> its prepared answer
+    asked: set[int] = field(default_factory=set)  # participants a prepare was submitted to
+    unresolved: set[int] = field(default_factory=set)
+    commit: bool = False
+    holds: bool = False
+    decided: bool = False  # a decision was chosen at the home (it must be forgotten)
+    backoff: dict[Any, int] = field(default_factory=dict)  # step -> its next backoff
+    gen: dict[Any, int] = field(default_factory=dict)  # step -> its submission count
+    horizon: int = 0
+    restarts: int = 0  # attempts of this transaction before this one
+
+
+class Coordinator:
+    """Every cross-partition transaction this node coordinates."""
+
+    def __init__(self, node_id: str, rng: random.Random, config: TwoPCConfig | None = None,
+                 ring: Callable[[], Ring | None] | None = None) -> None:
+        self.node_id = node_id
+        self.rng = rng
+        self.cfg = config or TwoPCConfig()
+        self.ring = ring or (lambda: None)
+        self.now = 0
+        self.clock_ms = 0  # the highest ts given out (or floor learned): ts only grow
+        self.attempts: dict[bytes, Attempt] = {}
+        self.submits: list[Submit] = []
+        self.replies: list[Reply] = []
+        self._later: list[tuple[int, Submit]] = []  # submissions waiting for their backoff
+        self._forgets: dict[int, list[tuple[bytes, int]]] = {}  # home -> [(txid, since)]
+        self._seq = 0
+        self._nonce = rng.getrandbits(32)  # txids stay unique across this node's restarts
+        self.counters: dict[str, int] = {}
+
+    # ------------------------------------------------------------ inputs
+    def begin(self, token: Any, txn: Txn, now_ms: int, deadline: int) -> None:
+        """Coordinate ``txn`` (its keys span partitions) for the client's ``token``."""
+        ring = self.ring()
+        if ring is None:
+            self.replies.append(Reply(token, error=(UNAVAILABLE, "the ring is not known yet",
+                                                    False)))
+            return
+        ts = max(now_ms, self.clock_ms + 1)
+        self.clock_ms = ts
+        self._start(token, txn, ts, deadline, ring)
+
+    def on_result(self, handle: Any, result: dict | None,
+                  error: tuple[str, str, bool] | None) -> None:
+        """The answer to a ``Submit``: its state machine's result, or an error (no answer
+        known: ``unavailable``/``timeout``, or a definite refusal)."""
+        txid, step, gen = handle
+        a = self.attempts.get(txid)
+        if a is None or a.gen.get(step) != gen:
+            return  # an answer to a superseded submission
+        kind, pid = step
+        event = _classify(kind, result, error)
+        self._count(f"{kind}_{event.value}")
+        self._fire(a, event, pid, result if error is None else {"error": error})
+
+    def tick(self, now: int) -> None:
+        self.now = now
+        if self._later:
+            due = [s for t, s in self._later if t <= now]
+            if due:
+                self._later = [(t, s) for t, s in self._later if t > now]
+                for s in due:
+                    txid, step, gen = s.handle
+                    a = self.attempts.get(txid)
+                    if a is not None and a.gen.get(step) == gen:
+                        self.submits.append(s)
+        for a in list(self.attempts.values()):
+            if a.token is not None and now >= a.deadline:
+                self._fire(a, Event.DEADLINE, None, None)
+            elif a.state is not State.PREPARING and a.horizon and now >= a.horizon:
+                self._fire(a, Event.HORIZON, None, None)
+        for home, items in list(self._forgets.items()):
+            if items and now - items[0][1] >= self.cfg.forget_delay_ticks:
+                self._flush_forgets(home)
+
+    def take(self) -> tuple[list[Submit], list[Reply]]:
+        submits, replies = self.submits, self.replies
+        self.submits, self.replies = [], []
+        return submits, replies
+
+    # ------------------------------------------------------------ queries
+    def in_progress(self) -> list[dict]:
+        """The attempts not done, for ``status``."""
+        return [{"txid": a.txid.hex(), "state": a.state.value, "home": a.plan.home,
+                 "participants": sorted(a.plan.prepares), "answered": a.token is None}
+                for a in self.attempts.values()]
+
+    def idle(self) -> bool:
+        return not self.attempts and not any(self._forgets.values())
+
+    # ------------------------------------------------------------ the table
+    def _fire(self, a: Attempt, event: Event, pid: int | None, result: dict | None) -> None:
+        name = TRANSITIONS.get((a.state, event))
+        if name is None:
+            self._count(f"stale_{a.state.value}_{event.value}")
+            return
+        getattr(self, name)(a, pid, result)
+
+    def _on_prepared(self, a: Attempt, pid: int, result: dict) -> None:
+        a.prepared[pid] = result
+        if len(a.prepared) < len(a.plan.prepares):
+            return
+        a.holds, _results = outcome(a.txn, a.ring, a.prepared)
+        a.state = State.DECIDING
+        self._decide(a)
+
+    def _prepare_again(self, a: Attempt, pid: int, _result: dict | None) -> None:
+        self._submit(a, ("prepare", pid), pid, a.plan.prepares[pid], later=True)
+
+    def _decide_again(self, a: Attempt, _pid: Any, _result: dict | None) -> None:
+        self._decide(a, later=True)
+
+    def _resolve_again(self, a: Attempt, pid: int, _result: dict | None) -> None:
+        self._submit(a, ("resolve", pid), pid, TxResolve(a.txid, pid, a.commit, a.holds),
+                     later=True)
+
+    def _abort(self, a: Attempt, _pid: Any, result: dict | None) -> None:
+        """Give this attempt up: resolve (abort) whatever may have prepared; a new attempt
+        (new txid, same ts, or one above the floor a participant named) takes its place
+        while the deadline allows."""
+        floor = result.get("floor") if result is not None else None
+        token, a.token = a.token, None
+        self._resolve_all(a, commit=False)
+        if token is None:
+            return
+        if self.now < a.deadline:
+            ts = a.ts
+            if type(floor) is int and floor >= ts:
+                ts = max(floor + 1, self.clock_ms + 1)
+                self.clock_ms = ts
+            ring = self.ring()
+            if ring is not None:
+                self._count("restarted")
+                self._start(token, a.txn, ts, a.deadline, ring, restarts=a.restarts + 1)
+                return
+        self.replies.append(Reply(token, error=(
+            CONFLICT, "the transaction met another one holding its keys and was aborted; "
+                      "nothing was applied, retry", False)))
+
+    def _refused(self, a: Attempt, _pid: Any, result: dict | None) -> None:
+        """A participant refused for good (an error that changed nothing, e.g. its gets
+        would not fit an answer): abort, and answer that error."""
+        token, a.token = a.token, None
+        self._resolve_all(a, commit=False)
+        err = (result or {}).get("error")
+        if token is not None:
+            code, message = (err[0], err[1]) if err else (
+                CONFLICT, "the transaction was resolved before it prepared; retry")
+            self.replies.append(Reply(token, error=(code, message, False)))
+
+    def _expire_preparing(self, a: Attempt, _pid: Any, _result: dict | None) -> None:
+        token, a.token = a.token, None
+        self.replies.append(Reply(token, error=(
+            TIMEOUT, "the transaction's participants did not all prepare before the deadline; "
+                     "nothing was applied", False)))
+        self._resolve_all(a, commit=False)
+
+    def _committed(self, a: Attempt, _pid: Any, result: dict) -> None:
+        a.decided = True
+        a.holds = bool(result.get("holds", a.holds))
+        if a.token is not None:
+            holds, results = outcome(a.txn, a.ring, a.prepared)
+            self.replies.append(Reply(a.token, result={"succeeded": holds, "results": results}))
+            a.token = None
+        self._resolve_all(a, commit=True)
+
+    def _decided_abort(self, a: Attempt, pid: Any, result: dict) -> None:
+        a.decided = True
+        self._abort(a, pid, None)
+
+    def _unknown(self, a: Attempt, _pid: Any, _result: dict | None) -> None:
+        if a.token is not None:
+            self.replies.append(Reply(a.token, error=(
+                TIMEOUT, "the transaction's decision is not known (it may have committed)",
+                True)))
+            a.token = None
+        self._finish(a)
+
+    def _expire_deciding(self, a: Attempt, _pid: Any, _result: dict | None) -> None:
+        token, a.token = a.token, None
+        self.replies.append(Reply(token, error=(
+            TIMEOUT, "the deadline passed while the transaction's decision was being chosen; "
+                     "it may have committed", True)))
+        a.horizon = self.now + self.cfg.resolve_horizon_ticks
+
+    def _on_resolved(self, a: Attempt, pid: int, _result: dict | None) -> None:
+        a.unresolved.discard(pid)
+        if not a.unresolved:
+            if a.decided:
+                self._forgets.setdefault(a.plan.home, []).append((a.txid, self.now))
+            self._finish(a)
+
+    def _give_up(self, a: Attempt, _pid: Any, _result: dict | None) -> None:
+        self._count("gave_up")
+        self._finish(a)
+
+    # ------------------------------------------------------------ helpers
+    def _start(self, token: Any, txn: Txn, ts: int, deadline: int, ring: Ring,
+               restarts: int = 0) -> None:
+        self._seq += 1
+        txid = b"%s:%08x:%d" % (self.node_id.encode()[:40], self._nonce, self._seq)
+        p = plan(txn, ring, txid, ts)
+        a = Attempt(txid, ts, txn, p, ring, token, deadline, restarts=restarts)
+        self.attempts[txid] = a
+        self._count("begun")
+        # a restarted attempt waits first, longer after each restart (up to the max)
+        wait = min(self.cfg.retry_ticks << min(restarts, 16), self.cfg.retry_ticks_max)
+        for pid, prep in p.prepares.items():
+            a.asked.add(pid)
+            if restarts:
+                a.backoff[("prepare", pid)] = wait
+            self._submit(a, ("prepare", pid), pid, prep, later=bool(restarts))
+
+    def _decide(self, a: Attempt, later: bool = False) -> None:
+        home = a.plan.home
+        forgets = self._forgets.pop(home, [])
+        take, keep = forgets[:FORGETS_PER_DECIDE_MAX], forgets[FORGETS_PER_DECIDE_MAX:]
+        if keep:
+            self._forgets[home] = keep
+        cmd = TxDecide(a.txid, a.ts, home, True, a.holds, tuple(sorted(a.plan.prepares)),
+                       tuple(t for t, _ in take))
+        self._submit(a, ("decide", home), home, cmd, later=later)
+
+    def _resolve_all(self, a: Attempt, commit: bool) -> None:
+        a.state = State.RESOLVING
+        a.commit = commit
+        a.unresolved = set(a.asked)
+        a.horizon = max(a.deadline, self.now) + self.cfg.resolve_horizon_ticks
+        if not a.unresolved:
+            self._finish(a)
+            return
+        for pid in sorted(a.unresolved):
+            self._submit(a, ("resolve", pid), pid, TxResolve(a.txid, pid, commit, a.holds))
+
+    def _finish(self, a: Attempt) -> None:
+        a.state = State.DONE
+        self.attempts.pop(a.txid, None)
+
+    def _submit(self, a: Attempt, step: tuple, pid: int, cmd: TxCommand,
+                later: bool = False) -> None:
+        gen = a.gen.get(step, 0) + 1
+        a.gen[step] = gen
+        deadline = max(a.deadline, a.horizon or 0)
+        s = Submit((a.txid, step, gen), pid, cmd, deadline)
+        if not later:
+            self.submits.append(s)
+            return
+        wait = a.backoff.get(step, self.cfg.retry_ticks)
+        a.backoff[step] = min(wait * 2, self.cfg.retry_ticks_max)
+        self._later.append((self.now + self.rng.randint(1, wait), s))
+
+    def _flush_forgets(self, home: int) -> None:
+        items = self._forgets.pop(home, [])
+        for i in range(0, len(items), FORGETS_PER_DECIDE_MAX):
+            chunk = tuple(t for t, _ in items[i:i + FORGETS_PER_DECIDE_MAX])
+            self.submits.append(Submit((b"", ("forget", home), 0), home, TxForget(home, chunk),
+                                       self.now + self.cfg.resolve_horizon_ticks))
+
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+
+def _classify(kind: str, result: dict | None, error: tuple | None) -> Event:
+    """What an answer to a submitted command means for its attempt."""
+    if error is not None:
+        code, _message, indeterminate = error
+        if kind == "prepare" and not indeterminate and code not in (UNAVAILABLE, TIMEOUT,
+                                                                      LOCKED):
+            return Event.REFUSED  # e.g. too_large: definitely nothing prepared
+        return Event.FAILED
+    assert result is not None
+    if kind == "prepare":
+        if result.get("prepared"):
+            return Event.PREPARED
+        conflict = result.get("conflict")
+        if conflict == part.WAIT:
+            return Event.WAIT
+        if conflict == part.DIE:
+            return Event.DIE
+        if conflict == part.TOO_OLD:
+            return Event.TOO_OLD
+        return Event.REFUSED
+    if kind == "decide":
+        d = result.get("decision")
+        if d == part.COMMIT:
+            return Event.DECIDED_COMMIT
+        if d == part.ABORT:
+            return Event.DECIDED_ABORT
+        return Event.DECIDED_UNKNOWN
+    return Event.RESOLVED
+
+
+# (state, event) -> the name of the Coordinator method handling it (looked up on the
+# instance, so a subclass, e.g. a simulator's broken variant, can replace one)
+TRANSITIONS: dict[tuple[State, Event], str] = {
+    (State.PREPARING, Event.PREPARED): "_on_prepared",
+    (State.PREPARING, Event.WAIT): "_prepare_again",
+    (State.PREPARING, Event.FAILED): "_prepare_again",
+    (State.PREPARING, Event.DIE): "_abort",
+    (State.PREPARING, Event.TOO_OLD): "_abort",
+    (State.PREPARING, Event.REFUSED): "_refused",
+    (State.PREPARING, Event.DEADLINE): "_expire_preparing",
+    (State.DECIDING, Event.DECIDED_COMMIT): "_committed",
+    (State.DECIDING, Event.DECIDED_ABORT): "_decided_abort",
+    (State.DECIDING, Event.DECIDED_UNKNOWN): "_unknown",
+    (State.DECIDING, Event.FAILED): "_decide_again",
+    (State.DECIDING, Event.DEADLINE): "_expire_deciding",
+    (State.DECIDING, Event.HORIZON): "_give_up",
+    (State.RESOLVING, Event.RESOLVED): "_on_resolved",
+    (State.RESOLVING, Event.FAILED): "_resolve_again",
+    (State.RESOLVING, Event.HORIZON): "_give_up",
+}

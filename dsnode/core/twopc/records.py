@@ -1,0 +1,213 @@
+"""The commands of a cross-partition transaction, chosen in the partitions' own Paxos logs.
+
+A transaction ``txid`` touching partitions P1..Pn, its record in the home
+partition H (the partition of its first written key, or of its first key when it
+writes none):
+
+- ``TxPrepare`` in each Pi: check nothing, lock the keys of Pi it touches
+  (exclusive for a key written in either branch, shared for the others), read
+  its compared versions and gets, reserve the revision its writes will carry;
+  or refuse (a lock held by another transaction: ``wait`` or ``die``, see
+  ``participant``), changing nothing.
+- ``TxDecide`` in H: the outcome, commit or abort. The first one chosen for a
+  ``txid`` wins; any later one answers with it. Only the coordinator proposes
+  commit (after every prepare was chosen); a participant whose prepare waited
+  too long proposes abort.
+- ``TxResolve`` in each Pi: apply the chosen branch's writes (commit) or not
+  (abort), release the locks.
+- ``TxForget`` in H: every participant resolved; the decision may go.
+
+None carries a client request id: each is idempotent by ``txid``. Encoded like
+the client commands (``commands.encode``), with tags X, Y, Z and W.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dsnode.core.commands import SubDelete, SubPut
+
+Write = SubPut | SubDelete
+
+
+@dataclass(frozen=True, slots=True)
+class TxPrepare:
+    txid: bytes
+    ts: int  # priority: (ts, txid) smaller is older; milliseconds of the coordinator's clock
+    pid: int  # the partition it is for (routing)
+    home: int  # the partition holding the decision
+    compares: tuple[tuple[bytes, int], ...]  # this partition's compares: their versions are read
+    reads: tuple[bytes, ...]  # this partition's gets (either branch)
+    then: tuple[Write, ...]  # this partition's writes if the compares hold ...
+    otherwise: tuple[Write, ...]  # ... and if not
+
+    def exclusive(self) -> tuple[bytes, ...]:
+        return tuple(dict.fromkeys(w.key for w in (*self.then, *self.otherwise)))
+
+    def shared(self) -> tuple[bytes, ...]:
+        ex = set(self.exclusive())
+        keys = dict.fromkeys([k for k, _ in self.compares] + list(self.reads))
+        return tuple(k for k in keys if k not in ex)
+
+
+@dataclass(frozen=True, slots=True)
+class TxDecide:
+    txid: bytes
+    ts: int
+    home: int
+    commit: bool  # what the proposer asks for; the answer says what was chosen
+    holds: bool  # with commit: which branch (the compares held)
+    participants: tuple[int, ...]  # every partition to resolve (the home's recovery uses it)
+    forget: tuple[bytes, ...] = ()  # decisions of this home whose participants all resolved
+
+
+@dataclass(frozen=True, slots=True)
+class TxResolve:
+    txid: bytes
+    pid: int
+    commit: bool
+    holds: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TxForget:
+    home: int
+    txids: tuple[bytes, ...]
+
+
+TxCommand = TxPrepare | TxDecide | TxResolve | TxForget
+TYPES = frozenset((TxPrepare, TxDecide, TxResolve, TxForget))
+
+
+def partition_of(cmd: TxCommand) -> int:
+    """The partition whose log the command goes into."""
+    t = type(cmd)
+    if t is TxPrepare or t is TxResolve:
+        return cmd.pid  # type: ignore[union-attr]
+    return cmd.home  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------- encoding
+
+def _enc_w(w: Write) -> list:
+    return ["p", w.key, w.value] if type(w) is SubPut else ["d", w.key]
+
+
+def _dec_w(x: list) -> Write:
+    if x[0] == "p":
+        return SubPut(x[1], x[2])
+    if x[0] == "d":
+        return SubDelete(x[1])
+    raise ValueError(f"unknown write tag {x[0]!r}")
+
+
+def encode(cmd: TxCommand) -> list:
+    t = type(cmd)
+    if t is TxPrepare:
+        return ["X", cmd.txid, cmd.ts, cmd.pid, cmd.home, [[k, v] for k, v in cmd.compares],
+                list(cmd.reads), [_enc_w(w) for w in cmd.then],
+                [_enc_w(w) for w in cmd.otherwise]]
+    if t is TxDecide:
+        return ["Y", cmd.txid, cmd.ts, cmd.home, cmd.commit, cmd.holds, list(cmd.participants),
+                list(cmd.forget)]
+    if t is TxResolve:
+        return ["Z", cmd.txid, cmd.pid, cmd.commit, cmd.holds]
+    if t is TxForget:
+        return ["W", cmd.home, list(cmd.txids)]
+    raise TypeError(f"not a transaction command: {cmd!r}")
+
+
+TAGS = frozenset("XYZW")
+
+
+def decode(x: list) -> TxCommand:
+    tag = x[0]
+    if tag == "X":
+        return TxPrepare(x[1], x[2], x[3], x[4], tuple((k, v) for k, v in x[5]), tuple(x[6]),
+                         tuple(_dec_w(w) for w in x[7]), tuple(_dec_w(w) for w in x[8]))
+    if tag == "Y":
+        return TxDecide(x[1], x[2], x[3], x[4], x[5], tuple(x[6]), tuple(x[7]))
+    if tag == "Z":
+        return TxResolve(x[1], x[2], x[3], x[4])
+    if tag == "W":
+        return TxForget(x[1], tuple(x[2]))
+    raise ValueError(f"unknown transaction command tag {tag!r}")
+
+
+def decode_checked(x: list) -> TxCommand:
+    """``decode`` for commands off the network (a peer's forward): every field checked,
+    so a malformed one is a ValueError here, never a poison pill in a replicated log."""
+    want = {"X": 9, "Y": 8, "Z": 5, "W": 3}.get(x[0])
+    if want is None or len(x) != want:
+        raise ValueError(f"bad transaction command tag or length: {x[0]!r}")
+    tag = x[0]
+    if tag == "X":
+        _txid(x[1]), _uint(x[2]), _uint(x[3]), _uint(x[4])
+        for part in (x[5], x[6], x[7], x[8]):
+            if not isinstance(part, list):
+                raise ValueError("prepare parts must be arrays")
+        for c in x[5]:
+            if not isinstance(c, list) or len(c) != 2:
+                raise ValueError("bad compare")
+            _key(c[0]), _uint(c[1])
+        for k in x[6]:
+            _key(k)
+        for w in (*x[7], *x[8]):
+            if not isinstance(w, list) or not w or w[0] not in ("p", "d"):
+                raise ValueError("bad write")
+            if len(w) != (3 if w[0] == "p" else 2):
+                raise ValueError("bad write length")
+            _key(w[1])
+            if w[0] == "p" and type(w[2]) is not bytes:
+                raise ValueError("a value is bin")
+    elif tag == "Y":
+        _txid(x[1]), _uint(x[2]), _uint(x[3]), _bool(x[4]), _bool(x[5])
+        if not isinstance(x[6], list) or not isinstance(x[7], list):
+            raise ValueError("bad participants or forget list")
+        for p in x[6]:
+            _uint(p)
+        for t in x[7]:
+            _txid(t)
+    elif tag == "Z":
+        _txid(x[1]), _uint(x[2]), _bool(x[3]), _bool(x[4])
+    else:
+        _uint(x[1])
+        if not isinstance(x[2], list):
+            raise ValueError("bad forget list")
+        for t in x[2]:
+            _txid(t)
+    return decode(x)
+
+
+def _txid(v: object) -> None:
+    if type(v) is not bytes or not 0 < len(v) <= 64:
+        raise ValueError("a txid is 1-64 bytes of bin")
+
+
+def _key(v: object) -> None:
+    if type(v) is not bytes or not v:
+        raise ValueError("a key is non-empty bin")
+
+
+def _uint(v: object) -> None:
+    if type(v) is not int or v < 0:
+        raise ValueError("expected an int >= 0")
+
+
+def _bool(v: object) -> None:
+    if type(v) is not bool:
+        raise ValueError("expected a bool")
+
+
+def size_of(cmd: TxCommand) -> int:
+    """Approximate payload bytes (``commands.size_of`` for batching limits)."""
+    if type(cmd) is TxPrepare:
+        n = sum(len(k) + 8 for k, _ in cmd.compares) + sum(len(k) + 4 for k in cmd.reads)
+        for w in (*cmd.then, *cmd.otherwise):
+            n += len(w.key) + (len(w.value) if type(w) is SubPut else 0) + 8
+        return n + len(cmd.txid) + 32
+    if type(cmd) is TxDecide:
+        return len(cmd.txid) + 8 * len(cmd.participants) + sum(map(len, cmd.forget)) + 32
+    if type(cmd) is TxForget:
+        return sum(len(t) + 4 for t in cmd.txids) + 16
+    return len(cmd.txid) + 24
