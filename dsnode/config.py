@@ -228,6 +228,17 @@ class NodeConfig(BaseModel):
     request_timeout_ms: int = Field(
         default=10_000, ge=1, description="deadline of a request that sends no timeout_ms, ms"
     )
+    txn_prepare_timeout_ms: int = Field(
+        default=3_000, ge=10, le=600_000,
+        description="a cross-partition transaction prepared this long in a partition this "
+        "node leads is asked about at its home partition, which aborts it unless its "
+        "coordinator's commit was chosen first, ms",
+    )
+    txn_decision_timeout_ms: int = Field(
+        default=6_000, ge=10, le=600_000,
+        description="a transaction decision this long in a home partition this node leads "
+        "(its coordinator is gone) is carried to its participants by this node, ms",
+    )
     shutdown_timeout_ms: int = Field(
         default=8_000, ge=100, le=60_000,
         description="time in-flight requests get to finish on SIGTERM, ms",

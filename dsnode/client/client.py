@@ -616,9 +616,9 @@ class Client:
         """Atomically: if every ``(key, version)`` compare holds run ``then``, else ``else_``.
 
         Build sub-ops with :meth:`Op.get`, :meth:`Op.put`, :meth:`Op.delete`. A ring-aware
-        client sends it to the leader of its first key's partition (compares first); a
-        server answers a txn whose keys span partitions ``bad_request`` until cross-partition
-        transactions exist.
+        client sends it to the leader of its first key's partition (compares first); keys
+        may span partitions (the node runs two-phase commit; a conflict with another
+        transaction is :class:`Conflict`, definite and retryable).
         """
         msg: dict[str, Any] = {"op": "txn"}
         ifs = [

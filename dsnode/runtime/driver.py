@@ -30,7 +30,12 @@ here when this node leads that partition, forwarded to the leader over the peer
 connection when another node does, and parked until the deadline while no
 leader is known (or before the ring is). ``stale`` reads go to the replica with
 the fewest requests in flight from this node, this node's own included. A
-``txn`` whose keys span partitions is answered ``bad_request``. Leaders of
+``txn`` whose keys span partitions goes to this node's two-phase-commit
+coordinator (``core.twopc``), or, when this node is loaded, to a less busy
+node's; the commands it (and the recovery duties of the partitions this node
+leads) asks for are routed like writes (``TxnSubmit``). A command that meets a
+prepared transaction's lock (``locked``) is routed again on the next tick
+until its deadline. Leaders of
 partitions this node does not host come from their leaders' reports
 (``LEADS``, ``core.router.leaders``), sent when the set a node leads changes
 and once a second.
@@ -49,7 +54,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import os
 import random
+import signal
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -63,8 +70,11 @@ from dsnode.core.paxos.roles import Role
 from dsnode.core.ring import Ring
 from dsnode.core.router import Forward, Local, OpKind, Overloaded, Router
 from dsnode.core.router.leaders import LeaderHints, decode_led, encode_led
+from dsnode.core.twopc import records as txrec
+from dsnode.core.twopc.coordinator import Coordinator, Submit, TwoPCConfig
+from dsnode.core.twopc.recovery import Recovery
 from dsnode.runtime.logs import get_logger
-from dsnode.wire.errors import BAD_REQUEST, OVERLOADED, TIMEOUT, UNAVAILABLE
+from dsnode.wire.errors import CONFLICT, OVERLOADED, TIMEOUT, UNAVAILABLE
 
 if TYPE_CHECKING:
     from dsnode.core.paxos.checkpoint import CheckpointWriter
@@ -91,8 +101,14 @@ PINS = "pins"  # [PINS, table]: the sender's member pins (core.membership.incarn
 LEADS = "leads"
 LEADS_REFRESH_S = 1.0  # a node's report goes out at least this often (and on every change)
 NOT_LEADER = "not leader"  # a forward's definite answer: route it again
-CROSS_PARTITION = ("txn keys span partitions {pids}: cross-partition transactions are not "
-                   "supported yet (see docs/PROTOCOL.md); keep a txn's keys in one partition")
+# A command that met a key locked by a prepared cross-partition transaction (the state
+# machine's definite ``locked``, never shown to a client): sent again on the next tick
+LOCKED = "locked"
+# the recovery duties of the partitions this node leads run every this many ticks
+TXN_RECOVERY_SCAN_TICKS = 10
+# [FWD, fwd_id, COORDINATE, encoded txn, timeout_ms(, request id)]: a loaded node hands
+# a cross-partition txn to a less busy one, which coordinates it (Router.coordinator)
+COORDINATE = -1
 
 # KV entries of a requested snapshot encoded per event-loop turn: about 1 ms of
 # msgpack for 100-byte values, so a snapshot never stalls the loop as a whole.
@@ -118,7 +134,7 @@ class Pending:
     """One client request in flight. ``done`` guards against answering twice."""
 
     __slots__ = ("conn", "rid", "write", "done", "cmd", "deadline", "sent", "fwd_id", "fwd_to",
-                 "bucket", "dedup", "parked")
+                 "bucket", "dedup", "parked", "locked")
 
     def __init__(self, conn: Any, rid: int, write: bool) -> None:
         self.conn = conn
@@ -135,6 +151,7 @@ class Pending:
         # a write's request id, [client_id, seq] or [client_id, seq, True] once re-sent
         self.dedup: list | None = None
         self.parked = False  # waiting in the driver's list to be routed again
+        self.locked = False  # last refused by a transaction's lock (it waits, sent again)
 
     def finish(self) -> None:
         """Answered: drop out of the timer wheel so nothing keeps it (or its value) alive."""
@@ -143,6 +160,21 @@ class Pending:
         if self.bucket is not None:
             self.bucket.pop(self, None)
             self.bucket = None
+
+
+class TxnSubmit(Pending):
+    """A two-phase-commit command this node's coordinator or recovery asked for (a
+    ``Submit``): routed to its partition's leader like a client's write; its answer
+    goes back to ``owner.on_result(handle, ...)``, not to a connection."""
+
+    __slots__ = ("owner", "handle", "pid")
+
+    def __init__(self, owner: Coordinator | Recovery, s: Submit) -> None:
+        super().__init__(None, 0, True)
+        self.owner = owner
+        self.handle = s.handle
+        self.pid = s.pid
+        self.dedup = s.rid
 
 
 class Forwarded:
@@ -183,6 +215,7 @@ class Driver:
         snapshot_wal_ratio: float = SNAPSHOT_WAL_RATIO,
         inflight_max: int = 1 << 30,
         rng: random.Random | None = None,
+        twopc: TwoPCConfig | None = None,
     ) -> None:
         self.core = core
         self._inflight_max = inflight_max
@@ -232,6 +265,16 @@ class Driver:
         self.counters: collections.Counter = collections.Counter()
         # stale reads by the replica the router sent them to (None: parked)
         self.stale_reads_to: collections.Counter = collections.Counter()
+        # cross-partition transactions (core.twopc): the ones this node coordinates, and
+        # the recovery duties of the partitions it leads. Txids draw on the OS's entropy:
+        # they must differ from any a previous run of this node gave out.
+        self.twopc = twopc or TwoPCConfig()
+        self.coordinator = Coordinator(node_id, random.Random(), self.twopc, self.ring)
+        self.recovery = Recovery(self.twopc)
+        self._txn_scan_at = 0
+        # test-only fault point (tests/cluster): "before_decide" kills this process when
+        # its coordinator is about to ask a home partition to commit
+        self._txn_fault = os.environ.get("DSNODE_TEST_TXN_FAULT", "")
         # metrics (dsnode/runtime/metrics.py): commands proposed per group, and an observer
         # told about ticks and finished snapshots
         self.proposals: collections.Counter = collections.Counter()
@@ -295,13 +338,13 @@ class Driver:
         ring = router.ring
         if t is Txn:
             keys = commands.keys_of(cmd)
-            pids = sorted({ring.partition_of(k) for k in keys})
+            pids = {ring.partition_of(k) for k in keys}
             if len(pids) > 1:
-                counters["route_cross_partition"] += 1
-                self._deliver_local([Reply(p, error=(
-                    BAD_REQUEST, CROSS_PARTITION.format(pids=", ".join(map(str, pids))), False))])
+                self._coordinate(p, cmd)  # type: ignore[arg-type]
                 return
-            pid = pids[0] if pids else ring.partition_of(b"")
+            pid = pids.pop() if pids else ring.partition_of(b"")
+        elif t in txrec.TYPES:
+            pid = txrec.partition_of(cmd)  # type: ignore[arg-type]
         else:
             pid = ring.partition_of(cmd.key)  # type: ignore[union-attr]
         if t is Get:
@@ -353,6 +396,109 @@ class Driver:
         else:  # Park: no leader known; on_leader_change hands it back
             counters["route_park"] += 1
 
+    # ------------------------------------------------------------ transactions
+    def _coordinate(self, p: Pending, txn: Txn) -> None:
+        """A client's ``txn`` over several partitions: this node's coordinator takes it
+        (and its deadline: it leaves the timer wheel, the coordinator answers), or, when
+        this node is loaded, a less busy one (``Router.coordinator``)."""
+        self.counters["txn_cross_partition"] += 1
+        router, net = self.router, self.net
+        if router is not None and net is not None and not p.fwd_to and not p.sent:
+            target = router.coordinator([n for n in net.links if net.connected(n)])
+            if target != self.node_id:
+                self.counters["txn_coordinator_elsewhere"] += 1
+                fwd_id = next(self._fwd_ids)
+                self._forwarded[fwd_id] = p
+                p.sent = True
+                p.fwd_id = fwd_id
+                p.fwd_to = target
+                timeout_ms = max(1, int((p.deadline - self.tick_count) * self._tick_seconds
+                                        * 1000))
+                m = [FWD, fwd_id, COORDINATE, commands.encode(txn), timeout_ms]
+                if p.dedup is not None:
+                    m.append(p.dedup)
+                net.send(target, m)
+                return
+        if p.bucket is not None:
+            p.bucket.pop(p, None)
+            p.bucket = None
+        self.coordinator.begin(p, txn, int(time.time() * 1000), p.deadline, p.dedup)
+        self._pump_twopc()
+
+    def _pump_twopc(self) -> None:
+        """Carry out what the coordinator and the recovery asked for: route each
+        ``Submit`` to its partition's leader, answer clients."""
+        submits, replies = self.coordinator.take()
+        if self._txn_fault == "before_decide" and any(
+                type(s.cmd) is txrec.TxDecide and s.cmd.commit for s in submits):
+            log.warning("test_fault_point", fault=self._txn_fault)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if replies:
+            local = []
+            for r in replies:
+                if type(r.token) is Forwarded:  # coordinated here for a loaded peer
+                    self._reply_remote(r.token, r.result, r.error)
+                else:
+                    local.append(r)
+            if local:
+                self._deliver_local(local)
+        for owner, batch in ((self.coordinator, submits), (self.recovery, self.recovery.take())):
+            for s in batch:
+                tp = TxnSubmit(owner, s)
+                tp.cmd = s.cmd
+                tp.deadline = max(s.deadline, self.tick_count + 1)
+                bucket = self._deadlines[tp.deadline]
+                bucket[tp] = None
+                tp.bucket = bucket
+                self.counters["txn_submits"] += 1
+                self._dispatch(tp)
+        if submits or replies:
+            self._schedule_flush()
+
+    def _txn_results(self, replies: list[Reply]) -> list[Reply]:
+        """Hand the answers to two-phase-commit submissions back to their cores; the
+        other replies are returned."""
+        rest = []
+        fed = False
+        for r in replies:
+            tp = r.token
+            if type(tp) is TxnSubmit:
+                if not tp.done:
+                    tp.finish()
+                    tp.owner.on_result(tp.handle, r.result, r.error)
+                    fed = True
+            else:
+                rest.append(r)
+        if fed:
+            self._pump_twopc()
+        return rest
+
+    def _txn_tick(self) -> None:
+        if self.tick_count - self._txn_scan_at >= TXN_RECOVERY_SCAN_TICKS:
+            self._txn_scan_at = self.tick_count
+            meta = getattr(self.core, "metadata", None)
+            led = {pid: g.sm.txns for pid, g in self.core.groups.items()
+                   if pid != meta and g.role is Role.LEADER and g.sm.txns}
+            if led or self.recovery.pending():
+                self.recovery.scan(self.tick_count, led)
+        if not self.coordinator.idle():
+            self.coordinator.tick(self.tick_count)
+        self._pump_twopc()
+
+    def _wait_for_lock(self, p: Pending) -> bool:
+        """``p`` met a key a prepared transaction locks: route it again on the next tick
+        (it waits for the transaction's decision) while its deadline allows."""
+        if p.done or p.deadline <= self.tick_count:
+            return False
+        p.locked = True
+        if p.dedup is None:
+            p.sent = False  # definitely not applied (a write without an id is sent once)
+        p.fwd_id = 0
+        p.fwd_to = None
+        self.counters["route_locked"] += 1
+        self._park(p)
+        return True
+
     def leader_of(self, pid: int) -> str | None:
         """``pid``'s leader as this node knows it: its own group's view for a partition
         it hosts, the leader's report for the others."""
@@ -402,12 +548,19 @@ class Driver:
             self._parked.append(p)
 
     def _deliver_local(self, replies: list[Reply]) -> None:
-        """Answer this node's clients; their requests leave the router's count."""
+        """Answer this node's clients (and its two-phase-commit cores); their requests
+        leave the router's count."""
         router = self.router
-        if router is not None:
-            for r in replies:
+        internal = False
+        for r in replies:
+            if router is not None:
                 router.finish(r.token)
-        self._deliver(replies)
+            if type(r.token) is TxnSubmit:
+                internal = True
+        if internal:
+            replies = self._txn_results(replies)
+        if replies:
+            self._deliver(replies)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -476,10 +629,19 @@ class Driver:
             _, fwd_id, group, enc, _timeout_ms, *rest = m
             if type(fwd_id) is not int or type(group) is not int or len(rest) > 1:
                 raise ValueError("bad forward id or partition")
+            if type(_timeout_ms) is not int or _timeout_ms < 1:
+                raise ValueError("bad forward timeout")
             cmd = commands.decode_checked(enc)
             dedup = _checked_dedup(rest[0]) if rest and type(cmd) is not Get else None
         except (ValueError, TypeError, IndexError, KeyError):
             self.counters["malformed_peer_message"] += 1
+            return
+        if group == COORDINATE and type(cmd) is Txn:
+            self.counters["txn_coordinated_for_peer"] += 1
+            deadline = self.tick_count + max(1, int(_timeout_ms / 1000 / self._tick_seconds))
+            self.coordinator.begin(Forwarded(peer, fwd_id, True), cmd, int(time.time() * 1000),
+                                   deadline, dedup)
+            self._pump_twopc()
             return
         if group not in self.core.groups:
             # not (or no longer, or not yet) hosted here: definitely not applied
@@ -519,6 +681,11 @@ class Driver:
         if p is None or p.done:
             return
         if error is not None:
+            if code == LOCKED:
+                if not self._wait_for_lock(p):
+                    p.locked = True
+                    self._deliver_local([Reply(p, error=_deadline_error(p))])
+                return
             if code == UNAVAILABLE and not indeterminate and p.deadline > self.tick_count:
                 if message == NOT_LEADER and p.fwd_to is not None and p.cmd is not None:
                     self._not_leader(p)
@@ -540,11 +707,15 @@ class Driver:
         router = self.router
         if router is None:
             return
-        keys = commands.keys_of(p.cmd)  # type: ignore[arg-type]
-        if keys:
+        if type(p.cmd) in txrec.TYPES:
+            pid = txrec.partition_of(p.cmd)  # type: ignore[arg-type]
+        else:
+            keys = commands.keys_of(p.cmd)  # type: ignore[arg-type]
+            if not keys:
+                return
             pid = router.ring.partition_of(keys[0])
-            if pid not in self.core.groups:
-                self.hints.forget(pid, p.fwd_to)  # type: ignore[arg-type]
+        if pid not in self.core.groups:
+            self.hints.forget(pid, p.fwd_to)  # type: ignore[arg-type]
 
     def _resend(self, p: Pending, code: str, indeterminate: bool) -> bool:
         """Park a write with a request id whose attempt failed with an unknown outcome
@@ -556,6 +727,7 @@ class Driver:
         return True
 
     def _park_retry(self, p: Pending) -> None:
+        p.locked = False
         if len(p.dedup) == 2:  # type: ignore[arg-type]
             p.dedup = [*p.dedup, True]  # type: ignore[misc]
         p.fwd_id = 0
@@ -633,10 +805,22 @@ class Driver:
                 else:
                     local.append(r)
             if local:
-                local = [r for r in local if r.error is None
-                         or not self._resend(r.token, r.error[0], r.error[2])]
+                local = [r for r in local if r.error is None or not self._retry(r)]
                 if local:
                     self._deliver_local(local)
+
+    def _retry(self, r: Reply) -> bool:
+        """Whether the failed ``r`` is not the end of its request: sent again (a leader
+        change, a lock to wait for); a lock that outlasted the deadline becomes the
+        deadline's answer."""
+        p, (code, _message, indeterminate) = r.token, r.error  # type: ignore[misc]
+        if code == LOCKED:
+            if self._wait_for_lock(p):
+                return True
+            p.locked = True
+            r.error = _deadline_error(p)
+            return False
+        return self._resend(p, code, indeterminate)
 
     def _spawn_snapshot_task(self, coro: Any) -> None:
         task = self._loop.create_task(coro)
@@ -899,7 +1083,8 @@ class Driver:
         heartbeat), so an idle node wakes a few times per heartbeat interval, not every
         tick, whatever the number of partitions it hosts."""
         if (self._deadlines or self._parked or self._forwarded or self._waiting
-                or self._checkpoint_task is not None or self._snapshot_tasks):
+                or self._checkpoint_task is not None or self._snapshot_tasks
+                or not self.coordinator.idle() or self.recovery.pending()):
             return 1
         idle = getattr(self.core, "idle_ticks", None)
         return 1 if idle is None else idle()
@@ -919,6 +1104,7 @@ class Driver:
                 if expired:
                     self._expire(expired)
         self._leaders_tick()
+        self._txn_tick()
         if self._parked and self._router() is not None:
             parked, self._parked = self._parked, []
             for p in parked:
@@ -1011,7 +1197,12 @@ def _checked_dedup(v: object) -> list:
 def _deadline_error(p: Pending) -> tuple[str, str, bool]:
     """The answer to a request whose deadline passed: ``unavailable`` (definite) when it was
     never proposed or forwarded because no leader was reachable the whole time (no quorum,
-    as far as this node can tell), else ``timeout``, indeterminate for a write in flight."""
+    as far as this node can tell), else ``timeout``, indeterminate for a write in flight;
+    ``conflict`` (definite) when it last met a transaction's lock and no earlier attempt
+    of it can still be applied."""
+    if p.locked and not (p.dedup is not None and len(p.dedup) == 3):
+        return (CONFLICT, "a transaction in progress held the key until the deadline; "
+                          "not applied", False)
     if not p.sent:
         return (UNAVAILABLE, "no leader reachable before the deadline (no quorum?)", False)
     return (TIMEOUT, "request deadline passed before it completed", p.write)

@@ -34,6 +34,7 @@ from dsnode.core.paxos.config import PaxosConfig, bound_for, lease_ticks_for
 from dsnode.core.paxos.node import PaxosNode
 from dsnode.core.ring import Ring, check_partitions
 from dsnode.core.ring.ring import check_partitions_value, check_replication_value
+from dsnode.core.twopc.coordinator import TwoPCConfig
 from dsnode.runtime import logs, memory, sdnotify
 from dsnode.runtime.admin import AdminError, AdminServer
 from dsnode.runtime.driver import META, PINS, Driver
@@ -336,6 +337,9 @@ class Node:
             snapshot_wal_ratio=cfg.snapshot_wal_ratio,
             inflight_max=cfg.inflight_requests_max,
             rng=random.Random(seed ^ 0xA11CE),
+            twopc=TwoPCConfig(prepare_timeout_ticks=cfg.ticks(cfg.txn_prepare_timeout_ms),
+                              decision_timeout_ticks=cfg.ticks(cfg.txn_decision_timeout_ms),
+                              resolve_horizon_ticks=cfg.ticks(cfg.request_timeout_ms)),
         )
         self.driver.snapshot_bytes = sum(len(s.blob) for s in found.snapshots.values())
         self.driver.observer = self.metrics
@@ -576,6 +580,7 @@ class Node:
                            if k.startswith("route_")},
                 "stale_reads_to": {str(k): v for k, v in driver.stale_reads_to.items()},
             },
+            "txns": self.txn_status(hosted),
             "keys": sum(len(core.groups[g].sm.kv) for g in hosted),
             "revision": group.sm.kv.revision,
             "wal": {"last_lsn": self.wal.last_lsn, "durable_lsn": self.wal.durable_lsn,
@@ -588,6 +593,37 @@ class Node:
                 **(self.snapshots.stats if self.snapshots else {}),
             },
             "fsync": cfg.fsync,
+        }
+
+    def txn_status(self, hosted: list[int]) -> dict:
+        """Cross-partition transactions as this node sees them: the ones it coordinates,
+        those prepared (in doubt) and the locks held in the partitions it hosts, the
+        decisions its home partitions keep, and what its recovery is finishing."""
+        assert self.driver is not None and self.core is not None
+        driver, core = self.driver, self.core
+        in_doubt = []
+        locks = decisions = 0
+        for pid in hosted:
+            txns = core.groups[pid].sm.txns
+            locks += txns.locks_held()
+            decisions += len(txns.decisions)
+            in_doubt.extend({"partition": pid, "txid": t.hex(), "home": p.home,
+                             "locks": len(p.exclusive) + len(p.shared)}
+                            for t, p in txns.prepared.items())
+        return {
+            "coordinating": driver.coordinator.in_progress()[:100],
+            "prepared": len(in_doubt),
+            "in_doubt": in_doubt[:100],
+            "locks_held": locks,
+            "decisions": decisions,
+            "recovering": driver.recovery.pending(),
+            # cross-partition txns clients sent here; handed to a less busy node to
+            # coordinate (this node was loaded); coordinated here for a loaded peer
+            "received": driver.counters["txn_cross_partition"],
+            "handed_off": driver.counters["txn_coordinator_elsewhere"],
+            "coordinated_for_peers": driver.counters["txn_coordinated_for_peer"],
+            "counters": {**driver.coordinator.counters,
+                         **{f"recovery_{k}": v for k, v in driver.recovery.counters.items()}},
         }
 
     async def run(self, stop: asyncio.Event) -> None:

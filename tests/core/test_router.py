@@ -239,3 +239,20 @@ def test_least_busy_picks_a_coordinator_or_source_by_in_flight_count():
     assert r.least_busy(["n2", "n3", "n4"]) == "n4"
     with pytest.raises(ValueError, match="at least one candidate"):
         r.least_busy([])
+
+
+def test_coordinator_is_this_node_until_it_is_loaded_then_the_least_busy():
+    r = router("n1", leaders={p: "n1" for p in range(16)})
+    r.inflight_max = 8
+    for i in range(3):
+        r.route(f"t{i}", key_in(i % 16), OpKind.WRITE)
+    assert r.coordinator(["n2", "n3"]) == "n1"  # 3 of 8 in flight: not loaded
+    r.route("t9", key_in(1, 2), OpKind.WRITE)  # 4 of 8: half, loaded
+    assert r.coordinator(["n2", "n3"]) in ("n2", "n3")
+    r2 = router("n1", leaders={0: "n1", 1: "n2", 2: "n3"})
+    r2.inflight_max = 4
+    r2.route("a", key_in(0), OpKind.WRITE)
+    r2.route("b", key_in(1), OpKind.WRITE)
+    r2.route("c", key_in(1, 1), OpKind.WRITE)
+    assert r2.coordinator(["n2", "n3"]) == "n3"  # n1 1, n2 2, n3 0 in flight from here
+    assert r2.coordinator([]) == "n1"  # nobody else reachable

@@ -46,12 +46,12 @@ class Bank:
         self.submitted = 0
         self.crash_after: int | None = None
 
-    def _apply(self, pid: int, cmd) -> dict:
+    def _apply(self, pid: int, cmd, rid=None) -> dict:
         self.index += 1
-        return self.parts[pid].apply(None, cmd, self.index)
+        return self.parts[pid].apply(rid, cmd, self.index)
 
-    def begin(self, token, txn: Txn, timeout: int = 200) -> None:
-        self.coord.begin(token, txn, 1000 + self.now, self.now + timeout)
+    def begin(self, token, txn: Txn, timeout: int = 200, rid=None) -> None:
+        self.coord.begin(token, txn, 1000 + self.now, self.now + timeout, rid)
 
     def step(self) -> None:
         self.now += 1
@@ -77,7 +77,7 @@ class Bank:
     def _deliver(self, s: co.Submit):
         if self.rng.random() < self.fail:
             return None, ("unavailable", "no leader", False)
-        result = self._apply(s.pid, s.cmd)
+        result = self._apply(s.pid, s.cmd, s.rid)
         if self.rng.random() < self.lose:
             return None, ("timeout", "lost", True)
         if "_error" in result:
@@ -282,3 +282,25 @@ def test_deadline_while_preparing_answers_a_definite_timeout_and_releases():
     bank.fail = 0.0
     bank.run(100)
     assert bank.settled() and bank.coord.idle()
+
+
+def test_a_retry_of_a_committed_request_id_gets_its_answer_and_applies_nothing_more():
+    """The client's retry (same request id, a new coordinator after the first one's node
+    died) is told the first attempt's decision and answer by the home's deduplication
+    table; its own prepares are released."""
+    bank = Bank(7)
+    a, b = cross_pair(6)
+    txn = transfer(bank, a, b, 5)
+    bank.begin("first", txn, rid=[b"client", 1])
+    bank.run(4)
+    first = bank.replies["first"]
+    assert first.error is None and first.result["succeeded"]
+    bank.crash()
+    bank.begin("retry", txn, rid=[b"client", 1, True])
+    bank.run(20)
+    retry = bank.replies["retry"]
+    assert retry.error is None and retry.result == first.result
+    bal = bank.balances()
+    assert (bal[a], bal[b]) == (START - 5, START + 5)
+    bank.run(CFG.decision_timeout_ticks + 20)  # the first one's decision: the home forgets it
+    assert bank.settled()

@@ -108,7 +108,8 @@ def test_a_locked_put_with_a_request_id_is_not_remembered():
 def test_decide_first_wins_forget_and_the_floor():
     sm = DedupKV()
     d = apply(sm, TxDecide(b"t1", 100, 0, True, True, (0, 1)))
-    assert d == {"decision": part.COMMIT, "holds": True, "participants": [0, 1]}
+    assert d == {"decision": part.COMMIT, "holds": True, "participants": [0, 1], "txid": b"t1",
+                 "result": None, "home": 0}
     late_abort = apply(sm, TxDecide(b"t1", 100, 0, False, False, (1,)))
     assert late_abort["decision"] == part.COMMIT and late_abort["holds"] is True
     assert apply(sm, TxDecide(b"t2", 101, 0, False, False, (1,)))["decision"] == part.ABORT
@@ -183,6 +184,7 @@ def _streamed(sm: DedupKV) -> bytes:
     prep(compares=[(b"a", 1)], reads=[b"b"], then=[SubPut(b"a", b"v"), SubDelete(b"c")],
          otherwise=[SubPut(b"d", b"")]),
     TxDecide(b"t1", 7, 3, True, False, (1, 3), (b"t0",)),
+    TxDecide(b"t1", 7, 3, True, True, (1, 3), (), {"succeeded": True, "results": [{}]}),
     TxResolve(b"t1", 2, False, True),
     TxForget(4, (b"a", b"b")),
 ])
@@ -196,8 +198,10 @@ def test_commands_encode_and_decode_checked(cmd):
     ["X", "t", 1, 0, 0, [], [], [], []],  # a txid as a string
     ["X", b"t", -1, 0, 0, [], [], [], []],  # a negative ts
     ["X", b"t", 1, 0, 0, [[b"", 1]], [], [], []],  # an empty key
-    ["Y", b"t", 1, 0, "yes", True, [], []],  # commit not a bool
-    ["Y", b"t", 1, 0, True, True, [0], [7]],  # a forget txid not bin
+    ["Y", b"t", 1, 0, "yes", True, [], [], None],  # commit not a bool
+    ["Y", b"t", 1, 0, True, True, [0], [7], None],  # a forget txid not bin
+    ["Y", b"t", 1, 0, True, True, [0], [], {"results": []}],  # a result without succeeded
+    ["Y", b"t", 1, 0, True, True, [0], []],  # short
     ["Z", b"t", 0, True],  # short
     ["W", 0, "t"],
     ["X", b"x" * 65, 1, 0, 0, [], [], [], []],  # txid too long

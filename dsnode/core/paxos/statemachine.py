@@ -140,9 +140,9 @@ class DedupKV:
             if self.cluster_uuid is None:
                 self.cluster_uuid = cmd.cluster_uuid
             return {"cluster_uuid": self.cluster_uuid}
-        if t in _TX_TYPES:
-            return self.txns.apply(cmd, self.kv)  # type: ignore[arg-type]
         if rid is None:
+            if t in _TX_TYPES:
+                return self.txns.apply(cmd, self.kv)  # type: ignore[arg-type]
             if self.txns.xlocks or self.txns.slocks:
                 holder = self._blocked(cmd)
                 if holder is not None:
@@ -173,11 +173,14 @@ class DedupKV:
             return seen[1]  # rule 1
         if seq <= w.floor:
             return _expired()  # rule 2
-        if self.txns.xlocks or self.txns.slocks:
-            holder = self._blocked(cmd)
-            if holder is not None:
-                return _locked(holder)  # not applied, not remembered: sent again later
-        result = self.kv.apply(cmd)
+        if t in _TX_TYPES:  # a decision proposed with its client's request id
+            result = self.txns.apply(cmd, self.kv)  # type: ignore[arg-type]
+        else:
+            if self.txns.xlocks or self.txns.slocks:
+                holder = self._blocked(cmd)
+                if holder is not None:
+                    return _locked(holder)  # not applied, not remembered: sent again later
+            result = self.kv.apply(cmd)
         results[seq] = (index, result)
         w.order.append(seq)
         self.entries += 1

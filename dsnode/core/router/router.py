@@ -117,6 +117,14 @@ class Router:
         the fewest requests in flight from this node; seeded tie-break."""
         return pick(candidates, self.inflight, self.rng)
 
+    def coordinator(self, reachable: Iterable[str]) -> str:
+        """Who coordinates a cross-partition transaction sent to this node: this node
+        while it has fewer than half its limit of requests in flight, else the least
+        busy (fewest requests in flight from this node) of itself and ``reachable``."""
+        if self.in_flight < self.inflight_max // 2:
+            return self.node_id
+        return self.least_busy([self.node_id, *reachable])
+
     # ------------------------------------------------------------ inputs
     def route(self, token: object, key: bytes, kind: OpKind) -> Decision:
         """Decide where the request ``token`` goes and count it as in flight."""

@@ -24,7 +24,12 @@ event that has no entry for the attempt's state is stale and ignored:
 | PREPARING | DEADLINE                     | answer timeout (definite: commit was never proposed);  | RESOLVING |
 |           |                              | TxResolve(abort) to every participant asked            |           |
 | DECIDING  | DECIDED_COMMIT               | answer the results; TxResolve(commit) to all           | RESOLVING |
-| DECIDING  | DECIDED_ABORT                | (a participant gave up first) as DIE                   | RESOLVING |
+| DECIDING  | DECIDED_ABORT                | (a participant gave up first) TxResolve(abort) to all; | RESOLVING |
+|           |                              | answer conflict (not started again: the abort is kept  |           |
+|           |                              | under the client's request id)                         |           |
+| DECIDING  | DECIDED_OTHER                | an earlier attempt of the client's request id was      | RESOLVING |
+|           |                              | decided: TxResolve(abort) to ours; answer its answer   |           |
+|           |                              | (commit) or conflict (abort)                           |           |
 | DECIDING  | FAILED                       | submit the TxDecide again after a backoff              | DECIDING  |
 | DECIDING  | DECIDED_UNKNOWN              | answer timeout, indeterminate                          | DONE      |
 | DECIDING  | DEADLINE                     | answer timeout, indeterminate; keep asking the home    | DECIDING  |
@@ -65,6 +70,9 @@ CONFLICT = "conflict"
 TIMEOUT = "timeout"
 UNAVAILABLE = "unavailable"
 LOCKED = "locked"
+OVERLOADED = "overloaded"
+EXPIRED = "expired"
+_TRANSIENT = frozenset((UNAVAILABLE, TIMEOUT, LOCKED, OVERLOADED, CONFLICT))
 
 FORGETS_PER_DECIDE_MAX = 256
 
@@ -86,6 +94,7 @@ class Event(enum.Enum):
     DECIDED_COMMIT = "decided_commit"
     DECIDED_ABORT = "decided_abort"
     DECIDED_UNKNOWN = "decided_unknown"
+    DECIDED_OTHER = "decided_other"
     RESOLVED = "resolved"
     DEADLINE = "deadline"
     HORIZON = "horizon"
@@ -115,6 +124,7 @@ class Submit:
     pid: int
     cmd: TxCommand
     deadline: int  # tick after which the shell may give up on it (answer FAILED)
+    rid: list | None = None  # the client's request id, proposed with a commit decision
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +217,8 @@ class Attempt:
     gen: dict[Any, int] = field(default_factory=dict)  # step -> its submission count
     horizon: int = 0
     restarts: int = 0  # attempts of this transaction before this one
+    rid: list | None = None  # the client's request id (applied at most once)
+    answer: dict | None = None  # the client's answer if it commits
 
 
 class Coordinator:
@@ -230,8 +242,11 @@ class Coordinator:
         self.counters: dict[str, int] = {}
 
     # ------------------------------------------------------------ inputs
-    def begin(self, token: Any, txn: Txn, now_ms: int, deadline: int) -> None:
-        """Coordinate ``txn`` (its keys span partitions) for the client's ``token``."""
+    def begin(self, token: Any, txn: Txn, now_ms: int, deadline: int,
+              rid: list | None = None) -> None:
+        """Coordinate ``txn`` (its keys span partitions) for the client's ``token``;
+        ``rid``, the client's request id if it sent one, makes it apply at most once
+        (a retry is told the decision an earlier attempt of it got)."""
         ring = self.ring()
         if ring is None:
             self.replies.append(Reply(token, error=(UNAVAILABLE, "the ring is not known yet",
@@ -239,7 +254,7 @@ class Coordinator:
             return
         ts = max(now_ms, self.clock_ms + 1)
         self.clock_ms = ts
-        self._start(token, txn, ts, deadline, ring)
+        self._start(token, txn, ts, deadline, ring, rid=rid)
 
     def on_result(self, handle: Any, result: dict | None,
                   error: tuple[str, str, bool] | None) -> None:
@@ -251,6 +266,9 @@ class Coordinator:
             return  # an answer to a superseded submission
         kind, pid = step
         event = _classify(kind, result, error)
+        if event is Event.DECIDED_COMMIT or event is Event.DECIDED_ABORT:
+            if result is not None and result.get("txid", txid) != txid:
+                event = Event.DECIDED_OTHER  # the request id's earlier attempt was decided
         self._count(f"{kind}_{event.value}")
         self._fire(a, event, pid, result if error is None else {"error": error})
 
@@ -301,7 +319,8 @@ class Coordinator:
         a.prepared[pid] = result
         if len(a.prepared) < len(a.plan.prepares):
             return
-        a.holds, _results = outcome(a.txn, a.ring, a.prepared)
+        a.holds, results = outcome(a.txn, a.ring, a.prepared)
+        a.answer = {"succeeded": a.holds, "results": results}
         a.state = State.DECIDING
         self._decide(a)
 
@@ -332,7 +351,8 @@ class Coordinator:
             ring = self.ring()
             if ring is not None:
                 self._count("restarted")
-                self._start(token, a.txn, ts, a.deadline, ring, restarts=a.restarts + 1)
+                self._start(token, a.txn, ts, a.deadline, ring, restarts=a.restarts + 1,
+                            rid=a.rid)
                 return
         self.replies.append(Reply(token, error=(
             CONFLICT, "the transaction met another one holding its keys and was aborted; "
@@ -360,20 +380,44 @@ class Coordinator:
         a.decided = True
         a.holds = bool(result.get("holds", a.holds))
         if a.token is not None:
-            holds, results = outcome(a.txn, a.ring, a.prepared)
-            self.replies.append(Reply(a.token, result={"succeeded": holds, "results": results}))
+            self.replies.append(Reply(a.token, result=dict(a.answer or {})))
             a.token = None
         self._resolve_all(a, commit=True)
 
-    def _decided_abort(self, a: Attempt, pid: Any, result: dict) -> None:
+    def _decided_abort(self, a: Attempt, _pid: Any, _result: dict) -> None:
+        """A participant gave up on it first. Not started again: the abort is kept under
+        the client's request id, so a new attempt of it would be told the same."""
         a.decided = True
-        self._abort(a, pid, None)
+        token, a.token = a.token, None
+        self._resolve_all(a, commit=False)
+        if token is not None:
+            self.replies.append(Reply(token, error=(
+                CONFLICT, "the transaction was aborted (a participant gave up waiting for "
+                          "its decision); nothing was applied, retry", False)))
 
-    def _unknown(self, a: Attempt, _pid: Any, _result: dict | None) -> None:
+    def _decided_other(self, a: Attempt, _pid: Any, result: dict) -> None:
+        """Its request id was decided for an earlier attempt (a client's retry): this one
+        goes; the client gets that attempt's answer."""
+        token, a.token = a.token, None
+        self._resolve_all(a, commit=False)
+        if token is None:
+            return
+        if result.get("decision") == part.COMMIT and isinstance(result.get("result"), dict):
+            self.replies.append(Reply(token, result=dict(result["result"])))
+        else:
+            self.replies.append(Reply(token, error=(
+                CONFLICT, "an earlier attempt of this request was aborted; nothing was "
+                          "applied", False)))
+
+    def _unknown(self, a: Attempt, _pid: Any, result: dict | None) -> None:
+        err = (result or {}).get("error")
         if a.token is not None:
-            self.replies.append(Reply(a.token, error=(
-                TIMEOUT, "the transaction's decision is not known (it may have committed)",
-                True)))
+            if err is not None:
+                self.replies.append(Reply(a.token, error=(err[0], err[1], True)))
+            else:
+                self.replies.append(Reply(a.token, error=(
+                    TIMEOUT, "the transaction's decision is not known (it may have committed)",
+                    True)))
             a.token = None
         self._finish(a)
 
@@ -397,11 +441,11 @@ class Coordinator:
 
     # ------------------------------------------------------------ helpers
     def _start(self, token: Any, txn: Txn, ts: int, deadline: int, ring: Ring,
-               restarts: int = 0) -> None:
+               restarts: int = 0, rid: list | None = None) -> None:
         self._seq += 1
         txid = b"%s:%08x:%d" % (self.node_id.encode()[:40], self._nonce, self._seq)
         p = plan(txn, ring, txid, ts)
-        a = Attempt(txid, ts, txn, p, ring, token, deadline, restarts=restarts)
+        a = Attempt(txid, ts, txn, p, ring, token, deadline, restarts=restarts, rid=rid)
         self.attempts[txid] = a
         self._count("begun")
         # a restarted attempt waits first, longer after each restart (up to the max)
@@ -419,8 +463,8 @@ class Coordinator:
         if keep:
             self._forgets[home] = keep
         cmd = TxDecide(a.txid, a.ts, home, True, a.holds, tuple(sorted(a.plan.prepares)),
-                       tuple(t for t, _ in take))
-        self._submit(a, ("decide", home), home, cmd, later=later)
+                       tuple(t for t, _ in take), a.answer)
+        self._submit(a, ("decide", home), home, cmd, later=later, rid=a.rid)
 
     def _resolve_all(self, a: Attempt, commit: bool) -> None:
         a.state = State.RESOLVING
@@ -438,11 +482,13 @@ class Coordinator:
         self.attempts.pop(a.txid, None)
 
     def _submit(self, a: Attempt, step: tuple, pid: int, cmd: TxCommand,
-                later: bool = False) -> None:
+                later: bool = False, rid: list | None = None) -> None:
         gen = a.gen.get(step, 0) + 1
         a.gen[step] = gen
         deadline = max(a.deadline, a.horizon or 0)
-        s = Submit((a.txid, step, gen), pid, cmd, deadline)
+        if rid is not None and gen > 1 and len(rid) == 2:
+            rid = [*rid, True]  # sent again: a retry (the deduplication table's rule 3)
+        s = Submit((a.txid, step, gen), pid, cmd, deadline, rid)
         if not later:
             self.submits.append(s)
             return
@@ -465,8 +511,9 @@ def _classify(kind: str, result: dict | None, error: tuple | None) -> Event:
     """What an answer to a submitted command means for its attempt."""
     if error is not None:
         code, _message, indeterminate = error
-        if kind == "prepare" and not indeterminate and code not in (UNAVAILABLE, TIMEOUT,
-                                                                      LOCKED):
+        if code == EXPIRED and kind == "decide":
+            return Event.DECIDED_UNKNOWN  # a retry whose request id the home forgot
+        if kind == "prepare" and not indeterminate and code not in _TRANSIENT:
             return Event.REFUSED  # e.g. too_large: definitely nothing prepared
         return Event.FAILED
     assert result is not None
@@ -503,6 +550,7 @@ TRANSITIONS: dict[tuple[State, Event], str] = {
     (State.PREPARING, Event.DEADLINE): "_expire_preparing",
     (State.DECIDING, Event.DECIDED_COMMIT): "_committed",
     (State.DECIDING, Event.DECIDED_ABORT): "_decided_abort",
+    (State.DECIDING, Event.DECIDED_OTHER): "_decided_other",
     (State.DECIDING, Event.DECIDED_UNKNOWN): "_unknown",
     (State.DECIDING, Event.FAILED): "_decide_again",
     (State.DECIDING, Event.DEADLINE): "_expire_deciding",

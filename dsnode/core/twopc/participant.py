@@ -88,7 +88,7 @@ class Decision:
     commit: bool
     holds: bool
     participants: tuple[int, ...]
-
+    result: dict | None = None  # with commit: the client's answer
 
 class _Tombstones:
     """Transactions done with, oldest first, and the floor below which any is refused."""
@@ -251,9 +251,11 @@ class TxnTable:
                 return {"decision": COMMIT if done[1] else ABORT, "holds": cmd.holds}
             if cmd.ts <= self.forgotten.floor:
                 return {"decision": UNKNOWN if cmd.commit else ABORT, "holds": cmd.holds}
-            d = self.decisions[txid] = Decision(cmd.ts, cmd.commit, cmd.holds, cmd.participants)
+            d = self.decisions[txid] = Decision(cmd.ts, cmd.commit, cmd.holds, cmd.participants,
+                                                cmd.result if cmd.commit else None)
         return {"decision": COMMIT if d.commit else ABORT, "holds": d.holds,
-                "participants": list(d.participants)}
+                "participants": list(d.participants), "txid": txid, "result": d.result,
+                "home": cmd.home}
 
     def _forget(self, txids: tuple[bytes, ...]) -> None:
         for txid in txids:
@@ -292,7 +294,7 @@ class TxnTable:
             [[t, p.ts, p.home, list(p.exclusive), list(p.shared),
               [rec._enc_w(w) for w in p.then], [rec._enc_w(w) for w in p.otherwise],
               p.revision, p.result] for t, p in self.prepared.items()],
-            [[t, d.ts, d.commit, d.holds, list(d.participants)]
+            [[t, d.ts, d.commit, d.holds, list(d.participants), d.result]
              for t, d in self.decisions.items()],
             self.resolved.rows(), self.resolved.floor,
             self.forgotten.rows(), self.forgotten.floor,
@@ -308,8 +310,8 @@ class TxnTable:
                          tuple(rec._dec_w(w) for w in other), revision, result)
             table.prepared[t] = p
             table._lock(t, p.exclusive, p.shared)
-        for t, ts, commit, holds, parts_ in decisions:
-            table.decisions[t] = Decision(ts, commit, holds, tuple(parts_))
+        for t, ts, commit, holds, parts_, result in decisions:
+            table.decisions[t] = Decision(ts, commit, holds, tuple(parts_), result)
         for t, ts, commit in resolved:
             table.resolved.done[t] = (ts, commit)
         for t, ts, commit in forgotten:

@@ -59,6 +59,11 @@ class TxDecide:
     holds: bool  # with commit: which branch (the compares held)
     participants: tuple[int, ...]  # every partition to resolve (the home's recovery uses it)
     forget: tuple[bytes, ...] = ()  # decisions of this home whose participants all resolved
+    # with commit: the client's answer, kept with the decision. The coordinator proposes
+    # it with the client's request id, so the home's deduplication table remembers it:
+    # a retry of the request (another attempt, maybe another coordinator) is told this
+    # decision and this answer instead of committing a second time.
+    result: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +114,7 @@ def encode(cmd: TxCommand) -> list:
                 [_enc_w(w) for w in cmd.otherwise]]
     if t is TxDecide:
         return ["Y", cmd.txid, cmd.ts, cmd.home, cmd.commit, cmd.holds, list(cmd.participants),
-                list(cmd.forget)]
+                list(cmd.forget), cmd.result]
     if t is TxResolve:
         return ["Z", cmd.txid, cmd.pid, cmd.commit, cmd.holds]
     if t is TxForget:
@@ -126,7 +131,7 @@ def decode(x: list) -> TxCommand:
         return TxPrepare(x[1], x[2], x[3], x[4], tuple((k, v) for k, v in x[5]), tuple(x[6]),
                          tuple(_dec_w(w) for w in x[7]), tuple(_dec_w(w) for w in x[8]))
     if tag == "Y":
-        return TxDecide(x[1], x[2], x[3], x[4], x[5], tuple(x[6]), tuple(x[7]))
+        return TxDecide(x[1], x[2], x[3], x[4], x[5], tuple(x[6]), tuple(x[7]), x[8])
     if tag == "Z":
         return TxResolve(x[1], x[2], x[3], x[4])
     if tag == "W":
@@ -137,7 +142,7 @@ def decode(x: list) -> TxCommand:
 def decode_checked(x: list) -> TxCommand:
     """``decode`` for commands off the network (a peer's forward): every field checked,
     so a malformed one is a ValueError here, never a poison pill in a replicated log."""
-    want = {"X": 9, "Y": 8, "Z": 5, "W": 3}.get(x[0])
+    want = {"X": 9, "Y": 9, "Z": 5, "W": 3}.get(x[0])
     if want is None or len(x) != want:
         raise ValueError(f"bad transaction command tag or length: {x[0]!r}")
     tag = x[0]
@@ -168,6 +173,10 @@ def decode_checked(x: list) -> TxCommand:
             _uint(p)
         for t in x[7]:
             _txid(t)
+        r = x[8]
+        if r is not None and not (isinstance(r, dict) and type(r.get("succeeded")) is bool
+                                  and isinstance(r.get("results"), list)):
+            raise ValueError("bad transaction result")
     elif tag == "Z":
         _txid(x[1]), _uint(x[2]), _bool(x[3]), _bool(x[4])
     else:

@@ -91,8 +91,17 @@ class Recovery:
                 del self._busy[key]
                 return
             self._count(f"participant_{decision}")
+            commit = decision == part.COMMIT
             self._submit((*key, "resolve"), pid,
-                         TxResolve(txid, pid, decision == part.COMMIT, bool(result.get("holds"))))
+                         TxResolve(txid, pid, commit, bool(result.get("holds"))))
+            if not commit:
+                # an abort may go at once: the home remembers it among its forgotten ones,
+                # and any other participant that asks gets abort again
+                home = result.get("home")
+                if type(home) is int:
+                    self._submit((*key, "forget"), home, TxForget(home, (txid,)))
+        elif role == "participant" and rest[0] == "forget":
+            pass
         elif role == "participant":
             del self._busy[key]  # resolved: the next scan no longer finds it prepared
         elif rest and rest[0] == "forget":
