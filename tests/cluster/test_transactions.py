@@ -6,12 +6,12 @@ contention with no deadlock. After each, nothing stays prepared or locked."""
 from __future__ import annotations
 
 import asyncio
-import random
 import signal
 import time
 
 import pytest
-from cluster_harness import Cluster, async_status, node_status
+from bank import Bank, endpoints, final_total, quiet
+from cluster_harness import Cluster, node_status
 from polling import async_wait_until
 
 from dsnode.client import Client
@@ -24,98 +24,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 P, R = 64, 3
 PARTITIONED = ("--partitions", str(P), "--replication", str(R), "--prefer-ring-leaders", "true",
                "--txn-prepare-timeout-ms", "1000", "--txn-decision-timeout-ms", "2000")
-START = 1000
-
-
-def _endpoints(cluster: Cluster, ids: list[str]) -> list[str]:
-    return [f"{cluster.nodes[i].addr[0]}:{cluster.nodes[i].addr[1]}" for i in ids]
-
-
-class Bank:
-    """Accounts spread over partitions; transfers and read-all transactions, checked."""
-
-    def __init__(self, accounts: list[bytes]) -> None:
-        self.accounts = accounts
-        self.total = START * len(accounts)
-        self.read_alls = 0
-        self.transfers = 0
-        self.outcomes: dict[str, int] = {}
-
-    async def open(self, client: Client) -> None:
-        await asyncio.gather(*(client.put(k, str(START).encode()) for k in self.accounts))
-
-    async def read_all(self, client: Client) -> int | None:
-        try:
-            r = await client.txn(then=[Op.get(k) for k in self.accounts])
-        except DsnodeError as e:
-            self._count(e.code)
-            return None
-        total = sum(int(x["value"]) for x in r.results)
-        assert total == self.total, f"a read-all transaction saw {total}, not {self.total}"
-        self.read_alls += 1
-        return total
-
-    async def transfer(self, client: Client, rng: random.Random) -> None:
-        a, b = rng.sample(self.accounts, 2)
-        try:
-            ga, gb = await asyncio.gather(client.get(a), client.get(b))
-            amount = rng.randint(1, 50)
-            r = await client.txn(
-                compares=[(a, ga.version), (b, gb.version)],
-                then=[Op.put(a, str(int(ga.value) - amount).encode()),
-                      Op.put(b, str(int(gb.value) + amount).encode())])
-        except DsnodeError as e:
-            self._count(e.code + ("?" if e.indeterminate else ""))
-            return
-        self._count("ok" if r.succeeded else "stale")
-        self.transfers += r.succeeded
-
-    def _count(self, what: str) -> None:
-        self.outcomes[what] = self.outcomes.get(what, 0) + 1
-
-    async def run(self, client: Client, seconds: float, workers: int, seed: int) -> None:
-        stop = time.monotonic() + seconds
-
-        async def worker(i: int) -> None:
-            rng = random.Random(seed * 100 + i)
-            while time.monotonic() < stop:
-                if rng.random() < 0.2:
-                    await self.read_all(client)
-                else:
-                    await self.transfer(client, rng)
-
-        await asyncio.gather(*(worker(i) for i in range(workers)))
-
-
-async def _quiet(cluster: Cluster, ids: list[str], timeout: float = 30.0,
-                 decisions: bool = True, interval: float = 0.2) -> None:
-    """Every node answers and holds no prepared transaction or lock (and, with
-    ``decisions``, no decision kept and nothing it coordinates)."""
-    async def settled() -> bool | None:
-        for nid in ids:
-            st = await async_status(cluster.nodes[nid])
-            if st is None:
-                return None
-            t = st["txns"]
-            if t["prepared"] or t["locks_held"]:
-                return None
-            if decisions and (t["decisions"] or t["coordinating"]):
-                return None
-        return True
-
-    await async_wait_until(settled, timeout, "no transaction left prepared, locked or decided",
-                           interval=interval)
-
-
-async def _final_total(client: Client, bank: Bank) -> int:
-    async def read() -> int | None:
-        try:
-            got = await asyncio.gather(*(client.get(k) for k in bank.accounts))
-        except DsnodeError:
-            return None
-        return sum(int(g.value) for g in got)
-
-    return await async_wait_until(read, 30.0, "every account readable", interval=0.2)
 
 
 async def test_bank_over_five_nodes_survives_sigkill_and_sigstop(pool):
@@ -124,7 +32,7 @@ async def test_bank_over_five_nodes_survives_sigkill_and_sigstop(pool):
     ring = Ring(ids, P, R, 1)
     bank = Bank([b"acct-%02d" % i for i in range(24)])
     assert len({ring.partition_of(k) for k in bank.accounts}) > 10
-    async with Client(_endpoints(cluster, ids), timeout=5) as client:
+    async with Client(endpoints(cluster, ids), timeout=5) as client:
         await bank.open(client)
         await bank.run(client, 3.0, 8, seed=1)
         calm = bank.transfers
@@ -148,8 +56,8 @@ async def test_bank_over_five_nodes_survives_sigkill_and_sigstop(pool):
 
         await asyncio.gather(bank.run(client, 6.0, 8, seed=3), stop_and_resume())
         assert bank.transfers > calm, bank.outcomes
-        await _quiet(cluster, ids)
-        assert await _final_total(client, bank) == bank.total
+        await quiet(cluster, ids)
+        assert await final_total(client, bank) == bank.total
         assert await bank.read_all(client) == bank.total
 
 
@@ -167,10 +75,10 @@ async def test_coordinator_killed_before_its_decision_is_resolved_by_the_home(po
     for k in keys:
         by_pid.setdefault(ring.partition_of(k), k)
     a, b = list(by_pid.values())[:2]
-    async with Client(_endpoints(cluster, ["n2", "n3"]), timeout=5) as client:
+    async with Client(endpoints(cluster, ["n2", "n3"]), timeout=5) as client:
         await client.put(a, b"a0")
         await client.put(b, b"b0")
-    async with Client(_endpoints(cluster, ["n1"]), timeout=3, ring_aware=False) as one:
+    async with Client(endpoints(cluster, ["n1"]), timeout=3, ring_aware=False) as one:
         attempt = asyncio.ensure_future(one.txn(then=[Op.put(a, b"a1"), Op.put(b, b"b1")]))
         await async_wait_until(lambda: cluster.nodes["n1"].proc.poll() is not None, 10.0,
                                "n1 died at the fault point", interval=0.02)
@@ -178,10 +86,10 @@ async def test_coordinator_killed_before_its_decision_is_resolved_by_the_home(po
         with pytest.raises(DsnodeError) as e:
             await attempt
         assert e.value.indeterminate or e.value.code in ("unavailable", "timeout")
-    async with Client(_endpoints(cluster, ["n2", "n3"]), timeout=5) as client:
-        await _quiet(cluster, ["n2", "n3"], timeout=20.0, decisions=False, interval=0.05)
+    async with Client(endpoints(cluster, ["n2", "n3"]), timeout=5) as client:
+        await quiet(cluster, ["n2", "n3"], timeout=20.0, decisions=False, interval=0.05)
         resolved = time.monotonic() - killed
-        await _quiet(cluster, ["n2", "n3"], timeout=20.0)
+        await quiet(cluster, ["n2", "n3"], timeout=20.0)
         got = await asyncio.gather(client.get(a), client.get(b))
         assert [g.value for g in got] == [b"a0", b"b0"]  # aborted: nothing applied
         await client.put(a, b"a2")  # and the keys are free again
@@ -198,7 +106,7 @@ async def test_hot_accounts_under_contention_finish_without_deadlock(pool):
     cluster = Cluster(pool, 3, (*PARTITIONED, "--inflight-requests-max", "48")).start(60)
     ids = list(cluster.nodes)
     bank = Bank([b"hot-%d" % i for i in range(10)])
-    async with Client(_endpoints(cluster, ids), timeout=5) as client:
+    async with Client(endpoints(cluster, ids), timeout=5) as client:
         await bank.open(client)
         started = time.monotonic()
         await asyncio.wait_for(bank.run(client, 5.0, 64, seed=4), timeout=60)
@@ -206,8 +114,8 @@ async def test_hot_accounts_under_contention_finish_without_deadlock(pool):
         assert bank.transfers > 0, bank.outcomes
         assert set(bank.outcomes) <= {"ok", "stale", "conflict", "timeout?", "timeout",
                                       "overloaded"}, bank.outcomes
-        await _quiet(cluster, ids)
-        assert await _final_total(client, bank) == bank.total
+        await quiet(cluster, ids)
+        assert await final_total(client, bank) == bank.total
     sts = [node_status(cluster.nodes[n]) for n in ids]
     assert sum(st["txns"]["handed_off"] for st in sts) > 0
     assert sum(st["txns"]["coordinated_for_peers"] for st in sts) > 0
