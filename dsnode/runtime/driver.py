@@ -569,6 +569,13 @@ class Driver:
 
     # ------------------------------------------------------------ peer input
     def on_peer_messages(self, peer: str, batch: list) -> None:
+        try:
+            self._on_peer_messages(peer, batch)
+        except Exception as e:  # the transport then drops the connection: say why
+            log.error("peer_messages_failed", peer=peer, error=repr(e), exc_info=True)
+            raise
+
+    def _on_peer_messages(self, peer: str, batch: list) -> None:
         self._advance_clock()
         self.heard[peer] = self.tick_count
         core = self.core

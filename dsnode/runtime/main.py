@@ -18,6 +18,7 @@ import random
 import signal
 import socket
 import sys
+import threading
 import time
 import typing
 from pathlib import Path
@@ -60,8 +61,10 @@ class StartupError(Exception):
 
 # ---------------------------------------------------------------- identity
 def write_atomically(path: Path, obj: object) -> None:
-    """Replace ``path`` with msgpack ``obj``: temp file, fsync, rename, fsync the directory."""
-    tmp = path.with_suffix(".tmp")
+    """Replace ``path`` with msgpack ``obj``: temp file, fsync, rename, fsync the directory.
+    The temp file is the calling thread's own: writes from the event loop and from a
+    worker thread must never share one (one would rename the other's away)."""
+    tmp = path.with_name(f"{path.stem}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as f:
         f.write(msgpack.packb(obj, use_bin_type=True))
         f.flush()
@@ -213,6 +216,11 @@ class Node:
         self.bound: tuple[str, int] | None = None
         self.peers: dict[str, str] = config.cluster_peers  # replaced by the data dir's record
         self.pins = Incarnations()
+        # the pins file is written from the loop and from worker threads: one at a time,
+        # and never an older table over a newer one
+        self._pins_lock = threading.Lock()
+        self._pins_seq = 0
+        self._pins_written = 0
         self.data_dir: Path | None = None
         self.refused: str | None = None  # why the cluster refused this node as a member
         self.cluster_uuid: str | None = None  # recorded in the identity file once formed
@@ -376,8 +384,20 @@ class Node:
 
     def save_pins(self) -> None:
         """Persist the pins now (before a newly pinned peer's link carries anything)."""
+        self._write_pins(*self._pins_table())
+
+    def _pins_table(self) -> tuple[int, object]:
+        """The pins as they are now (encoded on the loop's thread, which changes them)."""
+        self._pins_seq += 1
+        return self._pins_seq, self.pins.encode()
+
+    def _write_pins(self, seq: int, table: object) -> None:
         assert self.data_dir is not None
-        write_atomically(self.data_dir / MEMBERS_FILE, self.pins.encode())
+        with self._pins_lock:
+            if seq <= self._pins_written:
+                return  # a newer table is on disk already
+            write_atomically(self.data_dir / MEMBERS_FILE, table)
+            self._pins_written = seq
 
     def on_refused(self, reason: str) -> None:
         """A peer refused us as a member (a wiped or rolled-back data directory): stop,
@@ -411,9 +431,9 @@ class Node:
                 slot, ballot = self.driver.peer_seen[key]
                 changed |= self.pins.saw(key[0], str(key[1]), slot, ballot)
             if changed:
-                await asyncio.to_thread(self.save_pins)
+                seq, table = self._pins_table()
+                await asyncio.to_thread(self._write_pins, seq, table)
                 if self.net is not None:
-                    table = self.pins.encode()
                     for peer in self.net.links:
                         self.net.send(peer, [PINS, table])
 
