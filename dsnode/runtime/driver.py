@@ -430,7 +430,7 @@ class Driver:
         ``Submit`` to its partition's leader, answer clients."""
         submits, replies = self.coordinator.take()
         if self._txn_fault == "before_decide" and any(
-                type(s.cmd) is txrec.TxDecide and s.cmd.commit for s in submits):
+                type(s.cmd) is txrec.TxCommit for s in submits):
             log.warning("test_fault_point", fault=self._txn_fault)
             os.kill(os.getpid(), signal.SIGKILL)
         if replies:

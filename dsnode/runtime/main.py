@@ -347,7 +347,8 @@ class Node:
             rng=random.Random(seed ^ 0xA11CE),
             twopc=TwoPCConfig(prepare_timeout_ticks=cfg.ticks(cfg.txn_prepare_timeout_ms),
                               decision_timeout_ticks=cfg.ticks(cfg.txn_decision_timeout_ms),
-                              resolve_horizon_ticks=cfg.ticks(cfg.request_timeout_ms)),
+                              resolve_horizon_ticks=cfg.ticks(cfg.request_timeout_ms),
+                              submit_timeout_ticks=cfg.ticks(2 * cfg.election_timeout_ms)),
         )
         self.driver.snapshot_bytes = sum(len(s.blob) for s in found.snapshots.values())
         self.driver.observer = self.metrics

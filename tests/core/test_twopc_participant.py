@@ -21,7 +21,7 @@ from dsnode.core.commands import (
 from dsnode.core.kv.store import ERROR_KEY
 from dsnode.core.paxos.statemachine import LOCKED, DedupKV
 from dsnode.core.twopc import participant as part
-from dsnode.core.twopc.records import TxDecide, TxForget, TxPrepare, TxResolve
+from dsnode.core.twopc.records import TxCommit, TxDecide, TxForget, TxPrepare, TxResolve
 
 
 def prep(txid=b"t1", ts=100, pid=0, home=0, compares=(), reads=(), then=(), otherwise=()):
@@ -187,6 +187,10 @@ def _streamed(sm: DedupKV) -> bytes:
     TxDecide(b"t1", 7, 3, True, True, (1, 3), (), {"succeeded": True, "results": [{}]}),
     TxResolve(b"t1", 2, False, True),
     TxForget(4, (b"a", b"b")),
+    TxCommit(prep(pid=3, home=3, then=[SubPut(b"h", b"v")]),
+             Txn(((b"o", 1),), (SubPut(b"h", b"v"), SubGet(b"o"))),
+             {"versions": [[b"o", 1]], "reads": [[b"o", b"x", 1]], "existed": [],
+              "revisions": [[b"o", 4]]}, (1,), (b"t0",)),
 ])
 def test_commands_encode_and_decode_checked(cmd):
     wire = msgpack.unpackb(msgpack.packb(encode(cmd), use_bin_type=True), raw=False)
@@ -204,8 +208,66 @@ def test_commands_encode_and_decode_checked(cmd):
     ["Y", b"t", 1, 0, True, True, [0], []],  # short
     ["Z", b"t", 0, True],  # short
     ["W", 0, "t"],
+    ["V", ["X", b"t", 1, 0, 0, [], [], [], []], ["T", [], [], []],
+     {"versions": [], "reads": [], "existed": []}, [], []],  # knowledge without revisions
+    ["V", ["X", b"t", 1, 0, 0, [], [], [], []], ["P", b"k", b"v", None],
+     {"versions": [], "reads": [], "existed": [], "revisions": []}, [], []],  # not a txn
     ["X", b"x" * 65, 1, 0, 0, [], [], [], []],  # txid too long
 ])
 def test_malformed_transaction_commands_are_refused(bad):
     with pytest.raises(ValueError):
         decode_checked(bad)
+
+
+def commit(txid=b"t1", ts=100, home_then=(), txn=None, known=None, participants=(1,)):
+    txn = txn or Txn((), tuple(home_then))
+    known = known or {"versions": [], "reads": [], "existed": [], "revisions": []}
+    return TxCommit(prep(txid=txid, ts=ts, home=0, then=home_then), txn, known,
+                    tuple(participants))
+
+
+def test_commit_at_home_applies_its_part_decides_and_answers_for_everyone():
+    sm = DedupKV()
+    apply(sm, Put(b"h", b"old"))
+    txn = Txn(((b"h", 1), (b"o", 7)), (SubPut(b"h", b"new"), SubGet(b"o"), SubPut(b"o", b"x")))
+    known = {"versions": [[b"o", 7]], "reads": [[b"o", b"ov", 7]], "existed": [],
+             "revisions": [[b"o", 12]]}
+    c = TxCommit(prep(home=0, compares=[(b"h", 1)], then=[SubPut(b"h", b"new")]), txn, known,
+                 (1,))
+    r = apply(sm, c)
+    assert r["decision"] == part.COMMIT and r["holds"] is True
+    assert r["result"] == {"succeeded": True, "results": [
+        {"version": 2}, {"value": b"ov", "version": 7}, {"version": 12}]}
+    assert sm.kv.get(b"h") == (b"new", 2) and not sm.txns.xlocks
+    # a participant asking afterwards learns commit; the same commit again changes nothing
+    assert apply(sm, TxDecide(b"t1", 100, 0, False, False, (1,)))["decision"] == part.COMMIT
+    assert apply(sm, c)["result"] == r["result"] and sm.kv.get(b"h") == (b"new", 2)
+
+
+def test_commit_after_a_participant_chose_abort_applies_nothing():
+    sm = DedupKV()
+    assert apply(sm, TxDecide(b"t1", 100, 0, False, False, (1,)))["decision"] == part.ABORT
+    r = apply(sm, commit(home_then=[SubPut(b"h", b"v")]))
+    assert r["decision"] == part.ABORT and b"h" not in sm.kv
+
+
+def test_commit_meeting_a_lock_decides_nothing_and_is_not_remembered_under_its_id():
+    sm = DedupKV()
+    apply(sm, prep(txid=b"older", ts=50, then=[SubPut(b"h", b"x")]))
+    rid = [b"client", 9]
+    r = sm.apply(rid, commit(home_then=[SubPut(b"h", b"v")]), 20)
+    assert r == {"prepared": False, "conflict": part.DIE, "holder": b"older"}
+    assert not sm.txns.decisions
+    sm.apply(None, TxResolve(b"older", 0, False, False), 21)
+    r = sm.apply(rid + [True], commit(home_then=[SubPut(b"h", b"v")]), 22)
+    assert r["decision"] == part.COMMIT and sm.kv.get(b"h")[0] == b"v"
+    # a retry of the request (another attempt, another txid) is told the first one
+    again = sm.apply(rid + [True], commit(txid=b"t2", home_then=[SubPut(b"h", b"v")]), 23)
+    assert again["txid"] == b"t1" and again["result"] == r["result"]
+
+
+def test_commit_lacking_a_participant_part_is_refused():
+    sm = DedupKV()
+    txn = Txn(((b"o", 3),), (SubPut(b"h", b"v"),))
+    r = apply(sm, commit(home_then=[SubPut(b"h", b"v")], txn=txn))
+    assert r[ERROR_KEY][0] == "bad_request" and not sm.txns.decisions and b"h" not in sm.kv

@@ -175,6 +175,8 @@ class DedupKV:
             return _expired()  # rule 2
         if t in _TX_TYPES:  # a decision proposed with its client's request id
             result = self.txns.apply(cmd, self.kv)  # type: ignore[arg-type]
+            if "conflict" in result:
+                return result  # refused by a lock, nothing decided: not remembered
         else:
             if self.txns.xlocks or self.txns.slocks:
                 holder = self._blocked(cmd)

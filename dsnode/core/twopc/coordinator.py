@@ -15,7 +15,8 @@ event that has no entry for the attempt's state is stale and ignored:
 | state     | event                        | action                                                 | next      |
 |-----------|------------------------------|--------------------------------------------------------|-----------|
 | PREPARING | PREPARED (not the last)      | keep its versions, reads, revision                     | PREPARING |
-| PREPARING | PREPARED (the last)          | evaluate the compares; submit TxDecide(commit) to home | DECIDING  |
+| PREPARING | PREPARED (the last)          | submit TxCommit to the home: its own part, the others' | DECIDING  |
+|           |                              | reads, the client's request id (the home decides)      |           |
 | PREPARING | WAIT, FAILED                 | submit that prepare again after a backoff              | PREPARING |
 | PREPARING | DIE, TOO_OLD                 | submit TxResolve(abort) to every participant asked;    | RESOLVING |
 |           |                              | begin a new attempt (same ts; above the floor after    |           |
@@ -30,7 +31,10 @@ event that has no entry for the attempt's state is stale and ignored:
 | DECIDING  | DECIDED_OTHER                | an earlier attempt of the client's request id was      | RESOLVING |
 |           |                              | decided: TxResolve(abort) to ours; answer its answer   |           |
 |           |                              | (commit) or conflict (abort)                           |           |
-| DECIDING  | FAILED                       | submit the TxDecide again after a backoff              | DECIDING  |
+| DECIDING  | FAILED, WAIT                 | submit the TxCommit again after a backoff (WAIT: the   | DECIDING  |
+|           |                              | home's keys are locked by a younger transaction)       |           |
+| DECIDING  | DIE                          | (the home's keys: an older one) as DIE above           | RESOLVING |
+| DECIDING  | REFUSED                      | as REFUSED above                                       | RESOLVING |
 | DECIDING  | DECIDED_UNKNOWN              | answer timeout, indeterminate                          | DONE      |
 | DECIDING  | DEADLINE                     | answer timeout, indeterminate; keep asking the home    | DECIDING  |
 |           |                              | until the resolve horizon, to resolve the participants |           |
@@ -40,8 +44,11 @@ event that has no entry for the attempt's state is stale and ignored:
 | RESOLVING, DECIDING | HORIZON            | stop (participants ask the home after their timeout,   | DONE      |
 |           |                              | the home's leader re-drives an unforgotten decision)   |           |
 
-Only this coordinator ever proposes commit for a ``txid``, and only from
-DECIDING, after every prepare was chosen; after it submitted an abort for a
+Prepares go to every participant but the home; the home's part rides with the
+decision (``TxCommit``, the home as "last agent"), so a two-partition
+transaction costs three commands: a prepare, the commit, a resolve. Only this
+coordinator ever proposes commit for a ``txid``, and only from DECIDING, after
+every prepare was chosen; after it submitted an abort for a
 ``txid`` it never proposes commit for it (a new attempt has a new ``txid``).
 So the decision chosen in the home partition (first one wins) is the only
 outcome, and the client hears commit only after it was chosen.
@@ -58,11 +65,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsnode.core.commands import SubDelete, SubGet, SubPut, Txn, keys_of
+from dsnode.core.commands import SubGet, Txn, keys_of
 from dsnode.core.effects import Reply
 from dsnode.core.ring import Ring
 from dsnode.core.twopc import participant as part
-from dsnode.core.twopc.records import TxCommand, TxDecide, TxForget, TxPrepare, TxResolve
+from dsnode.core.twopc.records import TxCommand, TxCommit, TxForget, TxPrepare, TxResolve
 
 # wire error codes (dsnode.wire.errors names the same strings; the core imports nothing
 # from the wire package)
@@ -108,10 +115,14 @@ class TwoPCConfig:
     forget_delay_ticks: int = 5  # a forget waits this long for a TxDecide to ride on
     prepare_timeout_ticks: int = 300  # (recovery) a participant asks the home after this
     decision_timeout_ticks: int = 600  # (recovery) a home re-drives a decision after this
+    # a submission unanswered this long counts as failed (and is sent again): its answer
+    # may be lost with a connection, and every command here is idempotent
+    submit_timeout_ticks: int = 100
 
     def __post_init__(self) -> None:
         for name in ("retry_ticks", "retry_ticks_max", "resolve_horizon_ticks",
-                     "forget_delay_ticks", "prepare_timeout_ticks", "decision_timeout_ticks"):
+                     "forget_delay_ticks", "prepare_timeout_ticks", "decision_timeout_ticks",
+                     "submit_timeout_ticks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 
@@ -123,7 +134,7 @@ class Submit:
     handle: Any
     pid: int
     cmd: TxCommand
-    deadline: int  # tick after which the shell may give up on it (answer FAILED)
+    deadline: int  # tick after which the shell gives up on it (answers it failed)
     rid: list | None = None  # the client's request id, proposed with a commit decision
 
 
@@ -167,36 +178,6 @@ def plan(txn: Txn, ring: Ring, txid: bytes, ts: int) -> Plan:
     return Plan(home, prepares)
 
 
-def outcome(txn: Txn, ring: Ring, prepared: dict[int, dict]) -> tuple[bool, list[dict]]:
-    """Whether the compares hold and the chosen branch's results, from every
-    participant's prepared answer (versions, reads and deletes' ``existed`` as they
-    were before the transaction; writes at each partition's reserved revision)."""
-    pid_of = ring.partition_of
-    versions: dict[bytes, int] = {}
-    values: dict[bytes, tuple] = {}
-    existed: dict[bytes, bool] = {}
-    for r in prepared.values():
-        versions.update((k, v) for k, v in r["versions"])
-        values.update((k, (val, ver)) for k, val, ver in r["reads"])
-        existed.update((k, e) for k, e in r["existed"])
-    holds = all(versions[k] == v for k, v in txn.compares)
-    results: list[dict] = []
-    for s in txn.then if holds else txn.otherwise:
-        if type(s) is SubGet:
-            value, version = values[s.key]
-            results.append({"value": value, "version": version})
-        elif type(s) is SubPut:
-            results.append({"version": prepared[pid_of(s.key)]["revision"]})
-        else:
-            assert type(s) is SubDelete
-            results.append({"existed": existed[s.key]})
-    return holds, results
-
-
-def has_writes(txn: Txn, holds: bool) -> bool:
-    return any(type(s) is not SubGet for s in (txn.then if holds else txn.otherwise))
-
-
 @dataclass(slots=True)
 class Attempt:
     txid: bytes
@@ -218,7 +199,6 @@ class Attempt:
     horizon: int = 0
     restarts: int = 0  # attempts of this transaction before this one
     rid: list | None = None  # the client's request id (applied at most once)
-    answer: dict | None = None  # the client's answer if it commits
 
 
 class Coordinator:
@@ -317,10 +297,8 @@ class Coordinator:
 
     def _on_prepared(self, a: Attempt, pid: int, result: dict) -> None:
         a.prepared[pid] = result
-        if len(a.prepared) < len(a.plan.prepares):
+        if len(a.prepared) < len(a.asked):
             return
-        a.holds, results = outcome(a.txn, a.ring, a.prepared)
-        a.answer = {"succeeded": a.holds, "results": results}
         a.state = State.DECIDING
         self._decide(a)
 
@@ -380,7 +358,13 @@ class Coordinator:
         a.decided = True
         a.holds = bool(result.get("holds", a.holds))
         if a.token is not None:
-            self.replies.append(Reply(a.token, result=dict(a.answer or {})))
+            answer = result.get("result")
+            if isinstance(answer, dict):
+                self.replies.append(Reply(a.token, result=dict(answer)))
+            else:  # decided and forgotten meanwhile: its answer is gone
+                self.replies.append(Reply(a.token, error=(
+                    TIMEOUT, "the transaction committed but its results are no longer "
+                             "known", True)))
             a.token = None
         self._resolve_all(a, commit=True)
 
@@ -451,6 +435,8 @@ class Coordinator:
         # a restarted attempt waits first, longer after each restart (up to the max)
         wait = min(self.cfg.retry_ticks << min(restarts, 16), self.cfg.retry_ticks_max)
         for pid, prep in p.prepares.items():
+            if pid == p.home:
+                continue  # the home's part goes with the decision (TxCommit)
             a.asked.add(pid)
             if restarts:
                 a.backoff[("prepare", pid)] = wait
@@ -462,8 +448,16 @@ class Coordinator:
         take, keep = forgets[:FORGETS_PER_DECIDE_MAX], forgets[FORGETS_PER_DECIDE_MAX:]
         if keep:
             self._forgets[home] = keep
-        cmd = TxDecide(a.txid, a.ts, home, True, a.holds, tuple(sorted(a.plan.prepares)),
-                       tuple(t for t, _ in take), a.answer)
+        known: dict = {"versions": [], "reads": [], "existed": [], "revisions": []}
+        for pid, r in a.prepared.items():
+            known["versions"].extend(r["versions"])
+            known["reads"].extend(r["reads"])
+            known["existed"].extend(r["existed"])
+            if r["revision"]:
+                known["revisions"].extend(
+                    [k, r["revision"]] for k in a.plan.prepares[pid].exclusive())
+        cmd = TxCommit(a.plan.prepares[home], a.txn, known, tuple(sorted(a.asked)),
+                       tuple(t for t, _ in take))
         self._submit(a, ("decide", home), home, cmd, later=later, rid=a.rid)
 
     def _resolve_all(self, a: Attempt, commit: bool) -> None:
@@ -485,7 +479,7 @@ class Coordinator:
                 later: bool = False, rid: list | None = None) -> None:
         gen = a.gen.get(step, 0) + 1
         a.gen[step] = gen
-        deadline = max(a.deadline, a.horizon or 0)
+        deadline = min(max(a.deadline, a.horizon or 0), self.now + self.cfg.submit_timeout_ticks)
         if rid is not None and gen > 1 and len(rid) == 2:
             rid = [*rid, True]  # sent again: a retry (the deduplication table's rule 3)
         s = Submit((a.txid, step, gen), pid, cmd, deadline, rid)
@@ -513,7 +507,7 @@ def _classify(kind: str, result: dict | None, error: tuple | None) -> Event:
         code, _message, indeterminate = error
         if code == EXPIRED and kind == "decide":
             return Event.DECIDED_UNKNOWN  # a retry whose request id the home forgot
-        if kind == "prepare" and not indeterminate and code not in _TRANSIENT:
+        if kind in ("prepare", "decide") and not indeterminate and code not in _TRANSIENT:
             return Event.REFUSED  # e.g. too_large: definitely nothing prepared
         return Event.FAILED
     assert result is not None
@@ -529,6 +523,11 @@ def _classify(kind: str, result: dict | None, error: tuple | None) -> Event:
             return Event.TOO_OLD
         return Event.REFUSED
     if kind == "decide":
+        conflict = result.get("conflict")
+        if conflict == part.WAIT:
+            return Event.WAIT  # the home's keys: another transaction holds them
+        if conflict == part.DIE:
+            return Event.DIE
         d = result.get("decision")
         if d == part.COMMIT:
             return Event.DECIDED_COMMIT
@@ -553,6 +552,9 @@ TRANSITIONS: dict[tuple[State, Event], str] = {
     (State.DECIDING, Event.DECIDED_OTHER): "_decided_other",
     (State.DECIDING, Event.DECIDED_UNKNOWN): "_unknown",
     (State.DECIDING, Event.FAILED): "_decide_again",
+    (State.DECIDING, Event.WAIT): "_decide_again",
+    (State.DECIDING, Event.DIE): "_abort",
+    (State.DECIDING, Event.REFUSED): "_refused",
     (State.DECIDING, Event.DEADLINE): "_expire_deciding",
     (State.DECIDING, Event.HORIZON): "_give_up",
     (State.RESOLVING, Event.RESOLVED): "_on_resolved",

@@ -24,12 +24,16 @@ The home partition, per transaction (``decisions``, ``forgotten``):
 
 | state     | command            | condition          | next      | answer |
 |-----------|--------------------|--------------------|-----------|--------|
+| none      | TxCommit           | a lock conflicts   | none      | refused: wait or die (as a prepare) |
+| none      | TxCommit           | a part is missing  | none      | refused: bad_request |
+| none      | TxCommit           | ts > forget floor  | DECIDED commit | the home's writes applied at a new revision; the client's answer |
+| none      | TxCommit           | ts <= forget floor | none      | unknown |
 | none      | TxDecide(x)        | ts > forget floor  | DECIDED x | x |
 | none      | TxDecide(commit)   | ts <= forget floor | none      | unknown (it may have been decided and forgotten) |
 | none      | TxDecide(abort)    | ts <= forget floor | none      | abort (nothing of it can still be prepared) |
-| DECIDED x | TxDecide(any)      |                    | DECIDED x | x: the first decision chosen wins |
+| DECIDED x | TxDecide, TxCommit |                    | DECIDED x | x: the first decision chosen wins |
 | DECIDED x | TxForget           |                    | FORGOTTEN | |
-| FORGOTTEN | TxDecide(any)      |                    | FORGOTTEN | x, remembered |
+| FORGOTTEN | TxDecide, TxCommit |                    | FORGOTTEN | x, remembered (the answer is gone) |
 
 Locks (wait-die, on the transactions' ``(ts, txid)``): a prepare that meets a
 key held by another prepared transaction in a mode that conflicts (exclusive
@@ -57,10 +61,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from dsnode.core.commands import SubDelete
+from dsnode.core.commands import SubDelete, SubGet, SubPut, Txn
 from dsnode.core.kv.store import ERROR_KEY, TXN_RESULT_BYTES_MAX, KVStore
 from dsnode.core.twopc import records as rec
-from dsnode.core.twopc.records import TxDecide, TxPrepare, TxResolve
+from dsnode.core.twopc.records import TxCommit, TxDecide, TxPrepare, TxResolve
 
 HORIZON_MS = 30_000
 TOMBSTONES_MAX = 65_536
@@ -139,6 +143,8 @@ class TxnTable:
             return self._resolve(cmd, kv)  # type: ignore[arg-type]
         if t is TxDecide:
             return self._decide(cmd)  # type: ignore[arg-type]
+        if t is TxCommit:
+            return self._commit(cmd, kv)  # type: ignore[arg-type]
         self._forget(cmd.txids)  # type: ignore[union-attr]
         return {"forgotten": len(cmd.txids)}  # type: ignore[union-attr]
 
@@ -238,24 +244,92 @@ class TxnTable:
         self.resolved.add(txid, p.ts, cmd.commit, self.newest)
         return {"resolved": COMMIT if cmd.commit else ABORT}
 
+    def _commit(self, cmd: TxCommit, kv: KVStore) -> dict:
+        """The home's part and the decision in one (see ``records.TxCommit``)."""
+        part_ = cmd.part
+        txid, ts = part_.txid, part_.ts
+        if ts > self.newest:
+            self.newest = ts
+        if cmd.forget:
+            self._forget(cmd.forget)
+        known = self._known(txid, ts, True)
+        if known is not None:
+            known["home"] = cmd.home
+            return known
+        exclusive, shared = part_.exclusive(), part_.shared()
+        refusal = self._conflict(txid, ts, exclusive, shared)
+        if refusal is not None:
+            return refusal
+        k = cmd.known
+        versions = {key: v for key, v in k["versions"]}
+        values = {key: (val, ver) for key, val, ver in k["reads"]}
+        existed = {key: e for key, e in k["existed"]}
+        revisions = {key: r for key, r in k["revisions"]}
+        for key, _v in part_.compares:
+            versions[key] = kv.version(key)
+        for key in part_.reads:
+            values[key] = kv.get(key)
+        for w in (*part_.then, *part_.otherwise):
+            if type(w) is SubDelete:
+                existed[w.key] = w.key in kv
+        size = sum(len(v[0]) for v in values.values() if v[0] is not None)
+        if size > TXN_RESULT_BYTES_MAX:
+            return {ERROR_KEY: ["too_large", f"the transaction's gets would return {size} "
+                                             f"bytes, more than {TXN_RESULT_BYTES_MAX}: nothing "
+                                             "done"]}
+        # A commit must carry every other participant's part (a coordinator asks for it
+        # once every prepare was chosen): else it is refused here, deciding nothing.
+        lacking = [key for key, _v in cmd.txn.compares if key not in versions]
+        holds = not lacking and all(versions[key] == v for key, v in cmd.txn.compares)
+        writes = part_.then if holds else part_.otherwise
+        if writes:
+            for w in writes:
+                revisions[w.key] = kv.revision + 1
+        try:
+            results = answer(cmd.txn, holds, values, existed, revisions)
+        except KeyError as e:
+            lacking.append(e.args[0])
+        if lacking:
+            return {ERROR_KEY: ["bad_request", "a commit lacks what the participants read of "
+                                               f"{lacking[0]!r}: nothing done"]}
+        if writes:
+            kv.revision += 1
+            kv.apply_txn_writes(writes, kv.revision)
+        result = {"succeeded": holds, "results": results}
+        d = self.decisions[txid] = Decision(ts, True, holds, cmd.participants, result)
+        return self._decision(txid, d, cmd.home)
+
+    def _known(self, txid: bytes, ts: int, commit: bool) -> dict | None:
+        """The answer to a decision asked for ``txid`` that is decided (or forgotten, or
+        below the floor) already; None while it is open."""
+        d = self.decisions.get(txid)
+        if d is not None:
+            return self._decision(txid, d, None)
+        done = self.forgotten.done.get(txid)
+        if done is not None:
+            return {"decision": COMMIT if done[1] else ABORT, "txid": txid, "result": None}
+        if ts <= self.forgotten.floor:
+            return {"decision": UNKNOWN if commit else ABORT, "txid": txid, "result": None}
+        return None
+
+    @staticmethod
+    def _decision(txid: bytes, d: Decision, home: int | None) -> dict:
+        return {"decision": COMMIT if d.commit else ABORT, "holds": d.holds,
+                "participants": list(d.participants), "txid": txid, "result": d.result,
+                "home": home}
+
     def _decide(self, cmd: TxDecide) -> dict:
         if cmd.ts > self.newest:
             self.newest = cmd.ts
         if cmd.forget:
             self._forget(cmd.forget)
-        txid = cmd.txid
-        d = self.decisions.get(txid)
-        if d is None:
-            done = self.forgotten.done.get(txid)
-            if done is not None:
-                return {"decision": COMMIT if done[1] else ABORT, "holds": cmd.holds}
-            if cmd.ts <= self.forgotten.floor:
-                return {"decision": UNKNOWN if cmd.commit else ABORT, "holds": cmd.holds}
-            d = self.decisions[txid] = Decision(cmd.ts, cmd.commit, cmd.holds, cmd.participants,
+        known = self._known(cmd.txid, cmd.ts, cmd.commit)
+        if known is not None:
+            known["home"] = cmd.home
+            return known
+        d = self.decisions[cmd.txid] = Decision(cmd.ts, cmd.commit, cmd.holds, cmd.participants,
                                                 cmd.result if cmd.commit else None)
-        return {"decision": COMMIT if d.commit else ABORT, "holds": d.holds,
-                "participants": list(d.participants), "txid": txid, "result": d.result,
-                "home": cmd.home}
+        return self._decision(cmd.txid, d, cmd.home)
 
     def _forget(self, txids: tuple[bytes, ...]) -> None:
         for txid in txids:
@@ -318,3 +392,20 @@ class TxnTable:
             table.forgotten.done[t] = (ts, commit)
         table.resolved.floor, table.forgotten.floor, table.newest = rfloor, ffloor, newest
         return table
+
+
+def answer(txn: Txn, holds: bool, values: dict, existed: dict, revisions: dict) -> list[dict]:
+    """The results of ``txn``'s chosen branch (``holds``: ``then``), from what every
+    partition read before the transaction (``values`` key -> (value, version), deletes'
+    ``existed``) and the revision each written key carries (``revisions``)."""
+    out: list[dict] = []
+    for sub in txn.then if holds else txn.otherwise:
+        t = type(sub)
+        if t is SubGet:
+            value, version = values[sub.key]
+            out.append({"value": value, "version": version})
+        elif t is SubPut:
+            out.append({"version": revisions[sub.key]})
+        else:
+            out.append({"existed": existed[sub.key]})
+    return out

@@ -1,31 +1,38 @@
 """The commands of a cross-partition transaction, chosen in the partitions' own Paxos logs.
 
-A transaction ``txid`` touching partitions P1..Pn, its record in the home
-partition H (the partition of its first written key, or of its first key when it
-writes none):
+A transaction ``txid`` touching partitions H, P1..Pn, H its home (the partition
+of its first written key, or of its first key when it writes none):
 
-- ``TxPrepare`` in each Pi: check nothing, lock the keys of Pi it touches
+- ``TxPrepare`` in each Pi (not in H): lock the keys of Pi it touches
   (exclusive for a key written in either branch, shared for the others), read
   its compared versions and gets, reserve the revision its writes will carry;
   or refuse (a lock held by another transaction: ``wait`` or ``die``, see
   ``participant``), changing nothing.
-- ``TxDecide`` in H: the outcome, commit or abort. The first one chosen for a
-  ``txid`` wins; any later one answers with it. Only the coordinator proposes
-  commit (after every prepare was chosen); a participant whose prepare waited
-  too long proposes abort.
+- ``TxCommit`` in H, once every Pi prepared: H's own part and the decision in
+  one record (H is the "last agent"): unless a decision was chosen already (a
+  participant that waited too long proposes abort there: ``TxDecide``), or H's
+  keys are locked by another transaction (``wait``/``die``, nothing decided),
+  it reads H's keys, evaluates the compares over all partitions (the others'
+  versions come with it), applies H's writes of the chosen branch, and chooses
+  commit, keeping the client's answer with the decision. The first decision
+  chosen for a ``txid`` wins; any later ``TxCommit``/``TxDecide`` answers with it.
+- ``TxDecide`` in H: a participant's (or a retry's) question; abort unless
+  decided.
 - ``TxResolve`` in each Pi: apply the chosen branch's writes (commit) or not
   (abort), release the locks.
 - ``TxForget`` in H: every participant resolved; the decision may go.
 
-None carries a client request id: each is idempotent by ``txid``. Encoded like
-the client commands (``commands.encode``), with tags X, Y, Z and W.
+Each is idempotent by ``txid``; the coordinator proposes ``TxCommit`` with the
+client's request id (the home's deduplication table then answers a retry of
+the request with the first attempt's decision and answer). Encoded like the
+client commands (``commands.encode``), with tags X, V, Y, Z and W.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsnode.core.commands import SubDelete, SubPut
+from dsnode.core.commands import SubDelete, SubPut, Txn
 
 Write = SubPut | SubDelete
 
@@ -48,6 +55,30 @@ class TxPrepare:
         ex = set(self.exclusive())
         keys = dict.fromkeys([k for k, _ in self.compares] + list(self.reads))
         return tuple(k for k in keys if k not in ex)
+
+
+@dataclass(frozen=True, slots=True)
+class TxCommit:
+    """The home's part and the decision (see the module docstring). ``part`` is the
+    home's share, as a prepare would carry it; ``known`` what the other participants'
+    prepares read: ``versions`` [[key, version]], ``reads`` [[key, value, version]],
+    ``existed`` [[key, bool]] and ``revisions`` [[key, revision]] (the revision each
+    key written elsewhere will carry), from which, with ``txn``, the home computes the
+    client's answer."""
+
+    part: TxPrepare
+    txn: Txn
+    known: dict
+    participants: tuple[int, ...]  # the other partitions, to resolve
+    forget: tuple[bytes, ...] = ()
+
+    @property
+    def txid(self) -> bytes:
+        return self.part.txid
+
+    @property
+    def home(self) -> int:
+        return self.part.pid
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +111,8 @@ class TxForget:
     txids: tuple[bytes, ...]
 
 
-TxCommand = TxPrepare | TxDecide | TxResolve | TxForget
-TYPES = frozenset((TxPrepare, TxDecide, TxResolve, TxForget))
+TxCommand = TxPrepare | TxCommit | TxDecide | TxResolve | TxForget
+TYPES = frozenset((TxPrepare, TxCommit, TxDecide, TxResolve, TxForget))
 
 
 def partition_of(cmd: TxCommand) -> int:
@@ -89,7 +120,7 @@ def partition_of(cmd: TxCommand) -> int:
     t = type(cmd)
     if t is TxPrepare or t is TxResolve:
         return cmd.pid  # type: ignore[union-attr]
-    return cmd.home  # type: ignore[union-attr]
+    return cmd.home  # type: ignore[union-attr]  # TxCommit, TxDecide, TxForget
 
 
 # ---------------------------------------------------------------- encoding
@@ -112,6 +143,10 @@ def encode(cmd: TxCommand) -> list:
         return ["X", cmd.txid, cmd.ts, cmd.pid, cmd.home, [[k, v] for k, v in cmd.compares],
                 list(cmd.reads), [_enc_w(w) for w in cmd.then],
                 [_enc_w(w) for w in cmd.otherwise]]
+    if t is TxCommit:
+        from dsnode.core.commands import encode as encode_cmd
+        return ["V", encode(cmd.part), encode_cmd(cmd.txn), cmd.known, list(cmd.participants),
+                list(cmd.forget)]
     if t is TxDecide:
         return ["Y", cmd.txid, cmd.ts, cmd.home, cmd.commit, cmd.holds, list(cmd.participants),
                 list(cmd.forget), cmd.result]
@@ -122,7 +157,7 @@ def encode(cmd: TxCommand) -> list:
     raise TypeError(f"not a transaction command: {cmd!r}")
 
 
-TAGS = frozenset("XYZW")
+TAGS = frozenset("XVYZW")
 
 
 def decode(x: list) -> TxCommand:
@@ -130,6 +165,13 @@ def decode(x: list) -> TxCommand:
     if tag == "X":
         return TxPrepare(x[1], x[2], x[3], x[4], tuple((k, v) for k, v in x[5]), tuple(x[6]),
                          tuple(_dec_w(w) for w in x[7]), tuple(_dec_w(w) for w in x[8]))
+    if tag == "V":
+        from dsnode.core.commands import decode as decode_cmd
+        part = decode(x[1])
+        txn = decode_cmd(x[2])
+        if type(part) is not TxPrepare or type(txn) is not Txn:
+            raise ValueError("a commit carries a prepare and a txn")
+        return TxCommit(part, txn, x[3], tuple(x[4]), tuple(x[5]))
     if tag == "Y":
         return TxDecide(x[1], x[2], x[3], x[4], x[5], tuple(x[6]), tuple(x[7]), x[8])
     if tag == "Z":
@@ -142,7 +184,7 @@ def decode(x: list) -> TxCommand:
 def decode_checked(x: list) -> TxCommand:
     """``decode`` for commands off the network (a peer's forward): every field checked,
     so a malformed one is a ValueError here, never a poison pill in a replicated log."""
-    want = {"X": 9, "Y": 9, "Z": 5, "W": 3}.get(x[0])
+    want = {"X": 9, "V": 6, "Y": 9, "Z": 5, "W": 3}.get(x[0])
     if want is None or len(x) != want:
         raise ValueError(f"bad transaction command tag or length: {x[0]!r}")
     tag = x[0]
@@ -165,14 +207,19 @@ def decode_checked(x: list) -> TxCommand:
             _key(w[1])
             if w[0] == "p" and type(w[2]) is not bytes:
                 raise ValueError("a value is bin")
+    elif tag == "V":
+        from dsnode.core.commands import decode_checked as checked_cmd
+        if not isinstance(x[1], list) or not x[1] or x[1][0] != "X":
+            raise ValueError("a commit's part is a prepare")
+        decode_checked(x[1])
+        if not isinstance(x[2], list) or not x[2] or x[2][0] != "T":
+            raise ValueError("a commit's txn is a txn")
+        checked_cmd(x[2])
+        _known(x[3])
+        _pids_and_txids(x[4], x[5])
     elif tag == "Y":
         _txid(x[1]), _uint(x[2]), _uint(x[3]), _bool(x[4]), _bool(x[5])
-        if not isinstance(x[6], list) or not isinstance(x[7], list):
-            raise ValueError("bad participants or forget list")
-        for p in x[6]:
-            _uint(p)
-        for t in x[7]:
-            _txid(t)
+        _pids_and_txids(x[6], x[7])
         r = x[8]
         if r is not None and not (isinstance(r, dict) and type(r.get("succeeded")) is bool
                                   and isinstance(r.get("results"), list)):
@@ -186,6 +233,38 @@ def decode_checked(x: list) -> TxCommand:
         for t in x[2]:
             _txid(t)
     return decode(x)
+
+
+def _pids_and_txids(pids: object, txids: object) -> None:
+    if not isinstance(pids, list) or not isinstance(txids, list):
+        raise ValueError("bad participants or forget list")
+    for p in pids:
+        _uint(p)
+    for t in txids:
+        _txid(t)
+
+
+def _known(v: object) -> None:
+    """The other participants' reads in a commit: every entry's shape checked."""
+    shapes = {"versions": 2, "reads": 3, "existed": 2, "revisions": 2}
+    if not isinstance(v, dict) or set(v) != set(shapes):
+        raise ValueError("bad commit knowledge")
+    for name, n in shapes.items():
+        rows = v[name]
+        if not isinstance(rows, list):
+            raise ValueError(f"bad commit {name}")
+        for row in rows:
+            if not isinstance(row, list) or len(row) != n:
+                raise ValueError(f"bad commit {name} entry")
+            _key(row[0])
+            if name == "reads":
+                if row[1] is not None and type(row[1]) is not bytes:
+                    raise ValueError("a read value is bin or nil")
+                _uint(row[2])
+            elif name == "existed":
+                _bool(row[1])
+            else:
+                _uint(row[1])
 
 
 def _txid(v: object) -> None:
@@ -215,6 +294,10 @@ def size_of(cmd: TxCommand) -> int:
         for w in (*cmd.then, *cmd.otherwise):
             n += len(w.key) + (len(w.value) if type(w) is SubPut else 0) + 8
         return n + len(cmd.txid) + 32
+    if type(cmd) is TxCommit:
+        from dsnode.core.commands import size_of as size_of_cmd
+        reads = sum(len(r[1] or b"") + len(r[0]) for r in cmd.known["reads"])
+        return size_of(cmd.part) + size_of_cmd(cmd.txn) + reads + 64
     if type(cmd) is TxDecide:
         return len(cmd.txid) + 8 * len(cmd.participants) + sum(map(len, cmd.forget)) + 32
     if type(cmd) is TxForget:

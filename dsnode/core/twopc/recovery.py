@@ -120,7 +120,7 @@ class Recovery:
         return len(self._busy)
 
     def _submit(self, handle: tuple, pid: int, cmd: Any) -> None:
-        self.submits.append(Submit(handle, pid, cmd, self.now + self.cfg.resolve_horizon_ticks))
+        self.submits.append(Submit(handle, pid, cmd, self.now + self.cfg.submit_timeout_ticks))
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
