@@ -44,6 +44,7 @@ from dsnode.cli_format import (
     key_placement,
     key_text,
     render_key,
+    render_members,
     render_status,
     table,
 )
@@ -813,6 +814,35 @@ def key_command(
         _print_json(info)
     else:
         for line in render_key(info):
+            click.echo(line)
+
+
+# --------------------------------------------------------------------------- member
+
+
+@main.group("member")
+def member_group() -> None:
+    """The cluster's members as the contacted node sees them."""
+
+
+@member_group.command("list")
+@_common_options(group_level=False)
+def member_list_command(
+    endpoints: str | None,
+    timeout: float | None,
+    token: str | None,
+    output: str | None,
+) -> None:
+    """Every member: id, address, state (alive, suspect, dead: the contacted node's
+    failure detector), how long since it was heard from, and the replicas and partition
+    leaderships it holds. With -o json, the status answer's members array."""
+    s = _settings(endpoints, timeout, token, output)
+    st = _run(s, lambda c: c.status())
+    members = st.get("members") or []
+    if s.output == "json":
+        _print_json(members)
+    else:
+        for line in render_members(members):
             click.echo(line)
 
 

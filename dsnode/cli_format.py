@@ -93,6 +93,19 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
 
 
+def render_members(members: list[dict[str, Any]]) -> list[str]:
+    """``dsnode member list``: one row per member (fields an older node lacks show '-')."""
+    rows = []
+    for m in members:
+        if not isinstance(m, dict):
+            continue
+        silence = m.get("silence_ms")
+        rows.append([m.get("node_id"), m.get("addr"), m.get("state"),
+                     "-" if silence is None else f"{silence / 1000:.1f}s",
+                     m.get("replicas", "-"), m.get("leads", "-")])
+    return table(["id", "address", "state", "silent", "replicas", "leads"], rows)
+
+
 def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():

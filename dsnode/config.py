@@ -228,6 +228,20 @@ class NodeConfig(BaseModel):
     request_timeout_ms: int = Field(
         default=10_000, ge=1, description="deadline of a request that sends no timeout_ms, ms"
     )
+    failure_suspect_phi: float = Field(
+        default=8.0, gt=0, le=100,
+        description="the failure detector marks a peer suspect once phi (how unlikely its "
+        "silence is, given how regularly it was heard: -log10 of the probability) reaches this",
+    )
+    failure_acceptable_pause_ms: int = Field(
+        default=1_000, ge=0, le=600_000,
+        description="a silence this long is normal for the failure detector (suspicion "
+        "starts after it: about 1.3 s of silence with the defaults), ms",
+    )
+    failure_dead_after_ms: int = Field(
+        default=10_000, ge=10, le=86_400_000,
+        description="a peer silent this long is dead as the failure detector reports it, ms",
+    )
     txn_prepare_timeout_ms: int = Field(
         default=3_000, ge=10, le=600_000,
         description="a cross-partition transaction prepared this long in a partition this "

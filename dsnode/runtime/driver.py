@@ -65,6 +65,7 @@ from dsnode.core import commands
 from dsnode.core.commands import STALE, Command, Get, Txn
 from dsnode.core.effects import Reply
 from dsnode.core.errors import PeerMisbehaved
+from dsnode.core.membership.detector import ALIVE, DetectorConfig, FailureDetector
 from dsnode.core.paxos.messages import Accepted, Promise, from_wire, to_wire
 from dsnode.core.paxos.roles import Role
 from dsnode.core.ring import Ring
@@ -216,8 +217,13 @@ class Driver:
         inflight_max: int = 1 << 30,
         rng: random.Random | None = None,
         twopc: TwoPCConfig | None = None,
+        detector: DetectorConfig | None = None,
     ) -> None:
         self.core = core
+        # peers' liveness as alive / suspect / dead (core.membership.detector); the router
+        # avoids suspects for stale reads and as coordinators
+        self.detector = FailureDetector(detector)
+        self.peer_states: dict[str, str] = {}
         self._inflight_max = inflight_max
         self._rng = rng or random.Random(0)
         self.router: Router | None = None  # built once the ring is known
@@ -322,6 +328,7 @@ class Driver:
                 router.ring = ring  # same placement (a new epoch only): keep what is counted
                 return router
             router = self.router = Router(self.node_id, ring, self._rng, self._inflight_max)
+            router.suspects = frozenset(p for p, st in self.peer_states.items() if st != ALIVE)
             self._sync_leaders()
         return router
 
@@ -485,6 +492,19 @@ class Driver:
             self.coordinator.tick(self.tick_count)
         self._pump_twopc()
 
+    def _update_peer_states(self) -> None:
+        net = self.net
+        if net is None:
+            return
+        states = self.detector.states(list(net.links), self.tick_count)
+        if states != self.peer_states:
+            changed = {p: s for p, s in states.items() if self.peer_states.get(p) != s}
+            if self.peer_states:
+                log.info("peer_state_changed", **changed)
+            self.peer_states = states
+            if self.router is not None:
+                self.router.suspects = frozenset(p for p, s in states.items() if s != ALIVE)
+
     def _wait_for_lock(self, p: Pending) -> bool:
         """``p`` met a key a prepared transaction locks: route it again on the next tick
         (it waits for the transaction's decision) while its deadline allows."""
@@ -578,6 +598,7 @@ class Driver:
     def _on_peer_messages(self, peer: str, batch: list) -> None:
         self._advance_clock()
         self.heard[peer] = self.tick_count
+        self.detector.heard(peer, self.tick_count)
         core = self.core
         for m in batch:
             if not isinstance(m, list) or not m:
@@ -1104,6 +1125,8 @@ class Driver:
             if last - first >= 10:
                 log.warning("event_loop_behind",
                             seconds=round((last - first + 1) * self._tick_seconds, 3))
+                self.detector.stalled(last - first)  # our stall, not the peers' silence
+            self._update_peer_states()
             if self.observer is not None:
                 self.observer.on_tick(self.core)
             for t in range(first, last + 1):

@@ -30,6 +30,7 @@ import msgpack
 from dsnode import __version__
 from dsnode.config import SETTINGS, ConfigError, NodeConfig, load_config, parse_addr
 from dsnode.core.errors import InvariantBroken, StateLost
+from dsnode.core.membership.detector import DetectorConfig
 from dsnode.core.membership.incarnations import Incarnations
 from dsnode.core.paxos.config import PaxosConfig, bound_for, lease_ticks_for
 from dsnode.core.paxos.node import PaxosNode
@@ -349,6 +350,11 @@ class Node:
                               decision_timeout_ticks=cfg.ticks(cfg.txn_decision_timeout_ms),
                               resolve_horizon_ticks=cfg.ticks(cfg.request_timeout_ms),
                               submit_timeout_ticks=cfg.ticks(2 * cfg.election_timeout_ms)),
+            detector=DetectorConfig(
+                suspect_phi=cfg.failure_suspect_phi,
+                acceptable_pause_ticks=cfg.failure_acceptable_pause_ms // cfg.tick_interval_ms,
+                min_std_ticks=max(1.0, cfg.heartbeat_interval_ms / cfg.tick_interval_ms),
+                dead_after_ticks=cfg.ticks(cfg.failure_dead_after_ms)),
         )
         self.driver.snapshot_bytes = sum(len(s.blob) for s in found.snapshots.values())
         self.driver.observer = self.metrics
@@ -466,18 +472,30 @@ class Node:
         self.driver.on_peer_messages(peer, batch)
 
     # ------------------------------------------------------------ status
+    def members_info(self, ring: Ring | None, leaders: list[str | None]) -> list[dict]:
+        """``status.members``: each member's address, state as this node's failure detector
+        sees it (``silence_ms``: since it last heard from it), and the replicas and
+        leaderships it holds on the ring (leaderships as this node knows them)."""
+        assert self.driver is not None
+        driver, tick_ms = self.driver, self.config.tick_interval_ms
+        out = []
+        for nid, addr in self.peers.items():
+            silence = (0 if nid == self.config.node_id
+                       else driver.detector.silence(nid, driver.tick_count))
+            out.append({
+                "node_id": nid, "addr": addr, "state": self.member_state(nid),
+                "silence_ms": None if silence is None else silence * tick_ms,
+                "replicas": len(ring.partitions_of(nid)) if ring is not None
+                and nid in ring.members else 0,
+                "leads": sum(1 for leader in leaders if leader == nid),
+            })
+        return out
+
     def member_state(self, peer: str) -> str:
         assert self.driver is not None
         if peer == self.config.node_id:
             return "alive"
-        heard = self.driver.heard.get(peer)
-        if heard is None:
-            return "suspect"
-        age = self.driver.tick_count - heard
-        timeout = self.config.ticks(self.config.election_timeout_ms)
-        if age <= timeout:
-            return "alive"
-        return "suspect" if age <= 4 * timeout else "dead"
+        return self.driver.detector.state(peer, self.driver.tick_count)
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, reason): ready when this node can serve linearizable requests for every
@@ -547,6 +565,7 @@ class Node:
                 info["link"] = self.net.links[pid].stats()
             peer_info[pid] = info
         ring = driver.ring()
+        leaders: list[str | None] = []
         if ring is not None:
             leaders = self.leaders(ring)
             partitions = [
@@ -567,10 +586,7 @@ class Node:
             # user + system CPU of this process since start (capacity per core, bench)
             "cpu_seconds": round(time.process_time(), 3),
             "ready": self.readiness()[0],
-            "members": [
-                {"node_id": nid, "addr": addr, "state": self.member_state(nid)}
-                for nid, addr in peers.items()
-            ],
+            "members": self.members_info(ring, leaders),
             "partitions": partitions,
             "ring": ring_info,
             "hosted": len(hosted),

@@ -256,3 +256,19 @@ def test_coordinator_is_this_node_until_it_is_loaded_then_the_least_busy():
     r2.route("c", key_in(1, 1), OpKind.WRITE)
     assert r2.coordinator(["n2", "n3"]) == "n3"  # n1 1, n2 2, n3 0 in flight from here
     assert r2.coordinator([]) == "n1"  # nobody else reachable
+
+
+def test_suspects_are_not_chosen_for_stale_reads_or_to_coordinate_while_others_are():
+    pid = next(p for p in range(16) if "n1" in RING.replicas(p))
+    others = [r for r in RING.replicas(pid) if r != "n1"]
+    r = router("n1")
+    r.suspects = frozenset({"n1", others[0]})
+    picks = {r.route(f"s{i}", key_in(pid, i), OpKind.STALE).node for i in range(40)}  # type: ignore[union-attr]
+    assert picks == {others[1]}
+    r.suspects = frozenset(RING.replicas(pid))  # all suspect: any replica still serves
+    d = r.route("all", key_in(pid, 99), OpKind.STALE)
+    assert d in (Local(pid), *(Forward(pid, o) for o in others))
+    r2 = router("n1", inflight_max=2)
+    r2.route("x", key_in(pid), OpKind.STALE)
+    r2.suspects = frozenset({"n2"})
+    assert r2.coordinator(["n2", "n3"]) in ("n1", "n3")

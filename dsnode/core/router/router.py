@@ -95,6 +95,9 @@ class Router:
         self._leaders: dict[int, str] = {}
         self._routed: dict[object, _Routed] = {}
         self._parked = 0
+        # nodes the failure detector suspects (or holds dead): not chosen for a stale read
+        # or as a coordinator while another candidate is not
+        self.suspects: frozenset[str] = frozenset()
         for pid, leader in (leaders or {}).items():
             self._set_leader(pid, leader)
 
@@ -123,7 +126,7 @@ class Router:
         busy (fewest requests in flight from this node) of itself and ``reachable``."""
         if self.in_flight < self.inflight_max // 2:
             return self.node_id
-        return self.least_busy([self.node_id, *reachable])
+        return self.least_busy([self.node_id, *(n for n in reachable if n not in self.suspects)])
 
     # ------------------------------------------------------------ inputs
     def route(self, token: object, key: bytes, kind: OpKind) -> Decision:
@@ -137,7 +140,9 @@ class Router:
         if self.in_flight >= self.inflight_max:
             return Overloaded(self.in_flight)
         if kind is OpKind.STALE:
-            target: str | None = pick(self.ring.replicas(pid), self.inflight, self.rng)
+            replicas = self.ring.replicas(pid)
+            healthy = [r for r in replicas if r not in self.suspects] or replicas
+            target: str | None = pick(healthy, self.inflight, self.rng)
         else:
             target = self._leaders.get(pid)
         self._routed[token] = _Routed(pid, kind, target)
