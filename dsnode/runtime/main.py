@@ -618,6 +618,9 @@ class Node:
                 "stale_reads_to": {str(k): v for k, v in driver.stale_reads_to.items()},
             },
             "txns": self.txn_status(hosted),
+            # the failure detector's state changes (alive -> suspect/dead: suspicions)
+            "detector": {"suspicions": driver.detector.suspicions,
+                         "transitions": driver.detector.transitions},
             "keys": sum(len(core.groups[g].sm.kv) for g in hosted),
             "revision": group.sm.kv.revision,
             "wal": {"last_lsn": self.wal.last_lsn, "durable_lsn": self.wal.durable_lsn,

@@ -88,7 +88,7 @@ def test_states_count_transitions():
     assert d.states(["p"], 1400) == {"p": SUSPECT}
     d.heard("p", 1401)
     d.states(["p"], 1402)
-    assert d.transitions == 2
+    assert d.transitions == 2 and d.suspicions == 1
 
 
 @pytest.mark.parametrize("bad", [

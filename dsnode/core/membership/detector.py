@@ -66,6 +66,7 @@ class FailureDetector:
         self.cfg = config or DetectorConfig()
         self._peers: dict[str, _Peer] = {}
         self.transitions = 0  # state changes seen by ``states`` (flapping shows here)
+        self.suspicions = 0  # of them, from alive to suspect or dead
         self._seen: dict[str, str] = {}
 
     def heard(self, peer: str, now: int) -> None:
@@ -130,5 +131,6 @@ class FailureDetector:
             before = self._seen.get(peer)
             if before is not None and before != st:
                 self.transitions += 1
+                self.suspicions += before == ALIVE
             self._seen[peer] = st
         return out

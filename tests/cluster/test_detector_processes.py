@@ -68,3 +68,29 @@ def test_sigstop_is_suspect_then_alive_and_sigkill_dead(pool):
     assert [m["state"] for m in _member_list(cluster, "n1")] == ["alive", "alive", "dead"]
     print(f"SIGSTOP -> suspect {suspected:.2f} s; SIGKILL -> suspect {to_suspect:.2f} s, "
           f"dead {to_dead:.2f} s (failure_dead_after_ms 3000)")
+
+
+async def test_a_busy_cluster_suspects_nobody(pool):
+    """256 puts in flight through every node for several seconds (each loop busy, its
+    turns long): no node suspects another."""
+    import asyncio
+
+    from dsnode.client import Client
+
+    cluster = Cluster(pool, 3, ARGS).start(60)
+    wait_until(lambda: all(_state(cluster, v, p) == "alive" for v in cluster.nodes
+                           for p in cluster.nodes), 20.0, "everyone alive")
+    before = {n: node_status(cluster.nodes[n])["detector"]["suspicions"] for n in cluster.nodes}
+    eps = [f"{h}:{p}" for h, p in (cluster.nodes[n].addr for n in cluster.nodes)]
+    stop = time.monotonic() + 6.0
+
+    async def worker(c: Client, i: int) -> None:
+        n = 0
+        while time.monotonic() < stop:
+            await c.put(b"busy-%d-%d" % (i, n % 50), b"x" * 200)
+            n += 1
+
+    async with Client(eps, timeout=10) as c:
+        await asyncio.gather(*(worker(c, i) for i in range(256)))
+    after = {n: node_status(cluster.nodes[n])["detector"]["suspicions"] for n in cluster.nodes}
+    assert after == before, (before, after)
