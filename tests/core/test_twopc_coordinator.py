@@ -315,3 +315,23 @@ def test_a_retry_of_a_committed_request_id_gets_its_answer_and_applies_nothing_m
     assert (bal[a], bal[b]) == (START - 5, START + 5)
     bank.run(CFG.decision_timeout_ticks + 20)  # the first one's decision: the home forgets it
     assert bank.settled()
+
+
+def test_a_transaction_that_keeps_dying_is_answered_conflict_after_its_restarts():
+    bank = Bank(8)
+    a, b = cross_pair(7)
+    c = next(k for k in ACCOUNTS if RING.partition_of(k) not in
+             (RING.partition_of(a), RING.partition_of(b)))
+    # the oldest (ts 1) holds b's lock and its coordinator is gone (home c)
+    bank.coord.begin("old", Txn((), (SubPut(c, b"1"), SubPut(b, b"500"))), 1, 10_000)
+    bank.run(1)
+    bank.crash()
+    bank.begin("t", transfer(bank, a, b, 1), timeout=1000)
+    for _ in range(200):
+        bank.step()
+        if "t" in bank.replies:
+            break
+    r = bank.replies["t"]
+    assert r.error is not None and r.error[0] == "conflict" and r.error[2] is False
+    assert bank.coord.counters["restarted"] == CFG.restarts_max
+    assert bank.now < 200  # long before its deadline (1000 ticks)

@@ -20,7 +20,8 @@ event that has no entry for the attempt's state is stale and ignored:
 | PREPARING | WAIT, FAILED                 | submit that prepare again after a backoff              | PREPARING |
 | PREPARING | DIE, TOO_OLD                 | submit TxResolve(abort) to every participant asked;    | RESOLVING |
 |           |                              | begin a new attempt (same ts; above the floor after    |           |
-|           |                              | TOO_OLD) if the deadline allows, else answer conflict  |           |
+|           |                              | TOO_OLD) after a backoff, up to restarts_max times and |           |
+|           |                              | while the deadline allows, else answer conflict        |           |
 | PREPARING | REFUSED                      | the same aborts; answer the refusal (e.g. too_large)   | RESOLVING |
 | PREPARING | DEADLINE                     | answer timeout (definite: commit was never proposed);  | RESOLVING |
 |           |                              | TxResolve(abort) to every participant asked            |           |
@@ -118,11 +119,13 @@ class TwoPCConfig:
     # a submission unanswered this long counts as failed (and is sent again): its answer
     # may be lost with a connection, and every command here is idempotent
     submit_timeout_ticks: int = 100
+    restarts_max: int = 3  # new attempts after dying on a lock, before answering conflict
+    restart_ticks_max: int = 32  # a restart waits up to this (random, doubling per restart)
 
     def __post_init__(self) -> None:
         for name in ("retry_ticks", "retry_ticks_max", "resolve_horizon_ticks",
                      "forget_delay_ticks", "prepare_timeout_ticks", "decision_timeout_ticks",
-                     "submit_timeout_ticks"):
+                     "submit_timeout_ticks", "restart_ticks_max"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 
@@ -314,14 +317,18 @@ class Coordinator:
 
     def _abort(self, a: Attempt, _pid: Any, result: dict | None) -> None:
         """Give this attempt up: resolve (abort) whatever may have prepared; a new attempt
-        (new txid, same ts, or one above the floor a participant named) takes its place
-        while the deadline allows."""
+        (new txid, same ts, or one above the floor a participant named) takes its place,
+        after a growing random backoff, at most ``restarts_max`` times and while the
+        deadline allows; then the client hears ``conflict`` (under contention a txn whose
+        compares read the keys another one is changing would mostly fail them anyway: the
+        client had better read again)."""
         floor = result.get("floor") if result is not None else None
         token, a.token = a.token, None
         self._resolve_all(a, commit=False)
         if token is None:
             return
-        if self.now < a.deadline:
+        too_old = type(floor) is int and floor >= a.ts
+        if self.now < a.deadline and (a.restarts < self.cfg.restarts_max or too_old):
             ts = a.ts
             if type(floor) is int and floor >= ts:
                 ts = max(floor + 1, self.clock_ms + 1)
@@ -432,15 +439,17 @@ class Coordinator:
         a = Attempt(txid, ts, txn, p, ring, token, deadline, restarts=restarts, rid=rid)
         self.attempts[txid] = a
         self._count("begun")
-        # a restarted attempt waits first, longer after each restart (up to the max)
-        wait = min(self.cfg.retry_ticks << min(restarts, 16), self.cfg.retry_ticks_max)
+        # a restarted attempt waits first (all its prepares together), a random time up
+        # to a bound that doubles with each restart
+        delay = 0
+        if restarts:
+            bound = min(2 * self.cfg.retry_ticks << min(restarts, 16), self.cfg.restart_ticks_max)
+            delay = self.rng.randint(1, bound)
         for pid, prep in p.prepares.items():
             if pid == p.home:
                 continue  # the home's part goes with the decision (TxCommit)
             a.asked.add(pid)
-            if restarts:
-                a.backoff[("prepare", pid)] = wait
-            self._submit(a, ("prepare", pid), pid, prep, later=bool(restarts))
+            self._submit(a, ("prepare", pid), pid, prep, delay=delay)
 
     def _decide(self, a: Attempt, later: bool = False) -> None:
         home = a.plan.home
@@ -476,13 +485,16 @@ class Coordinator:
         self.attempts.pop(a.txid, None)
 
     def _submit(self, a: Attempt, step: tuple, pid: int, cmd: TxCommand,
-                later: bool = False, rid: list | None = None) -> None:
+                later: bool = False, rid: list | None = None, delay: int = 0) -> None:
         gen = a.gen.get(step, 0) + 1
         a.gen[step] = gen
         deadline = min(max(a.deadline, a.horizon or 0), self.now + self.cfg.submit_timeout_ticks)
         if rid is not None and gen > 1 and len(rid) == 2:
             rid = [*rid, True]  # sent again: a retry (the deduplication table's rule 3)
         s = Submit((a.txid, step, gen), pid, cmd, deadline, rid)
+        if delay:
+            self._later.append((self.now + delay, s))
+            return
         if not later:
             self.submits.append(s)
             return

@@ -116,7 +116,9 @@ class _Tombstones:
                 self.floor = ts0
 
     def rows(self) -> list:
-        return [[t, ts, c] for t, (ts, c) in self.done.items()]
+        """``[(txid, (ts, commit)), ...]`` oldest first: copied in C (a snapshot capture
+        runs on the event loop, and there may be tens of thousands)."""
+        return list(self.done.items())
 
 
 class TxnTable:
@@ -386,10 +388,8 @@ class TxnTable:
             table._lock(t, p.exclusive, p.shared)
         for t, ts, commit, holds, parts_, result in decisions:
             table.decisions[t] = Decision(ts, commit, holds, tuple(parts_), result)
-        for t, ts, commit in resolved:
-            table.resolved.done[t] = (ts, commit)
-        for t, ts, commit in forgotten:
-            table.forgotten.done[t] = (ts, commit)
+        table.resolved.done.update((t, tuple(v)) for t, v in resolved)
+        table.forgotten.done.update((t, tuple(v)) for t, v in forgotten)
         table.resolved.floor, table.forgotten.floor, table.newest = rfloor, ffloor, newest
         return table
 
