@@ -15,7 +15,10 @@ the other:
    transfers/s) and conflict rate ((conflict answers + failed compares) / attempts).
 
 Each rate is printed with p50 and p99 and its ratio to the put rate (target for
-two partitions: >= 0.33x). Then, on a fresh 3-node cluster whose n1 runs with
+two partitions: >= 0.33x), and with the cluster's CPU per acknowledged op (every
+node's ``cpu_seconds`` over the run, warmup included, over the ops acknowledged in
+it) and its ratio to a put's: on a machine shared with other work the wall rates
+follow whatever CPU is left, the CPU per op much less. Then, on a fresh 3-node cluster whose n1 runs with
 ``DSNODE_TEST_TXN_FAULT=before_decide`` (n1 SIGKILLs itself when its coordinator is
 about to ask the home partition to commit), one cross-partition txn goes to n1 alone
 (a client that is not ring-aware, one endpoint), on two keys whose partitions n1
@@ -75,7 +78,7 @@ def bench_args(args: argparse.Namespace, endpoints: str, extra: tuple[str, ...])
     return ["--endpoints", endpoints, "--duration", str(args.duration),
             "--warmup", str(args.warmup), "--inflight", str(args.inflight),
             "--connections", str(args.connections), "--keyspace", str(args.keyspace),
-            "--value-size", str(args.value_size), "--prefix", "txnmix/", "--no-cpu",
+            "--value-size", str(args.value_size), "--prefix", "txnmix/",
             "--output", "json", *extra]  # fmt: skip
 
 
@@ -88,6 +91,11 @@ def row_of(name: str, report: dict[str, Any]) -> dict[str, Any]:
     op = "put" if report["ops"].get("put", {}).get("ok") else "txn"
     r = report["ops"][op]
     lat = r["latency_us"]
+    cpu = (report.get("capacity") or {}).get("cpu_s") or {}
+    acked = sum((report.get("acked_all") or {}).values())
+    cpu_ms = None
+    if cpu and acked and all(v is not None for v in cpu.values()):
+        cpu_ms = sum(cpu.values()) * 1000 / acked
     return {
         "phase": name,
         "op": op,
@@ -96,14 +104,16 @@ def row_of(name: str, report: dict[str, Any]) -> dict[str, Any]:
         "p50_us": lat["p50"],
         "p99_us": lat["p99"],
         "errors": r["errors_by_code"],
+        "cpu_ms_per_op": cpu_ms,
         "bank": report.get("bank"),
     }
 
 
-def ratios(rows: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Each txn phase's rate over the put phase's (the first row)."""
-    base = rows[0]["rate"] if rows else 0
-    return {r["phase"]: (r["rate"] / base if base else None) for r in rows[1:]}
+def ratios(rows: list[dict[str, Any]], field: str = "rate") -> dict[str, float | None]:
+    """Each txn phase's ``field`` over the put phase's (the first row)."""
+    base = rows[0][field] if rows else None
+    return {r["phase"]: (r[field] / base if base and r[field] is not None else None)
+            for r in rows[1:]}  # fmt: skip
 
 
 def measure_load(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -248,23 +258,33 @@ def fmt_us(v: float | None) -> str:
     return f"{v:.0f}us" if v < 1000 else f"{v / 1000:.2f}ms"
 
 
+def fmt_x(rel: dict[str, float | None], row: dict[str, Any], base: dict[str, Any]) -> str:
+    """A row's ratio to the baseline row (which is 1.00x by definition)."""
+    if row is base:
+        return "1.00x"
+    ratio = rel.get(row["phase"])
+    return "n/a" if ratio is None else f"{ratio:.2f}x"
+
+
 def fmt_s(v: float | None) -> str:
     return "not within the limit" if v is None else f"{v:.2f} s"
 
 
 def render(rows: list[dict[str, Any]], fault: dict[str, Any] | None) -> str:
     load = [r for r in rows if r["bank"] is None]
-    head = ("phase", "ok", "per s", "p50", "p99", "x puts", "errors")
+    head = ("phase", "ok", "per s", "p50", "p99", "x puts", "cpu ms/op", "x put cpu", "errors")
     table = [head]
     rel = ratios(load)
+    rel_cpu = ratios(load, "cpu_ms_per_op")
     for r in load:
-        ratio = rel.get(r["phase"])
         errs = ",".join(f"{k}={v}" for k, v in sorted(r["errors"].items())) or "0"
+        cpu = r["cpu_ms_per_op"]
         table.append((r["phase"], f"{r['ok']:,}", f"{r['rate']:,.0f}", fmt_us(r["p50_us"]),
-                      fmt_us(r["p99_us"]), "1.00x" if ratio is None and r is load[0] else
-                      "n/a" if ratio is None else f"{ratio:.2f}x", errs))  # fmt: skip
+                      fmt_us(r["p99_us"]), fmt_x(rel, r, load[0]),
+                      "n/a" if cpu is None else f"{cpu:.3f}", fmt_x(rel_cpu, r, load[0]),
+                      errs))  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in
+    lines = ["  ".join(c.ljust(w) if i in (0, 8) else c.rjust(w) for i, (c, w) in
                        enumerate(zip(row, widths, strict=True))).rstrip() for row in table]  # fmt: skip
     got = rel.get(TARGET_PHASE)
     if TARGET_PHASE in rel:
@@ -342,8 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         _procs.cleanup()
     print(render(rows, fault))
     if args.json is not None:
-        args.json.write_text(json.dumps({"rows": rows, "ratios": ratios(
-            [r for r in rows if r["bank"] is None]), "fault": fault}, indent=2))  # fmt: skip
+        load = [r for r in rows if r["bank"] is None]
+        args.json.write_text(json.dumps({"rows": rows, "ratios": ratios(load),
+                                         "cpu_ratios": ratios(load, "cpu_ms_per_op"),
+                                         "fault": fault}, indent=2))  # fmt: skip
     return 0
 
 

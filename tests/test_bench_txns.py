@@ -342,31 +342,41 @@ def test_txn_mix_arguments_and_defaults() -> None:
 
 
 def _json_report(op: str, ok: int, rate: float, p50: int, bank: dict[str, Any] | None = None,
-                 errors: dict[str, int] | None = None) -> dict[str, Any]:  # fmt: skip
+                 errors: dict[str, int] | None = None, cpu: float | None = 1.0,
+                 ) -> dict[str, Any]:  # fmt: skip
     r = {"ok": ok, "throughput": rate, "errors_by_code": errors or {},
          "latency_us": {"p50": p50, "p99": p50 * 3}}  # fmt: skip
-    return {"ops": {op: r}, "bank": bank}
+    capacity = {"cpu_s": {"n1": cpu, "n2": 1.0, "n3": 1.0}}
+    return {"ops": {op: r}, "bank": bank, "capacity": capacity, "acked_all": {op: ok + 1000}}
 
 
 def test_txn_mix_table_ratios_and_verdict() -> None:
     mod = _mod()
     bank = bank_summary(20, {"conflict": 10, COMPARE_FAILED: 70}, 2.5, 10, 2)
     rows = [
-        mod.row_of("puts", _json_report("put", 8000, 1000.0, 20_000)),
-        mod.row_of(mod.PHASES[1][0], _json_report("txn", 6400, 800.0, 25_000)),
-        mod.row_of(mod.TARGET_PHASE, _json_report("txn", 2400, 300.0, 900, errors={"conflict": 2})),
+        mod.row_of("puts", _json_report("put", 8000, 1000.0, 20_000)),  # 3 s / 9,000 ops
+        mod.row_of(mod.PHASES[1][0], _json_report("txn", 6400, 800.0, 25_000, cpu=None)),
+        mod.row_of(mod.TARGET_PHASE, _json_report("txn", 2400, 300.0, 900, errors={"conflict": 2},
+                                                  cpu=4.8)),  # 6.8 s / 3,400 ops  # fmt: skip
         mod.row_of(mod.PHASES[3][0], _json_report("txn", 1600, 200.0, 120_000)),
         mod.row_of("bank, 10 hot accounts", _json_report("txn", 20, 2.5, 400_000, bank)),
     ]
     assert mod.ratios(rows[:4]) == {mod.PHASES[1][0]: 0.8, mod.TARGET_PHASE: 0.3,
                                     mod.PHASES[3][0]: 0.2}  # fmt: skip
+    assert rows[0]["cpu_ms_per_op"] == pytest.approx(1 / 3)
+    assert rows[1]["cpu_ms_per_op"] is None  # a node could not be read
+    assert mod.ratios(rows[:4], "cpu_ms_per_op") == pytest.approx(
+        {mod.PHASES[1][0]: None, mod.TARGET_PHASE: 6.0, mod.PHASES[3][0]: 3 / 2.6 * 3})
     fault = {"resolved_s": 3.25, "txn_prepare_timeout_ms": 3000, "prepared_at_death": 2,
              "outcome": "aborted"}  # fmt: skip
     lines = mod.render(rows, fault).splitlines()
-    assert lines[0].split() == ["phase", "ok", "per", "s", "p50", "p99", "x", "puts", "errors"]
-    assert lines[1].split() == ["puts", "8,000", "1,000", "20.00ms", "60.00ms", "1.00x", "0"]
+    assert lines[0].split() == ["phase", "ok", "per", "s", "p50", "p99", "x", "puts", "cpu",
+                                "ms/op", "x", "put", "cpu", "errors"]  # fmt: skip
+    assert lines[1].split() == ["puts", "8,000", "1,000", "20.00ms", "60.00ms", "1.00x", "0.333",
+                                "1.00x", "0"]  # fmt: skip
+    assert lines[2].split()[-4:] == ["0.80x", "n/a", "n/a", "0"]
     assert lines[3].split() == ["txn,", "2", "partitions", "(2", "keys)", "2,400", "300", "900us",
-                                "2.70ms", "0.30x", "conflict=2"]  # fmt: skip
+                                "2.70ms", "0.30x", "2.000", "6.00x", "conflict=2"]  # fmt: skip
     assert lines[5] == ("ratio txn, 2 partitions (2 keys) / puts: 0.30x below target "
                         "(target >= 0.33x)")  # fmt: skip
     assert lines[6] == ("bank, 10 hot accounts, 2 per transfer: 100 attempts, 20 committed, "

@@ -203,6 +203,7 @@ class BenchReport:
             "cleanup": self.cleanup,
             "routing": self.routing,
             "capacity": None if self.capacity is None else self.capacity.to_json(),
+            "acked_all": dict(self.acked_all),
             "bank": self.bank,
             "histograms": {op: _encode(r.histogram) for op, r in self.per_op.items() if r.ok},
         }
