@@ -818,7 +818,8 @@ async def _sample_cpu(
 
 
 def key_format(config: BenchConfig, letter: bytes = b"k") -> bytes:
-    """``%`` format of the keys: the prefix, ``k``, the index zero-padded to key_size."""
+    """``%`` format of the keys: the prefix, ``letter`` (``k``), the index zero-padded to
+    key_size."""
     prefix = config.prefix.encode()
     width = config.key_size - len(prefix) - 1
     return prefix.replace(b"%", b"%%") + letter + b"%0" + str(width).encode() + b"d"
