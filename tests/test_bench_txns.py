@@ -14,13 +14,15 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import click.testing
 import pytest
-from bench_scripts import load_bench_script
+from bench_scripts import REPO, load_bench_script
 from test_bench import serve_in_thread
 from test_bench_capacity import FramedFake, _ring_reply
 
@@ -399,3 +401,22 @@ def test_txn_mix_fault_keys_avoid_the_faulty_nodes_partitions() -> None:
     only_n1 = RingMap.from_reply(_ring_reply(["n1"] * 4, addrs))
     with pytest.raises(SystemExit, match="no two partitions"):
         mod.fault_keys(only_n1, "n1")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_txn_mix_script_end_to_end() -> None:
+    """Starts real clusters, the second with the fault point: a smoke of the whole
+    script (not in the default run)."""
+    p = subprocess.run(
+        [sys.executable, str(REPO / "bench/txn_mix.py"), "--duration", "1", "--warmup", "0",
+         "--keyspace", "2000", "--partitions", "16", "--txn-prepare-timeout-ms", "500"],
+        capture_output=True, text=True, timeout=280, cwd=REPO,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert len(lines) == 8 and lines[0].startswith("phase"), p.stdout
+    assert lines[5].startswith("ratio txn, 2 partitions (2 keys) / puts: ")
+    assert lines[6].startswith("bank, 10 hot accounts, 2 per transfer: ")
+    assert lines[7].startswith("coordinator SIGKILLed before its decision: participants "
+                               "resolved ") and lines[7].endswith("outcome: aborted)")  # fmt: skip
