@@ -236,10 +236,15 @@ def start_dsnode(
 
 
 def start_dsnode_cluster(
-    work: Path, cmd: list[str], nodes: int = 3, env: dict[str, str] | None = None
+    work: Path,
+    cmd: list[str],
+    nodes: int = 3,
+    env: dict[str, str] | None = None,
+    node_env: dict[str, dict[str, str]] | None = None,
 ) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
-    """``nodes`` dsnode nodes, waited for until all report the same leader; ``env``:
-    settings for every node (``DSNODE_<SETTING>`` variables)."""
+    """``nodes`` dsnode nodes (ids n1, n2, ...), waited for until all report the same
+    leader; ``env``: settings for every node (``DSNODE_<SETTING>`` variables);
+    ``node_env``: more variables for some nodes, by node id."""
     ports = free_ports(nodes)
     ids = [f"n{i + 1}" for i in range(nodes)]
     peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in zip(ids, ports, strict=True))
@@ -250,7 +255,8 @@ def start_dsnode_cluster(
         # ``python -m dsnode`` imports from its working directory first: run it in the
         # tree PYTHONPATH names (another build's worktree), or this one
         code = Path(env["PYTHONPATH"]) if env and "PYTHONPATH" in env else REPO
-        procs.append(spawn(argv, work / f"dsnode-{nid}.log", child_env(env), cwd=code))
+        mine = {**(env or {}), **(node_env or {}).get(nid, {})}
+        procs.append(spawn(argv, work / f"dsnode-{nid}.log", child_env(mine), cwd=code))
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         for nid, p in zip(ids, procs, strict=True):

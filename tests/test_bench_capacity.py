@@ -241,12 +241,15 @@ class FakeCluster:
         return self.leaders[partition_of(key, len(self.leaders))]
 
 
-class FakeNode(asyncio.Protocol):
-    def __init__(self, cluster: FakeCluster, node_id: str) -> None:
-        self.cluster = cluster
-        self.node_id = node_id
+class FramedFake(asyncio.Protocol):
+    """A fake dsnode node: every request frame is answered with ``answer(request)``."""
+
+    def __init__(self) -> None:
         self.dec = FrameDecoder()
         self.transport: asyncio.Transport | None = None
+
+    def answer(self, req: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -255,6 +258,13 @@ class FakeNode(asyncio.Protocol):
         out = [pack_frame(self.answer(cast(dict, unpack_payload(p)))) for p in self.dec.feed(data)]
         assert self.transport is not None
         self.transport.write(b"".join(out))
+
+
+class FakeNode(FramedFake):
+    def __init__(self, cluster: FakeCluster, node_id: str) -> None:
+        super().__init__()
+        self.cluster = cluster
+        self.node_id = node_id
 
     def answer(self, req: dict[str, Any]) -> dict[str, Any]:
         c, op, rid = self.cluster, req["op"], req["id"]

@@ -126,7 +126,27 @@ def _inherit_group_settings(
     "--txn-ops",
     type=click.IntRange(min=1),
     default=2,
-    help="Sub-ops per txn (alternating put, get on distinct keys).",
+    help="Sub-ops per txn (alternating put, get on distinct keys); with --hot-keys, "
+    "accounts per transfer.",
+)
+@click.option(
+    "--txn-partitions",
+    type=click.IntRange(min=0),
+    default=0,
+    help="dsnode: the --txn-ops keys of each txn fall in exactly this many distinct "
+    "partitions (1: all in one; 2 or more: a cross-partition txn, two-phase commit), "
+    "chosen with the partition map of the ring op; needs --txn-ops >= it. 0: keys "
+    "drawn uniformly wherever they fall.",
+)
+@click.option(
+    "--hot-keys",
+    type=click.IntRange(min=0),
+    default=0,
+    help="dsnode: each txn is a bank transfer among this many hot accounts: linearizable "
+    "gets of --txn-ops accounts, then a txn comparing their versions and putting the "
+    "new balances. Reports goodput (committed transfers/s; latency is the whole "
+    "transfer's) and conflict rate ((conflict answers + failed compares) / attempts). "
+    "0: off.",
 )
 @click.option(
     "--token",
@@ -225,6 +245,8 @@ def bench_command(
     seed: int,
     consistency: str,
     txn_ops: int,
+    txn_partitions: int,
+    hot_keys: int,
     token: str | None,
     cacert: str | None,
     processes: int,
@@ -245,6 +267,10 @@ def bench_command(
     dsnode it also gives the route used with the share of answers the nodes had to
     forward, and each node's CPU seconds with the busiest node's CPU per 1,000
     acknowledged puts and the puts/s that implies with one core per node.
+
+    Cross-partition transactions: ``--mix txn=1 --txn-partitions 2`` (keys in exactly
+    two partitions); contention: ``--mix txn=1 --hot-keys 10`` (bank transfers among
+    ten accounts: goodput and conflict rate).
     """
     endpoints, token, output = _inherit_group_settings(ctx, target, endpoints, token, output)
     try:
@@ -263,6 +289,8 @@ def bench_command(
             seed=seed,
             consistency=consistency,
             txn_ops=txn_ops,
+            txn_partitions=txn_partitions,
+            hot_keys=hot_keys,
             token=token,
             cacert=cacert or ctx.find_root().meta.get("dsnode.tls_cacert"),
             processes=processes,

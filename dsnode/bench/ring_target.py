@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from dsnode.bench.routing import (
     RefreshLimiter,
@@ -25,6 +26,7 @@ from dsnode.bench.routing import (
 from dsnode.bench.targets import (
     Done,
     DsnodeTarget,
+    Reply,
     Target,
     TargetError,
     TargetOptions,
@@ -180,6 +182,10 @@ class RingTarget(Target):
 
     def start_txn(self, ops: Sequence[TxnOp], done: Done) -> None:
         self.pick(ops[0][1]).start_txn(ops, done)
+
+    def start_call(self, key: bytes, msg: dict[str, Any], reply: Reply) -> None:
+        """Send ``msg`` to the leader of ``key``'s partition (see :meth:`pick`)."""
+        self.pick(key).start_call(key, msg, reply)
 
     def close(self) -> None:
         for s in self._subs.values():

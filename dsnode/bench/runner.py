@@ -44,6 +44,7 @@ from dsnode.bench.targets import (
     TxnOp,
     get_target,
 )
+from dsnode.bench.txns import PartitionSpread, SpreadError, Transfer, bank_summary
 from dsnode.client.tls import client_ssl_context
 
 CONSISTENCIES = ("linearizable", "stale")
@@ -136,6 +137,8 @@ class BenchConfig:
     request_ids: bool = False  # dsnode: writes carry client_id/seq (PROTOCOL.md)
     route: str = "auto"  # see dsnode.bench.routing; run_bench resolves "auto"
     cpu: bool = True  # dsnode: read every member's cpu_seconds before and after
+    txn_partitions: int = 0  # dsnode: txn keys in exactly this many partitions (0: anywhere)
+    hot_keys: int = 0  # dsnode: txns are bank transfers among this many accounts (0: off)
 
     def validated(self) -> BenchConfig:
         """Check and normalise (default endpoint port, duration default, clamps)."""
@@ -178,6 +181,7 @@ class BenchConfig:
         mix = dict(self.mix)
         if mix.get("txn", 0) > 0 and self.txn_ops * 2 > self.keyspace:
             raise BenchError("--keyspace too small for --txn-ops distinct keys")
+        self._validate_txn_workload(mix.get("txn", 0) > 0)
         inflight = self.inflight
         connections = min(self.connections, inflight)
         processes = min(self.processes, connections)
@@ -190,6 +194,34 @@ class BenchConfig:
             connections=connections,
             processes=processes,
         )
+
+    def _validate_txn_workload(self, txns: bool) -> None:
+        """``--txn-partitions`` and ``--hot-keys``: dsnode only, with txns in the mix."""
+        for name in ("txn_partitions", "hot_keys"):
+            value = getattr(self, name)
+            flag = f"--{name.replace('_', '-')}"
+            if value < 0:
+                raise BenchError(f"{flag} must be >= 0")
+            if value and self.target != "dsnode":
+                raise BenchError(f"{flag} needs --target dsnode")
+            if value and not txns:
+                raise BenchError(f"{flag} needs txns in --mix (e.g. --mix txn=1)")
+        if self.txn_partitions and self.hot_keys:
+            raise BenchError("give --txn-partitions or --hot-keys, not both")
+        if self.txn_partitions > self.txn_ops:
+            raise BenchError(
+                f"--txn-ops {self.txn_ops} cannot span --txn-partitions {self.txn_partitions} "
+                "(one key per partition at least)"
+            )
+        if self.hot_keys:
+            if self.txn_ops < 2:
+                raise BenchError("--hot-keys: a transfer needs --txn-ops >= 2 accounts")
+            if self.txn_ops > self.hot_keys:
+                raise BenchError(f"--hot-keys {self.hot_keys} is fewer than --txn-ops accounts")
+            need = len(self.prefix.encode()) + len(str(self.hot_keys - 1)) + 1
+            if self.key_size < need:
+                raise BenchError(f"--key-size {self.key_size} too small for --hot-keys "
+                                 f"{self.hot_keys} (needs >= {need})")  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form (as it appears in the report)."""
@@ -275,6 +307,11 @@ class _Load:
         self.keyspace = config.keyspace
         self.written: bytearray | None = bytearray(config.keyspace) if config.cleanup else None
         self.txn_ops = config.txn_ops
+        self.consistency = config.consistency
+        #: --txn-partitions: which keys live in which partition (set by run_process)
+        self.spread: PartitionSpread | None = None
+        self.hot_keys = config.hot_keys
+        self.hot_fmt = hot_key_format(config)
         # Every acknowledged request of the whole run (warmup and drain included): the
         # CPU samples of the capacity figure cover all of it.
         self.acked_all = dict.fromkeys(self.ops, 0)
@@ -283,6 +320,11 @@ class _Load:
 
     def note_forwarded(self) -> None:
         self.forwarded_flag = True
+
+    def take_forwarded(self) -> bool:
+        """Read and clear the forwarded flag (a transfer collects it per answer)."""
+        flag, self.forwarded_flag = self.forwarded_flag, False
+        return flag
 
     def stop_issuing(self) -> None:
         """No new requests from now on; outstanding ones drain."""
@@ -395,18 +437,36 @@ class _Conn:
             target.start_put(key, load.value, done)
         elif op == "get":
             target.start_get(key, done)
+        elif load.hot_keys:
+            self._transfer(target, done)
         else:
             target.start_txn(self._txn_ops(idx), done)
 
+    def _transfer(self, target: Target, done: Callable[[str | None], None]) -> None:
+        """A bank transfer among --txn-ops hot accounts (dsnode.bench.txns.Transfer)."""
+        load = self.load
+        rng = self.rng
+        accounts = [load.hot_fmt % a for a in rng.sample(range(load.hot_keys), load.txn_ops)]
+
+        def finish(code: str | None, forwarded: bool) -> None:
+            load.forwarded_flag = forwarded  # counted once, for the whole transfer
+            done(code)
+
+        Transfer(target, accounts, 1 + int(rng.random() * 100), load.consistency,  # type: ignore[arg-type]
+                 load.take_forwarded, finish).start()  # fmt: skip
+
     def _txn_ops(self, first: int) -> list[TxnOp]:
         load = self.load
-        idxs = [first]
-        seen = {first}
-        while len(idxs) < load.txn_ops:
-            i = int(self.rng.random() * load.keyspace)
-            if i not in seen:
-                seen.add(i)
-                idxs.append(i)
+        if load.spread is not None:
+            idxs = load.spread.draw(self.rng)
+        else:
+            idxs = [first]
+            seen = {first}
+            while len(idxs) < load.txn_ops:
+                i = int(self.rng.random() * load.keyspace)
+                if i not in seen:
+                    seen.add(i)
+                    idxs.append(i)
         written = load.written
         if written is not None:
             for i in idxs[::2]:
@@ -487,6 +547,14 @@ async def run_process(
     if config.route == "ring":
         view = await _ring_view(shard, options, load.route_counts)
         make_target = functools.partial(RingTarget, view=view)
+    if config.txn_partitions:
+        ring_map = view.map if view is not None else (await _ring_view(
+            shard, options, load.route_counts, "--txn-partitions")).map  # fmt: skip
+        try:
+            load.spread = PartitionSpread(load.key_fmt, config.keyspace, ring_map.partitions,
+                                          config.txn_partitions, config.txn_ops)  # fmt: skip
+        except SpreadError as exc:
+            raise BenchError(str(exc)) from None
 
     conns = [
         _Conn(
@@ -580,17 +648,17 @@ async def run_process(
     )
 
 
-async def _ring_view(shard: Shard, options: TargetOptions, counts: RouteCounts) -> RingView:
+async def _ring_view(
+    shard: Shard, options: TargetOptions, counts: RouteCounts, why: str = "--route ring"
+) -> RingView:
     """This process's copy of the partition map, from its first connection's endpoint."""
     host, port, _ = shard.conns[0]
     try:
         ring = await fetch_ring(host, port, options)
     except RingUnsupported as exc:
-        raise BenchError(f"--route ring: {exc}") from None
+        raise BenchError(f"{why}: {exc}") from None
     except (OSError, TimeoutError, TargetError, RingMapError) as exc:
-        raise BenchError(
-            f"--route ring: cannot fetch the ring map from {host}:{port}: {exc!r}"
-        ) from None
+        raise BenchError(f"{why}: cannot fetch the ring map from {host}:{port}: {exc!r}") from None
     return RingView(ring, counts, asyncio.get_running_loop().time)
 
 
@@ -684,6 +752,10 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchRep
     report = BenchReport.merge(config.to_json(), ops, results)
     if dsnode:
         report.routing = route_summary(config.route, note, report.route_counts)
+    txn = report.per_op.get("txn")
+    if config.hot_keys and txn is not None:
+        report.bank = bank_summary(txn.ok, dict(txn.errors), txn.throughput, config.hot_keys,
+                                   config.txn_ops)  # fmt: skip
     if before is not None:
         with asyncio.Runner(loop_factory=_new_loop) as runner:
             after, _ = runner.run(_sample_cpu(config, before.members))
@@ -745,11 +817,18 @@ async def _sample_cpu(
     return await sample_cluster(host, port, options, members)
 
 
-def key_format(config: BenchConfig) -> bytes:
-    """``%`` format of the keys: the prefix, ``k``, the index zero-padded to key_size."""
+def key_format(config: BenchConfig, letter: bytes = b"k") -> bytes:
+    """``%`` format of the keys: the prefix, ``letter`` (``k``), the index zero-padded to
+    key_size."""
     prefix = config.prefix.encode()
     width = config.key_size - len(prefix) - 1
-    return prefix.replace(b"%", b"%%") + b"k%0" + str(width).encode() + b"d"
+    return prefix.replace(b"%", b"%%") + letter + b"%0" + str(width).encode() + b"d"
+
+
+def hot_key_format(config: BenchConfig) -> bytes:
+    """``%`` format of the ``--hot-keys`` accounts: as :func:`key_format` with ``h``
+    (never one of the keyspace's keys)."""
+    return key_format(config, b"h")
 
 
 CLEANUP_BATCH = 64  # deletes per txn (under the server's default max_txn_ops of 128)
@@ -767,6 +846,8 @@ async def cleanup_written(config: BenchConfig, results: Sequence[ProcessResult])
                     written[i] = 1
     fmt = key_format(config)
     keys = [fmt % i for i, b in enumerate(written) if b]
+    hot = hot_key_format(config)
+    keys.extend(hot % i for i in range(config.hot_keys))
     host, port = parse_endpoint(config.endpoints[0], get_target(config.target).default_port)
     options = TargetOptions(token=config.token, connect_timeout=config.connect_timeout)
     target = get_target(config.target)(host, port, options)

@@ -11,6 +11,7 @@ from hdrh.histogram import HdrHistogram
 
 from dsnode.bench.cpu import Capacity
 from dsnode.bench.routing import RouteCounts, render_routing
+from dsnode.bench.txns import render_bank
 
 #: Histogram range in microseconds: 1 us .. 60 s, 3 significant digits.
 HIST_LOWEST_US = 1
@@ -121,6 +122,8 @@ class BenchReport:
     """dsnode: the route used and the forwarded share (:func:`route_summary`)."""
     capacity: Capacity | None = None
     """dsnode with ``cpu``: CPU per node and the capacity-per-core figure."""
+    bank: dict[str, Any] | None = None
+    """dsnode with ``--hot-keys``: goodput and conflict rate (:func:`bank_summary`)."""
 
     @classmethod
     def merge(
@@ -200,6 +203,8 @@ class BenchReport:
             "cleanup": self.cleanup,
             "routing": self.routing,
             "capacity": None if self.capacity is None else self.capacity.to_json(),
+            "acked_all": dict(self.acked_all),
+            "bank": self.bank,
             "histograms": {op: _encode(r.histogram) for op, r in self.per_op.items() if r.ok},
         }
 
@@ -217,6 +222,9 @@ class BenchReport:
             f"workload: mix {mix}, key {c['key_size']} B, value {c['value_size']} B, "
             f"keyspace {c['keyspace']}, consistency {c['consistency']}, seed {c['seed']}",
         ]
+        if c.get("txn_partitions"):
+            lines.append(f"txns: {c['txn_ops']} keys each, in exactly {c['txn_partitions']} "
+                         "partition(s)")  # fmt: skip
         if self.server_info:
             lines.append(
                 "server: " + ", ".join(f"{k}={v}" for k, v in sorted(self.server_info.items()))
@@ -266,6 +274,8 @@ class BenchReport:
             lines.extend(render_routing(self.routing))
         if self.capacity is not None:
             lines.extend(self.capacity.render_text())
+        if self.bank is not None:
+            lines.extend(render_bank(self.bank))
         if self.cleanup is not None:
             lines.append(
                 f"cleanup: deleted the {self.cleanup['deleted']} keys written under "

@@ -40,6 +40,10 @@ Done = Callable[[str | None], None]
 #: One transaction sub-op: ``("put", key, value)`` or ``("get", key, None)``.
 TxnOp = tuple[str, bytes, bytes | None]
 
+#: Reply callback of :meth:`DsnodeTarget.start_call`: ``(answer, None)`` on success,
+#: ``(answer or None, code)`` on failure (``None`` when no answer came).
+Reply = Callable[[dict[str, Any] | None, str | None], None]
+
 #: Client-side error codes (server codes are passed through unchanged).
 CONNECTION_LOST = "connection_lost"
 PROTOCOL_ERROR = "protocol_error"
@@ -335,6 +339,7 @@ class DsnodeTarget(StreamTarget):
         self._ids = itertools.count(1)
         self._pending: dict[int, Done] = {}
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._calls: dict[int, Reply] = {}
         self._get_extra: dict[str, Any] = (
             {"consistency": self.options.consistency} if self.options.consistency else {}
         )
@@ -404,6 +409,21 @@ class DsnodeTarget(StreamTarget):
         ]
         self._start(self._write_msg({"op": "txn", "then": then}), done)
 
+    def start_call(self, key: bytes, msg: dict[str, Any], reply: Reply) -> None:
+        """Send ``msg`` (a put, delete or txn gets a request id when the options ask for
+        them) and hand the whole answer to ``reply``, never synchronously. ``key`` picks
+        the connection in :class:`~dsnode.bench.ring_target.RingTarget`; unused here."""
+        if self._transport is None:
+            loop = self._loop or asyncio.get_running_loop()
+            loop.call_soon(reply, None, CONNECTION_LOST)
+            return
+        if msg["op"] in ("put", "delete", "txn"):
+            msg = self._write_msg(msg)
+        req_id = next(self._ids)
+        msg["id"] = req_id
+        self._calls[req_id] = reply
+        self._write(msg)
+
     def data_received(self, data: bytes) -> None:
         try:
             frames = self._decoder.feed(data)
@@ -424,6 +444,12 @@ class DsnodeTarget(StreamTarget):
                     self.on_forwarded()
                 done(None if msg.get("ok") is True else _error_code(msg))  # type: ignore[union-attr]
                 continue
+            call = self._calls.pop(req_id, None)
+            if call is not None:
+                if self.on_forwarded is not None and msg.get("forwarded") is True:  # type: ignore[union-attr]
+                    self.on_forwarded()
+                call(msg, None if msg.get("ok") is True else _error_code(msg))  # type: ignore[arg-type,union-attr]
+                continue
             fut = self._replies.pop(req_id, None)
             if fut is not None:
                 if not fut.done():
@@ -438,6 +464,9 @@ class DsnodeTarget(StreamTarget):
         pending, self._pending = self._pending, {}
         for done in pending.values():
             done(code)
+        calls, self._calls = self._calls, {}
+        for call in calls.values():
+            call(None, code)
         replies, self._replies = self._replies, {}
         for fut in replies.values():
             if not fut.done():
