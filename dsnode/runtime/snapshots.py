@@ -220,19 +220,20 @@ class SnapshotStore:
         if repairs:
             self._sync_dir()
         pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="snapshot-recovery")
-        jobs = [
-            (self._groups[token], pool.submit(self._newest_valid, self._groups[token], indexes))
+        jobs = [  # each thread gets its own list of the group's indexes, newest first
+            (self._groups[token],
+             pool.submit(self._newest_valid, self._groups[token], sorted(indexes, reverse=True)))
             for token, indexes in self._files.items()
         ]
         pool.shutdown(wait=False)  # the threads end once the jobs are done
         return RecoveryJob(jobs, repairs)
 
     def _newest_valid(
-        self, group: Any, indexes: set[int]
+        self, group: Any, newest_first: list[int]
     ) -> tuple[StoredSnapshot | None, list[tuple[Any, int, SnapshotCorruptError]]]:
         """The group's newest file that checks out, and the damaged newer ones."""
         corrupt = []
-        for index in sorted(indexes, reverse=True):
+        for index in newest_first:
             path = self._dir / snapshot_file_name(group, index)
             try:
                 return read_snapshot_file(path, group, index), corrupt
