@@ -15,7 +15,8 @@ Contract
   ``*.tmp`` files and returns, per group, the newest file whose header and
   checksum are valid, plus the newer ones that are not (``corrupt``): the node
   may start only if the log covers each of those (``main`` checks it after
-  replay).
+  replay). :meth:`SnapshotStore.start_recovery` does the same with the files
+  read and checked on worker threads while the node scans its WAL.
 * :meth:`SnapshotStore.prune` removes a group's files older than the one a
   durable WAL checkpoint names: recovery never needs them again.
 
@@ -35,7 +36,7 @@ import re
 import struct
 import zlib
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,13 @@ import msgpack
 from dsnode.core.paxos.outputs import StoredSnapshot
 from dsnode.runtime import memory
 
-__all__ = ["RecoveredSnapshots", "SnapshotCorruptError", "SnapshotStore", "snapshot_file_name"]
+__all__ = [
+    "RecoveredSnapshots",
+    "RecoveryJob",
+    "SnapshotCorruptError",
+    "SnapshotStore",
+    "snapshot_file_name",
+]
 
 MAGIC = b"DSNGSNAP"
 FORMAT_VERSION = 1
@@ -55,6 +62,9 @@ _CRC = struct.Struct("<I")
 _NAME_RE = re.compile(r"^snap-(.+)-(\d{20})\.snap$")
 _OPEN_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
 _FDATASYNC = getattr(os, "fdatasync", os.fsync)
+# Threads reading and checking snapshot files at recovery: the checksum releases the
+# GIL, so two keep two cores busy; more would only contend for the disk.
+RECOVERY_THREADS = 2
 
 
 class SnapshotCorruptError(Exception):
@@ -138,6 +148,33 @@ class RecoveredSnapshots:
     repairs: list[str] = field(default_factory=list)
 
 
+class RecoveryJob:
+    """The snapshot files :meth:`SnapshotStore.start_recovery` is reading."""
+
+    def __init__(self, jobs: list[tuple[Any, Future]], repairs: list[str]) -> None:
+        self._jobs = jobs
+        self._repairs = repairs
+
+    def cancel(self) -> None:
+        """Not needed after all (the WAL failed): drop the files not started, wait
+        for those being read."""
+        for _, f in self._jobs:
+            f.cancel()
+        wait([f for _, f in self._jobs])
+
+    def result(self) -> RecoveredSnapshots:
+        """Wait for every file; raises what reading one raised (``OSError``), once
+        all are done (no thread is left reading a file when it returns)."""
+        wait([f for _, f in self._jobs])
+        out = RecoveredSnapshots(repairs=self._repairs)
+        for group, f in self._jobs:  # in the order the groups were listed
+            snap, corrupt = f.result()
+            if snap is not None:
+                out.snapshots[group] = snap
+            out.corrupt += corrupt
+        return out
+
+
 class SnapshotStore:
     """The snapshot files of one node, in one directory. Single owner (the driver)."""
 
@@ -159,29 +196,50 @@ class SnapshotStore:
     def recover(self, groups: Iterable[Any]) -> RecoveredSnapshots:
         """Blocking; call once before serving. Files of groups not in ``groups``
         are left alone (and ignored)."""
+        return self.start_recovery(groups).result()
+
+    def start_recovery(
+        self, groups: Iterable[Any], threads: int = RECOVERY_THREADS
+    ) -> RecoveryJob:
+        """:meth:`recover` with the files read and checked on ``threads`` worker
+        threads (the checksum releases the GIL, and reading a mapped file through
+        is where its pages are faulted in), so the caller can go on meanwhile (the
+        node scans its WAL); ``result()`` waits for them. Removing torn ``.tmp``
+        files and listing the directory happen here, before it returns."""
         self._dir.mkdir(parents=True, exist_ok=True)
-        out = RecoveredSnapshots()
+        repairs: list[str] = []
         self._groups = {_group_token(g): g for g in groups}
         for name in sorted(os.listdir(self._dir)):
             if name.endswith(".tmp"):
                 os.unlink(self._dir / name)  # torn: never renamed, never named by the WAL
-                out.repairs.append(f"removed leftover {name}")
+                repairs.append(f"removed leftover {name}")
                 continue
             m = _NAME_RE.match(name)
             if m is not None and m.group(1) in self._groups:
                 self._files.setdefault(m.group(1), set()).add(int(m.group(2)))
-        for token, indexes in self._files.items():
-            group = self._groups[token]
-            for index in sorted(indexes, reverse=True):
-                path = self._dir / snapshot_file_name(group, index)
-                try:
-                    out.snapshots[group] = read_snapshot_file(path, group, index)
-                    break
-                except SnapshotCorruptError as e:
-                    out.corrupt.append((group, index, e))
-        if out.repairs:
+        if repairs:
             self._sync_dir()
-        return out
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="snapshot-recovery")
+        jobs = [  # each thread gets its own list of the group's indexes, newest first
+            (self._groups[token],
+             pool.submit(self._newest_valid, self._groups[token], sorted(indexes, reverse=True)))
+            for token, indexes in self._files.items()
+        ]
+        pool.shutdown(wait=False)  # the threads end once the jobs are done
+        return RecoveryJob(jobs, repairs)
+
+    def _newest_valid(
+        self, group: Any, newest_first: list[int]
+    ) -> tuple[StoredSnapshot | None, list[tuple[Any, int, SnapshotCorruptError]]]:
+        """The group's newest file that checks out, and the damaged newer ones."""
+        corrupt = []
+        for index in newest_first:
+            path = self._dir / snapshot_file_name(group, index)
+            try:
+                return read_snapshot_file(path, group, index), corrupt
+            except SnapshotCorruptError as e:
+                corrupt.append((group, index, e))
+        return None, corrupt
 
     # ----------------------------------------------------------------------- writing
 

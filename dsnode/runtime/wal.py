@@ -273,26 +273,33 @@ def _scan_segment(path: Path, first_lsn: int, keep_after: int) -> _SegmentScan:
 
 
 def _read_snapshot(path: Path, lsn: int) -> bytes:
-    """Return a snapshot's data, or raise :class:`WALCorruptError` if it is damaged."""
-    data = path.read_bytes()
-    if len(data) < _SNAP_HDR.size:
-        raise WALCorruptError(path, 0, f"snapshot shorter than its {_SNAP_HDR.size}-byte header")
-    magic, version, hdr_lsn, length, crc = _SNAP_HDR.unpack_from(data, 0)
-    if magic != SNAPSHOT_MAGIC:
-        raise WALCorruptError(path, 0, f"bad snapshot magic {magic!r}")
-    if version != FORMAT_VERSION:
-        raise WALCorruptError(path, 0, f"unsupported snapshot format version {version}")
-    if hdr_lsn != lsn:
-        raise WALCorruptError(path, 0, f"snapshot header lsn {hdr_lsn} != file name lsn {lsn}")
-    if len(data) != _SNAP_HDR.size + length:
-        raise WALCorruptError(
-            path, _SNAP_HDR.size, f"snapshot data is {len(data) - _SNAP_HDR.size} bytes, "
-            f"header says {length}"
-        )
-    body = memoryview(data)[_SNAP_HDR.size :]
-    if _crc32(body, _crc32(data[: _SNAP_HDR_BODY.size])) != crc:
+    """Return a snapshot's data, or raise :class:`WALCorruptError` if it is damaged.
+
+    The data is read straight into the bytes returned (no copy of a log window
+    that may be hundreds of megabytes)."""
+    with open(path, "rb") as f:
+        head = f.read(_SNAP_HDR.size)
+        size = os.fstat(f.fileno()).st_size
+        if len(head) < _SNAP_HDR.size:
+            raise WALCorruptError(
+                path, 0, f"snapshot shorter than its {_SNAP_HDR.size}-byte header"
+            )
+        magic, version, hdr_lsn, length, crc = _SNAP_HDR.unpack_from(head, 0)
+        if magic != SNAPSHOT_MAGIC:
+            raise WALCorruptError(path, 0, f"bad snapshot magic {magic!r}")
+        if version != FORMAT_VERSION:
+            raise WALCorruptError(path, 0, f"unsupported snapshot format version {version}")
+        if hdr_lsn != lsn:
+            raise WALCorruptError(path, 0, f"snapshot header lsn {hdr_lsn} != file name lsn {lsn}")
+        if size != _SNAP_HDR.size + length:
+            raise WALCorruptError(
+                path, _SNAP_HDR.size, f"snapshot data is {size - _SNAP_HDR.size} bytes, "
+                f"header says {length}"
+            )
+        body = f.read(length)
+    if len(body) != length or _crc32(body, _crc32(head[: _SNAP_HDR_BODY.size])) != crc:
         raise WALCorruptError(path, _SNAP_HDR.size, "snapshot checksum mismatch")
-    return bytes(body)
+    return body
 
 
 def _fsync_all(fds: Iterable[int]) -> None:

@@ -159,3 +159,35 @@ def test_a_get_taken_after_a_put_sees_it_with_or_without_a_lease(leases):
     by_token = {x.token: x.result for x in c.replies["a"]}
     assert by_token["r"]["value"] in (b"v2", b"v3")
     assert by_token["w3"]["succeeded"]
+
+
+def test_a_restarted_sole_member_campaigns_at_once_the_only_lease_it_honoured_was_its_own():
+    """A group of one: the only lease its acceptor can have acknowledged is its own
+    leader's (this node before the crash, gone). Honouring it would only make a
+    restarted single-node cluster sit out an election timeout before serving."""
+    c = Cluster(LEASE_CFG, names=("a",))
+    c.nodes["a"].campaign(0)
+    c.settle()
+    c.nodes["a"].propose(0, "w", Put(b"k", b"v"), request_id=("cl", 1))
+    c.settle()
+    assert c.nodes["a"].lease_held(0)
+    c.crash_restart("a")
+    a = c.nodes["a"]
+    a.campaign(0)
+    c.settle()
+    assert a.is_leader(0)
+    assert a.dropped["campaign_during_lease"] == 0
+    a.read(0, "r", Get(b"k"))
+    c.settle()
+    assert [r.result for r in c.replies["a"]][-1] == {"value": b"v", "version": 1}
+
+
+def test_a_restarted_member_of_a_larger_group_still_sits_out_the_honour_period():
+    """With other members, the restarted node may have acknowledged another node's
+    lease before it went down: no campaign for an election timeout."""
+    c = _leased_cluster()
+    c.crash_restart("b")
+    c.nodes["b"].campaign(0)
+    c.settle()
+    assert not c.nodes["b"].is_leader(0)
+    assert c.nodes["b"].dropped["campaign_during_lease"] == 1

@@ -32,7 +32,8 @@ from dsnode.core.commands import (
 # 2: [2, revision, {key: [value, version]}] in one msgpack object;
 # 3: [3, revision, count, shards], then [shard, {key: packed entry}] pairs in
 # sequence whose maps add up to count entries: each writer step packs its maps
-# in C, and restore merges each into its shard in C (dict.update).
+# in C, and restore takes a shard's first map as the shard itself and merges
+# the next ones into it in C (dict.update).
 SNAPSHOT_FORMAT = 3
 # A transaction's gets may return at most this many bytes of values in all; a
 # larger one fails with no effect (``ERROR_KEY``), the same on every replica, so
@@ -141,12 +142,20 @@ class KVStore:
         raise TypeError(f"not a command: {cmd!r}")
 
     def _put(self, cmd: Put) -> dict:
-        current = self.version(cmd.key)
-        if cmd.if_version is not None and cmd.if_version != current:
-            return {"succeeded": False, "version": current}
-        self.revision += 1
-        self._set(cmd.key, cmd.value, self.revision)
-        return {"succeeded": True, "version": self.revision}
+        # _set inlined, the shard found once: the hottest path of the log replay at restart
+        key = cmd.key
+        i = _crc32(key) & _SHARD_MASK
+        if cmd.if_version is not None:
+            entry = self._shards[i].get(key)
+            current = 0 if entry is None else _VERSION.unpack_from(entry)[0]
+            if cmd.if_version != current:
+                return {"succeeded": False, "version": current}
+        self.revision = rev = self.revision + 1
+        shard = self._shards[i] if self._owned[i] else self._writable(key)
+        n = len(shard)
+        shard[key] = _VERSION.pack(rev) + cmd.value
+        self._len += len(shard) - n
+        return {"succeeded": True, "version": rev}
 
     def _delete(self, cmd: Delete) -> dict:
         current = self.version(cmd.key)
@@ -252,7 +261,10 @@ class KVStore:
             if not isinstance(chunk, dict) or not isinstance(i, int) or not 0 <= i < head[3]:
                 raise ValueError("KV snapshot: bad shard piece")
             if same_shards:
-                shards[i].update(chunk)
+                if shards[i]:
+                    shards[i].update(chunk)
+                else:  # the unpacker's fresh map becomes the shard: no second insert per key
+                    shards[i] = chunk
             else:  # written with another shard count: place each key anew
                 for k, entry in chunk.items():
                     shards[_crc32(k) & _SHARD_MASK][k] = entry

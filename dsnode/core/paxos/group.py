@@ -271,9 +271,12 @@ class PaxosGroup(LeaderSide, CatchUp):
         elections that pre-vote would otherwise make rare."""
         if self.role is Role.LEADER:
             return
-        if self.cfg.lease_ticks and self._leader_recent():
+        if self.cfg.lease_ticks and len(self.members) > 1 and self._leader_recent():
             # We may have acknowledged a live leader's lease: our own promise
             # would help elect another leader while it still serves reads alone.
+            # (A group of one can only have acknowledged its own: this node's, or
+            # an earlier incarnation's, gone. Nothing to honour: a restarted
+            # single-node cluster leads at once, not after an election timeout.)
             self.out.dropped["campaign_during_lease"] += 1
             return
         self.become_candidate()
