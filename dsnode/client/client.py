@@ -616,7 +616,8 @@ class Client:
         """Atomically: if every ``(key, version)`` compare holds run ``then``, else ``else_``.
 
         Build sub-ops with :meth:`Op.get`, :meth:`Op.put`, :meth:`Op.delete`. A ring-aware
-        client sends it to the leader of its first key's partition (compares first); keys
+        client sends it to the leader of its first written key's partition (its first key's
+        when it writes none: for a txn across partitions, the home partition); keys
         may span partitions (the node runs two-phase commit; a conflict with another
         transaction is :class:`Conflict`, definite and retryable).
         """
@@ -633,8 +634,11 @@ class Client:
         else_w = [_op_to_wire(o) for o in else_]
         if else_w:
             msg["else"] = else_w
-        first = ifs or then_w or else_w
-        resp = await self._call(msg, timeout, True, first[0]["key"] if first else None)
+        # the leader of the partition of its first written key (a cross-partition txn's
+        # home, where the node coordinating it commits), else of its first key
+        written = [o["key"] for o in (*then_w, *else_w) if o.get("op") != "get"]
+        first = written or [o["key"] for o in (*ifs, *then_w, *else_w)]
+        resp = await self._call(msg, timeout, True, first[0] if first else None)
         return TxnResult(resp["succeeded"], resp.get("results", []))
 
     async def status(self, *, timeout: float | None = None) -> dict[str, Any]:

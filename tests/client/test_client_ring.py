@@ -73,16 +73,20 @@ async def test_each_key_goes_to_its_partitions_leader_per_the_map(cluster):
     assert sum(1 for s in cluster for r in s.requests if r["op"] == "ring") == 1
 
 
-async def test_txn_goes_to_the_leader_of_its_first_keys_partition(cluster):
+async def test_txn_goes_to_the_leader_of_its_first_written_keys_partition(cluster):
+    """The home of a cross-partition txn (its first written key's partition), where the
+    node it reaches commits; a txn that writes nothing: its first key's."""
     a = _keys_led_by(cluster, "n2", 1)[0]
     b = _keys_led_by(cluster, "n1", 1)[0]
     async with Client(cluster[0].endpoint, timeout=2.0) as c:
-        await c.txn(compares=[(a, 0)], then=[Op.put(b, "1")])
-        await c.txn(then=[Op.get(b), Op.put(a, "2")])
+        await c.txn(compares=[(a, 0)], then=[Op.put(b, "1")])  # to n1 (b is written)
+        await c.txn(then=[Op.get(b), Op.put(a, "2")])  # to n2 (a is written)
+        await c.txn(compares=[(a, 0)], then=[Op.get(b)])  # reads only: a's, n2
         await c.txn()  # no key: the usual route
     txns = {s.node_id: [r for r in s.requests if r["op"] == "txn"] for s in cluster}
-    assert [len(txns[n]) for n in ("n0", "n1", "n2")] == [1, 1, 1]
-    assert txns["n2"][0]["if"][0]["key"] == a and txns["n1"][0]["then"][0]["key"] == b
+    assert [len(txns[n]) for n in ("n0", "n1", "n2")] == [1, 1, 2]
+    assert txns["n1"][0]["then"][0]["key"] == b
+    assert [t["then"][-1]["key"] for t in txns["n2"]] == [a, b]
 
 
 async def test_a_forwarded_answer_makes_the_client_fetch_the_map_again_and_follow_it(
