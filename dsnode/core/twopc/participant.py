@@ -67,7 +67,7 @@ from dsnode.core.twopc import records as rec
 from dsnode.core.twopc.records import TxCommit, TxDecide, TxPrepare, TxResolve
 
 HORIZON_MS = 30_000
-TOMBSTONES_MAX = 65_536
+TOMBSTONES_MAX = 16_384  # per table and partition: about 2.5 MB at most
 
 COMMIT, ABORT, UNKNOWN = "commit", "abort", "unknown"
 # refusals of a prepare
