@@ -209,8 +209,11 @@ class PaxosNode:
         if alive != self._alive_seen:
             changed = alive ^ self._alive_seen
             self._alive_seen = alive
-            for gid in [gid for gid in self._quiet if changed & self.groups[gid].member_set]:
-                self._awake(gid)
+            # in a fixed order (not the set's, which the hash seed decides for "meta"):
+            # the groups woken tick, and send, in this order
+            for gid in sorted(self._quiet, key=str):
+                if changed & self.groups[gid].member_set:
+                    self._awake(gid)
         quiet, ticking = self._quiet, self._ticking
         for gid, g in list(ticking.items()):
             g.tick(n)
