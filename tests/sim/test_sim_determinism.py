@@ -22,3 +22,9 @@ def test_a_partitioned_seed_replays_under_any_hash_seed():
     args = ("--seed", "18", "--nodes", "5", "--partitions", "16", "--replication", "3")
     assert _run("1", *args) == _run("2", *args) == _run("3", *args)
 
+
+
+def test_a_transactions_seed_replays_under_any_hash_seed():
+    args = ("--seed", "3", "--nodes", "5", "--partitions", "16", "--replication", "3",
+            "--txns")
+    assert _run("1", *args) == _run("2", *args)

@@ -190,6 +190,10 @@ class PaxosNode:
             self.out.dropped["unknown_group"] += 1
             return
         g.step(from_peer, msg)
+        p = g.proposer
+        if p is not None and p.queue:
+            # slots chosen may have opened the in-flight window: flush the queue
+            self._dirty.add(g.group)
 
     def tick(self, n: int = 1) -> None:
         """``n`` ticks of this node's clock passed since the last call (the shell
