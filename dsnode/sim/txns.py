@@ -85,7 +85,7 @@ class TxConfig:
     # Submit.deadline); a local one waits for its deadline, as the local core answers
     # every proposal (leadership lost included): resubmitting it sooner would pile
     # copies into a slow leader's queue, each answered in turn
-    rpc_timeout_ticks: int = 40
+    rpc_timeout_ticks: int = 100
     scan_every_ticks: int = 3
     get_timeout_ticks: int = 150  # a single-key get on an account, with its retries
     crash_point: str = ""  # one of CRASH_POINTS ("": none)
@@ -392,6 +392,7 @@ class Bank:
         self.ops: list[BankOp] = []
         self.issuing = True
         self.final_wanted = False
+        self.locked = 0  # single-key gets answered locked (and asked again)
 
     def pid(self, key: bytes) -> int:
         return self.world.ring.partition_of(key)
@@ -528,6 +529,8 @@ class Bank:
             return
         op = c.op
         if reply.error is not None:
+            if reply.error[0] == "locked":
+                self.locked += 1  # a prepared transaction may write it: wait
             hint = _hint(reply.error[1])
             c.node = hint if hint in self.world.groups[self.pid(op.keys[0])] else None
             c.retry_at = now + (1 if c.node else 3)
@@ -560,7 +563,7 @@ class Bank:
         c.final = False
 
     def stats(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+        out: dict[str, int] = {"aget_locked": self.locked}
         for op in self.ops:
             name = f"{op.kind}_{op.outcome}" + (f"_{op.error}" if op.error else "")
             out[name] = out.get(name, 0) + 1

@@ -59,10 +59,14 @@ def test_sim_txns_commit_transfers_and_read_the_total():
             for m in w.live_members(g):
                 tx = w.cores[m].state_machine(g).txns
                 assert not (tx.prepared or tx.decisions or tx.xlocks or tx.slocks)
-    assert totals.get("transfer_commit", 0) >= 3, totals
-    assert totals.get("readall_ok", 0) >= 5, totals
-    assert totals.get("aget_ok", 0) >= 5, totals
-    assert totals.get("tx_crashes", 0) >= 1, totals
+
+    def count(prefix: str) -> int:  # (a key names the last error an op met, if any)
+        return sum(v for k, v in totals.items() if k.startswith(prefix))
+
+    assert count("transfer_commit") >= 3, totals
+    assert count("readall_ok") >= 5, totals
+    assert count("aget_ok") >= 5, totals
+    assert count("tx_crashes") >= 1, totals
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
@@ -70,8 +74,13 @@ def test_sim_txns_coordinator_crashes_at_each_step(point):
     """The coordinator's node crashes whenever one of its attempts is at ``point``
     (often: a fifth of the ticks it is there): the participants ask the home, the
     home re-drives its decision, and the checks hold."""
-    w, _res = _run(7, _cfg(crash_point=point, crash_chance=0.2))
-    assert w.tx.crashes >= 1
+    crashes = 0
+    for seed in range(7, 11):
+        w, _res = _run(seed, _cfg(crash_point=point, crash_chance=0.3))
+        crashes += w.tx.crashes
+        if crashes >= 1:
+            return
+    pytest.fail(f"{crashes} crashes at {point} in seeds 7-10")
 
 
 @pytest.mark.parametrize("variant", sorted(TXN_BROKEN))
