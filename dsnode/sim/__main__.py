@@ -10,6 +10,10 @@ run); with ``--partitions P`` a partitioned cluster as the runtime runs one, a
 metadata group and a ring of P partitions with ``--replication`` (alias of
 ``--replicas``) replicas each, created by the cores themselves, e.g.
 ``python -m dsnode.sim --seeds 0-99 --nodes 5 --partitions 16 --replication 3``.
+``--txns`` adds cross-partition transactions (``dsnode.sim.txns``): a bank
+workload through every node's two-phase-commit coordinator, coordinators
+crashed at their steps, and the atomicity and bank checks; ``--broken
+decide-early`` or ``release-on-timeout`` runs a broken 2PC variant.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from dsnode.sim.broken import (
     BROKEN_GROUPS,
     LIVENESS_BROKEN,
     RING_BROKEN,
+    TXN_BROKEN,
     WORLD_BROKEN,
     configure,
 )
 from dsnode.sim.trace import Trace
+from dsnode.sim.txns import TxConfig
 from dsnode.sim.world import SimConfig, SimWorld, partitioned_config
 
 
@@ -53,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keys", type=int, help="default 6; partitioned 24")
     ap.add_argument("--no-swarm", action="store_true", help="fixed timing and fault mix")
     ap.add_argument("--broken", choices=sorted(BROKEN) + sorted(BROKEN_GROUPS)
-                    + sorted(LIVENESS_BROKEN) + list(WORLD_BROKEN) + sorted(RING_BROKEN),
+                    + sorted(LIVENESS_BROKEN) + list(WORLD_BROKEN) + sorted(RING_BROKEN)
+                    + sorted(TXN_BROKEN),
                     help="run a deliberately broken variant")
+    ap.add_argument("--txns", action="store_true",
+                    help="cross-partition transactions: a bank workload over 2PC "
+                         "(partitioned clusters only)")
     ap.add_argument("--trace", action="store_true", help="print every event")
     ap.add_argument("--tick-ms", type=float, default=10.0, help="for cluster-seconds only")
     args = ap.parse_args(argv)
@@ -68,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("clients", "keys"):
         if getattr(args, name) is not None:
             run[name] = getattr(args, name)
+    if args.txns or args.broken in TXN_BROKEN:
+        run["txns"] = TxConfig()
     try:
         if args.partitions:
             cfg = partitioned_config(args.nodes, args.partitions, args.replicas, **run)
@@ -95,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             flags.append(f"--{name.replace('_', '-')} {getattr(args, name)}")
     if args.no_swarm:
         flags.append("--no-swarm")
+    if args.txns:
+        flags.append("--txns")
     if args.broken:
         flags.append(f"--broken {args.broken}")
 
@@ -113,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"ok={res.ops_ok} indeterminate={res.ops_indeterminate} messages={res.messages} "
                 f"wall={res.wall_s:.2f}s"
             )
+            if res.stats:
+                print("  " + " ".join(f"{k}={v}" for k, v in sorted(res.stats.items())))
         if not res.ok:
             failed += 1
             if not args.trace:

@@ -1,10 +1,12 @@
-"""Deliberately broken Paxos variants: the simulator must catch each of them
-for some seed (tests/sim/test_sim_catches_bugs.py)."""
+"""Deliberately broken variants (of Paxos, the placement, the world, and the
+two-phase commit): the simulator must catch each of them for some seed
+(tests/sim/test_sim_catches_bugs.py, tests/sim/test_sim_txns.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from dsnode.core.commands import SubGet
 from dsnode.core.effects import Reply
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.group import PaxosGroup
@@ -12,6 +14,10 @@ from dsnode.core.paxos.messages import Ballot
 from dsnode.core.paxos.node import PaxosNode
 from dsnode.core.paxos.statemachine import DedupKV
 from dsnode.core.ring import Ring
+from dsnode.core.twopc.coordinator import Coordinator, State
+from dsnode.core.twopc.records import TxResolve
+from dsnode.core.twopc.recovery import Recovery
+from dsnode.sim.txns import TxConfig
 
 
 class ForgetfulAcceptor(Acceptor):
@@ -161,8 +167,58 @@ RING_BROKEN = {
 WORLD_BROKEN = ("trusting-peers",)
 
 
+class DecidesEarlyCoordinator(Coordinator):
+    """Decides a writing transaction's commit as soon as one prepare is chosen, with
+    the compares taken to hold: the other participants may not have prepared (their
+    prepare waits, dies, or comes after the resolve and is refused), and nobody
+    checked their versions. (Read-only transactions it runs as it should.)"""
+
+    def _on_prepared(self, a, pid, result):
+        writes = any(type(s) is not SubGet for s in (*a.txn.then, *a.txn.otherwise))
+        if not writes or len(a.prepared) + 1 == len(a.plan.prepares):
+            super()._on_prepared(a, pid, result)  # as it should
+            return
+        a.prepared[pid] = result  # the first of several: decide at once
+        a.state, a.holds = State.DECIDING, True
+        self._decide(a)
+
+    def _committed(self, a, pid, result):
+        if len(a.prepared) < len(a.plan.prepares):
+            a.token = None  # no answer: it cannot know every result
+        super()._committed(a, pid, result)
+
+
+class ReleasesOnTimeoutRecovery(Recovery):
+    """A participant whose transaction stayed prepared past the timeout releases its
+    locks (resolves abort) on its own, without asking the home: the coordinator may
+    have decided commit, and resolve the other participants with it."""
+
+    def scan(self, now, led):
+        for pid, table in led.items():
+            for txid in list(table.prepared):
+                key = ("participant", pid, txid)
+                since = self._seen.setdefault(key, now)
+                if now - since >= self.cfg.prepare_timeout_ticks and key not in self._busy:
+                    self._busy[key] = set()
+                    self._count("participant_released")
+                    self._submit((*key, "resolve"), pid, TxResolve(txid, pid, False, False))
+        super().scan(now, led)
+
+
+# variants of the two-phase commit (they run with the transactions' workload on)
+TXN_BROKEN = {"decide-early": ("coordinator_cls", DecidesEarlyCoordinator),
+              "release-on-timeout": ("recovery_cls", ReleasesOnTimeoutRecovery)}
+
+
 def configure(cfg, name: str):
     """``cfg`` (a ``SimConfig``) running the broken variant ``name``."""
+    if name in TXN_BROKEN:
+        if not cfg.partitions:
+            raise ValueError(f"the broken variant {name!r} runs only in a partitioned "
+                             "cluster (--partitions P)")
+        field_name, cls = TXN_BROKEN[name]
+        tx = cfg.txns if cfg.txns is not None else TxConfig()
+        return dataclasses.replace(cfg, txns=dataclasses.replace(tx, **{field_name: cls}))
     if name in BROKEN:
         return dataclasses.replace(cfg, acceptor_cls=BROKEN[name])
     if name in BROKEN_GROUPS:

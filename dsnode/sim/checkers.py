@@ -8,13 +8,15 @@
   slot, on any node at any time, has the same value, each node applies
   strictly in slot order, and learned values equal the chosen ones.
 - ``same state`` after convergence: every replica of a group holds the same
-  KV state and dedup table.
+  KV state and dedup table (with its cross-partition transactions' table).
 - ``linearizable``: the client history, per key (``linearizability.py``).
 - ``nothing acknowledged lost``: every acknowledged write is in the applied log.
 - ``exactly once``: a replica's KV state equals the applied log replayed with
   every request id ``(client, seq)`` applied at its first occurrence only (a
   reference with an unbounded memory of ids), so no retried write took effect
-  twice and none was dropped.
+  twice and none was dropped. Cross-partition transactions' commands are
+  replayed into a ``TxnTable`` beside the store (``replay``), whose history of
+  the bank's accounts the transaction checks read (``sim/txns.py``).
 - ``amnesiacs never vote``: a node that came back with less durable state than
   the votes it had already delivered (a wiped or rolled-back data directory)
   never has another promise or accept delivered. Tracked here from the votes
@@ -36,13 +38,16 @@ from typing import Any
 
 import msgpack
 
-from dsnode.core.commands import Form, SetRing
+from dsnode.core.commands import Delete, Form, Put, SetRing, SubGet, Txn
 from dsnode.core.kv.store import KVStore
 from dsnode.core.paxos import Applied, SnapshotInstalled
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.metadata import MetaSM
 from dsnode.core.paxos.statemachine import unpack_batch
 from dsnode.core.ring import Ring
+from dsnode.core.twopc.participant import TxnTable
+from dsnode.core.twopc.records import TYPES as TX_TYPES
+from dsnode.core.twopc.records import TxResolve
 
 
 class SafetyViolation(AssertionError):
@@ -167,26 +172,63 @@ class SafetyChecker:
     def exactly_once_state(self, group: Any) -> tuple[int, list]:
         """``(revision, items)`` of ``group``'s applied log replayed with each request id
         applied at its first occurrence only."""
+        kv, _ = self.replay(group)
+        return kv.revision, sorted(kv.items())
+
+    def replay(self, group: Any, watch: frozenset = frozenset()) -> tuple[KVStore, dict]:
+        """``group``'s applied log replayed into a fresh store, each request id applied
+        at its first occurrence only (a reference with an unbounded memory of ids).
+        Cross-partition transactions' commands go to a ``TxnTable`` beside it; a
+        command that meets a prepared transaction's lock is not applied and its id not
+        remembered (it is sent again). Also returns, for each key of ``watch``, every
+        value it took -> the version it took it at."""
         meta = MetaSM() if group == self.metadata else None
         kv = KVStore() if meta is None else meta.kv
+        txns = TxnTable()
         seen: set[tuple] = set()
+        values: dict[bytes, dict] = {k: {} for k in watch}
         slots = sorted(s for g, s in self.learned if g == group)
         if slots and slots != list(range(1, len(slots) + 1)):
             self.fail(f"group {group}: the applied log has gaps, cannot replay it")
         for s in slots:
             for rid, cmd in unpack_batch(self.learned[(group, s)]):
-                if type(cmd) is Form:
+                t = type(cmd)
+                if t is Form:
                     continue
-                if rid is not None:
-                    key = (rid[0], rid[1])
-                    if key in seen:
-                        continue
+                if t in TX_TYPES:
+                    txns.apply(cmd, kv)
+                    if t is TxResolve and watch:
+                        for k in watch:
+                            value, version = kv.get(k)
+                            if value is not None:
+                                values[k].setdefault(value, version)
+                    continue
+                key = (rid[0], rid[1]) if rid is not None else None
+                if key in seen:
+                    continue
+                if (txns.xlocks or txns.slocks) and _blocked(txns, cmd):
+                    continue
+                if key is not None:
                     seen.add(key)
-                if type(cmd) is SetRing and meta is not None:
+                if t is SetRing and meta is not None:
                     meta.apply(None, cmd, s)  # the ring, kept in the metadata store
                 else:
                     kv.apply(cmd)
-        return kv.revision, sorted(kv.items())
+        return kv, values
+
+
+def _blocked(txns: TxnTable, cmd: Any) -> bool:
+    """Whether a prepared transaction's lock keeps ``cmd`` from being applied now."""
+    t = type(cmd)
+    if t is Put or t is Delete:
+        return txns.write_blocked(cmd.key) is not None
+    if t is Txn:
+        reads = [k for k, _ in cmd.compares]
+        reads += [s.key for s in (*cmd.then, *cmd.otherwise) if type(s) is SubGet]
+        writes = [s.key for s in (*cmd.then, *cmd.otherwise) if type(s) is not SubGet]
+        return (any(txns.read_blocked(k) is not None for k in reads)
+                or any(txns.write_blocked(k) is not None for k in writes))
+    return False
 
 
 def misplaced(node: str, core: Any, ring: Ring, metadata: Any) -> str | None:

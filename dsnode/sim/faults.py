@@ -72,6 +72,10 @@ class FaultSchedule:
             elif action == "restart" and not w.up[node] and node not in w.retired:
                 w.restart(node)
 
+    def crash_node(self, node: str) -> None:
+        """Crash ``node`` now (a targeted fault), back after a drawn delay."""
+        self._crash(node)
+
     def _crash(self, node: str) -> None:
         rng, w = self.rng, self.world
         w.crash(node, mid_ready=rng.random() < self.cfg.mid_ready_crash_chance)

@@ -61,6 +61,7 @@ from dsnode.sim.linearizability import check_history
 from dsnode.sim.network import SimNetwork
 from dsnode.sim.shell import drain, step_snapshot
 from dsnode.sim.trace import Trace
+from dsnode.sim.txns import CRASH_POINTS, TX_MESSAGES, TxConfig, TxShell, parse
 from dsnode.sim.workload import Workload
 
 SIM_PAXOS = PaxosConfig(
@@ -124,6 +125,9 @@ class SimConfig:
     # each node's clock runs at its own rate, drawn within 1 +- clock_drift of the
     # world's ticks; leases (paxos.lease_ticks) must hold for any such rates
     clock_drift: float = 0.0
+    # cross-partition transactions (sim/txns.py): a coordinator and a recovery on every
+    # node, a bank workload beside the single-key one, and its checks (partitioned only)
+    txns: TxConfig | None = None
 
 
 def node_ids(n: int) -> list[str]:
@@ -152,6 +156,7 @@ class RunResult:
     wall_s: float = 0.0
     lin_inconclusive: bool = False
     trace_tail: str = ""
+    stats: dict = field(default_factory=dict)
 
 
 def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
@@ -209,6 +214,13 @@ def swarm(cfg: SimConfig, rng: random.Random) -> SimConfig:
     # churn for ever. A deployment that wants them has timeouts far above its RTT.
     if out.paxos.prefer_leader and out.paxos.election_timeout_ticks < rtt:
         out = dataclasses.replace(out, paxos=dataclasses.replace(out.paxos, prefer_leader=False))
+    if cfg.txns is not None:
+        tx = cfg.txns
+        if not tx.crash_point:  # each seed crashes coordinators at its own step
+            point = rng.choice(CRASH_POINTS + ("",))
+            tx = dataclasses.replace(tx, crash_point=point,
+                                     crash_chance=rng.choice((0.003, 0.01, 0.03)) if point else 0.0)
+        out = dataclasses.replace(out, txns=tx)
     return out
 
 
@@ -297,6 +309,7 @@ class SimWorld:
         }
         self.ckpt: dict[str, tuple[bytes, int] | None] = {n: None for n in self.node_ids}
         self.ckpt_pending: dict[str, tuple[bytes, int] | None] = {n: None for n in self.node_ids}
+        self.tx = TxShell(self._sub(), self, cfg.txns) if cfg.txns is not None else None
         for n in self.node_ids:
             self.restart(n)
         self.sync_rng = self._sub()  # drawn after the first starts: their rngs stay as they were
@@ -314,6 +327,9 @@ class SimWorld:
         elif cfg.groups < 1 or cfg.replicas < 1:
             raise ValueError(f"need at least one group of one replica, not {cfg.groups} "
                              f"of {cfg.replicas}")
+        if cfg.txns is not None and not cfg.partitions:
+            raise ValueError("cross-partition transactions need a partitioned cluster "
+                             "(--partitions P)")
 
     def _sub(self) -> random.Random:
         return random.Random(self.rng.getrandbits(64))
@@ -360,6 +376,8 @@ class SimWorld:
         self.presented[node] = Presented(self.incarnation[node], log_end, promised)
         self.admitted.discard(node)
         self.checker.on_presented(node, self.presented[node])
+        if self.tx is not None:
+            self.tx.on_restart(node)
         self.trace(self.now, node, "restart", f"{len(self.disks[node].durable)} records")
 
     def crash(self, node: str, mid_ready: bool) -> None:
@@ -381,6 +399,8 @@ class SimWorld:
         self.restore_jobs[node] = []  # and so does the decoding
         self.trace(self.now, node, "crash", f"mid_ready={mid_ready} survived={len(survived)}")
         self.workload.on_node_crash(self.now, node)
+        if self.tx is not None:
+            self.tx.on_crash(self.now, node)
 
     # ------------------------------------------------------------ the shell
     def _drain(self, node: str) -> None:
@@ -435,8 +455,12 @@ class SimWorld:
             send(now, node, dst, msg)
             if on_sent is not None:
                 on_sent(now, node, msg)
+        tx = self.tx
         for reply in replies:
-            self.workload.on_reply(now, node, reply)
+            if tx is not None and tx.owns(reply.token):
+                tx.on_reply(node, reply)
+            else:
+                self.workload.on_reply(now, node, reply)
 
     def _sync(self, node: str) -> None:
         """Complete ``node``'s syncs due by now, then release what they held."""
@@ -549,6 +573,9 @@ class SimWorld:
                 t = type(msg)
                 if (t is Accepted or t is Promise) and msg.ok:
                     self._saw_vote(src, msg)
+                if t in TX_MESSAGES:
+                    self.tx.on_message(n, src, msg)
+                    continue
                 core.step(src, msg)
                 if self.cores[n] is None:
                     break  # n itself was just refused
@@ -559,6 +586,8 @@ class SimWorld:
             if self.snap_jobs[n]:
                 self._advance_snapshots(n, self.cfg.snapshot_entries_per_tick or None)
         self.workload.on_tick(now)
+        if self.tx is not None:
+            self.tx.on_tick(now, faulty)
         for n in self.node_ids:
             if self.serving(n):
                 self._drain(n)
@@ -668,6 +697,8 @@ class SimWorld:
     def converged(self) -> bool:
         if not self.workload.idle():
             return False
+        if self.tx is not None and self.tx.unsettled():
+            return False
         if self.unhosted():
             return False
         for g in self.groups:
@@ -688,6 +719,8 @@ class SimWorld:
                 self.run_tick(faulty=True)
             self.heal()
             self.workload.issuing = False
+            if self.tx is not None:
+                self.tx.bank.issuing = False
             stage = "drain"
             healed_at = self.now
             deadline = self.now + cfg.heal_ticks_max
@@ -714,8 +747,12 @@ class SimWorld:
                         break
                     stage = "final"
                     self.workload.start_final_reads()
+                    if self.tx is not None:
+                        self.tx.bank.start_final()
                 if self.now >= deadline:
-                    raise SafetyViolation(f"no convergence within {cfg.heal_ticks_max} heal ticks")
+                    why = self.tx.unsettled() if self.tx is not None else ""
+                    raise SafetyViolation(f"no convergence within {cfg.heal_ticks_max} heal ticks"
+                                          + (f" (2PC not settled: {why})" if why else ""))
             self._final_checks(res)
             res.ok = True
         except (SafetyViolation, InvariantBroken) as e:
@@ -726,6 +763,8 @@ class SimWorld:
         res.ops_ok = sum(1 for o in ops if o.outcome == "ok")
         res.ops_indeterminate = sum(1 for o in ops if o.outcome == "indeterminate")
         res.messages = self.net.sent
+        if self.tx is not None:
+            res.stats = self.tx.stats()
         res.wall_s = time.perf_counter() - t0
         if not res.ok:
             res.trace_tail = self.trace.tail()
@@ -755,3 +794,22 @@ class SimWorld:
             lines = "\n".join("  " + o.describe() for o in ops)
             raise SafetyViolation(f"history not linearizable for key {lin.key!r}:\n{lines}")
         res.lin_inconclusive = lin.ok is None
+        if self.tx is not None:
+            self._check_bank()
+
+    def _check_bank(self) -> None:
+        """The bank's checks (``sim/txns.py``) on every partition's replayed log and
+        the converged replicas' accounts."""
+        bank = self.tx.bank
+        histories: dict[bytes, dict[bytes, int]] = {}
+        final: dict[bytes, bytes | None] = {}
+        for g in sorted({bank.pid(k) for k in bank.accounts}):
+            mine = frozenset(k for k in bank.accounts if bank.pid(k) == g)
+            _kv, values = self.checker.replay(g, mine)
+            sm = self.cores[self.live_members(g)[0]].state_machine(g)
+            for k in mine:
+                histories[k] = {parse(v)[1]: ver for v, ver in values[k].items()}
+                final[k] = sm.kv.get(k)[0]
+        why = bank.check(histories, final)
+        if why is not None:
+            raise SafetyViolation(why)

@@ -155,6 +155,18 @@ def test_commands_are_batched_into_one_slot_and_pipelined():
     assert len(slots) == 1
 
 
+def test_commands_queued_beyond_the_inflight_window_go_out_as_slots_are_chosen():
+    """A leader with more commands queued than its in-flight window proposes the
+    rest as slots are chosen, without waiting for another proposal to the group
+    (the 2PC simulator found the last resolves of a quiet partition stuck)."""
+    c = Cluster(dataclasses.replace(CFG, inflight_slots_max=1, batch_commands_max=1))
+    c.elect("a")
+    for i in range(4):
+        c.nodes["a"].propose(0, i, Put(b"k%d" % i, b"v"), request_id=("cl", i + 1))
+    c.settle()
+    assert [r.token for r in c.replies["a"]] == [0, 1, 2, 3]
+
+
 def test_large_values_are_split_across_slots_and_messages_by_bytes():
     """Batching is bounded by bytes as well as count, so no slot and no Accept
     grows past what a peer frame can carry (a 1 MiB value times 64 would)."""

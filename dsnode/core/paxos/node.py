@@ -190,6 +190,10 @@ class PaxosNode:
             self.out.dropped["unknown_group"] += 1
             return
         g.step(from_peer, msg)
+        p = g.proposer
+        if p is not None and p.queue:
+            # slots chosen may have opened the in-flight window: flush the queue
+            self._dirty.add(g.group)
 
     def tick(self, n: int = 1) -> None:
         """``n`` ticks of this node's clock passed since the last call (the shell
@@ -209,8 +213,11 @@ class PaxosNode:
         if alive != self._alive_seen:
             changed = alive ^ self._alive_seen
             self._alive_seen = alive
-            for gid in [gid for gid in self._quiet if changed & self.groups[gid].member_set]:
-                self._awake(gid)
+            # in a fixed order (not the set's, which the hash seed decides for "meta"):
+            # the groups woken tick, and send, in this order
+            for gid in sorted(self._quiet, key=str):
+                if changed & self.groups[gid].member_set:
+                    self._awake(gid)
         quiet, ticking = self._quiet, self._ticking
         for gid, g in list(ticking.items()):
             g.tick(n)
