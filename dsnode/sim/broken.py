@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dsnode.core.commands import SubGet
+from dsnode.core.commands import SubDelete, SubGet
 from dsnode.core.effects import Reply
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.group import PaxosGroup
@@ -168,24 +168,27 @@ WORLD_BROKEN = ("trusting-peers",)
 
 
 class DecidesEarlyCoordinator(Coordinator):
-    """Decides a writing transaction's commit as soon as one prepare is chosen, with
-    the compares taken to hold: the other participants may not have prepared (their
-    prepare waits, dies, or comes after the resolve and is refused), and nobody
-    checked their versions. (Read-only transactions it runs as it should.)"""
+    """Commits a writing transaction at its home as soon as it starts, beside its
+    prepares instead of after them, taking the other participants' compares to hold
+    (what the home needs of them it makes up): a prepare that then dies on a lock, or
+    comes after the resolve and is refused, leaves the home's writes applied and the
+    participant's not. (Read-only transactions it runs as it should.)"""
 
-    def _on_prepared(self, a, pid, result):
-        writes = any(type(s) is not SubGet for s in (*a.txn.then, *a.txn.otherwise))
-        if not writes or len(a.prepared) + 1 == len(a.plan.prepares):
-            super()._on_prepared(a, pid, result)  # as it should
+    def _start(self, token, txn, ts, deadline, ring, restarts=0, rid=None):
+        super()._start(token, txn, ts, deadline, ring, restarts, rid)
+        a = next(reversed(self.attempts.values()))
+        if not any(type(s) is not SubGet for s in (*txn.then, *txn.otherwise)):
             return
-        a.prepared[pid] = result  # the first of several: decide at once
-        a.state, a.holds = State.DECIDING, True
+        for q, prep in a.plan.prepares.items():
+            if q != a.plan.home:
+                a.prepared[q] = {"versions": [[k, v] for k, v in prep.compares],
+                                 "reads": [[k, None, 0] for k in prep.reads],
+                                 "existed": [[w.key, True] for w in (*prep.then,
+                                                                     *prep.otherwise)
+                                             if type(w) is SubDelete],
+                                 "revision": 1}
+        a.state = State.DECIDING
         self._decide(a)
-
-    def _committed(self, a, pid, result):
-        if len(a.prepared) < len(a.plan.prepares):
-            a.token = None  # no answer: it cannot know every result
-        super()._committed(a, pid, result)
 
 
 class ReleasesOnTimeoutRecovery(Recovery):

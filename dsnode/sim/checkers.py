@@ -47,7 +47,7 @@ from dsnode.core.paxos.statemachine import unpack_batch
 from dsnode.core.ring import Ring
 from dsnode.core.twopc.participant import TxnTable
 from dsnode.core.twopc.records import TYPES as TX_TYPES
-from dsnode.core.twopc.records import TxResolve
+from dsnode.core.twopc.records import TxCommit, TxResolve
 
 
 class SafetyViolation(AssertionError):
@@ -196,8 +196,15 @@ class SafetyChecker:
                 if t is Form:
                     continue
                 if t in TX_TYPES:
-                    txns.apply(cmd, kv)
-                    if t is TxResolve and watch:
+                    # a commit carries its client's request id: a retry (another attempt)
+                    # is answered from the table, not applied; a refusal is not remembered
+                    key = (rid[0], rid[1]) if rid is not None else None
+                    if key in seen:
+                        continue
+                    result = txns.apply(cmd, kv)
+                    if key is not None and "conflict" not in result:
+                        seen.add(key)
+                    if (t is TxResolve or t is TxCommit) and watch:
                         for k in watch:
                             value, version = kv.get(k)
                             if value is not None:
