@@ -168,10 +168,11 @@ class TxnSubmit(Pending):
     ``Submit``): routed to its partition's leader like a client's write; its answer
     goes back to ``owner.on_result(handle, ...)``, not to a connection."""
 
-    __slots__ = ("owner", "handle", "pid")
+    __slots__ = ("owner", "handle", "pid", "rearmed")
 
     def __init__(self, owner: Coordinator | Recovery, s: Submit) -> None:
         super().__init__(None, 0, True)
+        self.rearmed = False  # its deadline was pushed back once (a local proposal)
         self.owner = owner
         self.handle = s.handle
         self.pid = s.pid
@@ -1199,6 +1200,15 @@ class Driver:
         out = []
         for p in list(expired):
             if not p.done:
+                if type(p) is TxnSubmit and p.sent and not p.fwd_id and not p.rearmed:
+                    # proposed here: the core answers it (a lost answer is a forward's
+                    # risk only); failing it now would queue a copy behind it
+                    p.rearmed = True
+                    p.deadline = self.tick_count + self.twopc.resolve_horizon_ticks
+                    bucket = self._deadlines[p.deadline]
+                    bucket[p] = None
+                    p.bucket = bucket
+                    continue
                 if p.fwd_id:
                     self._forwarded.pop(p.fwd_id, None)
                 out.append(Reply(p, error=_deadline_error(p)))

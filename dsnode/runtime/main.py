@@ -373,7 +373,7 @@ class Node:
             twopc=TwoPCConfig(prepare_timeout_ticks=cfg.ticks(cfg.txn_prepare_timeout_ms),
                               decision_timeout_ticks=cfg.ticks(cfg.txn_decision_timeout_ms),
                               resolve_horizon_ticks=cfg.ticks(cfg.request_timeout_ms),
-                              submit_timeout_ticks=cfg.ticks(2 * cfg.election_timeout_ms)),
+                              submit_timeout_ticks=cfg.ticks(4 * cfg.election_timeout_ms)),
             detector=DetectorConfig(
                 suspect_phi=cfg.failure_suspect_phi,
                 acceptable_pause_ticks=cfg.failure_acceptable_pause_ms // cfg.tick_interval_ms,
