@@ -299,10 +299,7 @@ class Driver:
         self._advance_clock()
         self._wake_ticker()
         pending.cmd = cmd
-        pending.deadline = self.tick_count + max(1, int(timeout_s / self._tick_seconds) + 1)
-        bucket = self._deadlines[pending.deadline]
-        bucket[pending] = None
-        pending.bucket = bucket
+        self._arm(pending, self.tick_count + max(1, int(timeout_s / self._tick_seconds) + 1))
         self._dispatch(pending)
         self._schedule_flush()
 
@@ -387,16 +384,7 @@ class Driver:
                 self._park(p)
                 return
             counters["route_forward"] += 1
-            fwd_id = next(self._fwd_ids)
-            self._forwarded[fwd_id] = p
-            p.sent = True
-            p.fwd_id = fwd_id
-            p.fwd_to = d.node
-            timeout_ms = max(1, int((p.deadline - self.tick_count) * self._tick_seconds * 1000))
-            m = [FWD, fwd_id, d.partition, commands.encode(cmd), timeout_ms]
-            if p.dedup is not None:
-                m.append(p.dedup)
-            self.net.send(d.node, m)
+            self._forward(p, d.node, d.partition, cmd)
         elif dt is Overloaded:
             counters["route_overloaded"] += 1
             self._deliver_local([Reply(p, error=(
@@ -415,17 +403,7 @@ class Driver:
             target = router.coordinator([n for n in net.links if net.connected(n)])
             if target != self.node_id:
                 self.counters["txn_coordinator_elsewhere"] += 1
-                fwd_id = next(self._fwd_ids)
-                self._forwarded[fwd_id] = p
-                p.sent = True
-                p.fwd_id = fwd_id
-                p.fwd_to = target
-                timeout_ms = max(1, int((p.deadline - self.tick_count) * self._tick_seconds
-                                        * 1000))
-                m = [FWD, fwd_id, COORDINATE, commands.encode(txn), timeout_ms]
-                if p.dedup is not None:
-                    m.append(p.dedup)
-                net.send(target, m)
+                self._forward(p, target, COORDINATE, txn)
                 return
         if p.bucket is not None:
             p.bucket.pop(p, None)
@@ -454,10 +432,7 @@ class Driver:
             for s in batch:
                 tp = TxnSubmit(owner, s)
                 tp.cmd = s.cmd
-                tp.deadline = max(s.deadline, self.tick_count + 1)
-                bucket = self._deadlines[tp.deadline]
-                bucket[tp] = None
-                tp.bucket = bucket
+                self._arm(tp, max(s.deadline, self.tick_count + 1))
                 self.counters["txn_submits"] += 1
                 self._dispatch(tp)
         if submits or replies:
@@ -491,7 +466,8 @@ class Driver:
                 self.recovery.scan(self.tick_count, led)
         if not self.coordinator.idle():
             self.coordinator.tick(self.tick_count)
-        self._pump_twopc()
+        if self.coordinator.submits or self.coordinator.replies or self.recovery.submits:
+            self._pump_twopc()
 
     def _update_peer_states(self) -> None:
         net = self.net
@@ -506,19 +482,42 @@ class Driver:
             if self.router is not None:
                 self.router.suspects = frozenset(p for p, s in states.items() if s != ALIVE)
 
-    def _wait_for_lock(self, p: Pending) -> bool:
+    def _wait_for_lock(self, p: Pending) -> tuple[str, str, bool] | None:
         """``p`` met a key a prepared transaction locks: route it again on the next tick
-        (it waits for the transaction's decision) while its deadline allows."""
-        if p.done or p.deadline <= self.tick_count:
-            return False
+        (it waits for the transaction's decision) while its deadline allows (None);
+        past it, the answer it gets instead (``_deadline_error``)."""
         p.locked = True
+        if p.done or p.deadline <= self.tick_count:
+            return _deadline_error(p)
         if p.dedup is None:
             p.sent = False  # definitely not applied (a write without an id is sent once)
         p.fwd_id = 0
         p.fwd_to = None
         self.counters["route_locked"] += 1
         self._park(p)
-        return True
+        return None
+
+    def _arm(self, p: Pending, deadline: int) -> None:
+        """Put ``p`` in the timer wheel: answered by ``_expire`` at ``deadline``."""
+        p.deadline = deadline
+        bucket = self._deadlines[deadline]
+        bucket[p] = None
+        p.bucket = bucket
+
+    def _forward(self, p: Pending, node: str, group: int, cmd: Any) -> None:
+        """Send ``p`` to ``node`` over the peer link: to be proposed in ``group`` (or
+        coordinated there: ``COORDINATE``); its answer comes back as a ``FWD_REPLY``."""
+        assert self.net is not None
+        fwd_id = next(self._fwd_ids)
+        self._forwarded[fwd_id] = p
+        p.sent = True
+        p.fwd_id = fwd_id
+        p.fwd_to = node
+        timeout_ms = max(1, int((p.deadline - self.tick_count) * self._tick_seconds * 1000))
+        m = [FWD, fwd_id, group, commands.encode(cmd), timeout_ms]
+        if p.dedup is not None:
+            m.append(p.dedup)
+        self.net.send(node, m)
 
     def leader_of(self, pid: int) -> str | None:
         """``pid``'s leader as this node knows it: its own group's view for a partition
@@ -711,9 +710,9 @@ class Driver:
             return
         if error is not None:
             if code == LOCKED:
-                if not self._wait_for_lock(p):
-                    p.locked = True
-                    self._deliver_local([Reply(p, error=_deadline_error(p))])
+                gave_up = self._wait_for_lock(p)
+                if gave_up is not None:
+                    self._deliver_local([Reply(p, error=gave_up)])
                 return
             if code == UNAVAILABLE and not indeterminate and p.deadline > self.tick_count:
                 if message == NOT_LEADER and p.fwd_to is not None and p.cmd is not None:
@@ -844,10 +843,10 @@ class Driver:
         deadline's answer."""
         p, (code, _message, indeterminate) = r.token, r.error  # type: ignore[misc]
         if code == LOCKED:
-            if self._wait_for_lock(p):
+            gave_up = self._wait_for_lock(p)
+            if gave_up is None:
                 return True
-            p.locked = True
-            r.error = _deadline_error(p)
+            r.error = gave_up
             return False
         return self._resend(p, code, indeterminate)
 
@@ -1204,10 +1203,7 @@ class Driver:
                     # proposed here: the core answers it (a lost answer is a forward's
                     # risk only); failing it now would queue a copy behind it
                     p.rearmed = True
-                    p.deadline = self.tick_count + self.twopc.resolve_horizon_ticks
-                    bucket = self._deadlines[p.deadline]
-                    bucket[p] = None
-                    p.bucket = bucket
+                    self._arm(p, self.tick_count + self.twopc.resolve_horizon_ticks)
                     continue
                 if p.fwd_id:
                     self._forwarded.pop(p.fwd_id, None)

@@ -513,6 +513,9 @@ class Coordinator:
         self.counters[name] = self.counters.get(name, 0) + 1
 
 
+_REFUSALS = {part.WAIT: Event.WAIT, part.DIE: Event.DIE, part.TOO_OLD: Event.TOO_OLD}
+
+
 def _classify(kind: str, result: dict | None, error: tuple | None) -> Event:
     """What an answer to a submitted command means for its attempt."""
     if error is not None:
@@ -523,23 +526,14 @@ def _classify(kind: str, result: dict | None, error: tuple | None) -> Event:
             return Event.REFUSED  # e.g. too_large: definitely nothing prepared
         return Event.FAILED
     assert result is not None
+    if kind == "prepare" and result.get("prepared"):
+        return Event.PREPARED
+    conflict = result.get("conflict")  # a prepare's, or a commit's on the home's keys
+    if conflict is not None:
+        return _REFUSALS.get(conflict, Event.REFUSED)
     if kind == "prepare":
-        if result.get("prepared"):
-            return Event.PREPARED
-        conflict = result.get("conflict")
-        if conflict == part.WAIT:
-            return Event.WAIT
-        if conflict == part.DIE:
-            return Event.DIE
-        if conflict == part.TOO_OLD:
-            return Event.TOO_OLD
         return Event.REFUSED
     if kind == "decide":
-        conflict = result.get("conflict")
-        if conflict == part.WAIT:
-            return Event.WAIT  # the home's keys: another transaction holds them
-        if conflict == part.DIE:
-            return Event.DIE
         d = result.get("decision")
         if d == part.COMMIT:
             return Event.DECIDED_COMMIT

@@ -159,7 +159,7 @@ class TxnTable:
             return {"prepared": False, "conflict": RESOLVED}
         if cmd.ts <= self.resolved.floor:
             return {"prepared": False, "conflict": TOO_OLD, "floor": self.resolved.floor}
-        exclusive, shared = cmd.exclusive(), cmd.shared()
+        exclusive, shared = cmd.locks()
         refusal = self._conflict(txid, cmd.ts, exclusive, shared)
         if refusal is not None:
             return refusal
@@ -170,9 +170,7 @@ class TxnTable:
             reads.append([k, value, version])
             size += len(value) if value is not None else 0
         if size > TXN_RESULT_BYTES_MAX:
-            return {ERROR_KEY: ["too_large", f"the transaction's gets would return {size} "
-                                             f"bytes, more than {TXN_RESULT_BYTES_MAX}: nothing "
-                                             "done"]}
+            return _too_large(size)
         existed = [[w.key, w.key in kv] for w in (*cmd.then, *cmd.otherwise)
                    if type(w) is SubDelete]
         revision = 0
@@ -258,7 +256,7 @@ class TxnTable:
         if known is not None:
             known["home"] = cmd.home
             return known
-        exclusive, shared = part_.exclusive(), part_.shared()
+        exclusive, shared = part_.locks()
         refusal = self._conflict(txid, ts, exclusive, shared)
         if refusal is not None:
             return refusal
@@ -276,9 +274,7 @@ class TxnTable:
                 existed[w.key] = w.key in kv
         size = sum(len(v[0]) for v in values.values() if v[0] is not None)
         if size > TXN_RESULT_BYTES_MAX:
-            return {ERROR_KEY: ["too_large", f"the transaction's gets would return {size} "
-                                             f"bytes, more than {TXN_RESULT_BYTES_MAX}: nothing "
-                                             "done"]}
+            return _too_large(size)
         # A commit must carry every other participant's part (a coordinator asks for it
         # once every prepare was chosen): else it is refused here, deciding nothing.
         lacking = [key for key, _v in cmd.txn.compares if key not in versions]
@@ -329,8 +325,7 @@ class TxnTable:
         if known is not None:
             known["home"] = cmd.home
             return known
-        d = self.decisions[cmd.txid] = Decision(cmd.ts, cmd.commit, cmd.holds, cmd.participants,
-                                                cmd.result if cmd.commit else None)
+        d = self.decisions[cmd.txid] = Decision(cmd.ts, cmd.commit, cmd.holds, cmd.participants)
         return self._decision(cmd.txid, d, cmd.home)
 
     def _forget(self, txids: tuple[bytes, ...]) -> None:
@@ -392,6 +387,11 @@ class TxnTable:
         table.forgotten.done.update((t, tuple(v)) for t, v in forgotten)
         table.resolved.floor, table.forgotten.floor, table.newest = rfloor, ffloor, newest
         return table
+
+
+def _too_large(size: int) -> dict:
+    return {ERROR_KEY: ["too_large", f"the transaction's gets would return {size} bytes, more "
+                                     f"than {TXN_RESULT_BYTES_MAX}: nothing done"]}
 
 
 def answer(txn: Txn, holds: bool, values: dict, existed: dict, revisions: dict) -> list[dict]:

@@ -32,7 +32,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# commands imports this module last of all, so what it defines is there already
 from dsnode.core.commands import SubDelete, SubPut, Txn
+from dsnode.core.commands import decode as decode_command
+from dsnode.core.commands import decode_checked as decode_command_checked
+from dsnode.core.commands import encode as encode_command
+from dsnode.core.commands import size_of as size_of_command
 
 Write = SubPut | SubDelete
 
@@ -49,12 +54,19 @@ class TxPrepare:
     otherwise: tuple[Write, ...]  # ... and if not
 
     def exclusive(self) -> tuple[bytes, ...]:
+        """The keys it writes in either branch (locked exclusively)."""
         return tuple(dict.fromkeys(w.key for w in (*self.then, *self.otherwise)))
 
-    def shared(self) -> tuple[bytes, ...]:
-        ex = set(self.exclusive())
+    def locks(self) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+        """(exclusive, shared): the keys it writes, and those it only compares or reads."""
+        ex = self.exclusive()
         keys = dict.fromkeys([k for k, _ in self.compares] + list(self.reads))
-        return tuple(k for k in keys if k not in ex)
+        for k in ex:
+            keys.pop(k, None)
+        return ex, tuple(keys)
+
+    def shared(self) -> tuple[bytes, ...]:
+        return self.locks()[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +102,6 @@ class TxDecide:
     holds: bool  # with commit: which branch (the compares held)
     participants: tuple[int, ...]  # every partition to resolve (the home's recovery uses it)
     forget: tuple[bytes, ...] = ()  # decisions of this home whose participants all resolved
-    # with commit: the client's answer, kept with the decision. The coordinator proposes
-    # it with the client's request id, so the home's deduplication table remembers it:
-    # a retry of the request (another attempt, maybe another coordinator) is told this
-    # decision and this answer instead of committing a second time.
-    result: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,12 +151,11 @@ def encode(cmd: TxCommand) -> list:
                 list(cmd.reads), [_enc_w(w) for w in cmd.then],
                 [_enc_w(w) for w in cmd.otherwise]]
     if t is TxCommit:
-        from dsnode.core.commands import encode as encode_cmd
-        return ["V", encode(cmd.part), encode_cmd(cmd.txn), cmd.known, list(cmd.participants),
+        return ["V", encode(cmd.part), encode_command(cmd.txn), cmd.known, list(cmd.participants),
                 list(cmd.forget)]
     if t is TxDecide:
         return ["Y", cmd.txid, cmd.ts, cmd.home, cmd.commit, cmd.holds, list(cmd.participants),
-                list(cmd.forget), cmd.result]
+                list(cmd.forget)]
     if t is TxResolve:
         return ["Z", cmd.txid, cmd.pid, cmd.commit, cmd.holds]
     if t is TxForget:
@@ -166,14 +172,13 @@ def decode(x: list) -> TxCommand:
         return TxPrepare(x[1], x[2], x[3], x[4], tuple((k, v) for k, v in x[5]), tuple(x[6]),
                          tuple(_dec_w(w) for w in x[7]), tuple(_dec_w(w) for w in x[8]))
     if tag == "V":
-        from dsnode.core.commands import decode as decode_cmd
         part = decode(x[1])
-        txn = decode_cmd(x[2])
+        txn = decode_command(x[2])
         if type(part) is not TxPrepare or type(txn) is not Txn:
             raise ValueError("a commit carries a prepare and a txn")
         return TxCommit(part, txn, x[3], tuple(x[4]), tuple(x[5]))
     if tag == "Y":
-        return TxDecide(x[1], x[2], x[3], x[4], x[5], tuple(x[6]), tuple(x[7]), x[8])
+        return TxDecide(x[1], x[2], x[3], x[4], x[5], tuple(x[6]), tuple(x[7]))
     if tag == "Z":
         return TxResolve(x[1], x[2], x[3], x[4])
     if tag == "W":
@@ -184,7 +189,7 @@ def decode(x: list) -> TxCommand:
 def decode_checked(x: list) -> TxCommand:
     """``decode`` for commands off the network (a peer's forward): every field checked,
     so a malformed one is a ValueError here, never a poison pill in a replicated log."""
-    want = {"X": 9, "V": 6, "Y": 9, "Z": 5, "W": 3}.get(x[0])
+    want = {"X": 9, "V": 6, "Y": 8, "Z": 5, "W": 3}.get(x[0])
     if want is None or len(x) != want:
         raise ValueError(f"bad transaction command tag or length: {x[0]!r}")
     tag = x[0]
@@ -208,22 +213,17 @@ def decode_checked(x: list) -> TxCommand:
             if w[0] == "p" and type(w[2]) is not bytes:
                 raise ValueError("a value is bin")
     elif tag == "V":
-        from dsnode.core.commands import decode_checked as checked_cmd
         if not isinstance(x[1], list) or not x[1] or x[1][0] != "X":
             raise ValueError("a commit's part is a prepare")
         decode_checked(x[1])
         if not isinstance(x[2], list) or not x[2] or x[2][0] != "T":
             raise ValueError("a commit's txn is a txn")
-        checked_cmd(x[2])
+        decode_command_checked(x[2])
         _known(x[3])
         _pids_and_txids(x[4], x[5])
     elif tag == "Y":
         _txid(x[1]), _uint(x[2]), _uint(x[3]), _bool(x[4]), _bool(x[5])
         _pids_and_txids(x[6], x[7])
-        r = x[8]
-        if r is not None and not (isinstance(r, dict) and type(r.get("succeeded")) is bool
-                                  and isinstance(r.get("results"), list)):
-            raise ValueError("bad transaction result")
     elif tag == "Z":
         _txid(x[1]), _uint(x[2]), _bool(x[3]), _bool(x[4])
     else:
@@ -295,9 +295,8 @@ def size_of(cmd: TxCommand) -> int:
             n += len(w.key) + (len(w.value) if type(w) is SubPut else 0) + 8
         return n + len(cmd.txid) + 32
     if type(cmd) is TxCommit:
-        from dsnode.core.commands import size_of as size_of_cmd
         reads = sum(len(r[1] or b"") + len(r[0]) for r in cmd.known["reads"])
-        return size_of(cmd.part) + size_of_cmd(cmd.txn) + reads + 64
+        return size_of(cmd.part) + size_of_command(cmd.txn) + reads + 64
     if type(cmd) is TxDecide:
         return len(cmd.txid) + 8 * len(cmd.participants) + sum(map(len, cmd.forget)) + 32
     if type(cmd) is TxForget:
