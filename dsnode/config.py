@@ -253,6 +253,12 @@ class NodeConfig(BaseModel):
         description="a transaction decision this long in a home partition this node leads "
         "(its coordinator is gone) is carried to its participants by this node, ms",
     )
+    txn_resolve_ride_ms: int = Field(
+        default=20, ge=0, le=1_000,
+        description="a transaction's resolve proposed in a partition this node leads waits "
+        "up to this long for another command to that partition, to go in its slot (0: "
+        "proposed at once), ms",
+    )
     shutdown_timeout_ms: int = Field(
         default=8_000, ge=100, le=60_000,
         description="time in-flight requests get to finish on SIGTERM, ms",

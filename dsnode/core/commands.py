@@ -146,6 +146,8 @@ def _dec_sub(x: list) -> SubOp:
 def encode(cmd: Command) -> list:
     if isinstance(cmd, Put):
         return ["P", cmd.key, cmd.value, cmd.if_version]
+    if type(cmd) in _tx.TYPES:
+        return _tx.encode(cmd)  # type: ignore[arg-type]
     if isinstance(cmd, Delete):
         return ["D", cmd.key, cmd.if_version]
     if isinstance(cmd, Txn):
@@ -168,6 +170,8 @@ def decode(x: list) -> Command:
     tag = x[0]
     if tag == "P":
         return Put(x[1], x[2], x[3])
+    if tag in _tx.TAGS:
+        return _tx.decode(x)
     if tag == "D":
         return Delete(x[1], x[2])
     if tag == "T":
@@ -182,8 +186,6 @@ def decode(x: list) -> Command:
         return Form(x[1])
     if tag == "R":
         return SetRing(tuple(x[1]), x[2], x[3], x[4])
-    if tag in _tx.TAGS:
-        return _tx.decode(x)
     raise ValueError(f"unknown command tag {tag!r}")
 
 

@@ -361,6 +361,7 @@ class Node:
             )
             self.net.cluster_uuid = self.cluster_uuid
             self.net.security = self.security
+        core.resolve_ride_ticks = cfg.ticks(cfg.txn_resolve_ride_ms) if cfg.txn_resolve_ride_ms else 0
         self.driver = Driver(
             core, wal, server.deliver, self.net,
             node_id=cfg.node_id,
@@ -688,6 +689,8 @@ class Node:
             "received": driver.counters["txn_cross_partition"],
             "handed_off": driver.counters["txn_coordinator_elsewhere"],
             "coordinated_for_peers": driver.counters["txn_coordinated_for_peer"],
+            # resolves proposed here: in another command's slot, or alone after waiting
+            "resolves": dict(getattr(driver.core, "resolves", {})),
             "counters": {**driver.coordinator.counters,
                          **{f"recovery_{k}": v for k, v in driver.recovery.counters.items()}},
         }

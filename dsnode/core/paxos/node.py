@@ -64,6 +64,8 @@ class PaxosNode:
         # group -> (the tick the first was held at, [(token, cmd, request_id)])
         self.resolve_ride_ticks = RESOLVE_RIDE_TICKS
         self._riders: dict[Any, tuple[int, list[tuple[Any, Any, Any]]]] = {}
+        # held resolves that went in another command's slot, and that went alone
+        self.resolves = {"rode": 0, "alone": 0}
         # groups not ticked (see ``tick``), and the peers alive at the last tick
         self._quiet: set[Any] = set()
         # the others (ticked), in the order they became so: an idle node's tick touches
@@ -298,6 +300,7 @@ class PaxosNode:
         if riders:
             held = riders.pop(group, None)
             if held is not None:
+                self.resolves["rode"] += len(held[1])
                 for t, c, r in held[1]:
                     g.propose(t, c, r)
         g.propose(token, cmd, request_id)
@@ -308,6 +311,7 @@ class PaxosNode:
         riders = self._riders
         for group in [gid for gid, (since, _) in riders.items() if since <= due]:
             _since, held = riders.pop(group)
+            self.resolves["alone"] += len(held)
             g = self._awake(group)
             for t, c, r in held:
                 if g is None:
