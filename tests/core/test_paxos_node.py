@@ -925,3 +925,21 @@ def test_a_held_resolve_on_a_follower_is_refused_when_it_goes_out():
     [r] = c.replies["b"]
     assert r.token == "r" and r.error is not None and r.error[0] == "unavailable"
     assert r.error[2] is False
+
+
+def test_a_linearizable_read_sends_the_held_resolves_and_waits_for_them():
+    """A read of a key a held resolve would unlock must not wait out the ride: the
+    read proposes them, and is answered once they are applied (a stale read does
+    neither)."""
+    c = Cluster()
+    c.elect("a")
+    a = c.nodes["a"]
+    a.read(0, "s", Get(b"k", STALE))
+    a.propose(0, "r", _resolve(1))
+    a.read(0, "s2", Get(b"k", STALE))
+    c.settle()
+    assert [r.token for r in c.replies["a"]] == ["s", "s2"]
+    a.read(0, "g", Get(b"k"))
+    c.settle()
+    assert [r.token for r in c.replies["a"]] == ["s", "s2", "r", "g"]
+    assert a.resolves == {"rode": 1, "alone": 0}

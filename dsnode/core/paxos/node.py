@@ -14,7 +14,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from dsnode.core.commands import Get
+from dsnode.core.commands import STALE, Get
 from dsnode.core.effects import Ready, Reply
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
@@ -279,7 +279,8 @@ class PaxosNode:
 
         A transaction's ``TxResolve`` (its client was answered already; it only applies
         a participant's writes and releases its locks) is held back until the next
-        command proposed to the same group, to go into that command's slot ahead of it,
+        command proposed to the same group (or linearizable read of it, which then waits
+        for it), to go into that command's slot ahead of it,
         or, at the latest, for ``resolve_ride_ticks`` ticks, then proposed alone: a leader's
         slot round (accepts, acceptances, log records on every replica) is then shared
         instead of run once more for it. Holding a command back changes nothing but
@@ -298,13 +299,18 @@ class PaxosNode:
                 held[1].append((token, cmd, request_id))
             return
         if riders:
-            held = riders.pop(group, None)
-            if held is not None:
-                self.resolves["rode"] += len(held[1])
-                for t, c, r in held[1]:
-                    g.propose(t, c, r)
+            self._ride(group, g)
         g.propose(token, cmd, request_id)
         self._dirty.add(group)
+
+    def _ride(self, group: Any, g: PaxosGroup) -> None:
+        """Propose ``group``'s held resolves now, ahead of what comes next."""
+        held = self._riders.pop(group, None)
+        if held is not None:
+            self.resolves["rode"] += len(held[1])
+            for t, c, r in held[1]:
+                g.propose(t, c, r)
+            self._dirty.add(group)
 
     def _release_riders(self, due: int) -> None:
         """Propose the resolves held since tick ``due`` or before (see ``propose``)."""
@@ -327,6 +333,8 @@ class PaxosNode:
         if g is None:
             self.out.reply.append(Reply(token, error=("unavailable", "unknown group", False)))
             return
+        if self._riders and cmd.consistency != STALE:
+            self._ride(group, g)  # what it reads may be locked until they are applied
         g.read(token, cmd)
         self._dirty.add(group)
 
