@@ -29,7 +29,7 @@ from dsnode.core.paxos.messages import (
 )
 from dsnode.core.paxos.node import RESOLVE_RIDE_TICKS
 from dsnode.core.paxos.statemachine import DedupKV
-from dsnode.core.twopc.records import TxResolve
+from dsnode.core.twopc.records import TxForget, TxResolve
 from dsnode.sim.shell import drain, step_snapshot
 
 NODES = ("a", "b", "c")
@@ -855,19 +855,24 @@ def _value_slots(c: Cluster, n: str) -> list[int]:
     return [x.slot for x in c.applied[n] if isinstance(x, Applied) and x.value]
 
 
-def test_a_resolve_rides_in_the_slot_of_the_next_command_to_its_group():
-    """A transaction's resolve is held back and goes into the next command's slot,
-    ahead of it: one slot for both, each answered."""
+@pytest.mark.parametrize(("rider", "answer"), [
+    (_resolve(1), {"resolved": "unknown"}),
+    (TxForget(0, (b"tx1",)), {"forgotten": 1}),
+])
+def test_a_resolve_rides_in_the_slot_of_the_next_command_to_its_group(rider, answer):
+    """A transaction's resolve (or a home's forget) is held back and goes into the next
+    command's slot, ahead of it: one slot for both, each answered."""
     c = Cluster()
     c.elect("a")
-    c.nodes["a"].propose(0, "r", _resolve(1))
+    c.nodes["a"].propose(0, "r", rider)
     c.settle()
     assert c.replies["a"] == [] and _value_slots(c, "a") == []
     c.nodes["a"].propose(0, "p", Put(b"k", b"v"), request_id=("cl", 1))
     c.settle()
-    assert [r.token for r in c.replies["a"]] == ["r", "p"]  # in the slot, the resolve first
-    assert c.replies["a"][0].result == {"resolved": "unknown"}
+    assert [r.token for r in c.replies["a"]] == ["r", "p"]  # in the slot, the rider first
+    assert c.replies["a"][0].result == answer
     assert len(_value_slots(c, "a")) == 1
+    assert c.nodes["a"].resolves == {"rode": 1, "alone": 0}
 
 
 @pytest.mark.parametrize("ride", [1, 2, 3])

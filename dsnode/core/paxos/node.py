@@ -26,11 +26,14 @@ from dsnode.core.paxos.metadata import MetaSM
 from dsnode.core.paxos.outputs import Outbox, StoredSnapshot
 from dsnode.core.paxos.roles import Role
 from dsnode.core.ring import Ring
-from dsnode.core.twopc.records import TxResolve
+from dsnode.core.twopc.records import TxForget, TxResolve
 
 #: How long a transaction's resolve may wait, in ticks, for a command to ride with
 #: (``PaxosNode.propose``)
 RESOLVE_RIDE_TICKS = 2
+#: The commands held back to ride (``PaxosNode.propose``): a participant's resolve, and a
+#: home's forget (which only lets decided transactions go)
+_RIDERS = frozenset((TxResolve, TxForget))
 
 
 class PaxosNode:
@@ -277,21 +280,21 @@ class PaxosNode:
     def propose(self, group: Any, token: Any, cmd: Any, request_id: Any = None) -> None:
         """Queue ``cmd`` in ``group`` (batched into slots at ``ready``).
 
-        A transaction's ``TxResolve`` (its client was answered already; it only applies
-        a participant's writes and releases its locks) is held back until the next
-        command proposed to the same group (or linearizable read of it, which then waits
-        for it), to go into that command's slot ahead of it,
-        or, at the latest, for ``resolve_ride_ticks`` ticks, then proposed alone: a leader's
-        slot round (accepts, acceptances, log records on every replica) is then shared
+        A transaction's ``TxResolve`` (its client was answered already: it only applies
+        a participant's writes and releases its locks) or a home's ``TxForget`` is held
+        back until the next command proposed to the same group, or the next linearizable
+        read of it (which then waits for it), and goes into that command's slot, ahead
+        of it; at the latest after ``resolve_ride_ticks`` ticks, alone. A leader's slot
+        round (accepts, acceptances, log records on every replica) is then shared
         instead of run once more for it. Holding a command back changes nothing but
-        when it is proposed (as a slower link would): a participant's locks are held
-        for at most that long."""
+        when it is proposed (as a slower link would); a participant's locks are held at
+        most that much longer, and a command or read that waits for them sends it."""
         g = self._awake(group)
         if g is None:
             self.out.reply.append(Reply(token, error=("unavailable", "unknown group", False)))
             return
         riders = self._riders
-        if type(cmd) is TxResolve and self.resolve_ride_ticks:
+        if type(cmd) in _RIDERS and self.resolve_ride_ticks:
             held = riders.get(group)
             if held is None:
                 riders[group] = (self.now, [(token, cmd, request_id)])
