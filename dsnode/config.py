@@ -254,7 +254,7 @@ class NodeConfig(BaseModel):
         "(its coordinator is gone) is carried to its participants by this node, ms",
     )
     txn_resolve_ride_ms: int = Field(
-        default=20, ge=0, le=1_000,
+        default=40, ge=0, le=1_000,
         description="a transaction's resolve proposed in a partition this node leads waits "
         "up to this long for another command to that partition, to go in its slot (0: "
         "proposed at once), ms",

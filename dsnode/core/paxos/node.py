@@ -30,7 +30,7 @@ from dsnode.core.twopc.records import TxForget, TxResolve
 
 #: How long a transaction's resolve may wait, in ticks, for a command to ride with
 #: (``PaxosNode.propose``)
-RESOLVE_RIDE_TICKS = 2
+RESOLVE_RIDE_TICKS = 4
 #: The commands held back to ride (``PaxosNode.propose``): a participant's resolve, and a
 #: home's forget (which only lets decided transactions go)
 _RIDERS = frozenset((TxResolve, TxForget))
