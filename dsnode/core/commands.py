@@ -175,10 +175,11 @@ def decode(x: list) -> Command:
     if tag == "D":
         return Delete(x[1], x[2])
     if tag == "T":
+        c, then, other = x[1], x[2], x[3]
         return Txn(
-            tuple((k, v) for k, v in x[1]),
-            tuple(_dec_sub(s) for s in x[2]),
-            tuple(_dec_sub(s) for s in x[3]),
+            tuple([(k, v) for k, v in c]) if c else (),
+            tuple([_dec_sub(s) for s in then]),
+            tuple([_dec_sub(s) for s in other]) if other else (),
         )
     if tag == "G":
         return Get(x[1], x[2])
