@@ -221,8 +221,6 @@ class PaxosNode:
         caught up first, by any input for it and by any change in the liveness
         of a peer (which may be its leader, or a member it must tell)."""
         self.now += n
-        if self._riders:
-            self._release_riders(self.now - self.resolve_ride_ticks)
         if self.now - self._last_node_heartbeat >= self.config.heartbeat_interval_ticks:
             self._last_node_heartbeat = self.now
             beat = NodeHeartbeat()
@@ -242,6 +240,8 @@ class PaxosNode:
             if self.config.quiesce and g.is_quiet():
                 quiet.add(gid)
                 del ticking[gid]
+        if self._riders:  # after the groups ticked: one woken here is caught up, not ticked
+            self._release_riders(self.now - self.resolve_ride_ticks)
 
     def awake_groups(self) -> list[tuple[Any, PaxosGroup]]:
         """The groups ticked now (not quiet): only these can change role or leader
