@@ -90,7 +90,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.quiet_seq = 0  # the read round of the leader's quiesce heartbeats
         self.acceptor = acceptor_cls(group)
         self.log = Log()
-        self.sm = self.sm_cls()
+        self.sm = self.sm_cls(shards=cfg.kv_shards)
         self.now = 0
         self.max_round = 0
         self.leader_hint: str | None = None
