@@ -872,3 +872,32 @@ def test_log_bytes_follow_the_chosen_values_held_above_each_snapshot():
     c.settle()
     assert b.log_bytes() == 0
     assert b.request_largest_snapshot() is None  # nothing applied since either snapshot
+
+
+def test_a_member_that_promises_a_candidate_gives_it_a_full_election_timeout():
+    """Without pre-votes, a follower whose timer was nearly due when it promised a
+    candidate must not campaign a tick later and depose the leader it just helped
+    elect before that leader is heard (seen in the simulator: two survivors of a
+    group of three deposing each other's fresh leadership for 300 ticks and more)."""
+    cfg = dataclasses.replace(CFG, pre_vote=False)
+    c = Cluster(cfg)
+    for n in NODES:
+        g = c.nodes[n].groups[0]
+        g.timeout = 10
+        g.elapsed = 9 if n != "a" else 0
+    c.nodes["a"].groups[0].become_candidate()
+    for _ in range(2):  # the prepares out, the promises back: no more
+        for n in NODES:
+            c.drain(n)
+        q, c.queue = c.queue, []
+        for src, dst, wire in q:
+            c.nodes[dst].step(src, from_wire(wire))
+    assert c.nodes["a"].is_leader(0)
+    c.cut.add("a")  # its first accepts are lost: nothing from it reaches b or c yet
+    c.settle()
+    c.tick(1)
+    c.cut.discard("a")
+    c.settle()
+    for n in ("b", "c"):
+        assert c.nodes[n].groups[0].role is Role.FOLLOWER, n
+    assert c.nodes["a"].is_leader(0)
