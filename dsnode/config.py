@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dsnode.core.membership.members import NODE_ID_RE
 from dsnode.core.ring.ring import (
     PARTITIONS_DEFAULT,
     PARTITIONS_MAX,
@@ -29,7 +29,6 @@ from dsnode.core.ring.ring import (
     REPLICATION_MAX,
 )
 
-NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ENV_PREFIX = "DSNODE_"
 DEFAULT_PORT = 7379
 

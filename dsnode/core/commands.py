@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dsnode.core.membership import members as _members
+
 LINEARIZABLE = "linearizable"
 STALE = "stale"
 
@@ -111,6 +113,8 @@ def size_of(cmd: Command) -> int:
     """Approximate payload bytes of a command (keys and values), for batching limits."""
     if type(cmd) in _tx.TYPES:
         return _tx.size_of(cmd)
+    if type(cmd) in _members.TYPES:
+        return 256
     if isinstance(cmd, Put):
         return len(cmd.key) + len(cmd.value) + 16
     if isinstance(cmd, Txn):
@@ -163,6 +167,8 @@ def encode(cmd: Command) -> list:
         return ["F", cmd.cluster_uuid]
     if isinstance(cmd, SetRing):
         return ["R", list(cmd.members), cmd.partitions, cmd.replication, cmd.epoch]
+    if type(cmd) in _members.TYPES:
+        return _members.encode(cmd)
     return _tx.encode(cmd)  # a transaction's own command, or TypeError
 
 
@@ -187,6 +193,8 @@ def decode(x: list) -> Command:
         return Form(x[1])
     if tag == "R":
         return SetRing(tuple(x[1]), x[2], x[3], x[4])
+    if tag in _members.TAGS:
+        return _members.decode(x)
     raise ValueError(f"unknown command tag {tag!r}")
 
 
@@ -198,6 +206,8 @@ def decode_checked(x: object) -> Command:
     tag = x[0]
     if isinstance(tag, str) and tag in _tx.TAGS:
         return _tx.decode_checked(x)
+    if isinstance(tag, str) and tag in _members.TAGS:
+        return _members.decode_checked(x)
     want = {"P": 4, "D": 3, "T": 4, "G": 3}.get(tag) if isinstance(tag, str) else None
     if want is None or len(x) != want:
         raise ValueError(f"bad command tag or length: {tag!r}")
