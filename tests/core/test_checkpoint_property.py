@@ -158,3 +158,26 @@ def test_a_checkpoint_keeps_chosen_values_learned_above_a_gap():
     _drained(core, records)
     mark = len(records) - 1
     assert disagreement("n1", groups, PaxosConfig(), records, blob, records[mark:]) is None
+
+
+def test_a_chosen_value_above_a_gap_stays_chosen_once_the_acceptor_accepts_it_again():
+    """Sim seed 411: slot 3 is learned chosen above a gap (a chosen record), then a
+    new leader's Accept carries the same value for it, so the acceptor holds it too.
+    No commit record covers slot 3 (slot 2 is unknown), so the checkpoint must keep
+    its chosen record; eliding it (the acceptor holds the value) lost it."""
+
+    core, groups = _follower()
+    records: list[bytes] = []
+    v1 = pack_batch([(None, Put(b"a", b"1"))])
+    v3 = pack_batch([(None, Put(b"c", b"3"))])
+    core.step("n2", Learn(0, ((1, v1), (3, v3))))
+    _drained(core, records)
+    core.tick()
+    _drained(core, records)
+    core.step("n2", Accept(0, (5, "n2"), ((3, v3),), 1))  # re-proposed by a new leader
+    _drained(core, records)
+    core.tick()
+    _drained(core, records)
+    assert core.groups[0].acceptor.accepted[3][1] == v3 and 3 in core.groups[0].log.chosen
+    why = disagreement("n1", groups, PaxosConfig(), records, core.checkpoint(), [])
+    assert why is None, why
