@@ -16,6 +16,7 @@ from typing import Any
 
 from dsnode.core.commands import STALE, Get
 from dsnode.core.effects import Ready, Reply
+from dsnode.core.errors import InvariantBroken
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.checkpoint import CheckpointWriter, GroupCapture
@@ -220,6 +221,8 @@ class PaxosNode:
         not grow with the number of groups. A quiet group is woken, its clock
         caught up first, by any input for it and by any change in the liveness
         of a peer (which may be its leader, or a member it must tell)."""
+        if n < 1:
+            raise InvariantBroken(f"tick({n})")
         self.now += n
         if self.now - self._last_node_heartbeat >= self.config.heartbeat_interval_ticks:
             self._last_node_heartbeat = self.now
@@ -234,9 +237,13 @@ class PaxosNode:
             for gid in sorted(self._quiet, key=str):
                 if changed & self.groups[gid].member_set:
                     self._awake(gid)
-        quiet, ticking = self._quiet, self._ticking
+        quiet, ticking, now = self._quiet, self._ticking, self.now
         for gid, g in list(ticking.items()):
-            g.tick(n)
+            # up to the node's clock: n ticks, or none for a group just woken above
+            # (``_awake`` caught it up already; ticking it n more would run its clock
+            # ahead of the node's, and a follower would stop honouring a lease early)
+            if g.now < now:
+                g.tick(now - g.now)
             if self.config.quiesce and g.is_quiet():
                 quiet.add(gid)
                 del ticking[gid]
