@@ -122,18 +122,22 @@ CHECKPOINT_RECORDS_PER_STEP = 1024
 CHECKPOINT_BYTES_PER_STEP = 256 << 10
 # Encoded pieces handed to the snapshot file's thread and not yet written, at most.
 SNAPSHOT_WRITES_QUEUED_MAX = 16
-# Disk and memory bounds (issue 14): besides every snapshot_interval_slots slots of a
-# group, the node snapshots the group holding the most log (one snapshot at a time)
-# once the WAL grew by this fraction (setting snapshot_wal_ratio) of the snapshots'
-# size over all groups (at least SNAPSHOT_WAL_BYTES_MIN) since the last such one, or
-# once the chosen values held above the snapshots (in memory, and in the WAL until
-# a checkpoint) reach SNAPSHOT_LOG_RATIO of it (at least SNAPSHOT_LOG_BYTES_MIN).
-# Each stored snapshot is followed by a checkpoint, so the data directory holds about
-# one snapshot plus a quarter of one in log, and memory a tenth of one in log.
+# Disk and memory bounds (issue 14). Memory: once the chosen values held above the
+# snapshots (``PaxosNode.log_bytes``: in memory, and in the WAL until a checkpoint)
+# reach SNAPSHOT_LOG_RATIO of the snapshots' size over all groups (at least
+# SNAPSHOT_LOG_BYTES_MIN), the node "trims": it snapshots the group holding the most
+# log, one at a time, until they are down to half of that, then checkpoints. Disk:
+# once the WAL grew by snapshot_wal_ratio of the snapshots' size (at least
+# SNAPSHOT_WAL_BYTES_MIN) since the last checkpoint, it trims down to a tenth of the
+# snapshots' size, then checkpoints (which removes the covered segments and older
+# snapshot files), as it does once the snapshot files replaced since the last one add
+# up to the same fraction (each stays until a checkpoint names its successor). One
+# checkpoint per trim, not per snapshot: a checkpoint copies the whole log window, and
+# with many partitions a snapshot frees only one group's part.
 SNAPSHOT_WAL_RATIO = 0.25
 SNAPSHOT_WAL_BYTES_MIN = 8 << 20
 SNAPSHOT_LOG_RATIO = 0.1
-SNAPSHOT_LOG_BYTES_MIN = 4 << 20
+SNAPSHOT_LOG_BYTES_MIN = 16 << 20
 
 
 class Pending:
@@ -294,10 +298,13 @@ class Driver:
         self._snapshot_started: dict[tuple[Any, int], float] = {}
         self._snapshot_tasks: set[asyncio.Task] = set()
         self._snapshot_turn = asyncio.Lock()  # held while a snapshot is being encoded
-        self._wal_bytes_at_snapshot = wal.stats["bytes"] if hasattr(wal, "stats") else 0
+        self._wal_bytes_at_checkpoint = wal.stats["bytes"] if hasattr(wal, "stats") else 0
+        self._trim_to: float | None = None  # trimming the log down to this many bytes
+        self._checkpoint_due = False  # a trim ended: checkpoint next
         self.snapshot_sizes: dict[Any, int] = {}  # group -> bytes of its last stored snapshot
         self.snapshot_bytes = 0  # their sum
         self._stored_since_checkpoint = False
+        self._stored_bytes_since_checkpoint = 0
         self.last_snapshot: dict[str, float] = {}  # seconds and bytes of the last one
 
     # ------------------------------------------------------------ client input
@@ -798,8 +805,10 @@ class Driver:
             self._records_since_checkpoint += len(ready.persist)
             self._maybe_request_snapshot()
         if not ready.reply and not ready.send:
-            if self._stored_since_checkpoint and self._checkpoint_task is None:
-                self._start_checkpoint()
+            if (self._stored_since_checkpoint or self._checkpoint_due) and (
+                self._checkpoint_task is None and self._trim_to is None
+            ):
+                self._start_checkpoint()  # nothing else to do: let older files go
             return
         lsn = self.wal.last_lsn
         if lsn <= self.wal.durable_lsn and not self._waiting:
@@ -808,28 +817,48 @@ class Driver:
             self._waiting.append((lsn, ready.send, ready.reply))
             self._kick.set()
         if self._checkpoint_task is None and (
-            self._stored_since_checkpoint
+            self._checkpoint_due
             or self._records_since_checkpoint >= self._checkpoint_every
+            or (self._trim_to is None and self._older_files_due())
         ):
             self._start_checkpoint()
 
     def _maybe_request_snapshot(self) -> None:
+        """Start or go on with a trim (see SNAPSHOT_LOG_RATIO), or ask for a checkpoint."""
         stats = getattr(self.wal, "stats", None)
         ratio = self._snapshot_wal_ratio
-        if stats is None or self.snapshots is None or not ratio or self._snapshot_started:
-            return  # one snapshot at a time: each capture shares (then copies) its store
-        total = self.snapshot_bytes
-        grown = stats["bytes"] - self._wal_bytes_at_snapshot
-        if grown >= max(SNAPSHOT_WAL_BYTES_MIN, ratio * total):
-            why = "snapshots_for_disk"
-        elif self.core.log_bytes() >= max(SNAPSHOT_LOG_BYTES_MIN, SNAPSHOT_LOG_RATIO * total):
-            why = "snapshots_for_log"
-        else:
+        if stats is None or self.snapshots is None or not ratio:
             return
-        if self.core.request_largest_snapshot() is not None:
-            self._wal_bytes_at_snapshot = stats["bytes"]
-            self.counters[why] += 1
-            self._schedule_flush()
+        total = self.snapshot_bytes
+        if self._trim_to is None:
+            budget = max(SNAPSHOT_LOG_BYTES_MIN, SNAPSHOT_LOG_RATIO * total)
+            if self.core.log_bytes() >= budget:
+                self._trim_to = budget / 2
+                self.counters["trims_for_log"] += 1
+            elif stats["bytes"] - self._wal_bytes_at_checkpoint >= max(
+                SNAPSHOT_WAL_BYTES_MIN, ratio * total
+            ):
+                self._trim_to = min(budget / 2, SNAPSHOT_LOG_RATIO * total)
+                self.counters["trims_for_disk"] += 1
+            else:
+                return
+        if self._snapshot_started:
+            return  # one snapshot at a time: each capture shares (then copies) its store
+        if self.core.log_bytes() > self._trim_to:
+            if self.core.request_largest_snapshot() is not None:
+                self.counters["snapshots_for_trim"] += 1
+                self._schedule_flush()
+                return
+        self._trim_to = None  # trimmed (or nothing more can be snapshotted now)
+        self._checkpoint_due = True
+        self._schedule_flush()
+
+    def _older_files_due(self) -> bool:
+        """Snapshot files replaced since the last checkpoint (each kept until one names
+        its successor) add up to a quarter of the snapshots' size: time for one."""
+        ratio = self._snapshot_wal_ratio or SNAPSHOT_WAL_RATIO
+        return self._stored_bytes_since_checkpoint >= max(
+            SNAPSHOT_WAL_BYTES_MIN, ratio * self.snapshot_bytes)
 
     def set_snapshot_sizes(self, sizes: dict[Any, int]) -> None:
         """The groups' stored snapshot sizes found at recovery."""
@@ -965,6 +994,7 @@ class Driver:
         self.snapshot_bytes += len(blob) - sizes.get(job.group, 0)
         sizes[job.group] = len(blob)
         self._stored_since_checkpoint = True  # a checkpoint lets the older file go
+        self._stored_bytes_since_checkpoint += len(blob)
         started = self._snapshot_started.pop((job.group, job.index), None)
         if started is not None:
             seconds = time.perf_counter() - started
@@ -1054,6 +1084,11 @@ class Driver:
         lsn = self.wal.last_lsn
         self._records_since_checkpoint = 0
         self._stored_since_checkpoint = False
+        self._stored_bytes_since_checkpoint = 0
+        self._checkpoint_due = False
+        stats = getattr(self.wal, "stats", None)
+        if stats is not None:
+            self._wal_bytes_at_checkpoint = stats["bytes"]
         self._checkpoint_task = asyncio.create_task(
             self._write_checkpoint(lsn, writer, named, started)
         )

@@ -378,15 +378,15 @@ async def test_the_data_directory_shrinks_back_after_a_burst_of_overwrites(
 
     monkeypatch.setattr(driver_mod, "SNAPSHOT_WAL_BYTES_MIN", 64 << 10)
     node = SoloNode(tmp_path, interval=10**6, checkpoint_every=10**9)
-    real = node.core.request_largest_snapshot
-    node.core.request_largest_snapshot = lambda: None  # held off during the burst
+    real = node.driver._maybe_request_snapshot
+    node.driver._maybe_request_snapshot = lambda: None  # held off during the burst
     items = _keys(2000)
     live = sum(len(k) + len(v) for k, v in items)
     for r in range(8):
         await node.put_all(_keys(2000, b"r%d-" % r), per_slot=100)
     burst = _dir_bytes(tmp_path)
     assert burst > 6 * live
-    node.core.request_largest_snapshot = real
+    node.driver._maybe_request_snapshot = real
     await node.put_all(items[:300], per_slot=100)
     await node.until(lambda: node.store.stats["written"] >= 1, "a snapshot")
     await node.idle()
@@ -401,7 +401,7 @@ async def test_the_log_held_in_memory_stays_near_its_budget(tmp_path, monkeypatc
     """Issue 14: with the snapshot interval and the WAL-growth trigger out of the way,
     the chosen values held above the snapshot (``log_bytes``) still stay near
     max(SNAPSHOT_LOG_BYTES_MIN, SNAPSHOT_LOG_RATIO x the snapshots' size): the node
-    snapshots once they reach it. Without it they grow with every write."""
+    trims once they reach it. Without it they grow with every write."""
     from dsnode.runtime import driver as driver_mod
 
     budget = 48 << 10
@@ -415,8 +415,10 @@ async def test_the_log_held_in_memory_stays_near_its_budget(tmp_path, monkeypatc
             held.append(node.core.log_bytes())
     await node.idle()
     written = 6 * 2000 * (5 + 49)
-    assert node.driver.counters["snapshots_for_log"] >= 3
-    assert node.driver.counters["snapshots_for_disk"] == 0
+    # trims: from the budget down to half of it, a snapshot at a time, then a checkpoint
+    assert node.driver.counters["trims_for_log"] >= 3
+    assert node.driver.counters["snapshots_for_trim"] >= node.driver.counters["trims_for_log"]
+    assert node.driver.counters["trims_for_disk"] == 0
     # one batch of 200 puts past the budget at most, while its snapshot is encoded
     assert max(held) < budget + 200 * 120 < written / 5, (max(held), written)
     assert node.driver.snapshot_bytes == node.driver.snapshot_sizes[0] > 0
