@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from dsnode.core.commands import Form, SetRing
+from dsnode.core.commands import ConfChange, Form, SetRing
 from dsnode.core.errors import InvariantBroken, PeerMisbehaved, StateLost
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
@@ -54,8 +54,9 @@ from dsnode.core.paxos.outputs import (
     StoredSnapshot,
 )
 from dsnode.core.paxos.proposer import LeaderSide, Proposer, merge_promises
+from dsnode.core.paxos.reconfig import GroupConf
 from dsnode.core.paxos.roles import Role
-from dsnode.core.paxos.statemachine import DedupKV, pack_batch
+from dsnode.core.paxos.statemachine import DedupKV, pack_batch, unpack_batch
 
 
 class PaxosGroup(LeaderSide, CatchUp):
@@ -71,16 +72,22 @@ class PaxosGroup(LeaderSide, CatchUp):
         cfg: PaxosConfig,
         acceptor_cls: type[Acceptor] = Acceptor,
         alive: Callable[[str], bool] | None = None,
+        conf: GroupConf | None = None,
     ) -> None:
-        if node_id not in members:
+        """``members``: the voters in preference order; ``conf``: the configuration
+        the group starts from instead (a node hosting it as a learner, created after
+        it changed: ``PaxosNode.host_learner``)."""
+        if conf is None:
+            conf = GroupConf(tuple(members))
+        if not conf.hosts(node_id):
             raise InvariantBroken(f"{node_id} not a member of group {group}")
         self.group = group
         self.me = node_id
-        self.members = tuple(sorted(members))
-        self.member_set = frozenset(members)
-        # the order in which members should lead (the ring's replica order)
-        self.preferred = tuple(members)
-        self.quorum = len(self.members) // 2 + 1
+        # the configuration the group was created with, and the one in effect (applied)
+        self.base_conf = conf
+        self._set_conf(conf)
+        # this replica applied a configuration without it: it takes no part any more
+        self.retired = False
         self.rng = rng
         self.out = out
         self.cfg = cfg
@@ -142,6 +149,19 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.leader_since = 0
         self.become_follower()
 
+    def _set_conf(self, conf: GroupConf) -> None:
+        """Only here do the members change (``core.paxos.reconfig``)."""
+        self.conf = conf
+        self.members = tuple(sorted(conf.voters))
+        self.member_set = frozenset(conf.voters)
+        # the order in which members should lead (the ring's replica order)
+        self.preferred = tuple(conf.voters)
+        self.quorum = conf.quorum
+        self.learners = tuple(sorted(conf.learners))
+        # who gets the leader's accepts and commits: the voters, then the learners
+        self.everyone = self.members + self.learners
+        self.voter = self.me in self.member_set
+
     # ================================================================ roles
     def become_follower(self) -> None:
         if self.leader_hint == self.me:
@@ -171,6 +191,8 @@ class PaxosGroup(LeaderSide, CatchUp):
         """
         if self.role is Role.LEADER:
             raise InvariantBroken("a leader does not become a pre-candidate")
+        if not self.voter:
+            raise InvariantBroken("a learner does not campaign")
         self.role = Role.PRECANDIDATE
         self.promises = {}
         self.prevote_ballot = (max(self.max_round, self.acceptor.promised[0]) + 1, self.me)
@@ -187,6 +209,8 @@ class PaxosGroup(LeaderSide, CatchUp):
                 self._send(m, msg)
 
     def become_candidate(self, transfer_from: Ballot = ZERO_BALLOT) -> None:
+        if not self.voter:
+            raise InvariantBroken("a learner does not campaign")
         self._fail_pending("leadership lost")
         self.role = Role.CANDIDATE
         self.out.role_changes += 1
@@ -235,6 +259,9 @@ class PaxosGroup(LeaderSide, CatchUp):
             if slot in self.log.chosen:
                 value = self.log.chosen[slot]
             p.proposals[slot] = value
+        if self.cfg.reconfig:
+            self._fence_recovery(p, res.snap_index)
+        for slot in p.proposals:
             self.learner.track(slot)
         if (
             self.group == self.cfg.formation_group
@@ -259,6 +286,24 @@ class PaxosGroup(LeaderSide, CatchUp):
         self._broadcast_accepts(sorted(p.proposals.items()))
         self._heartbeat(retransmit=False)  # announce the new leader at once
 
+    def _fence_recovery(self, p: Proposer, snap_index: int) -> None:
+        """Rule R3 of ``core.paxos.reconfig``: phase 1 ran with the configuration this
+        node has applied. A chosen prefix beyond ours (it may hold changes we do not
+        know): propose nothing, catch up, then phase 1 again. Else propose the
+        re-proposals up to the first configuration change among them and hold the rest
+        until it is applied."""
+        p.phase1_epoch = self.conf.epoch
+        if snap_index > self.log.chosen_through:
+            p.catchup_to = snap_index
+            p.held, p.proposals = p.proposals, {}
+            return
+        for slot in sorted(p.proposals):
+            if _has_conf_change(p.proposals[slot]):
+                p.fence = slot
+                for s in [s for s in p.proposals if s > slot]:
+                    p.held[s] = p.proposals.pop(s)
+                return
+
     def _random_timeout(self) -> int:
         t = self.cfg.election_timeout_ticks
         return self.rng.randint(t, t * (2 + min(self.failed_elections, 4)) - 1)
@@ -269,7 +314,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         input; etcd's leadership transfer skips pre-vote as well). Safety never
         rests on pre-vote, so the simulator uses this to stage contested
         elections that pre-vote would otherwise make rare."""
-        if self.role is Role.LEADER:
+        if self.role is Role.LEADER or not self.voter:
             return
         if self.cfg.lease_ticks and len(self.members) > 1 and self._leader_recent():
             # We may have acknowledged a live leader's lease: our own promise
@@ -323,6 +368,8 @@ class PaxosGroup(LeaderSide, CatchUp):
                         self._quiesce()
         elif self.quiesced and self.leader_hint is not None and self.alive(self.leader_hint):
             self.elapsed = 0  # a quiet group whose leader's node is alive: nothing to time
+        elif not self.voter:
+            self.elapsed = 0  # a learner (or a retired replica) never campaigns
         else:
             self.quiesced = False
             self.elapsed += n
@@ -349,13 +396,15 @@ class PaxosGroup(LeaderSide, CatchUp):
         if self._catchup_stalls < 3:
             return
         self._catchup_stalls = 0
-        others = [m for m in self.members if m not in (self.me, self.catchup_peer)]
+        others = [m for m in self.everyone if m not in (self.me, self.catchup_peer)]
         if others:
             self._catchup_turn += 1
             self.catchup_peer = others[self._catchup_turn % len(others)]
             self.out.dropped["catchup_peer_stalled"] += 1
 
     def _election_timeout(self) -> None:
+        if not self.voter:
+            return
         if not self.cfg.pre_vote:
             self.become_candidate()
         elif self.role is Role.PRECANDIDATE:
@@ -370,8 +419,16 @@ class PaxosGroup(LeaderSide, CatchUp):
 
     # ================================================================ peer input
     def step(self, frm: str, msg: Any) -> None:
-        if frm not in self.members:
+        if frm not in self.member_set and not self._may_hear(frm, msg):
             self.out.dropped["not_member"] += 1
+            if self.cfg.reconfig and type(msg) in (Prepare, PreVote):
+                # a replica that missed its removal (or a configuration): show it the
+                # log after what it has, so it learns where it stands
+                start = msg.from_slot if type(msg) is Prepare else msg.chosen_through + 1
+                self._on_catchup_req(frm, CatchupReq(self.group, start, 0, 0))
+            return
+        if self.retired and type(msg) is not CatchupReq:
+            self.out.dropped["retired"] += 1  # it takes no part; it still serves catch-up
             return
         try:
             self._dispatch(frm, msg)
@@ -403,6 +460,22 @@ class PaxosGroup(LeaderSide, CatchUp):
             self._on_snap_chunk(frm, msg)
         else:
             raise PeerMisbehaved(f"unknown message {t.__name__}")
+
+    def _may_hear(self, frm: str, msg: Any) -> bool:
+        """A message from a node that is no voter here: with reconfiguration, phase 2,
+        commits and catch-up come from anyone (a leader of a configuration this
+        replica has not applied yet); phase 1, pre-votes and hand-overs only from the
+        group's learners (which may be voters of a newer configuration), so a removed
+        node that missed its removal cannot disturb the group; a hand-over from the
+        leader this replica follows also when that leader just left the voters."""
+        if not self.cfg.reconfig:
+            return False
+        t = type(msg)
+        if t is TimeoutNow and msg.ballot == self.acceptor.promised:
+            return True  # the leader we follow, handing over as it leaves the group
+        if t is Prepare or t is PreVote or t is TimeoutNow:
+            return frm in self.learners
+        return True
 
     def _send(self, to: str, msg: Any) -> None:
         size = wire_size(msg)
@@ -453,6 +526,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         live = [m for m in self.members if m != self.me and self.alive(m)]
         if len(live) + 1 < self.quorum:
             return False  # it must notice it lost its quorum and step down
+        live += [m for m in self.learners if self.alive(m)]
         return all(p.acked_seq.get(m, 0) >= self.quiet_seq for m in live)  # all told
 
     def _busy(self) -> bool:
@@ -480,12 +554,12 @@ class PaxosGroup(LeaderSide, CatchUp):
         ct = self.log.chosen_through
         fresh = self.cfg.heartbeat_interval_ticks * 2
         caught_up = 1
-        for m in self.members:
+        for m in self.everyone:
             if m == self.me:
                 continue
             ok = p.match.get(m, 0) >= ct and self.now - p.last_ack.get(m, -(10**9)) <= fresh
             if ok:
-                caught_up += 1
+                caught_up += m in self.member_set
             elif self.alive(m):
                 return False  # a live member behind: keep feeding it
         return caught_up >= self.quorum
@@ -504,7 +578,7 @@ class PaxosGroup(LeaderSide, CatchUp):
     def _send_quiesce(self) -> None:
         p = self.proposer
         msg = Accept(self.group, self.ballot, (), self.log.chosen_through, self.quiet_seq, True)
-        for m in self.members:
+        for m in self.everyone:
             if m != self.me and p.acked_seq.get(m, 0) < self.quiet_seq and self.alive(m):
                 self.last_heartbeat = self.now
                 self._send(m, msg)
@@ -517,7 +591,7 @@ class PaxosGroup(LeaderSide, CatchUp):
             # acks stopped while quiet: the members' node heartbeats stand in for them,
             # or the quorum check would depose us before the first new acks arrive
             p = self.proposer
-            for m in self.members:
+            for m in self.everyone:
                 if self.alive(m):
                     p.last_ack[m] = max(p.last_ack.get(m, -(10**9)), self.now)
             self._heartbeat(retransmit=False)
@@ -604,7 +678,8 @@ class PaxosGroup(LeaderSide, CatchUp):
     def _on_timeout_now(self, frm: str, m: TimeoutNow) -> None:
         """Our leader hands over: campaign now, telling the acceptors it did."""
         self._see_round(m.ballot)
-        if self.role is Role.LEADER or m.ballot[1] != frm or m.ballot < self.acceptor.promised:
+        if (self.role is Role.LEADER or m.ballot[1] != frm or m.ballot < self.acceptor.promised
+                or not self.voter):
             self.out.dropped["stale_timeout_now"] += 1
             return
         self.become_candidate(transfer_from=m.ballot)
@@ -739,8 +814,67 @@ class PaxosGroup(LeaderSide, CatchUp):
                 self._take_snapshot()
         if overtaken and self.role is Role.LEADER:
             self.become_follower()  # someone with a higher ballot chose in our slots
+        if self.cfg.reconfig:
+            self._adopt_conf()
         if self.proposer is not None and self.proposer.reads:
             self._serve_reads()
+
+    # ---------------------------------------------------------------- configuration
+    def _adopt_conf(self) -> None:
+        """After applying (or installing a snapshot): switch to the configuration the
+        state machine holds if it is newer than ours (``core.paxos.reconfig``), then,
+        as leader, lift what fenced the pipeline (rules R2 to R4)."""
+        sm = self.sm
+        if sm.conf is None:
+            sm.conf = self.conf  # nothing changed since the group's creation
+        elif sm.conf.epoch > self.conf.epoch:
+            self._switch_conf(sm.conf)
+        p = self.proposer
+        if self.role is not Role.LEADER or p is None:
+            return
+        if p.catchup_to and self.log.chosen_through >= p.catchup_to:
+            self.become_candidate()  # caught up: phase 1 again, with what we now know
+        elif p.fence and self.log.applied >= p.fence:
+            p.fence = 0
+            if p.held:
+                self.become_candidate()
+
+    def _switch_conf(self, conf: GroupConf) -> None:
+        was_leader = self.role is Role.LEADER
+        gone = [m for m in self.everyone if not conf.hosts(m)]
+        self._set_conf(conf)
+        if was_leader and gone:  # they get no more accepts: tell them the commit once
+            msg = Accept(self.group, self.ballot, (), self.log.chosen_through,
+                         self.proposer.read_seq)
+            for m in gone:
+                if m != self.me:
+                    self._send(m, msg)
+        self.out.conf_changes += 1
+        if not conf.hosts(self.me):
+            self.retired = True
+        if was_leader:
+            p = self.proposer
+            if not self.voter:
+                self._hand_over_after_removal(p)
+            elif conf.epoch > p.phase1_epoch + 1:
+                self.become_candidate()  # rule R4: our promises are two changes old
+            else:
+                self.learner.quorum = self.quorum
+        elif not self.voter and self.role is not Role.FOLLOWER:
+            self.become_follower()
+
+    def _hand_over_after_removal(self, p: Proposer) -> None:
+        """This leader applied a configuration without it as a voter: tell everyone
+        the commit, hand the group to the new voter furthest along (the first in
+        preference order among equals: it campaigns at once, and if it has not
+        applied the change yet, rule R3 makes it learn it first), then step down."""
+        self._heartbeat(retransmit=False, new_round=False)
+        best = max(p.match.get(m, 0) for m in self.preferred)
+        target = next(m for m in self.preferred if p.match.get(m, 0) == best)
+        self._send(target, TimeoutNow(self.group, self.ballot))
+        self.become_follower()
+        self.leader_hint = target
+        self.out.dropped["leader_removed"] += 1
 
     # ---------------------------------------------------------------- recovery
     def recover_record(self, r: list) -> None:
@@ -792,3 +926,7 @@ class PaxosGroup(LeaderSide, CatchUp):
                 f"current, but no valid snapshot file reaches it and the log only proves "
                 f"slots through {self.log.chosen_through}"
             )
+
+
+def _has_conf_change(value: bytes) -> bool:
+    return bool(value) and any(type(cmd) is ConfChange for _rid, cmd in unpack_batch(value))
