@@ -109,6 +109,20 @@ class Incarnations:
             changed = True
         return changed
 
+    def forget(self, peer: str, group: str) -> bool:
+        """``peer`` left ``group`` for good: it applied a configuration of the group
+        without it and dropped the group's data (``PaxosNode.remove_group(..., drop=True)``),
+        or starts hosting it afresh as a learner. Its votes there are no longer needed
+        (every slot it voted on is chosen: ``core.paxos.reconfig``), so its watermarks in
+        the group go. True if anything changed. (Pins held elsewhere must forget too,
+        or a merge brings them back: whoever drives the move spreads it.)"""
+        pin = self.pins.get(peer)
+        if pin is None:
+            return False
+        a = pin.accepted.pop(group, None)
+        b = pin.promised.pop(group, None)
+        return a is not None or b is not None
+
     def merge(self, other: Incarnations, me: str) -> bool:
         """Take what another node pinned: unknown members, and higher watermarks
         of the same incarnation. Our own entry and conflicting incarnations are

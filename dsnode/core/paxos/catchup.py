@@ -108,7 +108,16 @@ class CatchUp:
             return
         for slot, value in m.entries:
             self._learn(slot, value)
+        if self.catchup_peer is None and self.cfg.reconfig:
+            self._adopt_catchup(frm, m.entries[-1][0] + 1)
         self._after_catchup_progress()
+
+    def _adopt_catchup(self, peer: str, target: int) -> None:
+        """Unasked catch-up data (a peer answering a stale node's phase 1 or pre-vote
+        with the log it lacks, ``PaxosGroup.step``): go on asking that peer, retried
+        on ticks like any catch-up, until it has nothing more."""
+        self.catchup_peer = peer
+        self.catchup_target = max(self.catchup_target, target)
 
     def _after_catchup_progress(self) -> None:
         before = self.log.chosen_through
@@ -128,6 +137,8 @@ class CatchUp:
         ):
             self.out.dropped["snap_chunk_duplicate"] += 1
             return
+        if self.catchup_peer is None and self.cfg.reconfig:
+            self._adopt_catchup(frm, m.index + 1)
         if self.snap_in is None or self.snap_in[0] != m.index or m.offset != len(self.snap_buf):
             if m.offset != 0:
                 self.snap_in = None

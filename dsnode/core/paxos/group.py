@@ -369,7 +369,15 @@ class PaxosGroup(LeaderSide, CatchUp):
         elif self.quiesced and self.leader_hint is not None and self.alive(self.leader_hint):
             self.elapsed = 0  # a quiet group whose leader's node is alive: nothing to time
         elif not self.voter:
-            self.elapsed = 0  # a learner (or a retired replica) never campaigns
+            # a learner never campaigns; one that heard no leader for an election
+            # timeout asks a voter for what follows its log (it may have been removed,
+            # or the leader may have changed, without a word reaching it)
+            self.elapsed += n
+            if self.elapsed >= self.timeout:
+                self.elapsed = 0
+                self.timeout = self._random_timeout()
+                if not self.retired:
+                    self._send_catchup(self.rng.choice(self.members))
         else:
             self.quiesced = False
             self.elapsed += n
@@ -797,6 +805,8 @@ class PaxosGroup(LeaderSide, CatchUp):
         overtaken = False
         if log.applied < log.chosen_through:
             p = self.proposer
+            if self.sm.conf is None and self.cfg.reconfig:
+                self.sm.conf = self.conf  # nothing changed since the group's creation
             for slot, value in log.to_apply():
                 cached = p.batches.pop(slot, None) if p is not None else None
                 mine = cached is not None and cached[0] == value
@@ -825,9 +835,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         state machine holds if it is newer than ours (``core.paxos.reconfig``), then,
         as leader, lift what fenced the pipeline (rules R2 to R4)."""
         sm = self.sm
-        if sm.conf is None:
-            sm.conf = self.conf  # nothing changed since the group's creation
-        elif sm.conf.epoch > self.conf.epoch:
+        if sm.conf is not None and sm.conf.epoch > self.conf.epoch:
             self._switch_conf(sm.conf)
         p = self.proposer
         if self.role is not Role.LEADER or p is None:

@@ -207,13 +207,21 @@ class PaxosNode:
             self.groups[group].heard_leader_at = -(10**9)  # it acknowledged nothing yet
 
     def _start_hosting(self, group: Any, conf: GroupConf, sm_cls: type | None = None) -> None:
-        self.groups.pop(group, None)
-        self._ticking.pop(group, None)
-        self._quiet.discard(group)
+        self._forget(group)
         self._create(group, conf.voters, sm_cls, conf)
         self._hosted[group] = conf
         self._dropped.discard(group)
         self._update_peers()
+
+    def _forget(self, group: Any) -> None:
+        """In recovery: the group's state so far is void (a ``drop`` or ``host`` record),
+        and so is what recovering it produced (apply notices, snapshot jobs)."""
+        self.groups.pop(group, None)
+        self._ticking.pop(group, None)
+        self._quiet.discard(group)
+        out = self.out
+        out.apply = [x for x in out.apply if x.group != group]
+        out.snapshots = [x for x in out.snapshots if x.group != group]
 
     def change_config(self, group: Any, token: Any, conf: GroupConf) -> None:
         """Propose ``conf`` as ``group``'s next configuration (``PaxosGroup.change_config``:
@@ -457,8 +465,7 @@ class PaxosNode:
         gid = r[1]
         self._orphans.pop(gid, None)
         if r[0] == rec.DROP:
-            self.groups.pop(gid, None)
-            self._ticking.pop(gid, None)
+            self._forget(gid)
             self._hosted.pop(gid, None)
             self._dropped.add(gid)
             self._update_peers()
