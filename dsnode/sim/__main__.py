@@ -26,6 +26,7 @@ import time
 from dsnode.sim.broken import (
     BROKEN,
     BROKEN_GROUPS,
+    CONF_BROKEN,
     LIVENESS_BROKEN,
     RING_BROKEN,
     TXN_BROKEN,
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-swarm", action="store_true", help="fixed timing and fault mix")
     ap.add_argument("--broken", choices=sorted(BROKEN) + sorted(BROKEN_GROUPS)
                     + sorted(LIVENESS_BROKEN) + list(WORLD_BROKEN) + sorted(RING_BROKEN)
-                    + sorted(TXN_BROKEN),
+                    + sorted(TXN_BROKEN) + sorted(CONF_BROKEN),
                     help="run a deliberately broken variant")
     ap.add_argument("--txns", action="store_true",
                     help="cross-partition transactions: a bank workload over 2PC "

@@ -136,6 +136,11 @@ class CatchUp:
             and m.offset < len(self.snap_buf)
         ):
             self.out.dropped["snap_chunk_duplicate"] += 1
+            if self.catchup_peer is None and self.cfg.reconfig:
+                # unasked (a stale node's phase 1 answered with the log it lacks) while
+                # nobody feeds the snapshot we have started: go on from where it stands
+                self._adopt_catchup(frm, m.index + 1)
+                self._send_catchup(frm)
             return
         if self.catchup_peer is None and self.cfg.reconfig:
             self._adopt_catchup(frm, m.index + 1)
