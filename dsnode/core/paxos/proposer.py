@@ -165,7 +165,7 @@ class LeaderSide:
             why = (CONF_PENDING, "another configuration change is in progress")
         else:
             ct = self.log.chosen_through
-            for m in set(conf.voters) - self.member_set:
+            for m in sorted(set(conf.voters) - self.member_set):
                 if m in self.learners and p.match.get(m, 0) < ct:
                     why = (CONF_PENDING, f"learner {m} has not caught up "
                            f"({p.match.get(m, 0)} of {ct} slots)")
