@@ -82,6 +82,7 @@ class SafetyChecker:
         self.voted: dict[str, dict[str, list]] = {}
         self.incarnation: dict[str, str] = {}
         self.amnesiac: set[str] = set()
+        self.left: dict[str, dict[str, int]] = {}  # node -> group -> epoch that removed it
         # per group, the configurations chosen so far: [(slot of the change, conf)]
         self.confs: dict[Any, list[tuple[int, GroupConf]]] = {
             g: [(0, GroupConf(tuple(m)))] for g, m in groups.items()
@@ -164,9 +165,12 @@ class SafetyChecker:
         v[0] = max(v[0], slot)
         v[1] = max(v[1], promised)
 
-    def forget_votes(self, node: str, group: str) -> None:
-        """``node`` left ``group`` for good (``Incarnations.forget``)."""
+    def dropped(self, node: str, group: str, epoch: int) -> None:
+        """``node`` left ``group`` for good, removed by the configuration of ``epoch``
+        (``Incarnations.dropped``): its votes there no longer matter, but it may come
+        back to the group only with a later configuration (hosted afresh)."""
         self.voted.get(node, {}).pop(group, None)
+        self.left.setdefault(node, {})[group] = epoch
 
     def on_presented(self, node: str, p) -> None:
         """``node`` (re)started presenting durable state ``p``: amnesiac if it is
@@ -178,6 +182,9 @@ class SafetyChecker:
         for g, (slot, ballot) in voted.items():
             if p.log_end.get(g, 0) < slot or p.promised.get(g, (0, "")) < ballot:
                 lost = True
+        for g, epoch in self.left.get(node, {}).items():
+            if g in p.log_end and p.conf_epoch.get(g, 0) <= epoch:
+                lost = True  # an old copy of a group it dropped
         if lost:
             self.amnesiac.add(node)
         else:

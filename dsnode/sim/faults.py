@@ -84,7 +84,7 @@ class FaultSchedule:
 
     def can_crash(self, node: str) -> bool:
         w = self.world
-        for members, f in w.fault_budget().values():
+        for members, f in w.fault_budget():
             if node in members:
                 down = sum(1 for m in members if not w.up[m] or m in w.lost)
                 if down + 1 > f:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from dsnode.core.paxos import reconfig
 from dsnode.core.paxos.reconfig import GroupConf
 
 
@@ -35,7 +36,8 @@ class Mover:
         self.learner_ticks_max = learner_ticks_max  # a learner not promoted by then goes
         self.issuing = True
         self.size = {g: len(m) for g, m in world.groups.items()}  # voters to come back to
-        self.waiting: dict[Any, tuple[Any, int]] = {}  # group -> (token, tick asked)
+        # group -> (token, tick asked, the configuration asked for)
+        self.waiting: dict[Any, tuple[Any, int, GroupConf]] = {}
         self.learner_since: dict[tuple, int] = {}  # (group, node) -> tick first seen
         self.seq = 0
         self.steps: dict[str, int] = {"asked": 0, "done": 0, "refused": 0}
@@ -93,10 +95,17 @@ class Mover:
             if not free:
                 return
             op = ("add_learner", rng.choice(free))
-        self.waiting[g] = (token, now)
+        change = {"promote_learner": reconfig.promote, "remove_replica": reconfig.remove,
+                  "add_learner": reconfig.add_learner}[op[0]]
+        self.waiting[g] = (token, now, change(conf, op[1]))
         self.steps["asked"] += 1
         w.trace(now, leader, "conf-change", f"group {g}: {op[0]} {op[1]} (epoch {conf.epoch})")
         getattr(core, op[0])(g, token, op[1])
+
+    def asked(self) -> list[GroupConf]:
+        """The configurations asked for and not answered yet (the fault model keeps a
+        majority of each as well: one may be chosen any moment)."""
+        return [c for _t, _at, c in self.waiting.values()]
 
     def _host_and_drop(self) -> None:
         """The runtime's placement, played by the world: a node a chosen configuration
@@ -107,22 +116,17 @@ class Mover:
                 continue
             core = w.cores[n]
             for g in core.retired_groups():
+                epoch = core.group_conf(g).epoch
                 core.remove_group(g, drop=True)
-                self._forget(n, g)
+                w.pins.dropped(n, str(g), epoch)
+                w.checker.dropped(n, str(g), epoch)
                 w.trace(w.now, n, "drop", f"group {g}")
             for g in sorted(w.groups, key=str):
                 conf = w.checker.conf(g)
                 if n in conf.learners and g not in core.groups:
                     core.host_learner(g, conf)
-                    self._forget(n, g)
                     w.checker.on_host(n, g)
                     w.trace(w.now, n, "host", f"group {g} as a learner (epoch {conf.epoch})")
-
-    def _forget(self, node: str, g: Any) -> None:
-        """The identity pins (and the checker's record of votes) forget ``node``'s
-        votes in ``g``: it left the group for good, or joins it afresh."""
-        self.world.pins.forget(node, str(g))
-        self.world.checker.forget_votes(node, str(g))
 
     def misplaced(self) -> list[str]:
         """Once quiet: per live node, why what it hosts disagrees with each group's last

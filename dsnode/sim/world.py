@@ -387,7 +387,8 @@ class SimWorld:
         self.ticks_given[node] = int(self.clock[node])  # a new process counts from now
         self.up[node] = True
         log_end, promised = core.durable_summary()
-        self.presented[node] = Presented(self.incarnation[node], log_end, promised)
+        self.presented[node] = Presented(self.incarnation[node], log_end, promised,
+                                         core.conf_epochs())
         self.admitted.discard(node)
         self.checker.on_presented(node, self.presented[node])
         if self.tx is not None:
@@ -682,7 +683,8 @@ class SimWorld:
             copy.roll_back(keep)
             probe.recover(copy.durable, copy.newest_snapshots())
             log_end, promised = probe.durable_summary()
-            if self.pins.check(node, Presented(self.incarnation[node], log_end, promised)):
+            if self.pins.check(node, Presented(self.incarnation[node], log_end, promised,
+                                               probe.conf_epochs())):
                 disk.roll_back(keep)
                 how = f"rolled back to {keep} records"
         self.ckpt[node] = None  # the data directory's checkpoint went with it
@@ -701,17 +703,26 @@ class SimWorld:
         self.net.dup = 0.0
         self.trace(self.now, "-", "heal-all")
 
-    def fault_budget(self) -> dict[Any, tuple[tuple[str, ...], int]]:
-        """Per group, the nodes the fault model counts and how many of them may be down
-        or lost at once: its members and a minority of them, or, when replica sets
-        change, its voters and learners (a learner may be promoted) and a minority of
-        its voters."""
+    def fault_budget(self) -> list[tuple[tuple[str, ...], int]]:
+        """Sets of nodes the fault model counts, each with how many of them may be down
+        or lost at once: per group, its members and a minority of them. When replica
+        sets change, per group and per configuration still in use (from the oldest one
+        a running replica has applied to the last chosen one: a majority of each may be
+        needed to finish what follows it), its voters and learners (a learner may be
+        promoted) and a minority of its voters."""
         if self.mover is None:
-            return {g: (m, (len(m) - 1) // 2) for g, m in self.groups.items()}
-        out = {}
+            return [(m, (len(m) - 1) // 2) for m in self.groups.values()]
+        out = []
         for g in self.groups:
-            conf = self.checker.conf(g)
-            out[g] = (conf.voters + conf.learners, (len(conf.voters) - 1) // 2)
+            history = self.checker.confs[g]
+            oldest = min((self.cores[n].group_conf(g).epoch for n in self.node_ids
+                          if self.cores[n] is not None and g in self.cores[n].groups),
+                         default=history[-1][1].epoch)
+            confs = [c for _slot, c in history if c.epoch >= oldest]
+            for conf in confs:
+                out.append((conf.voters + conf.learners, (len(conf.voters) - 1) // 2))
+        for conf in self.mover.asked():
+            out.append((conf.voters + conf.learners, (len(conf.voters) - 1) // 2))
         return out
 
     def live_members(self, g: Any) -> list[str]:

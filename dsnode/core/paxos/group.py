@@ -88,6 +88,9 @@ class PaxosGroup(LeaderSide, CatchUp):
         self._set_conf(conf)
         # this replica applied a configuration without it: it takes no part any more
         self.retired = False
+        # the nodes the last configuration change applied here removed, and its slot: a
+        # leader goes on telling them the commit until they have learned it
+        self.removed: dict[str, int] = {}
         self.rng = rng
         self.out = out
         self.cfg = cfg
@@ -166,6 +169,8 @@ class PaxosGroup(LeaderSide, CatchUp):
     def become_follower(self) -> None:
         if self.leader_hint == self.me:
             self.leader_hint = None
+        if self.cfg.reconfig and not self.conf.hosts(self.me):
+            self.retired = True  # a removed leader stepping down: now it takes no part
         self._fail_pending("leadership lost")
         self.role = Role.FOLLOWER
         self.out.role_changes += 1
@@ -254,6 +259,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         )
         for m in self.members:
             p.last_ack[m] = self.now
+        p.gone.update(self.removed)
         self.proposer = p
         for slot, value in res.proposals.items():
             if slot in self.log.chosen:
@@ -366,18 +372,19 @@ class PaxosGroup(LeaderSide, CatchUp):
                     p.forget_rounds(p.confirmed_seq(self.members, self.quorum))
                     if cfg.quiesce and not self.quiesced and self._idle():
                         self._quiesce()
-        elif self.quiesced and self.leader_hint is not None and self.alive(self.leader_hint):
-            self.elapsed = 0  # a quiet group whose leader's node is alive: nothing to time
         elif not self.voter:
             # a learner never campaigns; one that heard no leader for an election
             # timeout asks a voter for what follows its log (it may have been removed,
-            # or the leader may have changed, without a word reaching it)
+            # or the leader may have changed, without a word reaching it), quiet
+            # group or not: a leader no longer tells a removed learner anything
             self.elapsed += n
             if self.elapsed >= self.timeout:
                 self.elapsed = 0
                 self.timeout = self._random_timeout()
                 if not self.retired:
                     self._send_catchup(self.rng.choice(self.members))
+        elif self.quiesced and self.leader_hint is not None and self.alive(self.leader_hint):
+            self.elapsed = 0  # a quiet group whose leader's node is alive: nothing to time
         else:
             self.quiesced = False
             self.elapsed += n
@@ -527,7 +534,8 @@ class PaxosGroup(LeaderSide, CatchUp):
         if self._busy():
             return False
         if self.role is Role.FOLLOWER:
-            return self.leader_hint is not None and self.alive(self.leader_hint)
+            # (a learner keeps its clock: it asks around when no leader talks to it)
+            return self.voter and self.leader_hint is not None and self.alive(self.leader_hint)
         p = self.proposer
         if self.role is not Role.LEADER or p is None:
             return False
@@ -561,6 +569,8 @@ class PaxosGroup(LeaderSide, CatchUp):
             return False
         ct = self.log.chosen_through
         fresh = self.cfg.heartbeat_interval_ticks * 2
+        if any(self.alive(m) for m in p.gone):
+            return False  # a removed replica still to be told: keep telling it
         caught_up = 1
         for m in self.everyone:
             if m == self.me:
@@ -650,6 +660,12 @@ class PaxosGroup(LeaderSide, CatchUp):
         p = self.proposer
         if self.transfer is None or p.proposals or p.queue:
             return
+        if p.handover_slot:  # a removed leader: not before a majority of voters applied it
+            ready = [m for m in self.preferred if p.match.get(m, 0) >= p.handover_slot]
+            if len(ready) < self.quorum:
+                return
+            best = max(p.match[m] for m in ready)
+            self.transfer = (next(m for m in ready if p.match[m] == best), self.transfer[1])
         target = self.transfer[0]
         self._send(target, TimeoutNow(self.group, self.ballot))
         self.become_follower()
@@ -665,7 +681,9 @@ class PaxosGroup(LeaderSide, CatchUp):
         that is alive (answered within an election timeout) and caught up."""
         cfg = self.cfg
         if self.transfer is not None:
-            if self.now - self.transfer[1] >= cfg.election_timeout_ticks:
+            if self.proposer.handover_slot:
+                self._try_transfer()  # a removed leader waits for its successors
+            elif self.now - self.transfer[1] >= cfg.election_timeout_ticks:
                 self.transfer = None
                 self.out.dropped["leadership_transfer_abandoned"] += 1
             return
@@ -838,8 +856,8 @@ class PaxosGroup(LeaderSide, CatchUp):
         if sm.conf is not None and sm.conf.epoch > self.conf.epoch:
             self._switch_conf(sm.conf)
         p = self.proposer
-        if self.role is not Role.LEADER or p is None:
-            return
+        if self.role is not Role.LEADER or p is None or not self.voter:
+            return  # (a removed leader hands over: ``_hand_over_after_removal``)
         if p.catchup_to and self.log.chosen_through >= p.catchup_to:
             self.become_candidate()  # caught up: phase 1 again, with what we now know
         elif p.fence and self.log.applied >= p.fence:
@@ -849,16 +867,13 @@ class PaxosGroup(LeaderSide, CatchUp):
 
     def _switch_conf(self, conf: GroupConf) -> None:
         was_leader = self.role is Role.LEADER
-        gone = [m for m in self.everyone if not conf.hosts(m)]
+        self.removed = {m: self.log.applied for m in self.everyone
+                        if not conf.hosts(m) and m != self.me}
         self._set_conf(conf)
-        if was_leader and gone:  # they get no more accepts: tell them the commit once
-            msg = Accept(self.group, self.ballot, (), self.log.chosen_through,
-                         self.proposer.read_seq)
-            for m in gone:
-                if m != self.me:
-                    self._send(m, msg)
+        if was_leader:
+            self.proposer.gone.update(self.removed)
         self.out.conf_changes += 1
-        if not conf.hosts(self.me):
+        if not conf.hosts(self.me) and not was_leader:
             self.retired = True
         if was_leader:
             p = self.proposer
@@ -872,17 +887,16 @@ class PaxosGroup(LeaderSide, CatchUp):
             self.become_follower()
 
     def _hand_over_after_removal(self, p: Proposer) -> None:
-        """This leader applied a configuration without it as a voter: tell everyone
-        the commit, hand the group to the new voter furthest along (the first in
-        preference order among equals: it campaigns at once, and if it has not
-        applied the change yet, rule R3 makes it learn it first), then step down."""
-        self._heartbeat(retransmit=False, new_round=False)
-        best = max(p.match.get(m, 0) for m in self.preferred)
-        target = next(m for m in self.preferred if p.match.get(m, 0) == best)
-        self._send(target, TimeoutNow(self.group, self.ballot))
-        self.become_follower()
-        self.leader_hint = target
+        """This leader applied a configuration without it as a voter. It stays on as a
+        lame duck, taking no commands (a transfer is under way) and telling everyone
+        the commit, until a majority of the new voters have applied the change (they
+        know the chosen prefix through it: dropping this replica's data loses
+        nothing), then hands the group to the one furthest along (``TimeoutNow``) and
+        steps down (``_try_transfer``); only then is it retired."""
+        p.handover_slot = self.log.applied
+        self.transfer = (self.preferred[0], self.now)
         self.out.dropped["leader_removed"] += 1
+        self._heartbeat(retransmit=False, new_round=False)
 
     # ---------------------------------------------------------------- recovery
     def recover_record(self, r: list) -> None:

@@ -307,7 +307,8 @@ class PaxosNode:
             # in a fixed order (not the set's, which the hash seed decides for "meta"):
             # the groups woken tick, and send, in this order
             for gid in sorted(self._quiet, key=str):
-                if changed & self.groups[gid].member_set:
+                g = self.groups[gid]
+                if changed & g.member_set or not changed.isdisjoint(g.learners):
                     self._awake(gid)
         quiet, ticking = self._quiet, self._ticking
         for gid, g in list(ticking.items()):
@@ -539,6 +540,12 @@ class PaxosNode:
             {str(g): self.log_end(g) for g in self.groups},
             {str(g): grp.acceptor.promised for g, grp in self.groups.items()},
         )
+
+    def conf_epochs(self) -> dict[str, int]:
+        """Per group (id as a string): the epoch of the configuration applied here, for
+        the peer hello's identity check (a group dropped and hosted again must come
+        back with a later configuration: ``Incarnations.dropped``)."""
+        return {str(g): grp.conf.epoch for g, grp in self.groups.items()}
 
     def is_leader(self, group: Any) -> bool:
         return self.groups[group].role is Role.LEADER

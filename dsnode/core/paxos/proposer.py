@@ -94,6 +94,12 @@ class Proposer:
     fence: int = 0
     catchup_to: int = 0
     held: dict[int, bytes] = field(default_factory=dict)
+    # replicas the last configuration change removed -> its slot: heartbeats go on
+    # reaching them until they acknowledge a commit that covers it (so they retire)
+    gone: dict[str, int] = field(default_factory=dict)
+    # a leader the last change removed: the slot of that change (it hands over once a
+    # majority of the new voters applied it), else 0
+    handover_slot: int = 0
 
     def blocked(self, applied: int) -> bool:
         """No new slot may be proposed now (rules R2 and R3)."""
@@ -277,7 +283,7 @@ class LeaderSide:
         if new_round and self.cfg.lease_ticks:
             p.new_round(self.now)  # its acks renew the lease
         commit = self.log.chosen_through
-        for m in self.everyone:
+        for m in (*self.everyone, *p.gone):
             entries: tuple = ()
             if retransmit and m != self.me:
                 missing = [
@@ -328,6 +334,8 @@ class LeaderSide:
         if m.read_seq > p.acked_seq.get(frm, 0):
             p.acked_seq[frm] = m.read_seq
         if frm not in self.member_set:
+            if p.gone.get(frm, 1 << 62) <= m.chosen_through:
+                del p.gone[frm]  # it knows it was removed
             return  # a learner's acceptance counts for nothing (its progress, above, does)
         for s in m.slots:
             if self.learner.vote(s, frm):

@@ -69,11 +69,16 @@ with its old configuration, whose members ignore prepares and pre-votes of
 nodes outside their configuration, or (not yet knowing) show it a longer
 chosen prefix: it catches up, sees it was removed and stops.
 
-A leader that removes itself hands leadership to the first voter of the
-new configuration that has acknowledged everything chosen (``TimeoutNow``,
-as ``transfer_leadership``) and steps down; a replica that applied a
-configuration that no longer lists it is retired: it stops taking part and
-``PaxosNode.retired_groups`` tells the shell it may drop the group's data.
+A leader that removes itself stays on as a lame duck (no new commands)
+until a majority of the new voters have applied the change, then hands
+leadership to the one furthest along (``TimeoutNow``, as
+``transfer_leadership``) and steps down: its data may go only once others
+know what it knew. A replica that applied a configuration that no longer
+lists it (a leader: once it stepped down) is retired: it stops taking part
+and ``PaxosNode.retired_groups`` tells the shell it may drop the group's
+data. Leaders keep sending commits to the replicas the last change removed
+until they acknowledge it (``Proposer.gone``), and a learner that hears no
+leader asks a voter for the log, so removed replicas learn they were.
 """
 
 from __future__ import annotations
