@@ -231,6 +231,7 @@ def presented_from_wire(hello: dict) -> Presented | None:
     try:
         log_end = {_str(g): _int(s) for g, s in hello.get("log_end", {}).items()}
         promised = {_str(g): _ballot(b) for g, b in hello.get("promised", {}).items()}
-        return Presented(_str(inc), log_end, promised)
+        conf_epoch = {_str(g): _int(e) for g, e in hello.get("conf_epoch", {}).items()}
+        return Presented(_str(inc), log_end, promised, conf_epoch)
     except (TypeError, ValueError, AttributeError):
         raise ValueError("malformed identity in peer hello") from None
