@@ -293,3 +293,16 @@ def test_a_learner_restored_from_a_snapshot_takes_the_configuration_from_it():
     c.crash_restart("d")
     assert c.nodes["d"].group_conf(0) == GroupConf(("a", "b", "c", "d"), (), 2)
     assert c.nodes["d"].groups[0].voter
+
+
+def test_node_heartbeats_follow_the_configuration():
+    """A node added as a learner becomes a peer of the group's nodes (node heartbeats,
+    liveness), and a removed one stops being one once nothing else links them."""
+    c = RCluster()
+    c.elect("a")
+    c.change("a", "add", "add_learner", "d")
+    assert "d" in c.nodes["a"].peers and "d" in c.nodes["b"].peers
+    c.host("a", "d")
+    c.change("a", "rm", "remove_replica", "d")
+    c.tick(c.cfg.heartbeat_interval_ticks)
+    assert "d" not in c.nodes["a"].peers

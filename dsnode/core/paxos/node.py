@@ -76,6 +76,7 @@ class PaxosNode:
         # with ``drop``) and hosts no more: checkpoints carry both
         self._hosted: dict[Any, GroupConf] = {}
         self._dropped: set[Any] = set()
+        self._conf_changes_seen = 0  # ``conf_changes`` when the peers were last listed
         for g, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
             self._create(g, members, MetaSM if g == metadata and g is not None else None)
         if metadata is not None and metadata not in self.groups:
@@ -411,6 +412,9 @@ class PaxosNode:
 
     # ------------------------------------------------------------ drain
     def ready(self) -> Ready:
+        if self.out.conf_changes != self._conf_changes_seen:
+            self._conf_changes_seen = self.out.conf_changes
+            self._update_peers()  # a group's members changed: node heartbeats follow
         if self.metadata is not None:
             meta = self.groups[self.metadata].sm
             if meta.ring_epoch != self._ring_epoch:
