@@ -122,13 +122,18 @@ CHECKPOINT_RECORDS_PER_STEP = 1024
 CHECKPOINT_BYTES_PER_STEP = 256 << 10
 # Encoded pieces handed to the snapshot file's thread and not yet written, at most.
 SNAPSHOT_WRITES_QUEUED_MAX = 16
-# Disk bound (issue 14): besides every snapshot_interval_slots slots, the groups
-# snapshot once the WAL grew by this fraction (setting snapshot_wal_ratio) of the
-# last snapshot's size (at least
-# SNAPSHOT_WAL_BYTES_MIN), and each stored snapshot is followed by a checkpoint, so
-# the data directory holds about one snapshot plus a quarter of one in log.
+# Disk and memory bounds (issue 14): besides every snapshot_interval_slots slots of a
+# group, the node snapshots the group holding the most log (one snapshot at a time)
+# once the WAL grew by this fraction (setting snapshot_wal_ratio) of the snapshots'
+# size over all groups (at least SNAPSHOT_WAL_BYTES_MIN) since the last such one, or
+# once the chosen values held above the snapshots (in memory, and in the WAL until
+# a checkpoint) reach SNAPSHOT_LOG_RATIO of it (at least SNAPSHOT_LOG_BYTES_MIN).
+# Each stored snapshot is followed by a checkpoint, so the data directory holds about
+# one snapshot plus a quarter of one in log, and memory a tenth of one in log.
 SNAPSHOT_WAL_RATIO = 0.25
 SNAPSHOT_WAL_BYTES_MIN = 8 << 20
+SNAPSHOT_LOG_RATIO = 0.1
+SNAPSHOT_LOG_BYTES_MIN = 4 << 20
 
 
 class Pending:
@@ -290,7 +295,8 @@ class Driver:
         self._snapshot_tasks: set[asyncio.Task] = set()
         self._snapshot_turn = asyncio.Lock()  # held while a snapshot is being encoded
         self._wal_bytes_at_snapshot = wal.stats["bytes"] if hasattr(wal, "stats") else 0
-        self.snapshot_bytes = 0  # size of the last stored snapshot (all groups)
+        self.snapshot_sizes: dict[Any, int] = {}  # group -> bytes of its last stored snapshot
+        self.snapshot_bytes = 0  # their sum
         self._stored_since_checkpoint = False
         self.last_snapshot: dict[str, float] = {}  # seconds and bytes of the last one
 
@@ -810,14 +816,25 @@ class Driver:
     def _maybe_request_snapshot(self) -> None:
         stats = getattr(self.wal, "stats", None)
         ratio = self._snapshot_wal_ratio
-        if stats is None or self.snapshots is None or not ratio:
-            return
+        if stats is None or self.snapshots is None or not ratio or self._snapshot_started:
+            return  # one snapshot at a time: each capture shares (then copies) its store
+        total = self.snapshot_bytes
         grown = stats["bytes"] - self._wal_bytes_at_snapshot
-        if grown >= max(SNAPSHOT_WAL_BYTES_MIN, ratio * self.snapshot_bytes):
-            if self.core.request_snapshots():  # 0 while one is still in progress
-                self._wal_bytes_at_snapshot = stats["bytes"]
-                self.counters["snapshots_for_disk"] += 1
-                self._schedule_flush()
+        if grown >= max(SNAPSHOT_WAL_BYTES_MIN, ratio * total):
+            why = "snapshots_for_disk"
+        elif self.core.log_bytes() >= max(SNAPSHOT_LOG_BYTES_MIN, SNAPSHOT_LOG_RATIO * total):
+            why = "snapshots_for_log"
+        else:
+            return
+        if self.core.request_largest_snapshot() is not None:
+            self._wal_bytes_at_snapshot = stats["bytes"]
+            self.counters[why] += 1
+            self._schedule_flush()
+
+    def set_snapshot_sizes(self, sizes: dict[Any, int]) -> None:
+        """The groups' stored snapshot sizes found at recovery."""
+        self.snapshot_sizes = dict(sizes)
+        self.snapshot_bytes = sum(self.snapshot_sizes.values())
 
     def _effects(self, send: list, replies: list[Reply]) -> None:
         if send and self.net is not None:
@@ -876,10 +893,10 @@ class Driver:
         w = job.writer
         store = self.snapshots
         stream = store is not None and hasattr(w, "take_kv_parts")
-        # One snapshot is encoded at a time: with many partitions a disk-growth snapshot
-        # asks for every group's at once, and a piece of each per loop turn would make
-        # the turn as long as P pieces (the captured states wait, copy-on-write). The
-        # next one starts while this one is written.
+        # One snapshot is encoded at a time: groups whose snapshot-interval triggers
+        # fire together would otherwise make a loop turn as long as a piece of each
+        # (the captured states wait, copy-on-write). The next one starts while this
+        # one is written.
         async with self._snapshot_turn:
             f = store.create(job.group, job.index, w.STREAM_HEAD_BYTES) if stream else None
             try:
@@ -944,7 +961,9 @@ class Driver:
     def _snapshot_stored(self, job: SnapshotWanted, blob: Any, crc: int | None) -> None:
         self.core.snapshot_ready(job.group, job.index, blob, crc)
         log.debug("snapshot_stored", group=job.group, index=job.index, bytes=len(blob))
-        self.snapshot_bytes = len(blob)
+        sizes = self.snapshot_sizes
+        self.snapshot_bytes += len(blob) - sizes.get(job.group, 0)
+        sizes[job.group] = len(blob)
         self._stored_since_checkpoint = True  # a checkpoint lets the older file go
         started = self._snapshot_started.pop((job.group, job.index), None)
         if started is not None:

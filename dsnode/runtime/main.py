@@ -30,6 +30,7 @@ import msgpack
 from dsnode import __version__
 from dsnode.config import SETTINGS, ConfigError, NodeConfig, load_config, parse_addr
 from dsnode.core.errors import InvariantBroken, StateLost
+from dsnode.core.kv.store import shards_for
 from dsnode.core.membership.detector import DetectorConfig
 from dsnode.core.membership.incarnations import Incarnations
 from dsnode.core.paxos.config import PaxosConfig, bound_for, lease_ticks_for
@@ -249,6 +250,7 @@ class Node:
             lease_ticks=lease_ticks_for(cfg.ticks(cfg.election_timeout_ms), cfg.clock_drift_max)
             if cfg.leader_leases else 0,
             snapshot_interval_slots=cfg.snapshot_interval_slots,
+            kv_shards=shards_for(self.partitions),
             # one slot value holds at most one client frame's command (plus its request id)
             peer_message_bytes_max=bound_for(cfg.max_frame_bytes + PEER_FRAME_SLACK_BYTES),
         )
@@ -380,7 +382,7 @@ class Node:
                 min_std_ticks=max(1.0, cfg.heartbeat_interval_ms / cfg.tick_interval_ms),
                 dead_after_ticks=cfg.ticks(cfg.failure_dead_after_ms)),
         )
-        self.driver.snapshot_bytes = sum(len(s.blob) for s in found.snapshots.values())
+        self.driver.set_snapshot_sizes({g: len(s.blob) for g, s in found.snapshots.items()})
         self.driver.observer = self.metrics
         self.driver.on_pins = self._on_pins
         server.driver = self.driver

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from dsnode.core import commands
 from dsnode.core.commands import Delete, Get, Put, SubDelete, SubGet, SubPut, Txn
-from dsnode.core.kv.store import KVStore, pack_entry
+from dsnode.core.kv.store import KVStore, pack_entry, shards_for
 from dsnode.core.paxos.statemachine import DedupKV
 
 
@@ -300,3 +300,46 @@ def test_a_step_stops_near_its_byte_budget_for_large_values():
     while not w2.step(1024):
         pass
     assert dict(kv2.restore(w2.result()).items()) == dict(kv.items())
+
+
+@pytest.mark.parametrize("partitions, shards", [(1, 1024), (2, 512), (16, 64), (64, 16),
+                                                (100, 16), (256, 16), (4096, 16)])
+def test_a_node_keeps_about_1024_shards_over_its_partitions(partitions, shards):
+    """Issue 14: 64 partitions of 1,024 small dicts each cost 40 more bytes per key
+    than 64 of 16 larger ones (dict headers, free slots, a fragmented heap)."""
+    assert shards_for(partitions) == shards
+
+
+@pytest.mark.parametrize("bad", [0, -4, 3, 48, 1.0, "16", None, True])
+def test_a_shard_count_that_is_no_power_of_two_is_refused(bad):
+    with pytest.raises(ValueError, match="power of two"):
+        KVStore(bad)
+
+
+@pytest.mark.parametrize("written, read", [(1024, 16), (16, 1024), (16, 16), (1, 64)])
+def test_a_snapshot_restores_into_any_shard_count(written, read):
+    """A snapshot written with one shard count (an older build's 1,024, or a peer's)
+    restores into another: every key is placed in its own shard anew."""
+    kv = KVStore(written)
+    for i in range(3000):
+        kv.apply(Put(b"k%d" % i, b"v%d" % i))
+    kv.apply(Delete(b"k7"))
+    back = KVStore.restore(kv.snapshot(), read)
+    assert back.shard_count == read and len(back) == 2999 and back.revision == kv.revision
+    assert dict(back.items()) == dict(kv.items())
+    assert all(back.get(b"k%d" % i) == kv.get(b"k%d" % i) for i in range(3000))
+    assert back.apply(Put(b"k1", b"x"))["version"] == kv.revision + 1
+
+
+def test_a_snapshot_with_a_bad_shard_count_is_refused():
+    blob = msgpack.packb([3, 1, 0, "many"], use_bin_type=True)
+    with pytest.raises(ValueError, match="shard count"):
+        KVStore.restore(blob)
+
+
+def test_the_dedup_state_machine_restores_with_the_shards_asked_for():
+    sm = DedupKV(shards=16)
+    sm.kv.apply(Put(b"a", b"1"))
+    assert sm.kv.shard_count == 16
+    back = DedupKV.restore(sm.snapshot(), shards=64)
+    assert back.kv.shard_count == 64 and back.kv.get(b"a") == (b"1", 1)

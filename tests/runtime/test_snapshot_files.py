@@ -378,15 +378,15 @@ async def test_the_data_directory_shrinks_back_after_a_burst_of_overwrites(
 
     monkeypatch.setattr(driver_mod, "SNAPSHOT_WAL_BYTES_MIN", 64 << 10)
     node = SoloNode(tmp_path, interval=10**6, checkpoint_every=10**9)
-    real = node.core.request_snapshots
-    node.core.request_snapshots = lambda: 0  # held off during the burst
+    real = node.core.request_largest_snapshot
+    node.core.request_largest_snapshot = lambda: None  # held off during the burst
     items = _keys(2000)
     live = sum(len(k) + len(v) for k, v in items)
     for r in range(8):
         await node.put_all(_keys(2000, b"r%d-" % r), per_slot=100)
     burst = _dir_bytes(tmp_path)
     assert burst > 6 * live
-    node.core.request_snapshots = real
+    node.core.request_largest_snapshot = real
     await node.put_all(items[:300], per_slot=100)
     await node.until(lambda: node.store.stats["written"] >= 1, "a snapshot")
     await node.idle()
@@ -394,6 +394,32 @@ async def test_the_data_directory_shrinks_back_after_a_burst_of_overwrites(
     await node.idle()
     after = _dir_bytes(tmp_path)
     assert after < burst / 3 and after < 3 * live + (16 << 10), (burst, after, live)
+    await node.stop()
+
+
+async def test_the_log_held_in_memory_stays_near_its_budget(tmp_path, monkeypatch):
+    """Issue 14: with the snapshot interval and the WAL-growth trigger out of the way,
+    the chosen values held above the snapshot (``log_bytes``) still stay near
+    max(SNAPSHOT_LOG_BYTES_MIN, SNAPSHOT_LOG_RATIO x the snapshots' size): the node
+    snapshots once they reach it. Without it they grow with every write."""
+    from dsnode.runtime import driver as driver_mod
+
+    budget = 48 << 10
+    monkeypatch.setattr(driver_mod, "SNAPSHOT_LOG_BYTES_MIN", budget)
+    monkeypatch.setattr(driver_mod, "SNAPSHOT_WAL_BYTES_MIN", 1 << 40)
+    node = SoloNode(tmp_path, interval=10**6, checkpoint_every=10**9)
+    held = []
+    for r in range(6):
+        for at in range(0, 2000, 200):
+            await node.put_all(_keys(2000, b"r%d-" % r)[at : at + 200], per_slot=10)
+            held.append(node.core.log_bytes())
+    await node.idle()
+    written = 6 * 2000 * (5 + 49)
+    assert node.driver.counters["snapshots_for_log"] >= 3
+    assert node.driver.counters["snapshots_for_disk"] == 0
+    # one batch of 200 puts past the budget at most, while its snapshot is encoded
+    assert max(held) < budget + 200 * 120 < written / 5, (max(held), written)
+    assert node.driver.snapshot_bytes == node.driver.snapshot_sizes[0] > 0
     await node.stop()
 
 

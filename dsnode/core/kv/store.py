@@ -43,12 +43,29 @@ TXN_RESULT_BYTES_MAX = 4 * 1024 * 1024
 ERROR_KEY = "_error"
 _crc32 = zlib.crc32
 
-# The map is split into SHARDS dicts by CRC-32 of the key: a snapshot captures
-# the list of shards (1,024 pointers), and a write copies a shard the capture
-# still shares before changing it (copy on write), so neither the capture nor
-# any single write costs O(keys).
+# The map is split into ``shards`` dicts (a power of two, SHARDS by default) by
+# CRC-32 of the key: a snapshot captures the list of shards (a pointer each), and a
+# write copies a shard the capture still shares before changing it (copy on write),
+# so neither the capture nor any single write costs O(keys / shards) more than once.
 SHARDS = 1024
-_SHARD_MASK = SHARDS - 1
+# A node hosting P partitions keeps about SHARDS shards over all of them (at least
+# SHARDS_MIN each): many small dicts cost more memory per key (each dict's header and
+# free slots, and tables of 500 bytes to a few KB scattered through the heap among
+# short-lived buffers, which fragments it) than a few large ones (issue 14).
+SHARDS_MIN = 16
+
+
+def shards_for(partitions: int) -> int:
+    """The shard count of each partition's store on a node of ``partitions`` partitions:
+    a power of two, SHARDS / partitions rounded down, at least SHARDS_MIN."""
+    want = max(SHARDS_MIN, SHARDS // max(1, partitions))
+    return 1 << (want.bit_length() - 1)
+
+
+def check_shards(shards: object) -> int:
+    if type(shards) is not int or shards < 1 or shards & (shards - 1):
+        raise ValueError(f"a store's shard count must be a power of two >= 1, not {shards!r}")
+    return shards
 _VERSION = struct.Struct("<Q")
 _VERSION_BYTES = _VERSION.size
 
@@ -76,12 +93,13 @@ class _Capture:
 
 
 class KVStore:
-    __slots__ = ("_shards", "_owned", "_capture", "_len", "revision")
+    __slots__ = ("_shards", "_mask", "_owned", "_capture", "_len", "revision")
 
-    def __init__(self) -> None:
-        # key -> pack_entry(value, version), split by shard_of(key)
-        self._shards: list[dict[bytes, bytes]] = [{} for _ in range(SHARDS)]
-        self._owned = [True] * SHARDS  # False: shared with a live capture, copy first
+    def __init__(self, shards: int = SHARDS) -> None:
+        # key -> pack_entry(value, version), in shard crc32(key) & _mask
+        self._mask = check_shards(shards) - 1
+        self._shards: list[dict[bytes, bytes]] = [{} for _ in range(shards)]
+        self._owned = [True] * shards  # False: shared with a live capture, copy first
         self._capture: _Capture | None = None
         self._len = 0
         self.revision = 0
@@ -91,21 +109,21 @@ class KVStore:
 
     # ------------------------------------------------------------ reads
     def get(self, key: bytes) -> tuple[bytes | None, int]:
-        entry = self._shards[_crc32(key) & _SHARD_MASK].get(key)
+        entry = self._shards[_crc32(key) & self._mask].get(key)
         if entry is None:
             return None, 0
         return entry[_VERSION_BYTES:], _VERSION.unpack_from(entry)[0]
 
     def version(self, key: bytes) -> int:
-        entry = self._shards[_crc32(key) & _SHARD_MASK].get(key)
+        entry = self._shards[_crc32(key) & self._mask].get(key)
         return 0 if entry is None else _VERSION.unpack_from(entry)[0]
 
     def __contains__(self, key: bytes) -> bool:
-        return key in self._shards[_crc32(key) & _SHARD_MASK]
+        return key in self._shards[_crc32(key) & self._mask]
 
     # ------------------------------------------------------------ writes (the only ones)
     def _writable(self, key: bytes) -> dict[bytes, bytes]:
-        i = _crc32(key) & _SHARD_MASK
+        i = _crc32(key) & self._mask
         if not self._owned[i]:
             capture = self._capture
             if capture is not None and capture.live:
@@ -113,7 +131,7 @@ class KVStore:
                 self._owned[i] = True
             else:  # the capture is finished: nothing shares the shards any more
                 self._capture = None
-                self._owned = [True] * SHARDS
+                self._owned = [True] * len(self._shards)
         return self._shards[i]
 
     def _set(self, key: bytes, value: bytes, version: int) -> None:
@@ -144,7 +162,7 @@ class KVStore:
     def _put(self, cmd: Put) -> dict:
         # _set inlined, the shard found once: the hottest path of the log replay at restart
         key = cmd.key
-        i = _crc32(key) & _SHARD_MASK
+        i = _crc32(key) & self._mask
         if cmd.if_version is not None:
             entry = self._shards[i].get(key)
             current = 0 if entry is None else _VERSION.unpack_from(entry)[0]
@@ -228,31 +246,40 @@ class KVStore:
         """
         if self._capture is not None:
             self._capture.live = False  # an older writer: it keeps what it captured
-        self._owned = [False] * SHARDS
+        self._owned = [False] * len(self._shards)
         capture = _Capture(self._owned)
         self._capture = capture
         return SnapshotWriter(self.revision, list(self._shards), self._len, capture)
 
+    @property
+    def shard_count(self) -> int:
+        return len(self._shards)
+
     @classmethod
-    def restore(cls, blob: bytes) -> KVStore:
+    def restore(cls, blob: bytes, shards: int = SHARDS) -> KVStore:
+        """The store ``blob`` holds, in ``shards`` shards (whatever count it was
+        written with: a different one places each key anew, once)."""
         objects = _unpack_stream(blob)
         head = next(objects, None)
         if not isinstance(head, list) or len(head) not in (3, 4) or not isinstance(head[1], int):
             raise ValueError("KV snapshot: bad header")
         fmt, revision, body = head[:3]
-        store = cls()
+        store = cls(shards)
         store.revision = revision
+        mask = store._mask
         shards = store._shards
         if fmt == 2:  # one map of key -> [value, version]
             if not isinstance(body, dict):
                 raise ValueError("KV snapshot: expected a map of keys")
             for k, (v, ver) in body.items():
-                shards[_crc32(k) & _SHARD_MASK][k] = _VERSION.pack(ver) + v
+                shards[_crc32(k) & mask][k] = _VERSION.pack(ver) + v
             store._len = len(body)
             return store
         if fmt != SNAPSHOT_FORMAT or len(head) != 4:
             raise ValueError(f"unknown KV snapshot format {fmt}")
-        same_shards = head[3] == SHARDS
+        if type(head[3]) is not int or head[3] < 1:
+            raise ValueError("KV snapshot: bad shard count")
+        same_shards = head[3] == len(shards)
         count = 0
         for piece in objects:
             if count >= body or not isinstance(piece, list) or len(piece) != 2:
@@ -267,7 +294,7 @@ class KVStore:
                     shards[i] = chunk
             else:  # written with another shard count: place each key anew
                 for k, entry in chunk.items():
-                    shards[_crc32(k) & _SHARD_MASK][k] = entry
+                    shards[_crc32(k) & mask][k] = entry
             count += len(chunk)
         if count != body:
             raise ValueError(f"KV snapshot: {count} entries, the header says {body}")

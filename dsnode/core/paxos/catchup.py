@@ -11,6 +11,7 @@ persisted and used to compact (``snapshot_ready``).
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.messages import CatchupReq, Learn, SnapChunk
@@ -36,6 +37,10 @@ class CatchUp:
         index = self.log.applied
         self.snap_pending = index
         self.out.snapshots.append(SnapshotWanted(self.group, index, self.sm.snapshot_writer()))
+
+    def restore_sm(self, blob: Any) -> Any:
+        """A fresh state machine from a snapshot (any thread: reads only config)."""
+        return self.sm_cls.restore(blob, shards=self.cfg.kv_shards)
 
     def request_snapshot(self) -> bool:
         """The shell asks for a snapshot now (its log grew large on disk): taken
@@ -167,7 +172,7 @@ class CatchUp:
         self.snap_restoring = m.index
         self._restoring_blob = (blob, m.crc)
         self.out.restores.append(
-            SnapshotRestore(self.group, m.index, blob, m.crc, self.sm_cls.restore)
+            SnapshotRestore(self.group, m.index, blob, m.crc, self.restore_sm)
         )
 
     def snapshot_restored(self, index: int, sm: object | None) -> None:
@@ -198,7 +203,7 @@ class CatchUp:
         records before ``index`` are the only durable copy of that state."""
         if index <= self.log.applied:
             return
-        self.sm = sm if sm is not None else self.sm_cls.restore(blob)
+        self.sm = sm if sm is not None else self.restore_sm(blob)
         self.log.install(index, blob, crc)
         self.snap_pending = None  # an own snapshot in progress is older than this state
         if persist:

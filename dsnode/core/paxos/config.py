@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dsnode.core.kv.store import SHARDS, check_shards
 from dsnode.core.paxos.messages import ENTRY_OVERHEAD_BYTES, MESSAGE_OVERHEAD_BYTES
 
 MESSAGE_BYTES_MAX = 1024 * 1024
@@ -71,6 +72,8 @@ class PaxosConfig:
     # promises came from an older configuration. False: such commands are refused, so the
     # configuration never changes and none of that is needed (the behaviour before)
     reconfig: bool = False
+    # shards of each KV group's store (a power of two; ``kv.store.shards_for``)
+    kv_shards: int = SHARDS
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval_ticks < self.election_timeout_ticks:
@@ -89,6 +92,7 @@ class PaxosConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        check_shards(self.kv_shards)
         if not 0 <= self.lease_ticks < self.election_timeout_ticks:
             raise ValueError("need 0 <= lease_ticks < election_timeout_ticks")
         if self.peer_message_bytes_max < bound_for(self.batch_bytes_max, self.message_bytes_max):

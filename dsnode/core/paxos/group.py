@@ -100,7 +100,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.quiet_seq = 0  # the read round of the leader's quiesce heartbeats
         self.acceptor = acceptor_cls(group)
         self.log = Log()
-        self.sm = self.sm_cls()
+        self.sm = self.sm_cls(shards=cfg.kv_shards)
         self.now = 0
         self.max_round = 0
         self.leader_hint: str | None = None
@@ -737,8 +737,12 @@ class PaxosGroup(LeaderSide, CatchUp):
         reply = self.acceptor.on_prepare(
             m, self.out.persist, self.log.chosen_through, self.cfg.message_bytes_max
         )
-        if reply.ok and self._handed_over(m):
-            self.elapsed = 0  # our leader handed over: give its successor time
+        if reply.ok and frm != self.me and m.ballot[1] == frm:
+            # Promised a candidate (our leader handed over to it, or none is heard):
+            # give it time to win and be heard before our own timer runs out. Without
+            # this (and without pre-votes) two members whose timers are both past due
+            # take turns deposing each other's fresh leadership for good.
+            self.elapsed = 0
         if (
             reply.ok
             and frm != self.me

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 from dsnode.core.errors import InvariantBroken
 
+# What a chosen slot costs in memory besides its value's bytes: its entries in the log's
+# and the acceptor's maps, the acceptor's (ballot, value) pair and the value's header.
+SLOT_OVERHEAD_BYTES = 160
+
 
 class Log:
-    __slots__ = ("chosen", "chosen_through", "applied", "snap_index", "snap_blob", "snap_crc")
+    __slots__ = ("chosen", "chosen_through", "applied", "snap_index", "snap_blob", "snap_crc",
+                 "bytes")
 
     def __init__(self) -> None:
         self.chosen: dict[int, bytes] = {}
+        # about the memory the values in ``chosen`` hold (a snapshot at applied frees it)
+        self.bytes = 0
         self.chosen_through = 0
         self.applied = 0
         self.snap_index = 0
@@ -30,6 +37,7 @@ class Log:
         cur = self.chosen.get(slot)
         if cur is None:
             self.chosen[slot] = value
+            self.bytes += len(value) + SLOT_OVERHEAD_BYTES
         elif cur != value:
             raise InvariantBroken(f"slot {slot} chosen twice with different values")
 
@@ -58,16 +66,19 @@ class Log:
         self.snap_index = index
         self.snap_blob = blob
         self.snap_crc = crc
-        for s in [s for s in self.chosen if s <= index]:
-            del self.chosen[s]
+        self._drop_through(index)
+
+    def _drop_through(self, index: int) -> None:
+        chosen = self.chosen
+        for s in [s for s in chosen if s <= index]:
+            self.bytes -= len(chosen.pop(s)) + SLOT_OVERHEAD_BYTES
 
     def install(self, index: int, blob: bytes, crc: int) -> None:
         """A snapshot from elsewhere (or from recovery) at ``index``."""
         self.snap_index = index
         self.snap_blob = blob
         self.snap_crc = crc
-        for s in [s for s in self.chosen if s <= index]:
-            del self.chosen[s]
+        self._drop_through(index)
         self.applied = index
         self.chosen_through = max(self.chosen_through, index)
         self.advance()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import msgpack
 
 from dsnode.core.commands import Command, Put, SetRing
-from dsnode.core.kv.store import ERROR_KEY
+from dsnode.core.kv.store import ERROR_KEY, SHARDS
 from dsnode.core.paxos.statemachine import DedupKV
 from dsnode.core.ring import Ring
 
@@ -26,8 +26,8 @@ REFUSED = "ring_refused"
 class MetaSM(DedupKV):
     __slots__ = ("_ring",)
 
-    def __init__(self, limits=None) -> None:
-        super().__init__(limits)
+    def __init__(self, limits=None, shards: int = SHARDS) -> None:
+        super().__init__(limits, shards)
         self._ring: tuple[int, Ring | None] = (0, None)  # (store version it was read at, ring)
 
     @property

@@ -90,7 +90,7 @@ class PaxosNode:
                             self.config, self._acceptor_cls, self.peer_alive, conf=conf)
         if sm_cls is not None:  # the group's state machine (membership, KV, ...)
             g.sm_cls = sm_cls
-            g.sm = sm_cls()
+            g.sm = sm_cls(shards=self.config.kv_shards)
         g.now = self.now
         if self.config.lease_ticks:
             g.heard_leader_at = self.now  # as at a start: honour what it may have acked
@@ -404,11 +404,23 @@ class PaxosNode:
             g.snapshot_restored(index, sm)
             self._dirty.add(group)
 
-    def request_snapshots(self) -> int:
-        """Take a snapshot of every group that applied anything since its last
-        one and has none in progress (the shell's log grew large on disk); the
-        jobs come out of the next ``ready()``. Returns how many were started."""
-        return sum(self._awake(gid).request_snapshot() for gid in list(self.groups))
+    def log_bytes(self) -> int:
+        """About the memory held by the chosen values above the groups' snapshots (in
+        the WAL too, until a checkpoint): ``Log.bytes`` summed."""
+        return sum(g.log.bytes for g in self.groups.values())
+
+    def request_largest_snapshot(self) -> Any:
+        """Snapshot the group holding the most log that can take one now (none in
+        progress, something applied since its last); returns its id, or None."""
+        best, most = None, 0
+        for gid, g in self.groups.items():
+            log = g.log
+            if log.bytes > most and g.snap_pending is None and log.applied > log.snap_index:
+                best, most = gid, log.bytes
+        if best is None:
+            return None
+        self._awake(best).request_snapshot()
+        return best
 
     # ------------------------------------------------------------ drain
     def ready(self) -> Ready:

@@ -53,7 +53,7 @@ from dsnode.core.commands import (
     decode,
     encode,
 )
-from dsnode.core.kv.store import ERROR_KEY, KVStore, SnapshotWriter
+from dsnode.core.kv.store import ERROR_KEY, SHARDS, KVStore, SnapshotWriter
 from dsnode.core.paxos.reconfig import CONF_REFUSED, GroupConf, refusal
 from dsnode.core.twopc.participant import TxnTable
 from dsnode.core.twopc.records import TYPES as _TX_TYPES
@@ -126,8 +126,8 @@ class DedupKV:
     __slots__ = ("kv", "clients", "entries", "forgotten", "limits", "cluster_uuid",
                  "_expiry_index", "txns", "conf")
 
-    def __init__(self, limits: DedupLimits | None = None) -> None:
-        self.kv = KVStore()
+    def __init__(self, limits: DedupLimits | None = None, shards: int = SHARDS) -> None:
+        self.kv = KVStore(shards)
         self.limits = limits or DedupLimits()
         # client -> its window, least recently active first
         self.clients: OrderedDict[object, ClientWindow] = OrderedDict()
@@ -311,14 +311,15 @@ class DedupKV:
         ]
 
     @classmethod
-    def restore(cls, blob: bytes, limits: DedupLimits | None = None) -> DedupKV:
+    def restore(cls, blob: bytes, limits: DedupLimits | None = None,
+                shards: int = SHARDS) -> DedupKV:
         """Accepts this format and the older ones: ``[kv_blob, table]`` (0.1),
         ``[kv_blob, table, cluster_uuid]``, whose table rows ``[client, seq, result]``
         kept only each client's highest seq (lower ones become the floor), and
         ``[kv_blob, table, cluster_uuid, forgotten]`` (no transaction table)."""
         parts = _split_snapshot(blob)
-        sm = cls(limits)
-        sm.kv = KVStore.restore(parts[0])
+        sm = cls(limits, shards)
+        sm.kv = KVStore.restore(parts[0], shards)
         sm.cluster_uuid = parts[2] if len(parts) > 2 else None
         clients = sm.clients
         if len(parts) > 4:
