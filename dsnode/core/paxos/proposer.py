@@ -229,7 +229,8 @@ class LeaderSide:
         while (p.queue and p.next_slot - 1 - self.log.chosen_through < self.cfg.inflight_slots_max
                and not p.blocked(self.log.applied)):
             n = batch_len(p.queue, self.cfg.batch_commands_max, self.cfg.batch_bytes_max)
-            conf = [i for i, q in enumerate(p.queue[:n]) if type(q[2]) is ConfChange]
+            conf = [] if not self.cfg.reconfig else [
+                i for i, q in enumerate(p.queue[:n]) if type(q[2]) is ConfChange]
             if conf:  # a change goes alone into its slot, and fences the pipeline there
                 n = max(conf[0], 1)
                 if conf[0] == 0:
