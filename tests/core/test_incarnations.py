@@ -111,3 +111,16 @@ def test_a_peer_that_dropped_a_group_comes_back_to_it_only_afresh():
     assert back.pins["n2"].dropped == {"0": 4} and back.check("n2", old) is not None
     other = Incarnations({"n2": Pin("aaa")})
     assert other.merge(inc, "n1") and other.check("n2", old) is not None
+
+
+def test_watermarks_from_before_a_drop_do_not_come_back_with_a_merge():
+    """A table that has not heard of the drop still holds the old replica's
+    watermarks: merged into one that has, they are ignored (the re-added learner's
+    fresh log would fall below them); a table that knows the drop adds its own."""
+    inc = Incarnations({"n2": Pin("aaa")})
+    inc.dropped("n2", "0", 4)
+    stale = Incarnations({"n2": Pin("aaa", {"0": 100}, {"0": (7, "n1")})})
+    assert not inc.merge(stale, "n1")
+    assert inc.check("n2", Presented("aaa", {"0": 3}, {}, {"0": 6})) is None
+    knows = Incarnations({"n2": Pin("aaa", {"0": 5}, {}, {"0": 4})})
+    assert inc.merge(knows, "n1") and inc.pins["n2"].accepted == {"0": 5}

@@ -153,10 +153,15 @@ class Incarnations:
             elif mine.incarnation == theirs.incarnation:
                 for g, epoch in theirs.dropped.items():
                     changed |= self.dropped(peer, g, epoch)
+                # watermarks of a table that does not know of a drop we know of are from
+                # before it (the group's old replica): they no longer bind the peer
+                stale = {g for g, e in mine.dropped.items() if theirs.dropped.get(g, -1) < e}
                 for g, slot in theirs.accepted.items():
-                    changed |= self.saw(peer, g, accepted=slot)
+                    if g not in stale:
+                        changed |= self.saw(peer, g, accepted=slot)
                 for g, ballot in theirs.promised.items():
-                    changed |= self.saw(peer, g, promised=ballot)
+                    if g not in stale:
+                        changed |= self.saw(peer, g, promised=ballot)
         return changed
 
     # ------------------------------------------------------------ persistence
