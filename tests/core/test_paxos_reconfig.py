@@ -148,8 +148,12 @@ def test_a_learner_is_promoted_only_once_caught_up():
     for i in range(1, 6):
         c.write("a", i)
     c.change("a", "add", "add_learner", "d")  # d does not host it yet: it lags
+    assert c.nodes["a"].caught_up_learners(0) == []
     r = c.change("a", "pro", "promote_learner", "d")
     assert r.error[0] == "conf_pending" and "not caught up" in r.error[1]
+    c.host("a", "d")
+    assert c.nodes["a"].caught_up_learners(0) == ["d"] and c.nodes["b"].caught_up_learners(0) == []
+    assert c.change("a", "pro2", "promote_learner", "d").result == {"epoch": 2}
 
 
 def test_the_leader_does_not_propose_past_a_change_until_it_is_applied():

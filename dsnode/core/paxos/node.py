@@ -253,6 +253,16 @@ class PaxosNode:
         """``group``'s configuration as this node has applied it."""
         return self.groups[group].conf
 
+    def caught_up_learners(self, group: Any) -> list[str]:
+        """As ``group``'s leader: its learners that have acknowledged everything chosen
+        (``promote_learner`` takes only these); empty elsewhere."""
+        g = self.groups.get(group)
+        p = g.proposer if g is not None and g.role is Role.LEADER else None
+        if p is None:
+            return []
+        ct = g.log.chosen_through
+        return [m for m in g.learners if p.match.get(m, 0) >= ct]
+
     def retired_groups(self) -> list[Any]:
         """Groups whose configuration, as applied here, no longer lists this node: it
         takes no part in them; the shell calls ``remove_group(gid, drop=True)`` and
