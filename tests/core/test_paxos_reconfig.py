@@ -310,3 +310,25 @@ def test_node_heartbeats_follow_the_configuration():
     c.change("a", "rm", "remove_replica", "d")
     c.tick(c.cfg.heartbeat_interval_ticks)
     assert "d" not in c.nodes["a"].peers
+
+
+def test_a_leader_waiting_for_a_prefix_nobody_left_holds_runs_phase_1_again():
+    """Rule R3's catch-up is bounded: the node that reported the longer chosen prefix
+    goes away before serving it; after two election timeouts without progress the
+    leader runs phase 1 again among those left, which re-proposes what they accepted."""
+    c = RCluster()
+    c.elect("a")
+    c.cut = {"c"}
+    c.nodes["a"].propose(0, "w", Put(b"k", b"v"), request_id=("cl", 1))
+    c.settle()  # chosen at a (b accepted it but has not heard the commit)
+    assert c.nodes["a"].applied_index(0) == 1 and c.nodes["b"].applied_index(0) == 0
+    c.cut = {"b"}
+    c.nodes["c"].campaign(0)
+    c.settle(rounds=2)  # a's promise (chosen through 1) makes c a leader that must catch up
+    g = c.nodes["c"].groups[0]
+    assert c.nodes["c"].is_leader(0) and g.proposer.catchup_to == 1
+    c.cut = {"a"}  # gone before it served anything
+    c.tick(3 * c.cfg.election_timeout_ticks)
+    leader = [n for n in ("b", "c") if c.nodes[n].is_leader(0)]
+    assert leader and c.nodes[leader[0]].state_machine(0).kv.get(b"k")[0] == b"v"
+    c.write(leader[0], 2)

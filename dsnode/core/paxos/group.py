@@ -367,6 +367,10 @@ class PaxosGroup(LeaderSide, CatchUp):
                 self.become_follower()
             else:
                 self._leader_catchup()
+                if p.catchup_to and self.voter and self._catchup_stuck(p):
+                    self.become_candidate()  # what it must learn is nowhere: phase 1 again
+                    self._drain_local()
+                    return
                 self._tend_transfer()
                 if self.role is Role.LEADER:  # (a transfer may have just ended it)
                     p.forget_rounds(p.confirmed_seq(self.members, self.quorum))
@@ -869,6 +873,16 @@ class PaxosGroup(LeaderSide, CatchUp):
             if p.held:
                 self.become_candidate()
 
+    def _catchup_stuck(self, p: Proposer) -> bool:
+        """A leader waiting to learn a chosen prefix (rule R3) that made no progress for
+        two election timeouts: the one that reported it may be gone for good, and a
+        new phase 1 among those left shows what they hold (re-proposing it)."""
+        progress = (self.log.chosen_through, len(self.snap_buf))
+        if progress != p.catchup_progress:
+            p.catchup_progress, p.catchup_since = progress, self.now
+            return False
+        return self.now - p.catchup_since >= 2 * self.cfg.election_timeout_ticks
+
     def _switch_conf(self, conf: GroupConf) -> None:
         was_leader = self.role is Role.LEADER
         self.removed = {m: self.log.applied for m in self.everyone
@@ -881,12 +895,11 @@ class PaxosGroup(LeaderSide, CatchUp):
             self.retired = True
         if was_leader:
             p = self.proposer
+            self.learner.quorum = self.quorum  # slots in flight now count the new voters
             if not self.voter:
                 self._hand_over_after_removal(p)
             elif conf.epoch > p.phase1_epoch + 1:
                 self.become_candidate()  # rule R4: our promises are two changes old
-            else:
-                self.learner.quorum = self.quorum
         elif not self.voter and self.role is not Role.FOLLOWER:
             self.become_follower()
 

@@ -93,6 +93,8 @@ class Proposer:
     phase1_epoch: int = 0
     fence: int = 0
     catchup_to: int = 0
+    catchup_progress: tuple[int, int] = (-1, -1)  # (chosen_through, snapshot bytes) seen
+    catchup_since: int = 0  # the tick it was last seen to move
     held: dict[int, bytes] = field(default_factory=dict)
     # replicas the last configuration change removed -> its slot: heartbeats go on
     # reaching them until they acknowledge a commit that covers it (so they retire)
