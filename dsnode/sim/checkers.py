@@ -136,7 +136,7 @@ class SafetyChecker:
                 cur = self.conf(group)
                 if refusal(cur, cmd) is None:
                     self.confs[group].append((slot, GroupConf(cmd.voters, cmd.learners,
-                                                              cmd.epoch)))
+                                                              cmd.epoch, slot)))
 
     def recount(self) -> None:
         """Every durable vote counted again against the final configuration history:

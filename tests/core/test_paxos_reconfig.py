@@ -278,7 +278,8 @@ def test_a_snapshot_carries_the_configuration_in_every_encoding(conf):
 def test_host_and_drop_records_round_trip():
     from dsnode.core.paxos import records as rec
 
-    assert rec.decode(rec.host(0, ("a", "b"), ("d",), 2)) == ["host", 0, ["a", "b"], ["d"], 2]
+    raw = rec.host(0, ("a", "b"), ("d",), 2, 17)
+    assert rec.decode(raw) == ["host", 0, ["a", "b"], ["d"], 2, 17]
     assert rec.decode(rec.drop("g")) == ["drop", "g"]
 
 
@@ -332,3 +333,39 @@ def test_a_leader_waiting_for_a_prefix_nobody_left_holds_runs_phase_1_again():
     leader = [n for n in ("b", "c") if c.nodes[n].is_leader(0)]
     assert leader and c.nodes[leader[0]].state_machine(0).kv.get(b"k")[0] == b"v"
     c.write(leader[0], 2)
+
+
+def _applied_values(c: RCluster, n: str) -> dict[int, bytes]:
+    return {x.slot: x.value for x in c.applied[n] if type(x).__name__ == "Applied"}
+
+
+def test_a_replica_added_again_answers_nothing_before_it_has_caught_up():
+    """b is removed (its data dropped) and added again as a fresh learner while c,
+    cut off all along, still holds the first configuration {a, b, c}. c campaigns with
+    a and d unreachable: b's empty acceptor must not promise or accept under its old
+    identity (c would then choose its own value in slots already chosen), until it
+    has applied the change that added it."""
+    c = RCluster()
+    c.elect("a")
+    c.cut = {"c"}
+    c.change("a", "add", "add_learner", "d")
+    c.host("a", "d")
+    assert c.change("a", "pro", "promote_learner", "d").result == {"epoch": 2}
+    assert c.change("a", "rm", "remove_replica", "b").result == {"epoch": 3}
+    c.tick(c.cfg.heartbeat_interval_ticks)
+    assert c.nodes["b"].retired_groups() == [0]
+    c.nodes["b"].remove_group(0, drop=True)
+    assert c.change("a", "re", "add_learner", "b").result == {"epoch": 4}
+    c.nodes["b"].host_learner(0, c.nodes["a"].group_conf(0))
+    c.cut = {"a", "d"}
+    c.nodes["c"].campaign(0)
+    c.settle()
+    assert not c.nodes["c"].is_leader(0)
+    assert c.nodes["b"].groups[0].joining and c.nodes["b"].dropped["joining"] >= 1
+    c.cut = set()
+    c.tick(6 * c.cfg.election_timeout_ticks)
+    assert not c.nodes["b"].groups[0].joining
+    mine = _applied_values(c, "a")
+    for n in ("b", "c", "d"):
+        theirs = _applied_values(c, n)
+        assert all(mine[s] == v for s, v in theirs.items() if s in mine), n

@@ -34,7 +34,8 @@ class GroupCapture:
         self.gid = g.group
         self.head: list[bytes] = []
         if hosted is not None:
-            self.head.append(rec.host(g.group, hosted.voters, hosted.learners, hosted.epoch))
+            self.head.append(rec.host(g.group, hosted.voters, hosted.learners, hosted.epoch,
+                                      hosted.slot))
         if log.snap_index > 0:
             self.head.append(rec.snapfile(g.group, log.snap_index, len(log.snap_blob),
                                           log.snap_crc))

@@ -85,6 +85,9 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.me = node_id
         # the configuration the group was created with, and the one in effect (applied)
         self.base_conf = conf
+        # created as a learner (``PaxosNode.host_learner``): the slot of the change that
+        # added it; 0 for a replica that has been in the group from its start
+        self.joined_at = conf.slot if conf.learners and node_id in conf.learners else 0
         self._set_conf(conf)
         # this replica applied a configuration without it: it takes no part any more
         self.retired = False
@@ -720,9 +723,20 @@ class PaxosGroup(LeaderSide, CatchUp):
         t = m.transfer_from
         return t != ZERO_BALLOT and t == self.acceptor.promised and t[1] == self.leader_hint
 
+    @property
+    def joining(self) -> bool:
+        """A replica added afresh that has not yet applied the change that added it. Its
+        acceptor is empty, yet a leader with an old configuration may count it under
+        the node's old identity: it must not answer phase 1 or 2 before it knows that
+        every slot up to that change is chosen (then its promises say so)."""
+        return self.log.applied < self.joined_at
+
     # ---------------------------------------------------------------- phase 1
     def _on_prepare(self, frm: str, m: Prepare) -> None:
         self._see_round(m.ballot)
+        if self.joining:
+            self.out.dropped["joining"] += 1
+            return
         if frm != self.me:
             self._wake()  # a member that does not follow us: let it hear the leader
         if (
@@ -787,6 +801,11 @@ class PaxosGroup(LeaderSide, CatchUp):
         self._see_round(m.ballot)
         if m.ballot[1] != frm:
             raise PeerMisbehaved("accept from a node that does not own the ballot")
+        if self.joining:  # (see ``joining``) only the commit: catch up to it
+            self.leader_hint, self.elapsed = frm, 0
+            if m.commit > self.log.chosen_through:
+                self._want_catchup(frm, m.commit)
+            return
         reply = self.acceptor.on_accept(m, self.out.persist, self.log.chosen_through)
         if reply.ok and frm != self.me:
             self.leader_hint = frm

@@ -194,16 +194,19 @@ class PaxosNode:
     # ------------------------------------------------------------ replica-set changes
     def host_learner(self, group: Any, conf: GroupConf, sm_cls: type | None = None) -> None:
         """Start hosting ``group`` as one of its learners in ``conf`` (the configuration
-        its leader applied when it added this node, ``add_learner``): an empty replica
-        that catches up from the leader's commits (by snapshot if the log was
-        compacted), recorded durably (a ``host`` record) so a restart brings it back.
+        its leader applied when it added this node, ``add_learner``, with the slot of
+        that change: ``group_conf`` gives both): an empty replica that catches up from
+        the leader's commits (by snapshot if the log was compacted), recorded durably (a
+        ``host`` record) so a restart brings it back. Until it has applied that slot it
+        answers neither phase 1 nor phase 2 (``PaxosGroup.joining``).
         Raises ValueError for a group this node hosts or a ``conf`` without it."""
         if group in self.groups:
             raise ValueError(f"group {group!r} exists on {self.node_id}")
         if self.node_id not in conf.learners:
             raise ValueError(f"{self.node_id} is no learner of group {group!r} in {conf}")
         self._start_hosting(group, conf, sm_cls)
-        self.out.persist.append(rec.host(group, conf.voters, conf.learners, conf.epoch))
+        self.out.persist.append(rec.host(group, conf.voters, conf.learners, conf.epoch,
+                                         conf.slot))
         if self.config.lease_ticks:
             self.groups[group].heard_leader_at = -(10**9)  # it acknowledged nothing yet
 
@@ -497,7 +500,7 @@ class PaxosNode:
             self._dropped.add(gid)
             self._update_peers()
             return
-        self._start_hosting(gid, GroupConf(tuple(r[2]), tuple(r[3]), r[4]))
+        self._start_hosting(gid, GroupConf.from_list(r[2:]))
         snap = snapshots.get(gid)
         if snap is not None:
             self._orphan_snapshots.pop(gid, None)

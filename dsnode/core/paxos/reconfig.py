@@ -44,6 +44,18 @@ Rules:
   two steps past ``C_f`` makes it run phase 1 again at once (a leader that
   changed the configuration twice re-runs phase 1 every second change).
 
+- R5 (a replica added afresh): a node removed from a group drops the group's
+  data once it applied its removal (every slot it voted on is chosen by
+  then), and may be added again later, as a learner with an empty acceptor.
+  A leader still holding an old configuration would count that acceptor under
+  the node's old identity, and its empty answers would hide what the old one
+  accepted. So a replica hosted afresh answers neither phase 1 nor phase 2
+  until it has applied the change that added it (``PaxosGroup.joining``, the
+  change's slot in ``GroupConf.slot``); from then on its promises report a
+  chosen prefix through that slot, which sends any stale leader to catch up
+  (R3). The identity pins refuse a node that comes back with an old copy of a
+  group it dropped (``Incarnations.dropped``).
+
 Invariant: whoever proposes a value in slot ``s`` with ballot ``b`` (i)
 knows ``config(s)`` (every change below ``s`` is chosen and applied by it:
 R2 for its own proposals, R3 for what it inherited), and (ii) holds
@@ -83,7 +95,7 @@ leader asks a voter for the log, so removed replicas learn they were.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dsnode.core.commands import ConfChange
 
@@ -96,6 +108,9 @@ class GroupConf:
     voters: tuple[str, ...]  # in preference order; quorum is a majority of them
     learners: tuple[str, ...] = ()
     epoch: int = 0
+    # the slot of the change that made it (0: the group's first); every slot up to it
+    # is chosen once anyone applied it. Not part of the configuration's identity.
+    slot: int = field(default=0, compare=False)
 
     @property
     def quorum(self) -> int:
@@ -105,11 +120,11 @@ class GroupConf:
         return node in self.voters or node in self.learners
 
     def to_list(self) -> list:
-        return [list(self.voters), list(self.learners), self.epoch]
+        return [list(self.voters), list(self.learners), self.epoch, self.slot]
 
     @classmethod
     def from_list(cls, x: list) -> GroupConf:
-        return cls(tuple(x[0]), tuple(x[1]), x[2])
+        return cls(tuple(x[0]), tuple(x[1]), x[2], x[3] if len(x) > 3 else 0)
 
     def command(self) -> ConfChange:
         return ConfChange(self.voters, self.learners, self.epoch)

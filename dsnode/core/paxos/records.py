@@ -19,10 +19,10 @@ Each record is msgpack bytes of a list whose first element is its type tag:
   each one's value is in an earlier record (a ``chosen`` record, else the
   last ``accept`` record of that slot). Written lazily, at most once a tick
   per group, so a restarted node knows its chosen prefix without asking;
-- ``["host", group, voters, learners, epoch]``: from here on this node hosts
-  ``group``, created with that configuration (a learner added after the group
-  changed, ``PaxosNode.host_learner``); whatever came before it for the group
-  is void;
+- ``["host", group, voters, learners, epoch, slot]``: from here on this node
+  hosts ``group``, created with that configuration, made by the change in
+  ``slot`` (a learner added after the group changed, ``PaxosNode.host_learner``);
+  whatever came before it for the group is void;
 - ``["drop", group]``: this node no longer hosts ``group`` (removed from its
   configuration; ``PaxosNode.remove_group(..., drop=True)``); the group's
   earlier records are void, and a later ``host`` starts it afresh.
@@ -80,8 +80,8 @@ def commit(group: Any, through: int) -> bytes:
     return _pack([COMMIT, group, through])
 
 
-def host(group: Any, voters: tuple, learners: tuple, epoch: int) -> bytes:
-    return _pack([HOST, group, list(voters), list(learners), epoch])
+def host(group: Any, voters: tuple, learners: tuple, epoch: int, slot: int) -> bytes:
+    return _pack([HOST, group, list(voters), list(learners), epoch, slot])
 
 
 def drop(group: Any) -> bytes:

@@ -157,7 +157,7 @@ class DedupKV:
                 self.cluster_uuid = cmd.cluster_uuid
             return {"cluster_uuid": self.cluster_uuid}
         if t is ConfChange:
-            return self._conf_change(cmd)  # type: ignore[arg-type]
+            return self._conf_change(cmd, index)  # type: ignore[arg-type]
         if rid is None:
             if t in _TX_TYPES:
                 return self.txns.apply(cmd, self.kv)  # type: ignore[arg-type]
@@ -212,7 +212,7 @@ class DedupKV:
             self._drop_client(next(iter(clients)))
         return result
 
-    def _conf_change(self, cmd: ConfChange) -> dict:
+    def _conf_change(self, cmd: ConfChange, index: int) -> dict:
         """The group's next configuration (``core.paxos.reconfig``): adopted unless
         ``reconfig.refusal`` says why not; the same answer on every replica. A change
         at or below the current epoch (a replica created with a later configuration
@@ -223,7 +223,7 @@ class DedupKV:
         why = refusal(cur, cmd)
         if why is not None:
             return {ERROR_KEY: [CONF_REFUSED, why]}
-        self.conf = GroupConf(cmd.voters, cmd.learners, cmd.epoch)
+        self.conf = GroupConf(cmd.voters, cmd.learners, cmd.epoch, index)
         return {"epoch": cmd.epoch}
 
     def _blocked(self, cmd: Command) -> bytes | None:
