@@ -131,6 +131,12 @@ class CatchUp:
             self._send_catchup()
 
     def _on_snap_chunk(self, frm: str, m: SnapChunk) -> None:
+        if (self.cfg.reconfig and self.snap_in is not None and self.catchup_peer is not None
+                and frm != self.catchup_peer):
+            # a transfer from our catch-up peer is under way: a piece of another peer's
+            # snapshot (answering a stale node's pre-vote) would restart it from zero
+            self.out.dropped["snap_chunk_other_peer"] += 1
+            return
         if m.index <= self.log.applied or (
             self.snap_restoring is not None and m.index <= self.snap_restoring
         ):

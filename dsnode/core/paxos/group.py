@@ -444,10 +444,14 @@ class PaxosGroup(LeaderSide, CatchUp):
         if frm not in self.member_set and not self._may_hear(frm, msg):
             self.out.dropped["not_member"] += 1
             if self.cfg.reconfig and type(msg) in (Prepare, PreVote):
-                # a replica that missed its removal (or a configuration): show it the
-                # log after what it has, so it learns where it stands
+                # a node of a configuration one of us has not applied: the one behind
+                # learns from the other (a replica that missed its removal, or one that
+                # missed the change that made the asker a voter)
                 start = msg.from_slot if type(msg) is Prepare else msg.chosen_through + 1
-                self._on_catchup_req(frm, CatchupReq(self.group, start, 0, 0))
+                if start - 1 > self.log.chosen_through:
+                    self._want_catchup(frm, start - 1)
+                else:
+                    self._on_catchup_req(frm, CatchupReq(self.group, start, 0, 0))
             return
         if self.retired and type(msg) is not CatchupReq:
             self.out.dropped["retired"] += 1  # it takes no part; it still serves catch-up
