@@ -38,6 +38,9 @@ class Mover:
         self.size = {g: len(m) for g, m in world.groups.items()}  # voters to come back to
         # group -> (token, tick asked, the configuration asked for)
         self.waiting: dict[Any, tuple[Any, int, GroupConf]] = {}
+        # changes answered indeterminately (the leader lost its leadership): they may
+        # still be chosen, until the group's configuration reaches their epoch
+        self.maybe: dict[Any, list[GroupConf]] = {}
         self.learner_since: dict[tuple, int] = {}  # (group, node) -> tick first seen
         self.seq = 0
         self.steps: dict[str, int] = {"asked": 0, "done": 0, "refused": 0}
@@ -47,8 +50,11 @@ class Mover:
 
     def on_reply(self, node: str, reply: Any) -> None:
         g = reply.token[1]
-        if self.waiting.get(g, (None,))[0] == reply.token:
+        asked = self.waiting.get(g)
+        if asked is not None and asked[0] == reply.token:
             del self.waiting[g]
+            if reply.error is not None and reply.error[2]:
+                self.maybe.setdefault(g, []).append(asked[2])
         self.steps["done" if reply.error is None else "refused"] += 1
         self.world.trace(self.world.now, node, "conf-reply",
                          f"group {g}: {reply.result or reply.error[:2]}")
@@ -62,7 +68,8 @@ class Mover:
             asked = self.waiting.get(g)
             if asked is not None and now - asked[1] < self.answer_ticks:
                 continue
-            self.waiting.pop(g, None)
+            if asked is not None:  # no answer (lost with a crash): it may still be chosen
+                self.maybe.setdefault(g, []).append(self.waiting.pop(g)[2])
             if self.rng.random() >= self.step_chance:
                 continue
             leader = next((n for n in w.node_ids if w.serving(n) and g in w.cores[n].groups
@@ -105,7 +112,12 @@ class Mover:
     def asked(self) -> list[GroupConf]:
         """The configurations asked for and not answered yet (the fault model keeps a
         majority of each as well: one may be chosen any moment)."""
-        return [c for _t, _at, c in self.waiting.values()]
+        out = [c for _t, _at, c in self.waiting.values()]
+        for g, confs in self.maybe.items():
+            epoch = self.world.checker.conf(g).epoch
+            confs[:] = [c for c in confs if c.epoch > epoch]
+            out += confs
+        return out
 
     def _host_and_drop(self) -> None:
         """The runtime's placement, played by the world: a node a chosen configuration
