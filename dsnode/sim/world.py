@@ -718,9 +718,15 @@ class SimWorld:
             oldest = min((self.cores[n].group_conf(g).epoch for n in self.node_ids
                           if self.cores[n] is not None and g in self.cores[n].groups),
                          default=history[-1][1].epoch)
-            confs = [c for _slot, c in history if c.epoch >= oldest]
-            for conf in confs:
-                out.append((conf.voters + conf.learners, (len(conf.voters) - 1) // 2))
+            for _slot, conf in history:
+                if conf.epoch < oldest:
+                    continue
+                # a member that dropped the group is as good as lost to this configuration
+                gone = tuple(m for m in conf.voters + conf.learners
+                             if self.cores[m] is not None and g not in self.cores[m].groups
+                             and conf is not history[-1][1])
+                members = conf.voters + conf.learners
+                out.append((members, (len(conf.voters) - 1) // 2 - len(gone)))
         for conf in self.mover.asked():
             out.append((conf.voters + conf.learners, (len(conf.voters) - 1) // 2))
         return out

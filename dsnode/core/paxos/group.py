@@ -810,7 +810,12 @@ class PaxosGroup(LeaderSide, CatchUp):
             if m.commit > self.log.chosen_through:
                 self._want_catchup(frm, m.commit)
             return
-        reply = self.acceptor.on_accept(m, self.out.persist, self.log.chosen_through)
+        # with reconfiguration a replica reports the chosen prefix its records prove (a
+        # removed leader hands over, and its data goes, only once a majority of the new
+        # voters know the change durably: ``_try_transfer``)
+        known = (min(self.log.chosen_through, self.commit_persisted) if self.cfg.reconfig
+                 else self.log.chosen_through)
+        reply = self.acceptor.on_accept(m, self.out.persist, known)
         if reply.ok and frm != self.me:
             self.leader_hint = frm
             if self.role is not Role.FOLLOWER:
