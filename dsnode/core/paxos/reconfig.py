@@ -81,16 +81,23 @@ with its old configuration, whose members ignore prepares and pre-votes of
 nodes outside their configuration, or (not yet knowing) show it a longer
 chosen prefix: it catches up, sees it was removed and stops.
 
-A leader that removes itself stays on as a lame duck (no new commands)
-until a majority of the new voters have applied the change, then hands
-leadership to the one furthest along (``TimeoutNow``, as
+Liveness. A leader that removes itself stays on as a lame duck (no new
+commands) until a majority of the new voters know the change durably (with
+reconfiguration, accept replies report the chosen prefix a replica's records
+prove), then hands leadership to the one furthest along (``TimeoutNow``, as
 ``transfer_leadership``) and steps down: its data may go only once others
 know what it knew. A replica that applied a configuration that no longer
 lists it (a leader: once it stepped down) is retired: it stops taking part
-and ``PaxosNode.retired_groups`` tells the shell it may drop the group's
-data. Leaders keep sending commits to the replicas the last change removed
-until they acknowledge it (``Proposer.gone``), and a learner that hears no
-leader asks a voter for the log, so removed replicas learn they were.
+(it still serves catch-up) and ``PaxosNode.retired_groups`` tells the shell
+it may drop the group's data. Leaders keep sending commits to the replicas
+the last change removed until they acknowledge it (``Proposer.gone``); a
+learner that hears no leader asks a voter for the log; a node asked for its
+vote by a node outside its configuration answers with the log the asker
+lacks, or catches up from the asker if that one is ahead; and a leader
+waiting (R3) for a prefix that makes no progress for two election timeouts
+runs phase 1 again. Until every replica has applied a change, the older
+configuration is still in use: losing a majority of it (a dropped member
+counts as lost) can stall the group, as for any configuration.
 """
 
 from __future__ import annotations
