@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dsnode.core.membership.members import NODE_ID_RE
 from dsnode.core.ring.ring import (
     PARTITIONS_DEFAULT,
     PARTITIONS_MAX,
@@ -29,7 +29,6 @@ from dsnode.core.ring.ring import (
     REPLICATION_MAX,
 )
 
-NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ENV_PREFIX = "DSNODE_"
 DEFAULT_PORT = 7379
 
@@ -252,6 +251,12 @@ class NodeConfig(BaseModel):
         default=6_000, ge=10, le=600_000,
         description="a transaction decision this long in a home partition this node leads "
         "(its coordinator is gone) is carried to its participants by this node, ms",
+    )
+    txn_resolve_ride_ms: int = Field(
+        default=40, ge=0, le=1_000,
+        description="a transaction's resolve proposed in a partition this node leads waits "
+        "up to this long for another command to that partition, to go in its slot (0: "
+        "proposed at once), ms",
     )
     shutdown_timeout_ms: int = Field(
         default=8_000, ge=100, le=60_000,

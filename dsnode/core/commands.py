@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dsnode.core.membership import members as _members
+
 LINEARIZABLE = "linearizable"
 STALE = "stale"
 
@@ -128,6 +130,8 @@ def size_of(cmd: Command) -> int:
         return _tx.size_of(cmd)
     if isinstance(cmd, ConfChange):
         return sum(len(m) + 8 for m in (*cmd.voters, *cmd.learners)) + 16
+    if type(cmd) in _members.TYPES:
+        return 256
     if isinstance(cmd, Put):
         return len(cmd.key) + len(cmd.value) + 16
     if isinstance(cmd, Txn):
@@ -163,6 +167,8 @@ def _dec_sub(x: list) -> SubOp:
 def encode(cmd: Command) -> list:
     if isinstance(cmd, Put):
         return ["P", cmd.key, cmd.value, cmd.if_version]
+    if type(cmd) in _tx.TYPES:
+        return _tx.encode(cmd)  # type: ignore[arg-type]
     if isinstance(cmd, Delete):
         return ["D", cmd.key, cmd.if_version]
     if isinstance(cmd, Txn):
@@ -180,6 +186,8 @@ def encode(cmd: Command) -> list:
         return ["R", list(cmd.members), cmd.partitions, cmd.replication, cmd.epoch]
     if isinstance(cmd, ConfChange):
         return ["C", list(cmd.voters), list(cmd.learners), cmd.epoch]
+    if type(cmd) in _members.TYPES:
+        return _members.encode(cmd)
     return _tx.encode(cmd)  # a transaction's own command, or TypeError
 
 
@@ -187,13 +195,16 @@ def decode(x: list) -> Command:
     tag = x[0]
     if tag == "P":
         return Put(x[1], x[2], x[3])
+    if tag in _tx.TAGS:
+        return _tx.decode(x)
     if tag == "D":
         return Delete(x[1], x[2])
     if tag == "T":
+        c, then, other = x[1], x[2], x[3]
         return Txn(
-            tuple((k, v) for k, v in x[1]),
-            tuple(_dec_sub(s) for s in x[2]),
-            tuple(_dec_sub(s) for s in x[3]),
+            tuple([(k, v) for k, v in c]) if c else (),
+            tuple([_dec_sub(s) for s in then]),
+            tuple([_dec_sub(s) for s in other]) if other else (),
         )
     if tag == "G":
         return Get(x[1], x[2])
@@ -203,8 +214,8 @@ def decode(x: list) -> Command:
         return SetRing(tuple(x[1]), x[2], x[3], x[4])
     if tag == "C":
         return ConfChange(tuple(x[1]), tuple(x[2]), x[3])
-    if tag in _tx.TAGS:
-        return _tx.decode(x)
+    if tag in _members.TAGS:
+        return _members.decode(x)
     raise ValueError(f"unknown command tag {tag!r}")
 
 
@@ -216,6 +227,8 @@ def decode_checked(x: object) -> Command:
     tag = x[0]
     if isinstance(tag, str) and tag in _tx.TAGS:
         return _tx.decode_checked(x)
+    if isinstance(tag, str) and tag in _members.TAGS:
+        return _members.decode_checked(x)
     want = {"P": 4, "D": 3, "T": 4, "G": 3}.get(tag) if isinstance(tag, str) else None
     if want is None or len(x) != want:
         raise ValueError(f"bad command tag or length: {tag!r}")

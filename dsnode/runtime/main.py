@@ -33,6 +33,7 @@ from dsnode.core.errors import InvariantBroken, StateLost
 from dsnode.core.kv.store import shards_for
 from dsnode.core.membership.detector import DetectorConfig
 from dsnode.core.membership.incarnations import Incarnations
+from dsnode.core.membership.members import JOINING, LEAVING, LEFT, REMOVED
 from dsnode.core.paxos.config import PaxosConfig, bound_for, lease_ticks_for
 from dsnode.core.paxos.node import PaxosNode
 from dsnode.core.ring import Ring, check_partitions
@@ -363,6 +364,7 @@ class Node:
             )
             self.net.cluster_uuid = self.cluster_uuid
             self.net.security = self.security
+        core.resolve_ride_ticks = cfg.ticks(cfg.txn_resolve_ride_ms) if cfg.txn_resolve_ride_ms else 0
         self.driver = Driver(
             core, wal, server.deliver, self.net,
             node_id=cfg.node_id,
@@ -520,7 +522,14 @@ class Node:
         return out
 
     def member_state(self, peer: str) -> str:
-        assert self.driver is not None
+        """``joining``, ``leaving`` or ``left`` as the metadata group decided (a removed
+        member has left too); for an active member, ``alive``, ``suspect`` or ``dead``
+        as this node's failure detector sees it."""
+        assert self.driver is not None and self.core is not None
+        meta = self.core.groups.get(META)
+        decided = meta.sm.members.state_of(peer) if meta is not None else None
+        if decided in (JOINING, LEAVING, LEFT, REMOVED):
+            return LEFT if decided == REMOVED else decided
         if peer == self.config.node_id:
             return "alive"
         return self.driver.detector.state(peer, self.driver.tick_count)
@@ -690,6 +699,8 @@ class Node:
             "received": driver.counters["txn_cross_partition"],
             "handed_off": driver.counters["txn_coordinator_elsewhere"],
             "coordinated_for_peers": driver.counters["txn_coordinated_for_peer"],
+            # resolves proposed here: in another command's slot, or alone after waiting
+            "resolves": dict(getattr(driver.core, "resolves", {})),
             "counters": {**driver.coordinator.counters,
                          **{f"recovery_{k}": v for k, v in driver.recovery.counters.items()}},
         }

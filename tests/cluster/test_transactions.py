@@ -119,6 +119,9 @@ async def test_hot_accounts_under_contention_finish_without_deadlock(pool):
         assert await final_total(client, bank) == bank.total
     sts = [node_status(cluster.nodes[n]) for n in ids]
     print("outcomes", bank.outcomes, "handed off",
-          [st["txns"]["handed_off"] for st in sts])
+          [st["txns"]["handed_off"] for st in sts], "resolves",
+          [st["txns"]["resolves"] for st in sts])
     assert sum(st["txns"]["handed_off"] for st in sts) > 0
     assert sum(st["txns"]["coordinated_for_peers"] for st in sts) > 0
+    # resolves rode in the slots of the commands (and reads) waiting for their locks
+    assert sum(st["txns"]["resolves"]["rode"] for st in sts) > 0

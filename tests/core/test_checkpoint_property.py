@@ -140,10 +140,8 @@ def test_a_checkpoint_between_ticks_claims_no_more_than_the_records_prove():
     assert why is None, why
 
 
-def test_a_checkpoint_keeps_chosen_values_learned_above_a_gap():
-    """Catch-up may teach slot 3 while slot 2 is still unknown: the chosen record
-    for slot 3 is in the log, so the checkpoint must carry it too."""
-
+def _learned_slots_1_and_3():
+    """A follower taught slots 1 and 3 by catch-up (slot 2 unknown), then ticked."""
     core, groups = _follower()
     records: list[bytes] = []
     v1 = pack_batch([(None, Put(b"a", b"1"))])
@@ -152,9 +150,33 @@ def test_a_checkpoint_keeps_chosen_values_learned_above_a_gap():
     _drained(core, records)
     core.tick()
     _drained(core, records)
+    return core, groups, records, v3
+
+
+def test_a_checkpoint_keeps_chosen_values_learned_above_a_gap():
+    """Catch-up may teach slot 3 while slot 2 is still unknown: the chosen record
+    for slot 3 is in the log, so the checkpoint must carry it too."""
+
+    core, groups, records, v3 = _learned_slots_1_and_3()
     blob = core.checkpoint()
     v2 = pack_batch([(None, Put(b"b", b"2"))])
     core.step("n2", Learn(0, ((2, v2),)))
     _drained(core, records)
     mark = len(records) - 1
     assert disagreement("n1", groups, PaxosConfig(), records, blob, records[mark:]) is None
+
+
+def test_a_chosen_value_above_a_gap_stays_chosen_once_the_acceptor_accepts_it_again():
+    """Sim seed 411: slot 3 is learned chosen above a gap (a chosen record), then a
+    new leader's Accept carries the same value for it, so the acceptor holds it too.
+    No commit record covers slot 3 (slot 2 is unknown), so the checkpoint must keep
+    its chosen record; eliding it (the acceptor holds the value) lost it."""
+
+    core, groups, records, v3 = _learned_slots_1_and_3()
+    core.step("n2", Accept(0, (5, "n2"), ((3, v3),), 1))  # re-proposed by a new leader
+    _drained(core, records)
+    core.tick()
+    _drained(core, records)
+    assert core.groups[0].acceptor.accepted[3][1] == v3 and 3 in core.groups[0].log.chosen
+    why = disagreement("n1", groups, PaxosConfig(), records, core.checkpoint(), [])
+    assert why is None, why

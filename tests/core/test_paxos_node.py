@@ -27,7 +27,9 @@ from dsnode.core.paxos.messages import (
     from_wire,
     to_wire,
 )
+from dsnode.core.paxos.node import RESOLVE_RIDE_TICKS
 from dsnode.core.paxos.statemachine import DedupKV
+from dsnode.core.twopc.records import TxForget, TxResolve
 from dsnode.sim.shell import drain, step_snapshot
 
 NODES = ("a", "b", "c")
@@ -841,6 +843,111 @@ def test_checkpoint_waits_until_an_installed_snapshot_is_in_its_file():
     c.finish_snapshots("c")
     c.drain("c")
     assert g.snap_file_index == g.log.snap_index and c.nodes["c"].checkpoint() is not None
+
+
+# --------------------------------------------------------------------------- resolves ride
+
+def _resolve(i: int) -> TxResolve:
+    return TxResolve(b"tx%d" % i, 0, False, False)
+
+
+def _value_slots(c: Cluster, n: str) -> list[int]:
+    return [x.slot for x in c.applied[n] if isinstance(x, Applied) and x.value]
+
+
+@pytest.mark.parametrize(("rider", "answer"), [
+    (_resolve(1), {"resolved": "unknown"}),
+    (TxForget(0, (b"tx1",)), {"forgotten": 1}),
+])
+def test_a_resolve_rides_in_the_slot_of_the_next_command_to_its_group(rider, answer):
+    """A transaction's resolve (or a home's forget) is held back and goes into the next
+    command's slot, ahead of it: one slot for both, each answered."""
+    c = Cluster()
+    c.elect("a")
+    c.nodes["a"].propose(0, "r", rider)
+    c.settle()
+    assert c.replies["a"] == [] and _value_slots(c, "a") == []
+    c.nodes["a"].propose(0, "p", Put(b"k", b"v"), request_id=("cl", 1))
+    c.settle()
+    assert [r.token for r in c.replies["a"]] == ["r", "p"]  # in the slot, the rider first
+    assert c.replies["a"][0].result == answer
+    assert len(_value_slots(c, "a")) == 1
+    assert c.nodes["a"].resolves == {"rode": 1, "alone": 0}
+
+
+@pytest.mark.parametrize("ride", [1, 2, 3])
+def test_a_held_resolve_goes_alone_after_its_ride_ticks(ride):
+    """Nothing else proposed to its group: the held resolves go out together, in one
+    slot, once the first waited ``resolve_ride_ticks`` ticks; the node's ticker
+    stays awake meanwhile."""
+    c = Cluster()
+    c.elect("a")
+    a = c.nodes["a"]
+    a.resolve_ride_ticks = ride
+    a.propose(0, "r1", _resolve(1))
+    a.propose(0, "r2", _resolve(2))
+    for _ in range(ride - 1):
+        assert a.idle_ticks() == 1
+        c.tick()
+        assert c.replies["a"] == []
+    c.tick()
+    assert [r.token for r in c.replies["a"]] == ["r1", "r2"]
+    assert len(_value_slots(c, "a")) == 1
+
+
+def test_resolves_ride_only_with_their_own_group():
+    groups = {0: NODES, 1: NODES}
+    c = Cluster(groups=groups)
+    c.elect("a", 0)
+    c.elect("a", 1)
+    a = c.nodes["a"]
+    a.propose(0, "r", _resolve(1))
+    a.propose(1, "p", Put(b"k", b"v"), request_id=("cl", 1))
+    c.settle()
+    assert [r.token for r in c.replies["a"]] == ["p"]
+    c.tick(RESOLVE_RIDE_TICKS)
+    assert [r.token for r in c.replies["a"]] == ["p", "r"]
+
+
+def test_without_riding_a_resolve_is_proposed_at_once():
+    c = Cluster()
+    c.elect("a")
+    c.nodes["a"].resolve_ride_ticks = 0
+    c.nodes["a"].propose(0, "r", _resolve(1))
+    c.settle()
+    assert [r.token for r in c.replies["a"]] == ["r"]
+
+
+def test_a_held_resolve_on_a_follower_is_refused_when_it_goes_out():
+    """Held on a node that does not lead the group (it lost leadership meanwhile, or
+    never had it): when it goes out it gets the usual definite not-leader answer."""
+    c = Cluster()
+    c.elect("a")
+    c.nodes["b"].propose(0, "r", _resolve(1))
+    c.settle()
+    assert c.replies["b"] == []
+    c.tick(RESOLVE_RIDE_TICKS)
+    [r] = c.replies["b"]
+    assert r.token == "r" and r.error is not None and r.error[0] == "unavailable"
+    assert r.error[2] is False
+
+
+def test_a_linearizable_read_sends_the_held_resolves_and_waits_for_them():
+    """A read of a key a held resolve would unlock must not wait out the ride: the
+    read proposes them, and is answered once they are applied (a stale read does
+    neither)."""
+    c = Cluster()
+    c.elect("a")
+    a = c.nodes["a"]
+    a.read(0, "s", Get(b"k", STALE))
+    a.propose(0, "r", _resolve(1))
+    a.read(0, "s2", Get(b"k", STALE))
+    c.settle()
+    assert [r.token for r in c.replies["a"]] == ["s", "s2"]
+    a.read(0, "g", Get(b"k"))
+    c.settle()
+    assert [r.token for r in c.replies["a"]] == ["s", "s2", "r", "g"]
+    assert a.resolves == {"rode": 1, "alone": 0}
 
 
 def test_log_bytes_follow_the_chosen_values_held_above_each_snapshot():

@@ -157,3 +157,21 @@ def test_quiet_groups_are_not_ticked_until_input_or_a_liveness_change_wakes_them
     c.tick(Q.election_timeout_ticks + 1)
     assert not a.peer_alive("c")
     assert all(a.groups[g].now >= died_at + Q.election_timeout_ticks for g in groups)
+
+
+def test_groups_woken_by_a_liveness_change_are_not_ticked_past_the_node():
+    """The tick that sees a peer go silent wakes the quiet groups it is in, their
+    clocks caught up to the node's; they must not then be ticked once more in the
+    same call (a follower's clock ahead of its node stops honouring a lease early)."""
+    groups = {g: NODES for g in range(8)}
+    c = _quiet_cluster(groups)
+    c.tick(3)
+    a = c.nodes["a"]
+    assert a._quiet == set(groups)
+    del c.nodes["c"]
+    for _ in range(3 * Q.election_timeout_ticks):
+        a.tick(2)  # two ticks at once, as after a short pause of the loop
+        if not a.peer_alive("c"):
+            break
+    assert not a.peer_alive("c")
+    assert [a.groups[g].now for g in groups] == [a.now] * len(groups)

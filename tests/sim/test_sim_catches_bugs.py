@@ -231,9 +231,11 @@ def test_sim_catches_a_state_machine_that_applies_a_retried_request_id_twice():
 @pytest.mark.parametrize(
     ("variant", "expected"),
     [
-        ("next-partition", "which the ring does not place on it"),
-        ("sorted-replicas", "the ring places it on"),
-        ("leaders-only", "live replicas do not host their partitions"),
+        # off by one: a partition hosted where the ring does not place it, or (where
+        # the shifted placement still includes the node) on other replicas
+        ("next-partition", ("which the ring does not place on it", "the ring places it on")),
+        ("sorted-replicas", ("the ring places it on",)),
+        ("leaders-only", ("live replicas do not host their partitions",)),
     ],
 )
 def test_sim_catches_partitions_placed_otherwise_than_the_ring(variant, expected):
@@ -246,4 +248,5 @@ def test_sim_catches_partitions_placed_otherwise_than_the_ring(variant, expected
     assert set(RING_BROKEN) == {"next-partition", "sorted-replicas", "leaders-only"}
     res = SimWorld(0, configure(partitioned_config(), variant)).run()
     assert not res.ok
-    assert res.error.startswith("SafetyViolation: ring: ") and expected in res.error, res.error
+    assert res.error.startswith("SafetyViolation: ring: "), res.error
+    assert any(e in res.error for e in expected), res.error

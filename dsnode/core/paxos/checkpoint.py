@@ -25,7 +25,7 @@ from dsnode.core.paxos.messages import ZERO_BALLOT
 class GroupCapture:
     """One group's part of a checkpoint, as of the capture."""
 
-    __slots__ = ("gid", "head", "accepted", "chosen", "snap_index", "through")
+    __slots__ = ("gid", "head", "accepted", "chosen", "snap_index", "through", "recorded")
 
     def __init__(self, g: Any, hosted: Any = None) -> None:
         """``hosted``: the configuration the node created ``g`` with when it started
@@ -47,6 +47,8 @@ class GroupCapture:
         # the prefix the commit records so far prove: a slot learned from the
         # leader's commit since the last tick has no commit record yet
         self.through = min(g.commit_persisted, log.chosen_through)
+        # chosen records above it: kept even where the acceptor holds the same value
+        self.recorded = frozenset(s for s in g.chosen_recorded if s > self.through)
 
     def records(self) -> Iterator[bytes | None]:
         """The records in order; None for a chosen slot the acceptor holds (no
@@ -57,11 +59,14 @@ class GroupCapture:
             ballot, value = accepted[slot]
             yield rec.accept(gid, slot, ballot, value)
         # every chosen value the log holds, above a gap too (catch-up may teach
-        # slot n+2 before n+1), as the chosen records so far hold them
+        # slot n+2 before n+1), as the chosen records so far hold them: one the
+        # acceptor holds needs no record of its own unless it lies above the commit
+        # record below (then its chosen record is all that says it was chosen)
+        recorded = self.recorded
         for slot in sorted(s for s in self.chosen if s > self.snap_index):
             value = self.chosen[slot]
             held = accepted.get(slot)
-            if held is None or held[1] != value:
+            if held is None or held[1] != value or slot in recorded:
                 yield rec.chosen(gid, slot, value)
             else:
                 yield None

@@ -147,6 +147,10 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.snap_file_named = 0
         # highest chosen_through written in a commit record (records.COMMIT)
         self.commit_persisted = 0
+        # chosen slots above commit_persisted whose value a chosen record holds: a
+        # checkpoint keeps those records even where the acceptor later accepted the
+        # same value (above a gap no commit record says they were chosen)
+        self.chosen_recorded: set[int] = set()
         self.recovery_gaps = 0
         # leadership transfer: as leader, (target, tick started); as candidate, the
         # leader that handed over to us (sent along with our Prepare)
@@ -348,6 +352,8 @@ class PaxosGroup(LeaderSide, CatchUp):
         if self.log.chosen_through > self.commit_persisted:
             self.commit_persisted = self.log.chosen_through
             self.out.persist.append(rec.commit(self.group, self.commit_persisted))
+            if self.chosen_recorded:
+                self._forget_recorded()
         if self.role is Role.LEADER:
             p = self.proposer
             if (
@@ -851,6 +857,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         a = self.acceptor.accepted.get(slot)
         if a is None or a[1] != value:
             self.out.persist.append(rec.chosen(self.group, slot, value))
+            self.chosen_recorded.add(slot)
         log.learn(slot, value)
 
     def _advance(self) -> None:
@@ -952,6 +959,7 @@ class PaxosGroup(LeaderSide, CatchUp):
             self._recover_commit(r[2])
         elif tag == rec.CHOSEN:
             self.log.learn(r[2], r[3])
+            self.chosen_recorded.add(r[2])
         elif tag == rec.PROMISE:
             self.acceptor.recover_promise(r[2])
         elif tag == rec.SNAPFILE:
@@ -974,6 +982,12 @@ class PaxosGroup(LeaderSide, CatchUp):
             log.learn(s, a[1])
         log.advance()
         self.commit_persisted = max(self.commit_persisted, log.chosen_through)
+        self._forget_recorded()
+
+    def _forget_recorded(self) -> None:
+        """Chosen records the commit records now cover need no keeping."""
+        through = self.commit_persisted
+        self.chosen_recorded = {s for s in self.chosen_recorded if s > through}
 
     def recover_snapshot(self, snap: StoredSnapshot) -> None:
         """Before any record: start from the snapshot the shell read from its file."""

@@ -8,6 +8,15 @@ first metadata value holds ``Form`` and ``SetRing(epoch=1)``
 (``PaxosGroup.become_leader``); each later ``SetRing`` must carry the next
 epoch and the same number of partitions, else it changes nothing and its
 result says why.
+
+The member list (``core.membership.members``: who is joining, active, leaving,
+left or removed, with their addresses and data directories) lives under
+:data:`MEMBERS_KEY`; until a membership command is applied it is the formation
+ring's members, all active. A membership command that changes who is on the ring
+writes the ring of the next epoch with it (same P and R), in the same apply. The
+runtime proposes none yet: the mover that carries a new ring's replica moves out
+through each partition's own log (issue 10, part 2) has to exist first, since a
+node hosts the partitions of the newest ring it knows.
 """
 
 from __future__ import annotations
@@ -16,19 +25,22 @@ import msgpack
 
 from dsnode.core.commands import Command, Put, SetRing
 from dsnode.core.kv.store import ERROR_KEY, SHARDS
+from dsnode.core.membership import members as mem
 from dsnode.core.paxos.statemachine import DedupKV
 from dsnode.core.ring import Ring
 
 RING_KEY = b"\x00ring"  # where the ring lives in the metadata group's store
+MEMBERS_KEY = b"\x00members"  # and the member list (once a membership command changed it)
 REFUSED = "ring_refused"
 
 
 class MetaSM(DedupKV):
-    __slots__ = ("_ring",)
+    __slots__ = ("_ring", "_members")
 
     def __init__(self, limits=None, shards: int = SHARDS) -> None:
         super().__init__(limits, shards)
         self._ring: tuple[int, Ring | None] = (0, None)  # (store version it was read at, ring)
+        self._members: tuple[int, mem.MemberTable | None] = (0, None)  # likewise
 
     @property
     def ring(self) -> Ring | None:
@@ -48,10 +60,50 @@ class MetaSM(DedupKV):
         ring = self.ring
         return 0 if ring is None else ring.epoch
 
+    @property
+    def members(self) -> mem.MemberTable:
+        """The member list (a copy: change it only through membership commands)."""
+        blob, version = self.kv.get(MEMBERS_KEY)
+        if blob is None:
+            ring = self.ring
+            return mem.MemberTable.formed(ring.members if ring else (), ring.epoch if ring else 0)
+        if version != self._members[0]:
+            self._members = (version, mem.MemberTable.decode(msgpack.unpackb(blob, raw=False)))
+        table = self._members[1]
+        assert table is not None
+        return mem.MemberTable(table.members, table.settled)
+
     def apply(self, rid: list | None, cmd: Command, index: int) -> dict:
         if type(cmd) is SetRing:
             return self._set_ring(cmd)
+        if type(cmd) in mem.TYPES:
+            return self._change_members(cmd)  # type: ignore[arg-type]
         return super().apply(rid, cmd, index)
+
+    def _change_members(self, cmd: mem.MemberCommand) -> dict:
+        """A membership command: the member list changes, and when who is on the ring
+        changed, the ring of the next epoch is written with it."""
+        blob, _ = self.kv.get(RING_KEY)
+        ring = self.ring
+        if blob is None or ring is None:
+            return {ERROR_KEY: [REFUSED, "the cluster has no ring yet", False]}
+        _, partitions, replication, epoch = msgpack.unpackb(blob, raw=False)
+        table = self.members
+        try:
+            moved = table.apply(cmd, epoch)
+        except mem.Refused as e:
+            return {ERROR_KEY: [REFUSED, str(e), False]}
+        if moved:
+            ring_cmd = SetRing(table.on_ring(), partitions, replication, epoch + 1)
+            why = _refusal(ring, ring_cmd)  # e.g. an id the ring does not take
+            if why is not None:
+                return {ERROR_KEY: [REFUSED, why, False]}
+        self.kv.apply(Put(MEMBERS_KEY, msgpack.packb(table.encode(), use_bin_type=True)))
+        if moved:
+            self._set_ring(ring_cmd)
+            epoch += 1
+        node = getattr(cmd, "node_id", None)
+        return {"epoch": epoch, "state": table.state_of(node) if node else None}
 
     def _set_ring(self, cmd: SetRing) -> dict:
         current = self.ring

@@ -14,8 +14,9 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from dsnode.core.commands import Get
+from dsnode.core.commands import STALE, Get
 from dsnode.core.effects import Ready, Reply
+from dsnode.core.errors import InvariantBroken
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.checkpoint import CheckpointWriter, DropCapture, GroupCapture
@@ -30,6 +31,14 @@ from dsnode.core.paxos.reconfig import promote as _promote
 from dsnode.core.paxos.reconfig import remove as _remove
 from dsnode.core.paxos.roles import Role
 from dsnode.core.ring import Ring
+from dsnode.core.twopc.records import TxForget, TxResolve
+
+#: How long a transaction's resolve may wait, in ticks, for a command to ride with
+#: (``PaxosNode.propose``)
+RESOLVE_RIDE_TICKS = 4
+#: The commands held back to ride (``PaxosNode.propose``): a participant's resolve, and a
+#: home's forget (which only lets decided transactions go)
+_RIDERS = frozenset((TxResolve, TxForget))
 
 
 class PaxosNode:
@@ -57,6 +66,14 @@ class PaxosNode:
         self.peer_heard: dict[str, int] = {}
         self._last_node_heartbeat = -(10**9)
         self._dirty: set[Any] = set()
+        # Resolves of cross-partition transactions held back to ride in the slot of the
+        # next command proposed to their group, or proposed alone once held for
+        # ``resolve_ride_ticks`` ticks (0: never held; see ``propose``);
+        # group -> (the tick the first was held at, [(token, cmd, request_id)])
+        self.resolve_ride_ticks = RESOLVE_RIDE_TICKS
+        self._riders: dict[Any, tuple[int, list[tuple[Any, Any, Any]]]] = {}
+        # held resolves that went in another command's slot, and that went alone
+        self.resolves = {"rode": 0, "alone": 0}
         # groups not ticked (see ``tick``), and the peers alive at the last tick
         self._quiet: set[Any] = set()
         # the others (ticked), in the order they became so: an idle node's tick touches
@@ -309,6 +326,8 @@ class PaxosNode:
         not grow with the number of groups. A quiet group is woken, its clock
         caught up first, by any input for it and by any change in the liveness
         of a peer (which may be its leader, or a member it must tell)."""
+        if n < 1:
+            raise InvariantBroken(f"tick({n})")
         self.now += n
         if self.now - self._last_node_heartbeat >= self.config.heartbeat_interval_ticks:
             self._last_node_heartbeat = self.now
@@ -324,15 +343,21 @@ class PaxosNode:
                 g = self.groups[gid]
                 if changed & g.member_set or not changed.isdisjoint(g.learners):
                     self._awake(gid)
-        quiet, ticking = self._quiet, self._ticking
+        quiet, ticking, now = self._quiet, self._ticking, self.now
         for gid, g in list(ticking.items()):
-            g.tick(n)
+            # up to the node's clock: n ticks, or none for a group just woken above
+            # (``_awake`` caught it up already; ticking it n more would run its clock
+            # ahead of the node's, and a follower would stop honouring a lease early)
+            if g.now < now:
+                g.tick(now - g.now)
             p = g.proposer
-            if p is not None and p.queue:
+            if p is not None and p.queue and self.config.reconfig:
                 self._dirty.add(gid)  # a fence may have lifted (catch-up): flush the queue
             if self.config.quiesce and g.is_quiet():
                 quiet.add(gid)
                 del ticking[gid]
+        if self._riders:  # after the groups ticked: one woken here is caught up, not ticked
+            self._release_riders(self.now - self.resolve_ride_ticks)
 
     def awake_groups(self) -> list[tuple[Any, PaxosGroup]]:
         """The groups ticked now (not quiet): only these can change role or leader
@@ -345,7 +370,7 @@ class PaxosNode:
         (an idle node), the ticks until its next node heartbeat is due. Liveness changes
         are then noticed at heartbeat pace, and any input wakes what it concerns, so an
         idle node wakes once per heartbeat interval whatever the number of groups."""
-        if self._ticking or self._dirty:
+        if self._ticking or self._dirty or self._riders:
             return 1
         due = self._last_node_heartbeat + self.config.heartbeat_interval_ticks - self.now
         return max(1, due)
@@ -369,18 +394,66 @@ class PaxosNode:
         return heard is not None and self.now - heard < self.config.election_timeout_ticks
 
     def propose(self, group: Any, token: Any, cmd: Any, request_id: Any = None) -> None:
+        """Queue ``cmd`` in ``group`` (batched into slots at ``ready``).
+
+        A transaction's ``TxResolve`` (its client was answered already: it only applies
+        a participant's writes and releases its locks) or a home's ``TxForget`` is held
+        back until the next command proposed to the same group, or the next linearizable
+        read of it (which then waits for it), and goes into that command's slot, ahead
+        of it; at the latest after ``resolve_ride_ticks`` ticks, alone. A leader's slot
+        round (accepts, acceptances, log records on every replica) is then shared
+        instead of run once more for it. Holding a command back changes nothing but
+        when it is proposed (as a slower link would); a participant's locks are held at
+        most that much longer, and a command or read that waits for them sends it."""
         g = self._awake(group)
         if g is None:
             self.out.reply.append(Reply(token, error=("unavailable", "unknown group", False)))
             return
+        riders = self._riders
+        if type(cmd) in _RIDERS and self.resolve_ride_ticks:
+            held = riders.get(group)
+            if held is None:
+                riders[group] = (self.now, [(token, cmd, request_id)])
+            else:
+                held[1].append((token, cmd, request_id))
+            return
+        if riders:
+            self._ride(group, g)
         g.propose(token, cmd, request_id)
         self._dirty.add(group)
+
+    def _ride(self, group: Any, g: PaxosGroup) -> None:
+        """Propose ``group``'s held resolves now, ahead of what comes next."""
+        held = self._riders.pop(group, None)
+        if held is not None:
+            self.resolves["rode"] += len(held[1])
+            for t, c, r in held[1]:
+                g.propose(t, c, r)
+            self._dirty.add(group)
+
+    def _release_riders(self, due: int) -> None:
+        """Propose the resolves held since tick ``due`` or before (see ``propose``)."""
+        riders = self._riders
+        for group in [gid for gid, (since, _) in riders.items() if since <= due]:
+            _since, held = riders.pop(group)
+            self.resolves["alone"] += len(held)
+            g = self._awake(group)
+            for t, c, r in held:
+                if g is None:
+                    self.out.reply.append(Reply(t, error=("unavailable", "unknown group",
+                                                          False)))
+                else:
+                    g.propose(t, c, r)
+            if g is not None:
+                self._dirty.add(group)
 
     def read(self, group: Any, token: Any, cmd: Get) -> None:
         g = self._awake(group)
         if g is None:
             self.out.reply.append(Reply(token, error=("unavailable", "unknown group", False)))
             return
+        if self._riders and cmd.consistency != STALE:
+            self._ride(group, g)  # what it reads may be locked until they are applied
         g.read(token, cmd)
         self._dirty.add(group)
 

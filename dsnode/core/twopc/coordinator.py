@@ -70,7 +70,14 @@ from dsnode.core.commands import SubGet, Txn, keys_of
 from dsnode.core.effects import Reply
 from dsnode.core.ring import Ring
 from dsnode.core.twopc import participant as part
-from dsnode.core.twopc.records import TxCommand, TxCommit, TxForget, TxPrepare, TxResolve
+from dsnode.core.twopc.records import (
+    TxCommand,
+    TxCommit,
+    TxForget,
+    TxPrepare,
+    TxResolve,
+    shape,
+)
 
 # wire error codes (dsnode.wire.errors names the same strings; the core imports nothing
 # from the wire package)
@@ -465,7 +472,7 @@ class Coordinator:
             if r["revision"]:
                 known["revisions"].extend(
                     [k, r["revision"]] for k in a.plan.prepares[pid].exclusive())
-        cmd = TxCommit(a.plan.prepares[home], a.txn, known, tuple(sorted(a.asked)),
+        cmd = TxCommit(a.plan.prepares[home], shape(a.txn), known, tuple(sorted(a.asked)),
                        tuple(t for t, _ in take))
         self._submit(a, ("decide", home), home, cmd, later=later, rid=a.rid)
 

@@ -261,10 +261,10 @@ class TxnTable:
         if refusal is not None:
             return refusal
         k = cmd.known
-        versions = {key: v for key, v in k["versions"]}
+        versions = dict(k["versions"])  # [[key, version], ...]
         values = {key: (val, ver) for key, val, ver in k["reads"]}
-        existed = {key: e for key, e in k["existed"]}
-        revisions = {key: r for key, r in k["revisions"]}
+        existed = dict(k["existed"])
+        revisions = dict(k["revisions"])
         for key, _v in part_.compares:
             versions[key] = kv.version(key)
         for key in part_.reads:

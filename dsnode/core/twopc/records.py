@@ -55,12 +55,18 @@ class TxPrepare:
 
     def exclusive(self) -> tuple[bytes, ...]:
         """The keys it writes in either branch (locked exclusively)."""
-        return tuple(dict.fromkeys(w.key for w in (*self.then, *self.otherwise)))
+        then, other = self.then, self.otherwise
+        if not other and len(then) == 1:
+            return (then[0].key,)  # the common case, without the dict
+        return tuple(dict.fromkeys([w.key for w in then + other]))
 
     def locks(self) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
         """(exclusive, shared): the keys it writes, and those it only compares or reads."""
         ex = self.exclusive()
-        keys = dict.fromkeys([k for k, _ in self.compares] + list(self.reads))
+        compares, reads = self.compares, self.reads
+        if not compares and len(reads) <= 1:  # the common cases, without the dict
+            return ex, (reads if not reads or reads[0] not in ex else ())
+        keys = dict.fromkeys([k for k, _ in compares] + list(reads))
         for k in ex:
             keys.pop(k, None)
         return ex, tuple(keys)
@@ -76,7 +82,9 @@ class TxCommit:
     prepares read: ``versions`` [[key, version]], ``reads`` [[key, value, version]],
     ``existed`` [[key, bool]] and ``revisions`` [[key, revision]] (the revision each
     key written elsewhere will carry), from which, with ``txn``, the home computes the
-    client's answer."""
+    client's answer. ``txn`` is the client's transaction without its puts' values
+    (``shape``): the home needs only its compares and each operation's kind and key;
+    the values it writes come in ``part``, the others' in their prepares."""
 
     part: TxPrepare
     txn: Txn
@@ -91,6 +99,18 @@ class TxCommit:
     @property
     def home(self) -> int:
         return self.part.pid
+
+
+def shape(txn: Txn) -> Txn:
+    """``txn`` with every put's value left out (``b""``): what ``TxCommit`` carries."""
+    ops = txn.then + txn.otherwise
+    if not any(type(s) is SubPut and s.value for s in ops):
+        return txn
+
+    def strip(branch: tuple) -> tuple:
+        return tuple(SubPut(s.key, b"") if type(s) is SubPut else s for s in branch)
+
+    return Txn(txn.compares, strip(txn.then), strip(txn.otherwise))
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +189,10 @@ TAGS = frozenset("XVYZW")
 def decode(x: list) -> TxCommand:
     tag = x[0]
     if tag == "X":
-        return TxPrepare(x[1], x[2], x[3], x[4], tuple((k, v) for k, v in x[5]), tuple(x[6]),
-                         tuple(_dec_w(w) for w in x[7]), tuple(_dec_w(w) for w in x[8]))
+        c, t, o = x[5], x[7], x[8]
+        return TxPrepare(x[1], x[2], x[3], x[4], tuple([(k, v) for k, v in c]) if c else (),
+                         tuple(x[6]), tuple([_dec_w(w) for w in t]) if t else (),
+                         tuple([_dec_w(w) for w in o]) if o else ())
     if tag == "V":
         part = decode(x[1])
         txn = decode_command(x[2])
