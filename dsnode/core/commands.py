@@ -92,6 +92,21 @@ class SetRing:
     epoch: int
 
 
+@dataclass(frozen=True, slots=True)
+class ConfChange:
+    """Not a client command: a Paxos group's next configuration (issue 10 part 2).
+
+    Chosen in the group's own log and applied by the group itself
+    (``dsnode.core.paxos.reconfig``): from the slot after the one holding it, the
+    group's acceptors are ``voters`` (in preference order, the first the preferred
+    leader) and ``learners`` receive the log without voting. ``epoch`` must be the
+    group's current configuration epoch plus one, else the change is refused."""
+
+    voters: tuple[str, ...]
+    learners: tuple[str, ...]
+    epoch: int
+
+
 Command = Get | Put | Delete | Txn
 
 
@@ -113,6 +128,8 @@ def size_of(cmd: Command) -> int:
     """Approximate payload bytes of a command (keys and values), for batching limits."""
     if type(cmd) in _tx.TYPES:
         return _tx.size_of(cmd)
+    if isinstance(cmd, ConfChange):
+        return sum(len(m) + 8 for m in (*cmd.voters, *cmd.learners)) + 16
     if type(cmd) in _members.TYPES:
         return 256
     if isinstance(cmd, Put):
@@ -167,6 +184,8 @@ def encode(cmd: Command) -> list:
         return ["F", cmd.cluster_uuid]
     if isinstance(cmd, SetRing):
         return ["R", list(cmd.members), cmd.partitions, cmd.replication, cmd.epoch]
+    if isinstance(cmd, ConfChange):
+        return ["C", list(cmd.voters), list(cmd.learners), cmd.epoch]
     if type(cmd) in _members.TYPES:
         return _members.encode(cmd)
     return _tx.encode(cmd)  # a transaction's own command, or TypeError
@@ -193,6 +212,8 @@ def decode(x: list) -> Command:
         return Form(x[1])
     if tag == "R":
         return SetRing(tuple(x[1]), x[2], x[3], x[4])
+    if tag == "C":
+        return ConfChange(tuple(x[1]), tuple(x[2]), x[3])
     if tag in _members.TAGS:
         return _members.decode(x)
     raise ValueError(f"unknown command tag {tag!r}")

@@ -26,6 +26,7 @@ import time
 from dsnode.sim.broken import (
     BROKEN,
     BROKEN_GROUPS,
+    CONF_BROKEN,
     LIVENESS_BROKEN,
     RING_BROKEN,
     TXN_BROKEN,
@@ -60,11 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-swarm", action="store_true", help="fixed timing and fault mix")
     ap.add_argument("--broken", choices=sorted(BROKEN) + sorted(BROKEN_GROUPS)
                     + sorted(LIVENESS_BROKEN) + list(WORLD_BROKEN) + sorted(RING_BROKEN)
-                    + sorted(TXN_BROKEN),
+                    + sorted(TXN_BROKEN) + sorted(CONF_BROKEN),
                     help="run a deliberately broken variant")
     ap.add_argument("--txns", action="store_true",
                     help="cross-partition transactions: a bank workload over 2PC "
                          "(partitioned clusters only)")
+    ap.add_argument("--reconfig", action="store_true",
+                    help="replica-set changes of the groups during the faults: add a "
+                         "learner, promote it, remove a voter (not partitioned)")
     ap.add_argument("--trace", action="store_true", help="print every event")
     ap.add_argument("--tick-ms", type=float, default=10.0, help="for cluster-seconds only")
     args = ap.parse_args(argv)
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             run[name] = getattr(args, name)
     if args.txns or args.broken in TXN_BROKEN:
         run["txns"] = TxConfig()
+    if args.reconfig:
+        run["reconfig"] = True
     try:
         if args.partitions:
             cfg = partitioned_config(args.nodes, args.partitions, args.replicas, **run)
@@ -109,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         flags.append("--no-swarm")
     if args.txns:
         flags.append("--txns")
+    if args.reconfig:
+        flags.append("--reconfig")
     if args.broken:
         flags.append(f"--broken {args.broken}")
 

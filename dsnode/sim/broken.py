@@ -105,6 +105,25 @@ BROKEN_GROUPS = {
     "id-blind-dedup": IdBlindGroup,
 }
 
+class LearnerVotesGroup(PaxosGroup):
+    """Counts a learner's acceptance toward the quorum, as if it were a voter: a
+    leader cut off with a fresh learner chooses alone what the voters never
+    accepted (``core.paxos.reconfig``: learners never count)."""
+
+    def _on_accepted(self, frm, m):
+        voters = self.member_set
+        self.member_set = counted = voters | frozenset(self.learners)
+        try:
+            super()._on_accepted(frm, m)
+        finally:
+            if self.member_set is counted:  # (unless a new configuration came in)
+                self.member_set = voters
+
+
+# variants of replica-set changes (they run with the mover on: ``SimConfig.reconfig``)
+CONF_BROKEN = {"learner-votes": LearnerVotesGroup}
+
+
 class _PlacementNode(PaxosNode):
     """A node that hosts the partitions ``placement(ring)`` names, each on the
     members given; as it stands the ring's own placement, which the broken
@@ -224,6 +243,10 @@ def configure(cfg, name: str):
         return dataclasses.replace(cfg, txns=dataclasses.replace(tx, **{field_name: cls}))
     if name in BROKEN:
         return dataclasses.replace(cfg, acceptor_cls=BROKEN[name])
+    if name in CONF_BROKEN:
+        if cfg.partitions:
+            raise ValueError(f"the broken variant {name!r} runs only with --groups")
+        return dataclasses.replace(cfg, group_cls=CONF_BROKEN[name], reconfig=True)
     if name in BROKEN_GROUPS:
         return dataclasses.replace(cfg, group_cls=BROKEN_GROUPS[name])
     if name in RING_BROKEN:

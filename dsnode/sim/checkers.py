@@ -27,6 +27,14 @@
   leader), the ring its metadata group holds is that ring, and once the
   cluster settles every live replica hosts all its partitions.
 
+- ``replica-set changes`` (``SimConfig.reconfig``): the acceptors of a slot
+  are the voters of the configuration in effect for it (``conf_at``), which
+  the checker replays from the applied log with the cores' own validation
+  (``reconfig.refusal``); only their votes count toward the ground truth, and
+  at the end every vote is counted again against the final history. Once
+  quiet, every replica holds the last chosen configuration and no removed
+  node hosts the group (``sim/reconfig.py``, ``Mover.misplaced``).
+
 Every group is checked alike, the metadata group (whose state machine keeps
 the ring) and each partition; the groups and their members come from the
 world (for a partitioned cluster, its ring), not from what the nodes host.
@@ -38,11 +46,12 @@ from typing import Any
 
 import msgpack
 
-from dsnode.core.commands import Delete, Form, Put, SetRing, SubGet, Txn
+from dsnode.core.commands import ConfChange, Delete, Form, Put, SetRing, SubGet, Txn
 from dsnode.core.kv.store import KVStore
 from dsnode.core.paxos import Applied, SnapshotInstalled
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.metadata import MetaSM
+from dsnode.core.paxos.reconfig import GroupConf, refusal
 from dsnode.core.paxos.statemachine import unpack_batch
 from dsnode.core.ring import Ring
 from dsnode.core.twopc.participant import TxnTable
@@ -73,6 +82,11 @@ class SafetyChecker:
         self.voted: dict[str, dict[str, list]] = {}
         self.incarnation: dict[str, str] = {}
         self.amnesiac: set[str] = set()
+        self.left: dict[str, dict[str, int]] = {}  # node -> group -> epoch that removed it
+        # per group, the configurations chosen so far: [(slot of the change, conf)]
+        self.confs: dict[Any, list[tuple[int, GroupConf]]] = {
+            g: [(0, GroupConf(tuple(m)))] for g, m in groups.items()
+        }
 
     def fail(self, text: str) -> None:
         self.violations.append(text)
@@ -91,9 +105,51 @@ class SafetyChecker:
             if prev is not None and prev != value:
                 self.fail(f"{node} accepted two values for {group}/{slot} in ballot {ballot}")
             voters[node] = value
-            n = sum(1 for v in voters.values() if v == value)
-            if n >= self.quorum[group]:
+            conf = self.conf_at(group, slot)
+            n = sum(1 for m, v in voters.items() if v == value and m in conf.voters)
+            if n >= conf.quorum:
                 self._chosen(group, slot, value, f"ballot {ballot}")
+
+    def conf_at(self, group: Any, slot: int) -> GroupConf:
+        """The configuration in effect for ``slot``: set by the last change below it."""
+        conf = self.confs[group][0][1]
+        for at, c in self.confs[group]:
+            if at >= slot:
+                break
+            conf = c
+        return conf
+
+    def conf(self, group: Any) -> GroupConf:
+        """``group``'s last chosen configuration (as applied anywhere so far)."""
+        return self.confs[group][-1][1]
+
+    def on_host(self, node: str, group: Any) -> None:
+        """``node`` starts hosting ``group`` afresh (as a learner): it applies from
+        its beginning (or a snapshot) again."""
+        self.last_applied[(node, group)] = 0
+
+    def _learn_conf(self, group: Any, slot: int, value: bytes) -> None:
+        if not value or b"\xa1C" not in value:
+            return
+        for _rid, cmd in unpack_batch(value):
+            if type(cmd) is ConfChange:
+                cur = self.conf(group)
+                if refusal(cur, cmd) is None:
+                    self.confs[group].append((slot, GroupConf(cmd.voters, cmd.learners,
+                                                              cmd.epoch, slot)))
+
+    def recount(self) -> None:
+        """Every durable vote counted again against the final configuration history:
+        two values chosen in a slot, or a learned value that is not the chosen one,
+        is a violation."""
+        self.chosen = {}
+        for (group, slot, ballot), voters in self.votes.items():
+            conf = self.conf_at(group, slot)
+            for value in set(voters.values()):
+                n = sum(1 for m, v in voters.items() if v == value and m in conf.voters)
+                if n >= conf.quorum:
+                    self._chosen(group, slot, value, f"ballot {ballot}, recounted")
+        self.check_learned_were_chosen()
 
     def _chosen(self, group: Any, slot: int, value: bytes, how: str) -> None:
         cur = self.chosen.get((group, slot))
@@ -109,6 +165,13 @@ class SafetyChecker:
         v[0] = max(v[0], slot)
         v[1] = max(v[1], promised)
 
+    def dropped(self, node: str, group: str, epoch: int) -> None:
+        """``node`` left ``group`` for good, removed by the configuration of ``epoch``
+        (``Incarnations.dropped``): its votes there no longer matter, but it may come
+        back to the group only with a later configuration (hosted afresh)."""
+        self.voted.get(node, {}).pop(group, None)
+        self.left.setdefault(node, {})[group] = epoch
+
     def on_presented(self, node: str, p) -> None:
         """``node`` (re)started presenting durable state ``p``: amnesiac if it is
         less than what its votes already showed."""
@@ -119,15 +182,17 @@ class SafetyChecker:
         for g, (slot, ballot) in voted.items():
             if p.log_end.get(g, 0) < slot or p.promised.get(g, (0, "")) < ballot:
                 lost = True
+        for g, epoch in self.left.get(node, {}).items():
+            if g in p.log_end and p.conf_epoch.get(g, 0) <= epoch:
+                lost = True  # an old copy of a group it dropped
         if lost:
             self.amnesiac.add(node)
         else:
             self.amnesiac.discard(node)
 
     def on_restart(self, node: str) -> None:
-        for g, members in self.groups.items():
-            if node in members:
-                self.last_applied[(node, g)] = 0
+        for g in self.groups:
+            self.last_applied[(node, g)] = 0
 
     def on_apply(self, node: str, notice: Any) -> None:
         if type(notice) is SnapshotInstalled:
@@ -147,6 +212,7 @@ class SafetyChecker:
         cur = self.learned.get(lk)
         if cur is None:
             self.learned[lk] = notice.value
+            self._learn_conf(notice.group, notice.slot, notice.value)
         elif cur != notice.value:
             self.fail(f"{node} applied a different value at {notice.group}/{notice.slot}")
         truth = self.chosen.get(lk)
@@ -193,7 +259,7 @@ class SafetyChecker:
         for s in slots:
             for rid, cmd in unpack_batch(self.learned[(group, s)]):
                 t = type(cmd)
-                if t is Form:
+                if t is Form or t is ConfChange:
                     continue
                 if t in TX_TYPES:
                     # a commit carries its client's request id: a retry (another attempt)

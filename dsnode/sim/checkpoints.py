@@ -47,6 +47,7 @@ def recovered_state(
             "revision": sm.kv.revision,
             "dedup": sm.dedup_state(),
             "cluster_uuid": sm.cluster_uuid,
+            "conf": g.conf,
         }
     return out
 

@@ -84,10 +84,10 @@ class FaultSchedule:
 
     def can_crash(self, node: str) -> bool:
         w = self.world
-        for members in w.groups.values():
+        for members, f in w.fault_budget():
             if node in members:
                 down = sum(1 for m in members if not w.up[m] or m in w.lost)
-                if down + 1 > (len(members) - 1) // 2:
+                if down + 1 > f:
                     return False
         return True
 

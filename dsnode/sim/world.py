@@ -59,6 +59,7 @@ from dsnode.sim.disk import SimDisk
 from dsnode.sim.faults import FaultConfig, FaultSchedule
 from dsnode.sim.linearizability import check_history
 from dsnode.sim.network import SimNetwork
+from dsnode.sim.reconfig import Mover
 from dsnode.sim.shell import drain, step_snapshot
 from dsnode.sim.trace import Trace
 from dsnode.sim.txns import CRASH_POINTS, TX_MESSAGES, TxConfig, TxShell, parse
@@ -128,6 +129,8 @@ class SimConfig:
     # cross-partition transactions (sim/txns.py): a coordinator and a recovery on every
     # node, a bank workload beside the single-key one, and its checks (partitioned only)
     txns: TxConfig | None = None
+    # replica-set changes of the groups during the faults (sim/reconfig.py; not partitioned)
+    reconfig: bool = False
 
 
 def node_ids(n: int) -> list[str]:
@@ -233,6 +236,7 @@ class SimWorld:
             cfg = self.cfg = swarm(cfg, self._sub())
         self.trace = trace or Trace()
         self.now = 0
+        self.mover: Mover | None = None  # replica-set changes (created last: see the end)
         self.faulty = False
         self.event_seq = 0
         self.check_config(cfg)
@@ -255,6 +259,12 @@ class SimWorld:
             for g in range(cfg.groups):
                 # in preference order (as the ring lists a partition's replicas)
                 self.groups[g] = tuple(self._sub().sample(self.node_ids, r))
+        # the groups as the nodes start with them (``groups`` follows each group's chosen
+        # configuration, voters then learners, when replica sets change)
+        self.genesis = dict(self.groups)
+        if cfg.reconfig:
+            cfg = self.cfg = dataclasses.replace(
+                cfg, paxos=dataclasses.replace(cfg.paxos, reconfig=True))
         self.net = SimNetwork(
             self._sub(),
             self.node_ids,
@@ -316,6 +326,7 @@ class SimWorld:
         # simulated WAL checkpoints per node: (blob, records before it); ``pending``
         # until the disk is durable up to it (the WAL syncs before it writes one)
         self.ckpt_rng = self._sub()
+        self.mover = Mover(self._sub(), self) if cfg.reconfig else None
 
     @staticmethod
     def check_config(cfg: SimConfig) -> None:
@@ -330,6 +341,9 @@ class SimWorld:
         if cfg.txns is not None and not cfg.partitions:
             raise ValueError("cross-partition transactions need a partitioned cluster "
                              "(--partitions P)")
+        if cfg.reconfig and cfg.partitions:
+            raise ValueError("replica-set changes (--reconfig) run on the world's groups "
+                             "(--groups), not on a partitioned cluster")
 
     def _sub(self) -> random.Random:
         return random.Random(self.rng.getrandbits(64))
@@ -348,7 +362,7 @@ class SimWorld:
         group (the core creates its partitions from the ring); else all of them."""
         if self.metadata is not None:
             return {self.metadata: self.groups[self.metadata]}
-        return self.groups_of(node)
+        return {g: m for g, m in self.genesis.items() if node in m}
 
     def new_core(self, node: str, rng: random.Random, real: bool = True) -> PaxosNode:
         """A core for ``node``, before recovery; ``real=False``: a probe with the
@@ -373,7 +387,8 @@ class SimWorld:
         self.ticks_given[node] = int(self.clock[node])  # a new process counts from now
         self.up[node] = True
         log_end, promised = core.durable_summary()
-        self.presented[node] = Presented(self.incarnation[node], log_end, promised)
+        self.presented[node] = Presented(self.incarnation[node], log_end, promised,
+                                         core.conf_epochs())
         self.admitted.discard(node)
         self.checker.on_presented(node, self.presented[node])
         if self.tx is not None:
@@ -456,8 +471,11 @@ class SimWorld:
             if on_sent is not None:
                 on_sent(now, node, msg)
         tx = self.tx
+        mover = self.mover
         for reply in replies:
-            if tx is not None and tx.owns(reply.token):
+            if mover is not None and mover.owns(reply.token):
+                mover.on_reply(node, reply)
+            elif tx is not None and tx.owns(reply.token):
                 tx.on_reply(node, reply)
             else:
                 self.workload.on_reply(now, node, reply)
@@ -588,6 +606,11 @@ class SimWorld:
         self.workload.on_tick(now)
         if self.tx is not None:
             self.tx.on_tick(now, faulty)
+        if self.mover is not None:
+            self.mover.on_tick(now)
+            for g in self.groups:
+                conf = self.checker.conf(g)
+                self.groups[g] = conf.voters + conf.learners
         for n in self.node_ids:
             if self.serving(n):
                 self._drain(n)
@@ -629,6 +652,9 @@ class SimWorld:
         return True
 
     def _saw_vote(self, src: str, msg) -> None:
+        core = self.cores[src]
+        if self.mover is not None and (core is None or msg.group not in core.groups):
+            return  # a vote of a replica dropped since it was sent: nothing to pin
         g = str(msg.group)
         if type(msg) is Accepted:
             top = max(msg.slots) if msg.slots else 0
@@ -657,7 +683,8 @@ class SimWorld:
             copy.roll_back(keep)
             probe.recover(copy.durable, copy.newest_snapshots())
             log_end, promised = probe.durable_summary()
-            if self.pins.check(node, Presented(self.incarnation[node], log_end, promised)):
+            if self.pins.check(node, Presented(self.incarnation[node], log_end, promised,
+                                               probe.conf_epochs())):
                 disk.roll_back(keep)
                 how = f"rolled back to {keep} records"
         self.ckpt[node] = None  # the data directory's checkpoint went with it
@@ -675,6 +702,34 @@ class SimWorld:
         self.net.loss = 0.0
         self.net.dup = 0.0
         self.trace(self.now, "-", "heal-all")
+
+    def fault_budget(self) -> list[tuple[tuple[str, ...], int]]:
+        """Sets of nodes the fault model counts, each with how many of them may be down
+        or lost at once: per group, its members and a minority of them. When replica
+        sets change, per group and per configuration still in use (from the oldest one
+        a running replica has applied to the last chosen one: a majority of each may be
+        needed to finish what follows it), its voters and learners (a learner may be
+        promoted) and a minority of its voters."""
+        if self.mover is None:
+            return [(m, (len(m) - 1) // 2) for m in self.groups.values()]
+        out = []
+        for g in self.groups:
+            history = self.checker.confs[g]
+            oldest = min((self.cores[n].group_conf(g).epoch for n in self.node_ids
+                          if self.cores[n] is not None and g in self.cores[n].groups),
+                         default=history[-1][1].epoch)
+            for _slot, conf in history:
+                if conf.epoch < oldest:
+                    continue
+                # a member that dropped the group is as good as lost to this configuration
+                gone = tuple(m for m in conf.voters + conf.learners
+                             if self.cores[m] is not None and g not in self.cores[m].groups
+                             and conf is not history[-1][1])
+                members = conf.voters + conf.learners
+                out.append((members, (len(conf.voters) - 1) // 2 - len(gone)))
+        for conf in self.mover.asked():
+            out.append((conf.voters + conf.learners, (len(conf.voters) - 1) // 2))
+        return out
 
     def live_members(self, g: Any) -> list[str]:
         return [m for m in self.groups[g] if m not in self.retired]
@@ -701,6 +756,8 @@ class SimWorld:
             return False
         if self.unhosted():
             return False
+        if self.mover is not None and self.mover.misplaced():
+            return False
         for g in self.groups:
             cores = [self.cores[m] for m in self.live_members(g)]
             if not any(c.is_leader(g) for c in cores):
@@ -721,6 +778,8 @@ class SimWorld:
             self.workload.issuing = False
             if self.tx is not None:
                 self.tx.bank.issuing = False
+            if self.mover is not None:
+                self.mover.issuing = False
             stage = "drain"
             healed_at = self.now
             deadline = self.now + cfg.heal_ticks_max
@@ -773,6 +832,12 @@ class SimWorld:
     def _final_checks(self, res: RunResult) -> None:
         ck = self.checker
         ck.check_learned_were_chosen()
+        if self.mover is not None:
+            ck.recount()
+            wrong = self.mover.misplaced()
+            if wrong:
+                raise SafetyViolation("replica sets: " + "; ".join(wrong))
+            res.stats = {f"conf_{k}": v for k, v in self.mover.steps.items()}
         for g in self.groups:
             states = set()
             for m in self.live_members(g):

@@ -91,3 +91,36 @@ def test_cluster_uuid_mismatch_is_refused_and_unknown_uuids_are_not_compared():
     why = check_cluster("n2", "abc", "def")
     assert why is not None and why.startswith(REFUSAL_PREFIX) and "def" in why
     assert check_cluster("n2", "abc", 7) is not None
+
+
+def test_a_peer_that_dropped_a_group_comes_back_to_it_only_afresh():
+    """Issue 10: a node removed from a group (by configuration epoch 4) drops its data
+    there; its old watermarks go, and from then on it may host the group only with a
+    later configuration (added again as a learner), never from an old copy of its
+    data directory that still holds the group as it was."""
+    inc = Incarnations()
+    inc.admit("n2", "aaa")
+    inc.saw("n2", "0", accepted=100, promised=(7, "n1"))
+    assert inc.dropped("n2", "0", 4) and not inc.dropped("n2", "0", 4)
+    assert inc.check("n2", Presented("aaa")) is None  # it hosts nothing of it: fine
+    fresh = Presented("aaa", {"0": 3}, {"0": (0, "")}, {"0": 6})
+    assert inc.check("n2", fresh) is None
+    old = Presented("aaa", {"0": 100}, {"0": (7, "n1")}, {"0": 3})
+    assert "removed from the group by epoch 4" in inc.check("n2", old)
+    back = Incarnations.decode(inc.encode())
+    assert back.pins["n2"].dropped == {"0": 4} and back.check("n2", old) is not None
+    other = Incarnations({"n2": Pin("aaa")})
+    assert other.merge(inc, "n1") and other.check("n2", old) is not None
+
+
+def test_watermarks_from_before_a_drop_do_not_come_back_with_a_merge():
+    """A table that has not heard of the drop still holds the old replica's
+    watermarks: merged into one that has, they are ignored (the re-added learner's
+    fresh log would fall below them); a table that knows the drop adds its own."""
+    inc = Incarnations({"n2": Pin("aaa")})
+    inc.dropped("n2", "0", 4)
+    stale = Incarnations({"n2": Pin("aaa", {"0": 100}, {"0": (7, "n1")})})
+    assert not inc.merge(stale, "n1")
+    assert inc.check("n2", Presented("aaa", {"0": 3}, {}, {"0": 6})) is None
+    knows = Incarnations({"n2": Pin("aaa", {"0": 5}, {}, {"0": 4})})
+    assert inc.merge(knows, "n1") and inc.pins["n2"].accepted == {"0": 5}

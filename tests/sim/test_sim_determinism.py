@@ -28,3 +28,8 @@ def test_a_transactions_seed_replays_under_any_hash_seed():
     args = ("--seed", "3", "--nodes", "5", "--partitions", "16", "--replication", "3",
             "--txns")
     assert _run("1", *args) == _run("2", *args)
+
+
+def test_a_reconfiguration_seed_replays_under_any_hash_seed():
+    args = ("--seed", "5", "--nodes", "5", "--groups", "3", "--reconfig")
+    assert _run("1", *args) == _run("2", *args)

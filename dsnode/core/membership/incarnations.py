@@ -43,6 +43,8 @@ class Pin:
     incarnation: str
     accepted: dict[str, int] = field(default_factory=dict)  # group -> slot
     promised: dict[str, Ballot] = field(default_factory=dict)  # group -> ballot
+    # group -> the configuration epoch that removed the peer from it (``dropped``)
+    dropped: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,8 @@ class Presented:
     incarnation: str
     log_end: dict[str, int] = field(default_factory=dict)
     promised: dict[str, Ballot] = field(default_factory=dict)
+    # per group, the epoch of the configuration it has applied (``PaxosNode.conf_epochs``)
+    conf_epoch: dict[str, int] = field(default_factory=dict)
 
 
 class Incarnations:
@@ -75,6 +79,13 @@ class Incarnations:
                 return (
                     f"{REFUSAL_PREFIX}: node {peer!r} has a log ending at slot {have} in group "
                     f"{g}, but it accepted slot {slot} before: {RECOVERY_HINT}"
+                )
+        for g, epoch in sorted(pin.dropped.items()):
+            if g in p.log_end and p.conf_epoch.get(g, 0) <= epoch:
+                return (
+                    f"{REFUSAL_PREFIX}: node {peer!r} hosts group {g} with configuration "
+                    f"epoch {p.conf_epoch.get(g, 0)}, but it was removed from the group by "
+                    f"epoch {epoch} and dropped its data: {RECOVERY_HINT}"
                 )
         for g, ballot in sorted(pin.promised.items()):
             have_b = p.promised.get(g, NO_BALLOT)
@@ -109,6 +120,23 @@ class Incarnations:
             changed = True
         return changed
 
+    def dropped(self, peer: str, group: str, epoch: int) -> bool:
+        """``peer`` left ``group`` for good: it applied the group's configuration of
+        ``epoch``, which removed it, and dropped the group's data
+        (``PaxosNode.remove_group(..., drop=True)``). Its votes there are no longer
+        needed (every slot it voted on is chosen: ``core.paxos.reconfig``), so its
+        watermarks in the group go; from now on it may host the group only afresh,
+        with a later configuration (a learner added again), never with the state it
+        had (an old copy of its data directory). True if anything changed. (Pins
+        held elsewhere learn it by ``merge``.)"""
+        pin = self.pins.get(peer)
+        if pin is None or pin.dropped.get(group, -1) >= epoch:
+            return False
+        pin.accepted.pop(group, None)
+        pin.promised.pop(group, None)
+        pin.dropped[group] = epoch
+        return True
+
     def merge(self, other: Incarnations, me: str) -> bool:
         """Take what another node pinned: unknown members, and higher watermarks
         of the same incarnation. Our own entry and conflicting incarnations are
@@ -120,19 +148,27 @@ class Incarnations:
             mine = self.pins.get(peer)
             if mine is None:
                 self.pins[peer] = Pin(theirs.incarnation, dict(theirs.accepted),
-                                      dict(theirs.promised))
+                                      dict(theirs.promised), dict(theirs.dropped))
                 changed = True
             elif mine.incarnation == theirs.incarnation:
+                for g, epoch in theirs.dropped.items():
+                    changed |= self.dropped(peer, g, epoch)
+                # watermarks of a table that does not know of a drop we know of are from
+                # before it (the group's old replica): they no longer bind the peer
+                stale = {g for g, e in mine.dropped.items() if theirs.dropped.get(g, -1) < e}
                 for g, slot in theirs.accepted.items():
-                    changed |= self.saw(peer, g, accepted=slot)
+                    if g not in stale:
+                        changed |= self.saw(peer, g, accepted=slot)
                 for g, ballot in theirs.promised.items():
-                    changed |= self.saw(peer, g, promised=ballot)
+                    if g not in stale:
+                        changed |= self.saw(peer, g, promised=ballot)
         return changed
 
     # ------------------------------------------------------------ persistence
     def encode(self) -> dict:
         return {
             p: [pin.incarnation, dict(pin.accepted), {g: list(b) for g, b in pin.promised.items()}]
+            + ([dict(pin.dropped)] if pin.dropped else [])
             for p, pin in sorted(self.pins.items())
         }
 
@@ -143,14 +179,15 @@ class Incarnations:
         pins = {}
         for peer, v in obj.items():
             try:
-                inc, acc, prom = v
-                if not isinstance(peer, str) or not isinstance(inc, str):
+                inc, acc, prom, *rest = v
+                if not isinstance(peer, str) or not isinstance(inc, str) or len(rest) > 1:
                     raise TypeError
                 accepted = {_str(g): _int(s) for g, s in acc.items()}
                 promised = {_str(g): _ballot(b) for g, b in prom.items()}
+                dropped = {_str(g): _int(e) for g, e in (rest[0] if rest else {}).items()}
             except (TypeError, ValueError, AttributeError):
                 raise ValueError(f"member pins: bad entry for {peer!r}") from None
-            pins[peer] = Pin(inc, accepted, promised)
+            pins[peer] = Pin(inc, accepted, promised, dropped)
         return cls(pins)
 
 
@@ -199,6 +236,7 @@ def presented_from_wire(hello: dict) -> Presented | None:
     try:
         log_end = {_str(g): _int(s) for g, s in hello.get("log_end", {}).items()}
         promised = {_str(g): _ballot(b) for g, b in hello.get("promised", {}).items()}
-        return Presented(_str(inc), log_end, promised)
+        conf_epoch = {_str(g): _int(e) for g, e in hello.get("conf_epoch", {}).items()}
+        return Presented(_str(inc), log_end, promised, conf_epoch)
     except (TypeError, ValueError, AttributeError):
         raise ValueError("malformed identity in peer hello") from None

@@ -113,7 +113,16 @@ class CatchUp:
             return
         for slot, value in m.entries:
             self._learn(slot, value)
+        if self.catchup_peer is None and self.cfg.reconfig:
+            self._adopt_catchup(frm, m.entries[-1][0] + 1)
         self._after_catchup_progress()
+
+    def _adopt_catchup(self, peer: str, target: int) -> None:
+        """Unasked catch-up data (a peer answering a stale node's phase 1 or pre-vote
+        with the log it lacks, ``PaxosGroup.step``): go on asking that peer, retried
+        on ticks like any catch-up, until it has nothing more."""
+        self.catchup_peer = peer
+        self.catchup_target = max(self.catchup_target, target)
 
     def _after_catchup_progress(self) -> None:
         before = self.log.chosen_through
@@ -122,6 +131,12 @@ class CatchUp:
             self._send_catchup()
 
     def _on_snap_chunk(self, frm: str, m: SnapChunk) -> None:
+        if (self.cfg.reconfig and self.snap_in is not None and self.catchup_peer is not None
+                and frm != self.catchup_peer):
+            # a transfer from our catch-up peer is under way: a piece of another peer's
+            # snapshot (answering a stale node's pre-vote) would restart it from zero
+            self.out.dropped["snap_chunk_other_peer"] += 1
+            return
         if m.index <= self.log.applied or (
             self.snap_restoring is not None and m.index <= self.snap_restoring
         ):
@@ -132,7 +147,14 @@ class CatchUp:
             and m.offset < len(self.snap_buf)
         ):
             self.out.dropped["snap_chunk_duplicate"] += 1
+            if self.catchup_peer is None and self.cfg.reconfig:
+                # unasked (a stale node's phase 1 answered with the log it lacks) while
+                # nobody feeds the snapshot we have started: go on from where it stands
+                self._adopt_catchup(frm, m.index + 1)
+                self._send_catchup(frm)
             return
+        if self.catchup_peer is None and self.cfg.reconfig:
+            self._adopt_catchup(frm, m.index + 1)
         if self.snap_in is None or self.snap_in[0] != m.index or m.offset != len(self.snap_buf):
             if m.offset != 0:
                 self.snap_in = None

@@ -27,10 +27,15 @@ class GroupCapture:
 
     __slots__ = ("gid", "head", "accepted", "chosen", "snap_index", "through", "recorded")
 
-    def __init__(self, g: Any) -> None:
+    def __init__(self, g: Any, hosted: Any = None) -> None:
+        """``hosted``: the configuration the node created ``g`` with when it started
+        hosting it as a learner (a ``host`` record says so first), else None."""
         log, a = g.log, g.acceptor
         self.gid = g.group
         self.head: list[bytes] = []
+        if hosted is not None:
+            self.head.append(rec.host(g.group, hosted.voters, hosted.learners, hosted.epoch,
+                                      hosted.slot))
         if log.snap_index > 0:
             self.head.append(rec.snapfile(g.group, log.snap_index, len(log.snap_blob),
                                           log.snap_crc))
@@ -69,6 +74,20 @@ class GroupCapture:
             yield rec.commit(gid, self.through)
 
 
+class DropCapture:
+    """The groups a node stopped hosting (``drop`` records), so that a node built with
+    them again (its start-up groups) forgets them on recovery."""
+
+    __slots__ = ("gids",)
+
+    def __init__(self, gids: list) -> None:
+        self.gids = gids
+
+    def records(self) -> Iterator[bytes | None]:
+        for gid in self.gids:
+            yield rec.drop(gid)
+
+
 _END = object()  # the end of the records
 
 
@@ -78,7 +97,7 @@ class CheckpointWriter:
 
     __slots__ = ("_records", "_parts", "_count", "_done", "_pack")
 
-    def __init__(self, groups: list[GroupCapture]) -> None:
+    def __init__(self, groups: list[GroupCapture | DropCapture]) -> None:
         self._records: Iterator[bytes | None] = (r for g in groups for r in g.records())
         self._parts: list[bytes] = []
         self._count = 0

@@ -67,6 +67,11 @@ class PaxosConfig:
     # which every node sends each peer once per heartbeat interval whatever the
     # number of groups. Idle cost then does not grow with the number of groups.
     quiesce: bool = False
+    # replica-set changes through the group's own log (``core.paxos.reconfig``): a leader
+    # takes ConfChange commands, fences its pipeline at them and re-runs phase 1 when its
+    # promises came from an older configuration. False: such commands are refused, so the
+    # configuration never changes and none of that is needed (the behaviour before)
+    reconfig: bool = False
     # shards of each KV group's store (a power of two; ``kv.store.shards_for``)
     kv_shards: int = SHARDS
 

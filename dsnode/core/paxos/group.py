@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from dsnode.core.commands import Form, SetRing
+from dsnode.core.commands import ConfChange, Form, SetRing
 from dsnode.core.errors import InvariantBroken, PeerMisbehaved, StateLost
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
@@ -54,8 +54,9 @@ from dsnode.core.paxos.outputs import (
     StoredSnapshot,
 )
 from dsnode.core.paxos.proposer import LeaderSide, Proposer, merge_promises
+from dsnode.core.paxos.reconfig import GroupConf
 from dsnode.core.paxos.roles import Role
-from dsnode.core.paxos.statemachine import DedupKV, pack_batch
+from dsnode.core.paxos.statemachine import DedupKV, pack_batch, unpack_batch
 
 
 class PaxosGroup(LeaderSide, CatchUp):
@@ -71,16 +72,28 @@ class PaxosGroup(LeaderSide, CatchUp):
         cfg: PaxosConfig,
         acceptor_cls: type[Acceptor] = Acceptor,
         alive: Callable[[str], bool] | None = None,
+        conf: GroupConf | None = None,
     ) -> None:
-        if node_id not in members:
+        """``members``: the voters in preference order; ``conf``: the configuration
+        the group starts from instead (a node hosting it as a learner, created after
+        it changed: ``PaxosNode.host_learner``)."""
+        if conf is None:
+            conf = GroupConf(tuple(members))
+        if not conf.hosts(node_id):
             raise InvariantBroken(f"{node_id} not a member of group {group}")
         self.group = group
         self.me = node_id
-        self.members = tuple(sorted(members))
-        self.member_set = frozenset(members)
-        # the order in which members should lead (the ring's replica order)
-        self.preferred = tuple(members)
-        self.quorum = len(self.members) // 2 + 1
+        # the configuration the group was created with, and the one in effect (applied)
+        self.base_conf = conf
+        # created as a learner (``PaxosNode.host_learner``): the slot of the change that
+        # added it; 0 for a replica that has been in the group from its start
+        self.joined_at = conf.slot if conf.learners and node_id in conf.learners else 0
+        self._set_conf(conf)
+        # this replica applied a configuration without it: it takes no part any more
+        self.retired = False
+        # the nodes the last configuration change applied here removed, and its slot: a
+        # leader goes on telling them the commit until they have learned it
+        self.removed: dict[str, int] = {}
         self.rng = rng
         self.out = out
         self.cfg = cfg
@@ -146,10 +159,25 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.leader_since = 0
         self.become_follower()
 
+    def _set_conf(self, conf: GroupConf) -> None:
+        """Only here do the members change (``core.paxos.reconfig``)."""
+        self.conf = conf
+        self.members = tuple(sorted(conf.voters))
+        self.member_set = frozenset(conf.voters)
+        # the order in which members should lead (the ring's replica order)
+        self.preferred = tuple(conf.voters)
+        self.quorum = conf.quorum
+        self.learners = tuple(sorted(conf.learners))
+        # who gets the leader's accepts and commits: the voters, then the learners
+        self.everyone = self.members + self.learners
+        self.voter = self.me in self.member_set
+
     # ================================================================ roles
     def become_follower(self) -> None:
         if self.leader_hint == self.me:
             self.leader_hint = None
+        if self.cfg.reconfig and not self.conf.hosts(self.me):
+            self.retired = True  # a removed leader stepping down: now it takes no part
         self._fail_pending("leadership lost")
         self.role = Role.FOLLOWER
         self.out.role_changes += 1
@@ -175,6 +203,8 @@ class PaxosGroup(LeaderSide, CatchUp):
         """
         if self.role is Role.LEADER:
             raise InvariantBroken("a leader does not become a pre-candidate")
+        if not self.voter:
+            raise InvariantBroken("a learner does not campaign")
         self.role = Role.PRECANDIDATE
         self.promises = {}
         self.prevote_ballot = (max(self.max_round, self.acceptor.promised[0]) + 1, self.me)
@@ -191,6 +221,8 @@ class PaxosGroup(LeaderSide, CatchUp):
                 self._send(m, msg)
 
     def become_candidate(self, transfer_from: Ballot = ZERO_BALLOT) -> None:
+        if not self.voter:
+            raise InvariantBroken("a learner does not campaign")
         self._fail_pending("leadership lost")
         self.role = Role.CANDIDATE
         self.out.role_changes += 1
@@ -234,11 +266,15 @@ class PaxosGroup(LeaderSide, CatchUp):
         )
         for m in self.members:
             p.last_ack[m] = self.now
+        p.gone.update(self.removed)
         self.proposer = p
         for slot, value in res.proposals.items():
             if slot in self.log.chosen:
                 value = self.log.chosen[slot]
             p.proposals[slot] = value
+        if self.cfg.reconfig:
+            self._fence_recovery(p, res.snap_index)
+        for slot in p.proposals:
             self.learner.track(slot)
         if (
             self.group == self.cfg.formation_group
@@ -263,6 +299,24 @@ class PaxosGroup(LeaderSide, CatchUp):
         self._broadcast_accepts(sorted(p.proposals.items()))
         self._heartbeat(retransmit=False)  # announce the new leader at once
 
+    def _fence_recovery(self, p: Proposer, snap_index: int) -> None:
+        """Rule R3 of ``core.paxos.reconfig``: phase 1 ran with the configuration this
+        node has applied. A chosen prefix beyond ours (it may hold changes we do not
+        know): propose nothing, catch up, then phase 1 again. Else propose the
+        re-proposals up to the first configuration change among them and hold the rest
+        until it is applied."""
+        p.phase1_epoch = self.conf.epoch
+        if snap_index > self.log.chosen_through:
+            p.catchup_to = snap_index
+            p.held, p.proposals = p.proposals, {}
+            return
+        for slot in sorted(p.proposals):
+            if _has_conf_change(p.proposals[slot]):
+                p.fence = slot
+                for s in [s for s in p.proposals if s > slot]:
+                    p.held[s] = p.proposals.pop(s)
+                return
+
     def _random_timeout(self) -> int:
         t = self.cfg.election_timeout_ticks
         return self.rng.randint(t, t * (2 + min(self.failed_elections, 4)) - 1)
@@ -273,7 +327,7 @@ class PaxosGroup(LeaderSide, CatchUp):
         input; etcd's leadership transfer skips pre-vote as well). Safety never
         rests on pre-vote, so the simulator uses this to stage contested
         elections that pre-vote would otherwise make rare."""
-        if self.role is Role.LEADER:
+        if self.role is Role.LEADER or not self.voter:
             return
         if self.cfg.lease_ticks and len(self.members) > 1 and self._leader_recent():
             # We may have acknowledged a live leader's lease: our own promise
@@ -322,11 +376,26 @@ class PaxosGroup(LeaderSide, CatchUp):
                 self.become_follower()
             else:
                 self._leader_catchup()
+                if p.catchup_to and self.voter and self._catchup_stuck(p):
+                    self.become_candidate()  # what it must learn is nowhere: phase 1 again
+                    self._drain_local()
+                    return
                 self._tend_transfer()
                 if self.role is Role.LEADER:  # (a transfer may have just ended it)
                     p.forget_rounds(p.confirmed_seq(self.members, self.quorum))
                     if cfg.quiesce and not self.quiesced and self._idle():
                         self._quiesce()
+        elif not self.voter:
+            # a learner never campaigns; one that heard no leader for an election
+            # timeout asks a voter for what follows its log (it may have been removed,
+            # or the leader may have changed, without a word reaching it), quiet
+            # group or not: a leader no longer tells a removed learner anything
+            self.elapsed += n
+            if self.elapsed >= self.timeout:
+                self.elapsed = 0
+                self.timeout = self._random_timeout()
+                if not self.retired:
+                    self._send_catchup(self.rng.choice(self.members))
         elif self.quiesced and self.leader_hint is not None and self.alive(self.leader_hint):
             self.elapsed = 0  # a quiet group whose leader's node is alive: nothing to time
         else:
@@ -355,13 +424,15 @@ class PaxosGroup(LeaderSide, CatchUp):
         if self._catchup_stalls < 3:
             return
         self._catchup_stalls = 0
-        others = [m for m in self.members if m not in (self.me, self.catchup_peer)]
+        others = [m for m in self.everyone if m not in (self.me, self.catchup_peer)]
         if others:
             self._catchup_turn += 1
             self.catchup_peer = others[self._catchup_turn % len(others)]
             self.out.dropped["catchup_peer_stalled"] += 1
 
     def _election_timeout(self) -> None:
+        if not self.voter:
+            return
         if not self.cfg.pre_vote:
             self.become_candidate()
         elif self.role is Role.PRECANDIDATE:
@@ -376,8 +447,20 @@ class PaxosGroup(LeaderSide, CatchUp):
 
     # ================================================================ peer input
     def step(self, frm: str, msg: Any) -> None:
-        if frm not in self.members:
+        if frm not in self.member_set and not self._may_hear(frm, msg):
             self.out.dropped["not_member"] += 1
+            if self.cfg.reconfig and type(msg) in (Prepare, PreVote):
+                # a node of a configuration one of us has not applied: the one behind
+                # learns from the other (a replica that missed its removal, or one that
+                # missed the change that made the asker a voter)
+                start = msg.from_slot if type(msg) is Prepare else msg.chosen_through + 1
+                if start - 1 > self.log.chosen_through:
+                    self._want_catchup(frm, start - 1)
+                else:
+                    self._on_catchup_req(frm, CatchupReq(self.group, start, 0, 0))
+            return
+        if self.retired and type(msg) is not CatchupReq:
+            self.out.dropped["retired"] += 1  # it takes no part; it still serves catch-up
             return
         try:
             self._dispatch(frm, msg)
@@ -409,6 +492,22 @@ class PaxosGroup(LeaderSide, CatchUp):
             self._on_snap_chunk(frm, msg)
         else:
             raise PeerMisbehaved(f"unknown message {t.__name__}")
+
+    def _may_hear(self, frm: str, msg: Any) -> bool:
+        """A message from a node that is no voter here: with reconfiguration, phase 2,
+        commits and catch-up come from anyone (a leader of a configuration this
+        replica has not applied yet); phase 1, pre-votes and hand-overs only from the
+        group's learners (which may be voters of a newer configuration), so a removed
+        node that missed its removal cannot disturb the group; a hand-over from the
+        leader this replica follows also when that leader just left the voters."""
+        if not self.cfg.reconfig:
+            return False
+        t = type(msg)
+        if t is TimeoutNow and msg.ballot == self.acceptor.promised:
+            return True  # the leader we follow, handing over as it leaves the group
+        if t is Prepare or t is PreVote or t is TimeoutNow:
+            return frm in self.learners
+        return True
 
     def _send(self, to: str, msg: Any) -> None:
         size = wire_size(msg)
@@ -452,13 +551,15 @@ class PaxosGroup(LeaderSide, CatchUp):
         if self._busy():
             return False
         if self.role is Role.FOLLOWER:
-            return self.leader_hint is not None and self.alive(self.leader_hint)
+            # (a learner keeps its clock: it asks around when no leader talks to it)
+            return self.voter and self.leader_hint is not None and self.alive(self.leader_hint)
         p = self.proposer
         if self.role is not Role.LEADER or p is None:
             return False
         live = [m for m in self.members if m != self.me and self.alive(m)]
         if len(live) + 1 < self.quorum:
             return False  # it must notice it lost its quorum and step down
+        live += [m for m in self.learners if self.alive(m)]
         return all(p.acked_seq.get(m, 0) >= self.quiet_seq for m in live)  # all told
 
     def _busy(self) -> bool:
@@ -485,13 +586,15 @@ class PaxosGroup(LeaderSide, CatchUp):
             return False
         ct = self.log.chosen_through
         fresh = self.cfg.heartbeat_interval_ticks * 2
+        if any(self.alive(m) for m in p.gone):
+            return False  # a removed replica still to be told: keep telling it
         caught_up = 1
-        for m in self.members:
+        for m in self.everyone:
             if m == self.me:
                 continue
             ok = p.match.get(m, 0) >= ct and self.now - p.last_ack.get(m, -(10**9)) <= fresh
             if ok:
-                caught_up += 1
+                caught_up += m in self.member_set
             elif self.alive(m):
                 return False  # a live member behind: keep feeding it
         return caught_up >= self.quorum
@@ -510,7 +613,7 @@ class PaxosGroup(LeaderSide, CatchUp):
     def _send_quiesce(self) -> None:
         p = self.proposer
         msg = Accept(self.group, self.ballot, (), self.log.chosen_through, self.quiet_seq, True)
-        for m in self.members:
+        for m in self.everyone:
             if m != self.me and p.acked_seq.get(m, 0) < self.quiet_seq and self.alive(m):
                 self.last_heartbeat = self.now
                 self._send(m, msg)
@@ -523,7 +626,7 @@ class PaxosGroup(LeaderSide, CatchUp):
             # acks stopped while quiet: the members' node heartbeats stand in for them,
             # or the quorum check would depose us before the first new acks arrive
             p = self.proposer
-            for m in self.members:
+            for m in self.everyone:
                 if self.alive(m):
                     p.last_ack[m] = max(p.last_ack.get(m, -(10**9)), self.now)
             self._heartbeat(retransmit=False)
@@ -574,6 +677,12 @@ class PaxosGroup(LeaderSide, CatchUp):
         p = self.proposer
         if self.transfer is None or p.proposals or p.queue:
             return
+        if p.handover_slot:  # a removed leader: not before a majority of voters applied it
+            ready = [m for m in self.preferred if p.match.get(m, 0) >= p.handover_slot]
+            if len(ready) < self.quorum:
+                return
+            best = max(p.match[m] for m in ready)
+            self.transfer = (next(m for m in ready if p.match[m] == best), self.transfer[1])
         target = self.transfer[0]
         self._send(target, TimeoutNow(self.group, self.ballot))
         self.become_follower()
@@ -589,7 +698,9 @@ class PaxosGroup(LeaderSide, CatchUp):
         that is alive (answered within an election timeout) and caught up."""
         cfg = self.cfg
         if self.transfer is not None:
-            if self.now - self.transfer[1] >= cfg.election_timeout_ticks:
+            if self.proposer.handover_slot:
+                self._try_transfer()  # a removed leader waits for its successors
+            elif self.now - self.transfer[1] >= cfg.election_timeout_ticks:
                 self.transfer = None
                 self.out.dropped["leadership_transfer_abandoned"] += 1
             return
@@ -610,7 +721,8 @@ class PaxosGroup(LeaderSide, CatchUp):
     def _on_timeout_now(self, frm: str, m: TimeoutNow) -> None:
         """Our leader hands over: campaign now, telling the acceptors it did."""
         self._see_round(m.ballot)
-        if self.role is Role.LEADER or m.ballot[1] != frm or m.ballot < self.acceptor.promised:
+        if (self.role is Role.LEADER or m.ballot[1] != frm or m.ballot < self.acceptor.promised
+                or not self.voter):
             self.out.dropped["stale_timeout_now"] += 1
             return
         self.become_candidate(transfer_from=m.ballot)
@@ -621,9 +733,20 @@ class PaxosGroup(LeaderSide, CatchUp):
         t = m.transfer_from
         return t != ZERO_BALLOT and t == self.acceptor.promised and t[1] == self.leader_hint
 
+    @property
+    def joining(self) -> bool:
+        """A replica added afresh that has not yet applied the change that added it. Its
+        acceptor is empty, yet a leader with an old configuration may count it under
+        the node's old identity: it must not answer phase 1 or 2 before it knows that
+        every slot up to that change is chosen (then its promises say so)."""
+        return self.log.applied < self.joined_at
+
     # ---------------------------------------------------------------- phase 1
     def _on_prepare(self, frm: str, m: Prepare) -> None:
         self._see_round(m.ballot)
+        if self.joining:
+            self.out.dropped["joining"] += 1
+            return
         if frm != self.me:
             self._wake()  # a member that does not follow us: let it hear the leader
         if (
@@ -688,7 +811,17 @@ class PaxosGroup(LeaderSide, CatchUp):
         self._see_round(m.ballot)
         if m.ballot[1] != frm:
             raise PeerMisbehaved("accept from a node that does not own the ballot")
-        reply = self.acceptor.on_accept(m, self.out.persist, self.log.chosen_through)
+        if self.joining:  # (see ``joining``) only the commit: catch up to it
+            self.leader_hint, self.elapsed = frm, 0
+            if m.commit > self.log.chosen_through:
+                self._want_catchup(frm, m.commit)
+            return
+        # with reconfiguration a replica reports the chosen prefix its records prove (a
+        # removed leader hands over, and its data goes, only once a majority of the new
+        # voters know the change durably: ``_try_transfer``)
+        known = (min(self.log.chosen_through, self.commit_persisted) if self.cfg.reconfig
+                 else self.log.chosen_through)
+        reply = self.acceptor.on_accept(m, self.out.persist, known)
         if reply.ok and frm != self.me:
             self.leader_hint = frm
             if self.role is not Role.FOLLOWER:
@@ -733,6 +866,8 @@ class PaxosGroup(LeaderSide, CatchUp):
         overtaken = False
         if log.applied < log.chosen_through:
             p = self.proposer
+            if self.sm.conf is None and self.cfg.reconfig:
+                self.sm.conf = self.conf  # nothing changed since the group's creation
             for slot, value in log.to_apply():
                 cached = p.batches.pop(slot, None) if p is not None else None
                 mine = cached is not None and cached[0] == value
@@ -750,8 +885,70 @@ class PaxosGroup(LeaderSide, CatchUp):
                 self._take_snapshot()
         if overtaken and self.role is Role.LEADER:
             self.become_follower()  # someone with a higher ballot chose in our slots
+        if self.cfg.reconfig:
+            self._adopt_conf()
         if self.proposer is not None and self.proposer.reads:
             self._serve_reads()
+
+    # ---------------------------------------------------------------- configuration
+    def _adopt_conf(self) -> None:
+        """After applying (or installing a snapshot): switch to the configuration the
+        state machine holds if it is newer than ours (``core.paxos.reconfig``), then,
+        as leader, lift what fenced the pipeline (rules R2 to R4)."""
+        sm = self.sm
+        if sm.conf is not None and sm.conf.epoch > self.conf.epoch:
+            self._switch_conf(sm.conf)
+        p = self.proposer
+        if self.role is not Role.LEADER or p is None or not self.voter:
+            return  # (a removed leader hands over: ``_hand_over_after_removal``)
+        if p.catchup_to and self.log.chosen_through >= p.catchup_to:
+            self.become_candidate()  # caught up: phase 1 again, with what we now know
+        elif p.fence and self.log.applied >= p.fence:
+            p.fence = 0
+            if p.held:
+                self.become_candidate()
+
+    def _catchup_stuck(self, p: Proposer) -> bool:
+        """A leader waiting to learn a chosen prefix (rule R3) that made no progress for
+        two election timeouts: the one that reported it may be gone for good, and a
+        new phase 1 among those left shows what they hold (re-proposing it)."""
+        progress = (self.log.chosen_through, len(self.snap_buf))
+        if progress != p.catchup_progress:
+            p.catchup_progress, p.catchup_since = progress, self.now
+            return False
+        return self.now - p.catchup_since >= 2 * self.cfg.election_timeout_ticks
+
+    def _switch_conf(self, conf: GroupConf) -> None:
+        was_leader = self.role is Role.LEADER
+        self.removed = {m: self.log.applied for m in self.everyone
+                        if not conf.hosts(m) and m != self.me}
+        self._set_conf(conf)
+        if was_leader:
+            self.proposer.gone.update(self.removed)
+        self.out.conf_changes += 1
+        if not conf.hosts(self.me) and not was_leader:
+            self.retired = True
+        if was_leader:
+            p = self.proposer
+            self.learner.quorum = self.quorum  # slots in flight now count the new voters
+            if not self.voter:
+                self._hand_over_after_removal(p)
+            elif conf.epoch > p.phase1_epoch + 1:
+                self.become_candidate()  # rule R4: our promises are two changes old
+        elif not self.voter and self.role is not Role.FOLLOWER:
+            self.become_follower()
+
+    def _hand_over_after_removal(self, p: Proposer) -> None:
+        """This leader applied a configuration without it as a voter. It stays on as a
+        lame duck, taking no commands (a transfer is under way) and telling everyone
+        the commit, until a majority of the new voters have applied the change (they
+        know the chosen prefix through it: dropping this replica's data loses
+        nothing), then hands the group to the one furthest along (``TimeoutNow``) and
+        steps down (``_try_transfer``); only then is it retired."""
+        p.handover_slot = self.log.applied
+        self.transfer = (self.preferred[0], self.now)
+        self.out.dropped["leader_removed"] += 1
+        self._heartbeat(retransmit=False, new_round=False)
 
     # ---------------------------------------------------------------- recovery
     def recover_record(self, r: list) -> None:
@@ -810,3 +1007,7 @@ class PaxosGroup(LeaderSide, CatchUp):
                 f"current, but no valid snapshot file reaches it and the log only proves "
                 f"slots through {self.log.chosen_through}"
             )
+
+
+def _has_conf_change(value: bytes) -> bool:
+    return bool(value) and any(type(cmd) is ConfChange for _rid, cmd in unpack_batch(value))

@@ -19,12 +19,16 @@ from dsnode.core.effects import Ready, Reply
 from dsnode.core.errors import InvariantBroken
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
-from dsnode.core.paxos.checkpoint import CheckpointWriter, GroupCapture
+from dsnode.core.paxos.checkpoint import CheckpointWriter, DropCapture, GroupCapture
 from dsnode.core.paxos.config import PaxosConfig
 from dsnode.core.paxos.group import PaxosGroup
 from dsnode.core.paxos.messages import NodeHeartbeat
 from dsnode.core.paxos.metadata import MetaSM
 from dsnode.core.paxos.outputs import Outbox, StoredSnapshot
+from dsnode.core.paxos.reconfig import GroupConf
+from dsnode.core.paxos.reconfig import add_learner as _add_learner
+from dsnode.core.paxos.reconfig import promote as _promote
+from dsnode.core.paxos.reconfig import remove as _remove
 from dsnode.core.paxos.roles import Role
 from dsnode.core.ring import Ring
 from dsnode.core.twopc.records import TxForget, TxResolve
@@ -84,6 +88,12 @@ class PaxosNode:
         # no ring, the groups given here are all there is (tests, the single-group build)
         self.metadata = metadata
         self._ring_epoch = 0  # the ring the hosted partitions were last synced with
+        # groups this node started hosting as a learner (``host_learner``), with the
+        # configuration each was created with, and the groups it dropped (``remove_group``
+        # with ``drop``) and hosts no more: checkpoints carry both
+        self._hosted: dict[Any, GroupConf] = {}
+        self._dropped: set[Any] = set()
+        self._conf_changes_seen = 0  # ``conf_changes`` when the peers were last listed
         for g, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
             self._create(g, members, MetaSM if g == metadata and g is not None else None)
         if metadata is not None and metadata not in self.groups:
@@ -91,9 +101,10 @@ class PaxosNode:
         self._update_peers()
 
     # ------------------------------------------------------------ groups
-    def _create(self, group: Any, members: Sequence[str], sm_cls: type | None = None) -> PaxosGroup:
+    def _create(self, group: Any, members: Sequence[str], sm_cls: type | None = None,
+                conf: GroupConf | None = None) -> PaxosGroup:
         g = self._group_cls(group, self.node_id, tuple(members), self.rng, self.out,
-                            self.config, self._acceptor_cls, self.peer_alive)
+                            self.config, self._acceptor_cls, self.peer_alive, conf=conf)
         if sm_cls is not None:  # the group's state machine (membership, KV, ...)
             g.sm_cls = sm_cls
             g.sm = sm_cls(shards=self.config.kv_shards)
@@ -105,7 +116,7 @@ class PaxosNode:
         return g
 
     def _update_peers(self) -> None:
-        self.peers = sorted({m for g in self.groups.values() for m in g.members} - {self.node_id})
+        self.peers = sorted({m for g in self.groups.values() for m in g.everyone} - {self.node_id})
 
     def add_group(self, group: Any, members: Sequence[str], sm_cls: type | None = None) -> None:
         """Start hosting ``group`` (a partition the metadata group placed here), with
@@ -176,18 +187,112 @@ class PaxosNode:
             g.elapsed = 0
             g.timeout = soon if g.preferred[0] == self.node_id else g._random_timeout()
 
-    def remove_group(self, group: Any) -> None:
+    def remove_group(self, group: Any, drop: bool = False) -> None:
         """Stop hosting ``group``: its pending requests fail (definitely if not yet
         proposed), its messages are dropped from now on; its records stay in the
-        WAL until the next checkpoint, which no longer lists it."""
+        WAL until the next checkpoint, which no longer lists it. ``drop``: for good
+        (a retired replica, ``retired_groups``): a ``drop`` record voids its records,
+        so a restart does not bring it back even if the node starts with it; the
+        shell may delete the group's snapshot files once that record is durable."""
         g = self._awake(group)
         if g is None:
             return
         del self.groups[group]
         self._ticking.pop(group, None)
+        self._quiet.discard(group)
         g.become_follower()  # fails what it had pending, into the shared outbox
         self._dirty.discard(group)
         self._update_peers()
+        if drop:
+            self.out.persist.append(rec.drop(group))
+            self._hosted.pop(group, None)
+            self._dropped.add(group)
+
+    # ------------------------------------------------------------ replica-set changes
+    def host_learner(self, group: Any, conf: GroupConf, sm_cls: type | None = None) -> None:
+        """Start hosting ``group`` as one of its learners in ``conf`` (the configuration
+        its leader applied when it added this node, ``add_learner``, with the slot of
+        that change: ``group_conf`` gives both): an empty replica that catches up from
+        the leader's commits (by snapshot if the log was compacted), recorded durably (a
+        ``host`` record) so a restart brings it back. Until it has applied that slot it
+        answers neither phase 1 nor phase 2 (``PaxosGroup.joining``).
+        Raises ValueError for a group this node hosts or a ``conf`` without it."""
+        if group in self.groups:
+            raise ValueError(f"group {group!r} exists on {self.node_id}")
+        if self.node_id not in conf.learners:
+            raise ValueError(f"{self.node_id} is no learner of group {group!r} in {conf}")
+        self._start_hosting(group, conf, sm_cls)
+        self.out.persist.append(rec.host(group, conf.voters, conf.learners, conf.epoch,
+                                         conf.slot))
+        if self.config.lease_ticks:
+            self.groups[group].heard_leader_at = -(10**9)  # it acknowledged nothing yet
+
+    def _start_hosting(self, group: Any, conf: GroupConf, sm_cls: type | None = None) -> None:
+        self._forget(group)
+        self._create(group, conf.voters, sm_cls, conf)
+        self._hosted[group] = conf
+        self._dropped.discard(group)
+        self._update_peers()
+
+    def _forget(self, group: Any) -> None:
+        """In recovery: the group's state so far is void (a ``drop`` or ``host`` record),
+        and so is what recovering it produced (apply notices, snapshot jobs)."""
+        self.groups.pop(group, None)
+        self._ticking.pop(group, None)
+        self._quiet.discard(group)
+        out = self.out
+        out.apply = [x for x in out.apply if x.group != group]
+        out.snapshots = [x for x in out.snapshots if x.group != group]
+
+    def change_config(self, group: Any, token: Any, conf: GroupConf) -> None:
+        """Propose ``conf`` as ``group``'s next configuration (``PaxosGroup.change_config``:
+        answered in ``Ready.reply`` with ``{"epoch": n}`` once applied, or an error)."""
+        g = self._awake(group)
+        if g is None:
+            self.out.reply.append(Reply(token, error=("unavailable", "unknown group", False)))
+            return
+        g.change_config(token, conf)
+        self._dirty.add(group)
+
+    def add_learner(self, group: Any, token: Any, node: str) -> None:
+        """Step 1 of moving a replica: ``node`` becomes a learner of ``group`` (then
+        the shell calls ``host_learner`` on ``node`` with the configuration applied)."""
+        self.change_config(group, token, _add_learner(self.group_conf(group), node))
+
+    def promote_learner(self, group: Any, token: Any, node: str) -> None:
+        """Step 2: the learner ``node``, caught up, becomes a voter."""
+        self.change_config(group, token, _promote(self.group_conf(group), node))
+
+    def remove_replica(self, group: Any, token: Any, node: str) -> None:
+        """Step 3: ``node`` (a voter or a learner) leaves ``group``; once it applied the
+        change it is retired (``retired_groups``). A leader removing itself hands
+        leadership to a caught-up voter first."""
+        self.change_config(group, token, _remove(self.group_conf(group), node))
+
+    def group_conf(self, group: Any) -> GroupConf:
+        """``group``'s configuration as this node has applied it."""
+        return self.groups[group].conf
+
+    def caught_up_learners(self, group: Any) -> list[str]:
+        """As ``group``'s leader: its learners that have acknowledged everything chosen
+        (``promote_learner`` takes only these); empty elsewhere."""
+        g = self.groups.get(group)
+        p = g.proposer if g is not None and g.role is Role.LEADER else None
+        if p is None:
+            return []
+        ct = g.log.chosen_through
+        return [m for m in g.learners if p.match.get(m, 0) >= ct]
+
+    def retired_groups(self) -> list[Any]:
+        """Groups whose configuration, as applied here, no longer lists this node: it
+        takes no part in them; the shell calls ``remove_group(gid, drop=True)`` and
+        deletes their data. Worth asking only when ``conf_changes`` moved."""
+        return sorted((gid for gid, g in self.groups.items() if g.retired), key=str)
+
+    @property
+    def conf_changes(self) -> int:
+        """Times any group of this node switched configuration."""
+        return self.out.conf_changes
 
     def drop_orphans(self) -> list[Any]:
         """Forget what recovery set aside for groups never created (they were removed
@@ -235,7 +340,8 @@ class PaxosNode:
             # in a fixed order (not the set's, which the hash seed decides for "meta"):
             # the groups woken tick, and send, in this order
             for gid in sorted(self._quiet, key=str):
-                if changed & self.groups[gid].member_set:
+                g = self.groups[gid]
+                if changed & g.member_set or not changed.isdisjoint(g.learners):
                     self._awake(gid)
         quiet, ticking, now = self._quiet, self._ticking, self.now
         for gid, g in list(ticking.items()):
@@ -244,6 +350,9 @@ class PaxosNode:
             # ahead of the node's, and a follower would stop honouring a lease early)
             if g.now < now:
                 g.tick(now - g.now)
+            p = g.proposer
+            if p is not None and p.queue and self.config.reconfig:
+                self._dirty.add(gid)  # a fence may have lifted (catch-up): flush the queue
             if self.config.quiesce and g.is_quiet():
                 quiet.add(gid)
                 del ticking[gid]
@@ -401,6 +510,9 @@ class PaxosNode:
 
     # ------------------------------------------------------------ drain
     def ready(self) -> Ready:
+        if self.out.conf_changes != self._conf_changes_seen:
+            self._conf_changes_seen = self.out.conf_changes
+            self._update_peers()  # a group's members changed: node heartbeats follow
         if self.metadata is not None:
             meta = self.groups[self.metadata].sm
             if meta.ring_epoch != self._ring_epoch:
@@ -434,14 +546,38 @@ class PaxosNode:
                 self._orphan_snapshots[gid] = snap
         for raw in records:
             r = rec.decode(raw)
+            if r[0] == rec.HOST or r[0] == rec.DROP:
+                self._recover_hosting(r, snapshots or {})
+                continue
             g = self.groups.get(r[1])
             if g is not None:
                 g.recover_record(r)
             else:
                 self._orphans.setdefault(r[1], []).append(r)
+        for gid in self._dropped:
+            self._orphans.pop(gid, None)
+            self._orphan_snapshots.pop(gid, None)
         for g in list(self.groups.values()):
             g.finish_recovery()
         self.sync_partitions()
+
+    def _recover_hosting(self, r: list, snapshots: Mapping[Any, StoredSnapshot]) -> None:
+        """A ``host`` record: the group starts afresh with that configuration, from
+        the newest snapshot file of it if any (the group's state at some chosen
+        index, whoever wrote it); a ``drop`` record: the group goes."""
+        gid = r[1]
+        self._orphans.pop(gid, None)
+        if r[0] == rec.DROP:
+            self._forget(gid)
+            self._hosted.pop(gid, None)
+            self._dropped.add(gid)
+            self._update_peers()
+            return
+        self._start_hosting(gid, GroupConf.from_list(r[2:]))
+        snap = snapshots.get(gid)
+        if snap is not None:
+            self._orphan_snapshots.pop(gid, None)
+            self.groups[gid].recover_snapshot(snap)
 
     def checkpoint(self) -> bytes | None:
         """The node's durable Paxos state as one blob of records, for a WAL
@@ -476,12 +612,12 @@ class PaxosNode:
         would be. Same precondition: ``ready()`` drained."""
         if self._orphans or self._orphan_snapshots:
             return None
-        groups = []
+        groups: list = [DropCapture(sorted(self._dropped, key=str))]
         for gid in sorted(self.groups, key=str):
             g = self.groups[gid]
             if g.log.snap_index > 0 and g.snap_file_index != g.log.snap_index:
                 return None
-            groups.append(GroupCapture(g))
+            groups.append(GroupCapture(g, self._hosted.get(gid)))
         return CheckpointWriter(groups)
 
     # ------------------------------------------------------------ queries
@@ -506,6 +642,12 @@ class PaxosNode:
             {str(g): self.log_end(g) for g in self.groups},
             {str(g): grp.acceptor.promised for g, grp in self.groups.items()},
         )
+
+    def conf_epochs(self) -> dict[str, int]:
+        """Per group (id as a string): the epoch of the configuration applied here, for
+        the peer hello's identity check (a group dropped and hosted again must come
+        back with a later configuration: ``Incarnations.dropped``)."""
+        return {str(g): grp.conf.epoch for g, grp in self.groups.items()}
 
     def is_leader(self, group: Any) -> bool:
         return self.groups[group].role is Role.LEADER

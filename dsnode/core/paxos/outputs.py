@@ -110,6 +110,9 @@ class Outbox(Ready):
     # times a group became leader or stopped leading (never drained): a shell that
     # reports which groups this node leads looks again only when it moved
     role_changes: int = 0
+    # times a group switched to a new configuration (never drained): a shell looks for
+    # retired groups (``PaxosNode.retired_groups``) only when it moved
+    conf_changes: int = 0
 
     def take(self) -> Ready:
         """Hand over everything produced so far as a ``Ready`` and start afresh."""

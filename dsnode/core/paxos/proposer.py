@@ -18,11 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsnode.core.commands import STALE, Get
+from dsnode.core.commands import STALE, ConfChange, Get
 from dsnode.core.effects import Reply
 from dsnode.core.kv.store import ERROR_KEY
 from dsnode.core.paxos.messages import ENTRY_OVERHEAD_BYTES, NOOP, Accept, Accepted, Ballot, Promise
 from dsnode.core.paxos.outputs import batch_len, unavailable
+from dsnode.core.paxos.reconfig import CONF_PENDING, CONF_REFUSED, GroupConf
 from dsnode.core.paxos.roles import Role
 from dsnode.core.paxos.statemachine import pack_batch
 
@@ -86,6 +87,29 @@ class Proposer:
     match: dict[str, int] = field(default_factory=dict)
     # read round -> the tick it was first sent (leases count from there)
     round_sent: dict[int, int] = field(default_factory=dict)
+    # reconfiguration (``core.paxos.reconfig``): the configuration epoch phase 1 ran
+    # with; the slot of a change in flight (nothing proposed above it until applied);
+    # a chosen prefix to learn before proposing anything; re-proposals held back
+    phase1_epoch: int = 0
+    fence: int = 0
+    catchup_to: int = 0
+    catchup_progress: tuple[int, int] = (-1, -1)  # (chosen_through, snapshot bytes) seen
+    catchup_since: int = 0  # the tick it was last seen to move
+    held: dict[int, bytes] = field(default_factory=dict)
+    # replicas the last configuration change removed -> its slot: heartbeats go on
+    # reaching them until they acknowledge a commit that covers it (so they retire)
+    gone: dict[str, int] = field(default_factory=dict)
+    # a leader the last change removed: the slot of that change (it hands over once a
+    # majority of the new voters applied it), else 0
+    handover_slot: int = 0
+
+    def blocked(self, applied: int) -> bool:
+        """No new slot may be proposed now (rules R2 and R3)."""
+        return bool(self.catchup_to or self.held or (self.fence and applied < self.fence))
+
+    def conf_pending(self) -> bool:
+        """A configuration change is queued, or proposed and not yet applied."""
+        return bool(self.fence or any(type(c) is ConfChange for _t, _r, c in self.queue))
 
     def confirmed_seq(self, members: tuple[str, ...], quorum: int) -> int:
         """Highest read round acknowledged by a quorum in this ballot."""
@@ -130,6 +154,33 @@ class LeaderSide:
                 token, f"leadership is moving to {self.transfer[0]}; leader={self.me}", False))
             return
         self.proposer.queue.append((token, list(rid) if rid is not None else None, cmd))
+
+    def change_config(self, token: Any, conf: GroupConf) -> None:
+        """Propose ``conf`` as the group's next configuration (``core.paxos.reconfig``).
+        The answer comes when it is applied: ``{"epoch": n}``, or the definite
+        ``conf_refused`` error (the same on every replica) saying why. Refused here at
+        once, definitely, when this node does not lead, reconfiguration is off, another
+        change is queued or in flight (``conf_pending``), or ``conf`` promotes a
+        learner that has not acknowledged everything chosen yet."""
+        if self.role is not Role.LEADER or self.transfer is not None:
+            self.propose(token, conf.command())  # answers "not leader" / "moving"
+            return
+        p = self.proposer
+        why = None
+        if not self.cfg.reconfig:
+            why = (CONF_REFUSED, "reconfiguration is off (PaxosConfig.reconfig)")
+        elif p.conf_pending() or p.blocked(self.log.applied):
+            why = (CONF_PENDING, "another configuration change is in progress")
+        else:
+            ct = self.log.chosen_through
+            for m in sorted(set(conf.voters) - self.member_set):
+                if m in self.learners and p.match.get(m, 0) < ct:
+                    why = (CONF_PENDING, f"learner {m} has not caught up "
+                           f"({p.match.get(m, 0)} of {ct} slots)")
+        if why is not None:
+            self.out.reply.append(Reply(token, error=(why[0], why[1], False)))
+            return
+        self.propose(token, conf.command())
 
     def read(self, token: Any, cmd: Get) -> None:
         if cmd.consistency == STALE:
@@ -177,8 +228,15 @@ class LeaderSide:
         if self.quiesced and (p.queue or p.read_wanted):
             self._wake()
         new: list[tuple[int, bytes]] = []
-        while p.queue and p.next_slot - 1 - self.log.chosen_through < self.cfg.inflight_slots_max:
+        while (p.queue and p.next_slot - 1 - self.log.chosen_through < self.cfg.inflight_slots_max
+               and not p.blocked(self.log.applied)):
             n = batch_len(p.queue, self.cfg.batch_commands_max, self.cfg.batch_bytes_max)
+            conf = [] if not self.cfg.reconfig else [
+                i for i, q in enumerate(p.queue[:n]) if type(q[2]) is ConfChange]
+            if conf:  # a change goes alone into its slot, and fences the pipeline there
+                n = max(conf[0], 1)
+                if conf[0] == 0:
+                    p.fence = p.next_slot
             batch = p.queue[:n]
             del p.queue[:n]
             slot = p.next_slot
@@ -228,7 +286,7 @@ class LeaderSide:
         if new_round and self.cfg.lease_ticks:
             p.new_round(self.now)  # its acks renew the lease
         commit = self.log.chosen_through
-        for m in self.members:
+        for m in (*self.everyone, *p.gone):
             entries: tuple = ()
             if retransmit and m != self.me:
                 missing = [
@@ -243,7 +301,7 @@ class LeaderSide:
         commit = self.log.chosen_through
         for chunk in self._chunks(entries):
             msg = Accept(self.group, self.ballot, tuple(chunk), commit, p.read_seq)
-            for m in self.members:
+            for m in self.everyone:
                 self._send(m, msg)
         self._drain_local()
 
@@ -278,6 +336,10 @@ class LeaderSide:
             p.match[frm] = m.chosen_through
         if m.read_seq > p.acked_seq.get(frm, 0):
             p.acked_seq[frm] = m.read_seq
+        if frm not in self.member_set:
+            if p.gone.get(frm, 1 << 62) <= m.chosen_through:
+                del p.gone[frm]  # it knows it was removed
+            return  # a learner's acceptance counts for nothing (its progress, above, does)
         for s in m.slots:
             if self.learner.vote(s, frm):
                 self._learn(s, p.proposals.pop(s))

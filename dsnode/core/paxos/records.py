@@ -18,7 +18,14 @@ Each record is msgpack bytes of a list whose first element is its type tag:
 - ``["commit", group, through]``: every slot up to ``through`` is chosen, and
   each one's value is in an earlier record (a ``chosen`` record, else the
   last ``accept`` record of that slot). Written lazily, at most once a tick
-  per group, so a restarted node knows its chosen prefix without asking.
+  per group, so a restarted node knows its chosen prefix without asking;
+- ``["host", group, voters, learners, epoch, slot]``: from here on this node
+  hosts ``group``, created with that configuration, made by the change in
+  ``slot`` (a learner added after the group changed, ``PaxosNode.host_learner``);
+  whatever came before it for the group is void;
+- ``["drop", group]``: this node no longer hosts ``group`` (removed from its
+  configuration; ``PaxosNode.remove_group(..., drop=True)``); the group's
+  earlier records are void, and a later ``host`` starts it afresh.
 
 Recovery (``PaxosNode.recover``) replays them in append order; a later
 snapshot supersedes earlier accepts for the slots it covers. A ``commit``
@@ -45,6 +52,8 @@ SNAPSHOT = "snapshot"
 SNAPFILE = "snapfile"
 CHOSEN = "chosen"
 COMMIT = "commit"
+HOST = "host"
+DROP = "drop"
 
 
 def promise(group: Any, ballot: Ballot) -> bytes:
@@ -71,6 +80,14 @@ def commit(group: Any, through: int) -> bytes:
     return _pack([COMMIT, group, through])
 
 
+def host(group: Any, voters: tuple, learners: tuple, epoch: int, slot: int) -> bytes:
+    return _pack([HOST, group, list(voters), list(learners), epoch, slot])
+
+
+def drop(group: Any) -> bytes:
+    return _pack([DROP, group])
+
+
 def decode(raw: bytes) -> list:
     """The record as a list; ballots come back as ``(round, node)`` tuples."""
     rec = msgpack.unpackb(raw, raw=False)
@@ -79,6 +96,6 @@ def decode(raw: bytes) -> list:
         rec[2] = tuple(rec[2])
     elif tag == ACCEPT:
         rec[3] = tuple(rec[3])
-    elif tag not in (SNAPSHOT, SNAPFILE, CHOSEN, COMMIT):
+    elif tag not in (SNAPSHOT, SNAPFILE, CHOSEN, COMMIT, HOST, DROP):
         raise ValueError(f"unknown record tag {tag!r}")
     return rec

@@ -40,8 +40,21 @@ from typing import Any
 
 import msgpack
 
-from dsnode.core.commands import STALE, Command, Delete, Form, Get, Put, SubGet, Txn, decode, encode
+from dsnode.core.commands import (
+    STALE,
+    Command,
+    ConfChange,
+    Delete,
+    Form,
+    Get,
+    Put,
+    SubGet,
+    Txn,
+    decode,
+    encode,
+)
 from dsnode.core.kv.store import ERROR_KEY, SHARDS, KVStore, SnapshotWriter
+from dsnode.core.paxos.reconfig import CONF_REFUSED, GroupConf, refusal
 from dsnode.core.twopc.participant import TxnTable
 from dsnode.core.twopc.records import TYPES as _TX_TYPES
 
@@ -111,7 +124,7 @@ class ClientWindow:
 
 class DedupKV:
     __slots__ = ("kv", "clients", "entries", "forgotten", "limits", "cluster_uuid",
-                 "_expiry_index", "txns")
+                 "_expiry_index", "txns", "conf")
 
     def __init__(self, limits: DedupLimits | None = None, shards: int = SHARDS) -> None:
         self.kv = KVStore(shards)
@@ -123,6 +136,9 @@ class DedupKV:
         self._expiry_index = 0  # the log index expiry was last checked at
         self.cluster_uuid: str | None = None  # from the Form command (the metadata group)
         self.txns = TxnTable()  # cross-partition transactions: locks, prepared, decisions
+        # the group's configuration once a ConfChange was applied (``core.paxos.reconfig``);
+        # None: the one the group was created with (the group sets it: ``set_base_conf``)
+        self.conf: GroupConf | None = None
 
     def apply_value(self, value: bytes, index: int) -> list[dict]:
         """Apply the entry chosen at log ``index``; one result per command in the batch."""
@@ -140,6 +156,8 @@ class DedupKV:
             if self.cluster_uuid is None:
                 self.cluster_uuid = cmd.cluster_uuid
             return {"cluster_uuid": self.cluster_uuid}
+        if t is ConfChange:
+            return self._conf_change(cmd, index)  # type: ignore[arg-type]
         if rid is None:
             if t in _TX_TYPES:
                 return self.txns.apply(cmd, self.kv)  # type: ignore[arg-type]
@@ -193,6 +211,20 @@ class DedupKV:
         while len(clients) > limits.clients_max:
             self._drop_client(next(iter(clients)))
         return result
+
+    def _conf_change(self, cmd: ConfChange, index: int) -> dict:
+        """The group's next configuration (``core.paxos.reconfig``): adopted unless
+        ``reconfig.refusal`` says why not; the same answer on every replica. A change
+        at or below the current epoch (a replica created with a later configuration
+        replaying the log before it) changes nothing either."""
+        cur = self.conf
+        if cur is None:
+            return {ERROR_KEY: [CONF_REFUSED, "the group's configuration is unknown here"]}
+        why = refusal(cur, cmd)
+        if why is not None:
+            return {ERROR_KEY: [CONF_REFUSED, why]}
+        self.conf = GroupConf(cmd.voters, cmd.learners, cmd.epoch, index)
+        return {"epoch": cmd.epoch}
 
     def _blocked(self, cmd: Command) -> bytes | None:
         """The prepared transaction whose lock keeps ``cmd`` from being applied now."""
@@ -258,17 +290,18 @@ class DedupKV:
         ``[kv_blob, table, cluster_uuid, forgotten, txns]``, the table as
         ``[[client, floor, last, [[seq, index, result], ...]], ...]`` in table order,
         ``txns`` as ``TxnTable.to_snapshot`` gives it."""
-        return msgpack.packb(
-            [self.kv.snapshot(), self._table(), self.cluster_uuid, self.forgotten,
-             self.txns.to_snapshot()],
-            use_bin_type=True,
-        )
+        parts = [self.kv.snapshot(), self._table(), self.cluster_uuid, self.forgotten,
+                 self.txns.to_snapshot()]
+        if self.conf is not None:
+            parts.append(self.conf.to_list())
+        return msgpack.packb(parts, use_bin_type=True)
 
     def snapshot_writer(self) -> DedupSnapshotWriter:
         """Capture the state now (shallow copies); encode it later, step by step."""
         rows = [(c, w.floor, w.last, dict(w.results)) for c, w in self.clients.items()]
         return DedupSnapshotWriter(self.kv.snapshot_writer(), rows, self.cluster_uuid,
-                                   self.forgotten, self.txns.to_snapshot())
+                                   self.forgotten, self.txns.to_snapshot(),
+                                   None if self.conf is None else self.conf.to_list())
 
     def _table(self) -> list[list]:
         # Results are fresh dicts per applied command and never changed afterwards.
@@ -291,6 +324,8 @@ class DedupKV:
         clients = sm.clients
         if len(parts) > 4:
             sm.txns = TxnTable.from_snapshot(parts[4])
+        if len(parts) > 5:
+            sm.conf = GroupConf.from_list(parts[5])
         if len(parts) > 3:
             sm.forgotten = parts[3]
             for c, floor, last, results in parts[1]:
@@ -315,7 +350,7 @@ def _split_snapshot(blob: Any) -> list:
     copy it whole in one call, holding the GIL (a shell decodes on a worker
     thread while its event loop goes on) and doubling the memory."""
     view = memoryview(blob).cast("B")
-    if len(view) > 6 and 0x92 <= view[0] <= 0x95 and view[1] in _BIN_LEN_BYTES:
+    if len(view) > 6 and 0x92 <= view[0] <= 0x96 and view[1] in _BIN_LEN_BYTES:
         size_len = _BIN_LEN_BYTES[view[1]]
         start = 2 + size_len
         end = start + int.from_bytes(view[2:start], "big")
@@ -363,14 +398,15 @@ class DedupSnapshotWriter:
     msgpack reader accepts), so ``DedupKV.restore`` reads them the same.
     """
 
-    __slots__ = ("_kv", "_rows", "_uuid", "_forgotten", "_txns", "_tail", "_pieces", "_table",
-                 "_row", "_left", "_items", "_pack")
+    __slots__ = ("_kv", "_rows", "_uuid", "_forgotten", "_txns", "_conf", "_tail", "_pieces",
+                 "_table", "_row", "_left", "_items", "_pack")
 
     STREAM_HEAD_BYTES = 6
 
     def __init__(self, kv: SnapshotWriter, rows: list[tuple], uuid: str | None,
-                 forgotten: int, txns: list) -> None:
+                 forgotten: int, txns: list, conf: list | None = None) -> None:
         self._kv = kv
+        self._conf = conf  # GroupConf.to_list(), or None (then the older 5-item format)
         self._txns = txns  # TxnTable.to_snapshot(): small (transactions in progress)
         self._rows = rows  # (client, floor, last, {seq: (index, result)}), copies
         self._uuid = uuid
@@ -399,7 +435,7 @@ class DedupSnapshotWriter:
             return False
         pack = self._pack
         self._tail = (b"".join(self._table) + pack(self._uuid) + pack(self._forgotten)
-                      + pack(self._txns))
+                      + pack(self._txns) + (b"" if self._conf is None else pack(self._conf)))
         self._rows = []
         self._table = []
         return True
@@ -428,10 +464,13 @@ class DedupSnapshotWriter:
         """The KV bytes encoded since the last call, in order; no longer kept here."""
         return self._kv.take_parts()
 
-    @staticmethod
-    def stream_head(kv_len: int) -> bytes:
+    def stream_head(self, kv_len: int) -> bytes:
         """The first bytes of a streamed snapshot whose KV blob is ``kv_len`` bytes."""
-        return b"\x95\xc6" + kv_len.to_bytes(4, "big")  # fixarray of 5, bin 32
+        return self._array_head() + b"\xc6" + kv_len.to_bytes(4, "big")  # then bin 32
+
+    def _array_head(self) -> bytes:
+        """fixarray of 5 items, or 6 with the group's configuration"""
+        return b"\x95" if self._conf is None else b"\x96"
 
     def tail(self) -> bytes:
         """The bytes after the KV blob (the dedup table, cluster UUID, forgotten, txns)."""
@@ -443,7 +482,7 @@ class DedupSnapshotWriter:
         """The encoded bytes in order (their concatenation is :meth:`result`)."""
         if self._pieces is None:
             parts = self._kv.parts()
-            head = b"\x95" + _bin_header(sum(map(len, parts)))  # fixarray of 5, then bin
+            head = self._array_head() + _bin_header(sum(map(len, parts)))
             self._pieces = [head, *parts, self.tail()]
             self._kv = None  # type: ignore[assignment]
         return self._pieces
