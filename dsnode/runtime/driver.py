@@ -303,8 +303,7 @@ class Driver:
         self._checkpoint_due = False  # a trim ended: checkpoint next
         self.snapshot_sizes: dict[Any, int] = {}  # group -> bytes of its last stored snapshot
         self.snapshot_bytes = 0  # their sum
-        self._stored_since_checkpoint = False
-        self._stored_bytes_since_checkpoint = 0
+        self._stored_bytes_since_checkpoint = 0  # snapshot files stored since (to let go)
         self.last_snapshot: dict[str, float] = {}  # seconds and bytes of the last one
 
     # ------------------------------------------------------------ client input
@@ -805,7 +804,7 @@ class Driver:
             self._records_since_checkpoint += len(ready.persist)
             self._maybe_request_snapshot()
         if not ready.reply and not ready.send:
-            if (self._stored_since_checkpoint or self._checkpoint_due) and (
+            if (self._stored_bytes_since_checkpoint or self._checkpoint_due) and (
                 self._checkpoint_task is None and self._trim_to is None
             ):
                 self._start_checkpoint()  # nothing else to do: let older files go
@@ -993,8 +992,7 @@ class Driver:
         sizes = self.snapshot_sizes
         self.snapshot_bytes += len(blob) - sizes.get(job.group, 0)
         sizes[job.group] = len(blob)
-        self._stored_since_checkpoint = True  # a checkpoint lets the older file go
-        self._stored_bytes_since_checkpoint += len(blob)
+        self._stored_bytes_since_checkpoint += len(blob)  # a checkpoint lets older files go
         started = self._snapshot_started.pop((job.group, job.index), None)
         if started is not None:
             seconds = time.perf_counter() - started
@@ -1083,7 +1081,6 @@ class Driver:
         named = self.core.snapshot_indexes()
         lsn = self.wal.last_lsn
         self._records_since_checkpoint = 0
-        self._stored_since_checkpoint = False
         self._stored_bytes_since_checkpoint = 0
         self._checkpoint_due = False
         stats = getattr(self.wal, "stats", None)

@@ -29,18 +29,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+# a partition's replica configuration as its log last applied it (voters, learners)
+from dsnode.core.paxos.reconfig import GroupConf as Config
+
 ADD_LEARNER = "add_learner"
 PROMOTE = "promote"
 REMOVE = "remove"
 TRANSFER = "transfer"  # hand leadership to ``node`` before the leader removes itself
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """A partition's replica configuration as its log last applied it."""
-
-    voters: tuple[str, ...]
-    learners: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
