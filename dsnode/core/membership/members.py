@@ -41,6 +41,7 @@ ID_BYTES_MAX = 64
 # what a node id may be (``--node-id``, ``--peers``, certificates, joins)
 NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ADDRESS_BYTES_MAX = 256
+META_LABEL = "meta"  # how ``GroupMoved`` names the metadata group, whatever its id
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +66,18 @@ class MovesDone:
     epoch: int
 
 
-MemberCommand = MemberAdd | MemberLeave | MemberRemove | MovesDone
-TYPES = frozenset((MemberAdd, MemberLeave, MemberRemove, MovesDone))
+@dataclass(frozen=True, slots=True)
+class GroupMoved:
+    """A group's leader says its replicas match the ring of ``epoch`` (``group``: a
+    partition id as a string, or the metadata group's id). Once every group of the
+    cluster said so for the current epoch, its moves are done (as ``MovesDone``)."""
+
+    group: str
+    epoch: int
+
+
+MemberCommand = MemberAdd | MemberLeave | MemberRemove | MovesDone | GroupMoved
+TYPES = frozenset((MemberAdd, MemberLeave, MemberRemove, MovesDone, GroupMoved))
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,13 +104,16 @@ class Refused(ValueError):
 
 
 class MemberTable:
-    """Members by id, and the ring epoch whose moves are done (``settled``)."""
+    """Members by id, the ring epoch whose moves are done (``settled``), and the ring
+    epoch each group's replicas were last reported to match (``reached``)."""
 
-    __slots__ = ("members", "settled")
+    __slots__ = ("members", "settled", "reached")
 
-    def __init__(self, members: dict[str, Member] | None = None, settled: int = 0) -> None:
+    def __init__(self, members: dict[str, Member] | None = None, settled: int = 0,
+                 reached: dict[str, int] | None = None) -> None:
         self.members: dict[str, Member] = dict(members or {})
         self.settled = settled
+        self.reached: dict[str, int] = dict(reached or {})
 
     @classmethod
     def formed(cls, ids: tuple[str, ...] | list[str], epoch: int,
@@ -123,9 +137,20 @@ class MemberTable:
         return None if m is None else m.state
 
     # ------------------------------------------------------------ changes
-    def apply(self, cmd: MemberCommand, epoch: int) -> bool:
+    def apply(self, cmd: MemberCommand, epoch: int, groups: tuple[str, ...] = ()) -> bool:
         """Apply ``cmd`` with the ring at ``epoch``; True if who is on the ring changed
-        (the caller then writes the ring of ``epoch + 1``). Raises ``Refused``."""
+        (the caller then writes the ring of ``epoch + 1``). ``groups``: every group of
+        the cluster (for ``GroupMoved``: the moves are done once all reached ``epoch``).
+        Raises ``Refused``."""
+        if type(cmd) is GroupMoved:
+            if cmd.epoch > epoch:
+                raise Refused(f"ring epoch {cmd.epoch} is ahead of the current {epoch}")
+            if cmd.epoch > self.reached.get(cmd.group, 0):
+                self.reached[cmd.group] = cmd.epoch
+            if self.settled < epoch and groups and all(
+                    self.reached.get(g, 0) >= epoch for g in groups):
+                self._moves_done(epoch, epoch)
+            return False
         if type(cmd) is MemberAdd:
             return self._add(cmd, epoch)
         if type(cmd) is MemberLeave:
@@ -202,13 +227,15 @@ class MemberTable:
 
     # ------------------------------------------------------------ encoding
     def encode(self) -> list:
-        return [self.settled, [m.encode() for _, m in sorted(self.members.items())]]
+        return [self.settled, [m.encode() for _, m in sorted(self.members.items())],
+                sorted(self.reached.items())]
 
     @classmethod
     def decode(cls, x: list) -> MemberTable:
-        settled, rows = x
+        settled, rows = x[0], x[1]
+        reached = {g: e for g, e in x[2]} if len(x) > 2 else {}
         members = [Member.decode(r) for r in rows]
-        return cls({m.node_id: m for m in members}, settled)
+        return cls({m.node_id: m for m in members}, settled, reached)
 
 
 def _with(m: Member, state: str, epoch: int) -> Member:
@@ -217,8 +244,8 @@ def _with(m: Member, state: str, epoch: int) -> Member:
 
 # ---------------------------------------------------------------- commands on the wire
 # Encoded like the client commands (``commands.encode``), tags J (join), L, K (kick
-# out a dead node) and M.
-TAGS = frozenset("JLKM")
+# out a dead node), M and A (a group arrived at an epoch).
+TAGS = frozenset("JLKMA")
 
 
 def encode(cmd: MemberCommand) -> list:
@@ -230,6 +257,8 @@ def encode(cmd: MemberCommand) -> list:
         return ["K", cmd.node_id]
     if type(cmd) is MovesDone:
         return ["M", cmd.epoch]
+    if type(cmd) is GroupMoved:
+        return ["A", cmd.group, cmd.epoch]
     raise TypeError(f"not a command: {cmd!r}")
 
 
@@ -241,15 +270,22 @@ def decode(x: list) -> MemberCommand:
         return MemberLeave(x[1])
     if tag == "K":
         return MemberRemove(x[1])
+    if tag == "A":
+        return GroupMoved(x[1], x[2])
     return MovesDone(x[1])
 
 
 def decode_checked(x: list) -> MemberCommand:
     """``decode`` for a command from the network: every field checked (ValueError)."""
     tag = x[0]
-    want = {"J": 4, "L": 2, "K": 2, "M": 2}[tag]
+    want = {"J": 4, "L": 2, "K": 2, "M": 2, "A": 3}[tag]
     if len(x) != want:
         raise ValueError(f"bad membership command length for {tag!r}")
+    if tag == "A":
+        _ck_text(x[1], "group id", ID_BYTES_MAX)
+        if type(x[2]) is not int or x[2] < 1:
+            raise ValueError("a ring epoch is an int >= 1")
+        return GroupMoved(x[1], x[2])
     if tag == "M":
         if type(x[1]) is not int or x[1] < 1:
             raise ValueError("a ring epoch is an int >= 1")

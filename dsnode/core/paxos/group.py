@@ -39,6 +39,7 @@ from dsnode.core.paxos.messages import (
     Accepted,
     Ballot,
     CatchupReq,
+    Host,
     Learn,
     Prepare,
     PreVote,
@@ -367,6 +368,8 @@ class PaxosGroup(LeaderSide, CatchUp):
                 if others:
                     self._send_catchup(self.rng.choice(others))
             if self.now - self.last_heartbeat >= cfg.heartbeat_interval_ticks:
+                if self.learners:
+                    self._invite_learners(p)
                 if not self.quiesced:
                     self._heartbeat(retransmit=True)
                 else:
@@ -609,6 +612,17 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.quiet_seq = p.read_seq
         self._send_quiesce()
         self.out.dropped["quiesced"] += 1
+
+    def _invite_learners(self, p: Proposer) -> None:
+        """Tell each learner not heard from yet that it is one (``Host``): a node that
+        does not host the group yet starts to, and catches up from us."""
+        c = self.conf
+        msg = None
+        for m in self.learners:
+            if not p.match.get(m, 0) and self.alive(m):
+                if msg is None:
+                    msg = Host(self.group, c.voters, c.learners, c.epoch, c.slot)
+                self._send(m, msg)
 
     def _send_quiesce(self) -> None:
         p = self.proposer

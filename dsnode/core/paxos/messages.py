@@ -176,9 +176,23 @@ class TimeoutNow:
     ballot: Ballot
 
 
+@dataclass(frozen=True, slots=True)
+class Host:
+    """A group's leader to a learner it has not heard from: the group's configuration
+    (``core.paxos.reconfig.GroupConf``) lists you as a learner since slot ``slot``;
+    a node that does not host the group starts to (``PaxosNode.host_learner``).
+    How a replica added on another node (a new member, a move) comes to exist."""
+
+    group: Any
+    voters: tuple[str, ...]
+    learners: tuple[str, ...]
+    epoch: int
+    slot: int
+
+
 Message = (
     Prepare | Promise | Accept | Accepted | CatchupReq | Learn | SnapChunk | PreVote
-    | PreVoteReply | TimeoutNow | NodeHeartbeat
+    | PreVoteReply | TimeoutNow | NodeHeartbeat | Host
 )
 
 _KINDS: dict[str, type] = {
@@ -193,6 +207,7 @@ _KINDS: dict[str, type] = {
     "px.prevote_reply": PreVoteReply,
     "px.timeout_now": TimeoutNow,
     "px.node_hb": NodeHeartbeat,
+    "px.host": Host,
 }
 _TAGS = {cls: tag for tag, cls in _KINDS.items()}
 _FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in _KINDS.values()}
@@ -260,6 +275,13 @@ def _bool(x: Any) -> bool:
     raise PeerMisbehaved(f"bad bool {x!r}")
 
 
+def _ids(x: Any) -> tuple[str, ...]:
+    if (isinstance(x, list | tuple) and len(x) <= 64
+            and all(isinstance(n, str) and 0 < len(n) <= 64 for n in x)):
+        return tuple(x)
+    raise PeerMisbehaved(f"bad node ids {x!r}")
+
+
 def _entries(x: Any) -> tuple[tuple[int, bytes], ...]:
     try:
         return tuple((_int(s), _bytes(v)) for s, v in x)
@@ -291,6 +313,8 @@ def from_wire(x: Any) -> Message:
             return Prepare(g, _ballot(args[1]), _int(args[2]), _ballot(args[3]))
         if cls is TimeoutNow:
             return TimeoutNow(g, _ballot(args[1]))
+        if cls is Host:
+            return Host(g, _ids(args[1]), _ids(args[2]), _int(args[3]), _int(args[4]))
         if cls is NodeHeartbeat:
             if g != "":
                 raise PeerMisbehaved("a node heartbeat belongs to no group")

@@ -14,9 +14,11 @@ left or removed, with their addresses and data directories) lives under
 :data:`MEMBERS_KEY`; until a membership command is applied it is the formation
 ring's members, all active. A membership command that changes who is on the ring
 writes the ring of the next epoch with it (same P and R), in the same apply. The
-runtime proposes none yet: the mover that carries a new ring's replica moves out
-through each partition's own log (issue 10, part 2) has to exist first, since a
-node hosts the partitions of the newest ring it knows.
+mover (``core.membership.mover``) carries a new
+ring's replica moves out through each partition's own log (issue 10, part 2) and
+reports each group's arrival (``GroupMoved``); a node creates from the ring only
+the partitions the *first* ring placed on it (a formation member), every later
+replica is added through its partition's log.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dsnode.core.paxos.statemachine import DedupKV
 from dsnode.core.ring import Ring
 
 RING_KEY = b"\x00ring"  # where the ring lives in the metadata group's store
+FIRST_RING_KEY = b"\x00ring1"  # and the cluster's first ring (epoch 1), kept for good
 MEMBERS_KEY = b"\x00members"  # and the member list (once a membership command changed it)
 REFUSED = "ring_refused"
 
@@ -71,7 +74,32 @@ class MetaSM(DedupKV):
             self._members = (version, mem.MemberTable.decode(msgpack.unpackb(blob, raw=False)))
         table = self._members[1]
         assert table is not None
-        return mem.MemberTable(table.members, table.settled)
+        return mem.MemberTable(table.members, table.settled, table.reached)
+
+    @property
+    def first_ring(self) -> Ring | None:
+        """The ring the cluster was formed with (epoch 1): the partitions a formation
+        member hosts from the start. Later rings are targets the replica moves
+        reach through each partition's own log. (A cluster formed before the first
+        ring was kept separately never changed its ring: the current one.)"""
+        blob, _ = self.kv.get(FIRST_RING_KEY)
+        if blob is None:
+            ring = self.ring
+            return ring if ring is not None and ring.epoch == 1 else None
+        members, partitions, replication, epoch = msgpack.unpackb(blob, raw=False)
+        return Ring(members, partitions, replication, epoch)
+
+    def changes_pending(self) -> bool:
+        """The ring's newest epoch has moves not reported done (cheap: no copy)."""
+        ring = self.ring
+        if ring is None or ring.epoch == 1:
+            return False
+        blob, version = self.kv.get(MEMBERS_KEY)
+        if blob is None:
+            return False
+        if version != self._members[0]:
+            self._members = (version, mem.MemberTable.decode(msgpack.unpackb(blob, raw=False)))
+        return self._members[1].settled < ring.epoch
 
     def apply(self, rid: list | None, cmd: Command, index: int) -> dict:
         if type(cmd) is SetRing:
@@ -89,8 +117,9 @@ class MetaSM(DedupKV):
             return {ERROR_KEY: [REFUSED, "the cluster has no ring yet", False]}
         _, partitions, replication, epoch = msgpack.unpackb(blob, raw=False)
         table = self.members
+        groups = (*map(str, range(partitions)), mem.META_LABEL)
         try:
-            moved = table.apply(cmd, epoch)
+            moved = table.apply(cmd, epoch, groups)
         except mem.Refused as e:
             return {ERROR_KEY: [REFUSED, str(e), False]}
         if moved:
@@ -113,6 +142,8 @@ class MetaSM(DedupKV):
         blob = msgpack.packb([sorted(cmd.members), cmd.partitions, cmd.replication, cmd.epoch],
                              use_bin_type=True)
         self.kv.apply(Put(RING_KEY, blob))
+        if cmd.epoch == 1:
+            self.kv.apply(Put(FIRST_RING_KEY, blob))
         return {"epoch": cmd.epoch}
 
 

@@ -22,7 +22,7 @@ from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.checkpoint import CheckpointWriter, DropCapture, GroupCapture
 from dsnode.core.paxos.config import PaxosConfig
 from dsnode.core.paxos.group import PaxosGroup
-from dsnode.core.paxos.messages import NodeHeartbeat
+from dsnode.core.paxos.messages import Host, NodeHeartbeat
 from dsnode.core.paxos.metadata import MetaSM
 from dsnode.core.paxos.outputs import Outbox, StoredSnapshot
 from dsnode.core.paxos.reconfig import GroupConf
@@ -66,6 +66,7 @@ class PaxosNode:
         self.peer_heard: dict[str, int] = {}
         self._last_node_heartbeat = -(10**9)
         self._dirty: set[Any] = set()
+        self.contacts: set[str] = set()
         # Resolves of cross-partition transactions held back to ride in the slot of the
         # next command proposed to their group, or proposed alone once held for
         # ``resolve_ride_ticks`` ticks (0: never held; see ``propose``);
@@ -96,8 +97,12 @@ class PaxosNode:
         self._conf_changes_seen = 0  # ``conf_changes`` when the peers were last listed
         for g, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
             self._create(g, members, MetaSM if g == metadata and g is not None else None)
-        if metadata is not None and metadata not in self.groups:
+        if metadata is not None and metadata not in self.groups and self.groups:
+            # (no group at all: a node joining a cluster, hosted as a learner later)
             raise ValueError(f"the metadata group {metadata!r} is not among the groups")
+        # group -> the configuration epoch it was dropped at (this run): an invitation
+        # (``Host``) from a configuration no newer is stale
+        self._dropped_at: dict[Any, int] = {}
         self._update_peers()
 
     # ------------------------------------------------------------ groups
@@ -116,7 +121,21 @@ class PaxosNode:
         return g
 
     def _update_peers(self) -> None:
-        self.peers = sorted({m for g in self.groups.values() for m in g.everyone} - {self.node_id})
+        """Who gets this node's heartbeat: every member of its groups, the members on
+        the metadata group's ring, and the contacts the shell named."""
+        peers = {m for g in self.groups.values() for m in g.everyone} | self.contacts
+        ring = self.ring
+        if ring is not None:
+            peers.update(ring.members)
+        peers.discard(self.node_id)
+        self.peers = sorted(peers)
+
+    def set_contacts(self, ids: Iterable[str]) -> None:
+        """Nodes to heartbeat besides the groups' members and the ring's: the members a
+        joining node was told of before it hosts anything (so they see it alive and
+        invite it: ``messages.Host``)."""
+        self.contacts = set(ids)
+        self._update_peers()
 
     def add_group(self, group: Any, members: Sequence[str], sm_cls: type | None = None) -> None:
         """Start hosting ``group`` (a partition the metadata group placed here), with
@@ -146,28 +165,41 @@ class PaxosNode:
     @property
     def ring(self) -> Ring | None:
         """The metadata group's current ring (None: no metadata group, or no ring yet)."""
-        if self.metadata is None:
-            return None
-        return self.groups[self.metadata].sm.ring
+        g = self.groups.get(self.metadata) if self.metadata is not None else None
+        return None if g is None else g.sm.ring
 
     def sync_partitions(self) -> list[Any]:
-        """Host the partitions the metadata group's ring places on this node (issue 8):
-        create each missing one with its replicas in ring order (the first is its
-        preferred leader), replaying what recovery set aside for it, and forget what
-        recovery set aside for partitions the ring does not place here. Membership
-        is fixed for now, so hosted partitions are never removed. Returns the ids
-        created. Called by ``recover`` (metadata first, then the partitions) and by
-        ``ready`` whenever the ring's epoch changed."""
-        ring = self.ring
+        """Host the partitions the metadata group's *first* ring placed on this node
+        (issue 8; a formation member): create each missing one (not dropped since)
+        with its replicas in ring order (the first is its preferred leader),
+        replaying what recovery set aside for it, and forget what recovery set aside
+        for partitions not placed here. Replicas a later ring places come through
+        each partition's own log (``Host``, ``host_learner``: issue 10), never from
+        the ring, and go the same way (``retired_groups``). Each hosted partition
+        whose voters are the newest ring's replicas prefers its leaders in that
+        ring's order. Returns the ids created. Called by ``recover`` (metadata
+        first, then the partitions) and by ``ready`` whenever the ring's epoch
+        changed."""
+        meta = self.groups.get(self.metadata) if self.metadata is not None else None
+        ring = None if meta is None else meta.sm.ring
         if ring is None:
             return []
         self._ring_epoch = ring.epoch
-        placed = set(ring.partitions_of(self.node_id)) if self.node_id in ring.members else set()
+        first = meta.sm.first_ring if ring.epoch > 1 else ring
+        placed = set()
+        if first is not None and self.node_id in first.members:
+            placed = set(first.partitions_of(self.node_id))
         created = []
         for pid in sorted(placed):
-            if pid not in self.groups:
-                self.add_group(pid, ring.replicas(pid))
+            if pid not in self.groups and pid not in self._dropped:
+                self.add_group(pid, first.replicas(pid))
                 created.append(pid)
+        if ring.epoch > 1:
+            for pid, g in self.groups.items():
+                if type(pid) is int and pid < ring.partitions:
+                    target = ring.replicas(pid)
+                    if set(target) == g.member_set:
+                        g.preferred = target
         for gid in [*self._orphans, *self._orphan_snapshots]:
             if gid != self.metadata and gid not in placed:
                 self._orphans.pop(gid, None)
@@ -182,7 +214,9 @@ class PaxosNode:
         others' after a full random election timeout, so the preferred one is elected
         first nearly always, without a hand-over."""
         soon = 2 * self.config.heartbeat_interval_ticks
-        for pid in self.sync_partitions():
+        created = self.sync_partitions()
+        self._update_peers()
+        for pid in created:
             g = self.groups[pid]
             g.elapsed = 0
             g.timeout = soon if g.preferred[0] == self.node_id else g._random_timeout()
@@ -207,6 +241,7 @@ class PaxosNode:
             self.out.persist.append(rec.drop(group))
             self._hosted.pop(group, None)
             self._dropped.add(group)
+            self._dropped_at[group] = g.conf.epoch
 
     # ------------------------------------------------------------ replica-set changes
     def host_learner(self, group: Any, conf: GroupConf, sm_cls: type | None = None) -> None:
@@ -228,6 +263,8 @@ class PaxosNode:
             self.groups[group].heard_leader_at = -(10**9)  # it acknowledged nothing yet
 
     def _start_hosting(self, group: Any, conf: GroupConf, sm_cls: type | None = None) -> None:
+        if sm_cls is None and group == self.metadata and group is not None:
+            sm_cls = MetaSM
         self._forget(group)
         self._create(group, conf.voters, sm_cls, conf)
         self._hosted[group] = conf
@@ -243,6 +280,24 @@ class PaxosNode:
         out = self.out
         out.apply = [x for x in out.apply if x.group != group]
         out.snapshots = [x for x in out.snapshots if x.group != group]
+
+    def _invited(self, m: Host) -> None:
+        """A group's leader says this node is a learner of it (``Host``): host it,
+        unless that configuration is no newer than one that removed us (stale), or the
+        group is no partition of the ring. Safe even when stale otherwise: a replica
+        hosted afresh answers nothing until it applied the change that added it, and
+        retires once it applies the one that removed it."""
+        conf = GroupConf(m.voters, m.learners, m.epoch, m.slot)
+        gid = m.group
+        if self.node_id not in conf.learners or m.epoch <= self._dropped_at.get(gid, -1):
+            self.out.dropped["stale_host"] += 1
+            return
+        if gid != self.metadata:
+            ring = self.ring
+            if ring is None or type(gid) is not int or not 0 <= gid < ring.partitions:
+                self.out.dropped["unknown_group"] += 1
+                return
+        self.host_learner(gid, conf)
 
     def change_config(self, group: Any, token: Any, conf: GroupConf) -> None:
         """Propose ``conf`` as ``group``'s next configuration (``PaxosGroup.change_config``:
@@ -309,8 +364,13 @@ class PaxosNode:
             return
         g = self._awake(getattr(msg, "group", None))
         if g is None:
-            self.out.dropped["unknown_group"] += 1
+            if type(msg) is Host and self.config.reconfig:
+                self._invited(msg)
+            else:
+                self.out.dropped["unknown_group"] += 1
             return
+        if type(msg) is Host:
+            return  # hosted already
         g.step(from_peer, msg)
         p = g.proposer
         if p is not None and p.queue:
@@ -514,8 +574,8 @@ class PaxosNode:
             self._conf_changes_seen = self.out.conf_changes
             self._update_peers()  # a group's members changed: node heartbeats follow
         if self.metadata is not None:
-            meta = self.groups[self.metadata].sm
-            if meta.ring_epoch != self._ring_epoch:
+            g = self.groups.get(self.metadata)
+            if g is not None and g.sm.ring_epoch != self._ring_epoch:
                 self._ring_changed()
         for group in sorted(self._dirty, key=str):
             self.groups[group].flush()
