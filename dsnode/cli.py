@@ -846,6 +846,37 @@ def member_list_command(
             click.echo(line)
 
 
+def _member_change(op: str, node_id: str, endpoints: str | None, timeout: float | None,
+                   token: str | None, output: str | None) -> None:
+    s = _settings(endpoints, timeout, token, output)
+    res = _run(s, lambda c: c.request(op, {"node_id": node_id}))
+    if s.output == "json":
+        _print_json(res)
+    else:
+        click.echo(f"{node_id}: {res.get('state')} (ring epoch {res.get('epoch')})")
+
+
+@member_group.command("leave")
+@click.argument("node_id")
+@_common_options(group_level=False)
+def member_leave_command(node_id: str, endpoints: str | None, timeout: float | None,
+                         token: str | None, output: str | None) -> None:
+    """Take NODE_ID off the ring gracefully: its replicas move to the others first (it
+    shows as leaving), then it is removed (left) and stops. Answered once the cluster
+    chose the change; the moves go on in the background (dsnode member list, status)."""
+    _member_change("member_leave", node_id, endpoints, timeout, token, output)
+
+
+@member_group.command("remove")
+@click.argument("node_id")
+@_common_options(group_level=False)
+def member_remove_command(node_id: str, endpoints: str | None, timeout: float | None,
+                          token: str | None, output: str | None) -> None:
+    """Remove NODE_ID (a dead node) at once: the replicas it held are rebuilt on the other
+    members. It can come back only with a fresh data directory (serve --join)."""
+    _member_change("member_remove", node_id, endpoints, timeout, token, output)
+
+
 # --------------------------------------------------------------------------- endpoint
 
 

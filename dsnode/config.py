@@ -98,6 +98,16 @@ class NodeConfig(BaseModel):
     peers: dict[str, str] | None = Field(
         default=None, description="initial cluster ID=HOST:PORT,...; defaults to this node alone"
     )
+    join: list[str] | None = Field(
+        default=None,
+        description="join a running cluster through any member's HOST:PORT (repeatable, or "
+        "comma-separated); only on a new data directory's first start, without --peers",
+    )
+    join_token_file: Path | None = Field(
+        default=None,
+        description="file holding a token with the admin role, sent by --join (default: "
+        "auth_token)",
+    )
     data_dir: Path | None = Field(default=None, description="defaults to ./dsnode-data/<node_id>")
     cluster_id: str = Field(
         default="dsnode", description="cluster name; nodes of another cluster are refused"
@@ -258,6 +268,19 @@ class NodeConfig(BaseModel):
         "up to this long for another command to that partition, to go in its slot (0: "
         "proposed at once), ms",
     )
+    moves_max: int = Field(
+        default=4, ge=1, le=64,
+        description="partitions this node moves replicas of at once after a membership change",
+    )
+    leave_on_stop: bool = Field(
+        default=False,
+        description="on SIGTERM, leave the cluster first (replicas move away, then the node "
+        "is removed), then stop",
+    )
+    leave_timeout_ms: int = Field(
+        default=600_000, ge=1_000, le=86_400_000,
+        description="how long --leave-on-stop waits for the replicas to move away, ms",
+    )
     shutdown_timeout_ms: int = Field(
         default=8_000, ge=100, le=60_000,
         description="time in-flight requests get to finish on SIGTERM, ms",
@@ -308,6 +331,21 @@ class NodeConfig(BaseModel):
                 )
         return v
 
+    @field_validator("join", mode="before")
+    @classmethod
+    def _join_from_text(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [a.strip() for a in v.split(",") if a.strip()]
+        if isinstance(v, list | tuple):
+            if not v:
+                return None
+            for a in v:
+                if not isinstance(a, str):
+                    raise ValueError(f"{a!r} is not HOST:PORT")
+                parse_addr(a, "join address")
+            return list(v)
+        return v
+
     @field_validator("peers", mode="before")
     @classmethod
     def _peers_from_text(cls, v: Any) -> Any:
@@ -321,6 +359,9 @@ class NodeConfig(BaseModel):
     def _check_cluster(self) -> NodeConfig:
         if self.peers is not None and self.node_id not in self.peers:
             raise ValueError(f"peers: this node ({self.node_id}) is not in the peer list")
+        if self.peers is not None and self.join is not None:
+            raise ValueError("join: a joining node learns its peers from the cluster; "
+                             "give --join or --peers, not both")
         if self.heartbeat_interval_ms >= self.election_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be below election_timeout_ms")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -457,6 +498,8 @@ def _check_toml_type(setting: str, value: Any, config_file: Any) -> None:
         expected = (int, float)
     elif setting == "peers":
         expected = (str, dict)
+    elif setting == "join":
+        expected = (str, list)
     else:
         expected = (str,)
     ok = isinstance(value, expected) and not (bool not in expected and isinstance(value, bool))

@@ -62,6 +62,12 @@ def test_every_setting_has_an_env_var_and_a_toml_key(tmp_path):
         ({"replication": "0"}, {}, None, "replication"),
         ({"replication": "17"}, {}, None, "replication"),
         ({}, {}, 'replication = "3"\n', "replication"),
+        ({"join": "nowhere"}, {}, None, "join"),
+        ({}, {"DSNODE_JOIN": "h:1,h:0"}, None, "join"),
+        ({}, {}, "join = [7]\n", "join"),
+        ({"join": "h:1", "peers": "n1=127.0.0.1:1"}, {}, None, "not both"),
+        ({"moves_max": "0"}, {}, None, "moves_max"),
+        ({}, {"DSNODE_LEAVE_ON_STOP": "maybe"}, None, "leave_on_stop"),
     ],
 )
 def test_bad_configuration_is_one_line_naming_the_setting(tmp_path, flags, env, toml, needle):
@@ -90,3 +96,12 @@ def test_partitions_and_replication_default_to_64_and_3_and_take_every_source(tm
     assert (load_config({}, {}, f).partitions, load_config({}, {}, f).replication) == (256, 5)
     c = load_config({"partitions": "4096"}, {"DSNODE_REPLICATION": "1"}, f)
     assert (c.partitions, c.replication) == (4096, 1)
+
+
+def test_join_takes_several_addresses_from_every_source(tmp_path):
+    assert load_config({"join": "a:1,b:2"}, {}).join == ["a:1", "b:2"]
+    assert load_config({}, {"DSNODE_JOIN": "c:3"}).join == ["c:3"]
+    f = write(tmp_path, 'join = ["d:4", "e:5"]\nleave_on_stop = true\nmoves_max = 8\n')
+    c = load_config({}, {}, f)
+    assert c.join == ["d:4", "e:5"] and c.leave_on_stop and c.moves_max == 8
+    assert load_config({}, {}).join is None

@@ -38,6 +38,7 @@ __all__ = [
     "Internal",
     "Expired",
     "ConnectionLost",
+    "Refused",
     "ConnectFailed",
     "DeadlineExceeded",
     "CONNECTION_LOST",
@@ -62,6 +63,7 @@ _ALWAYS_DEFINITE = frozenset(
         codes.UNAUTHENTICATED,
         codes.CONFLICT,
         codes.OVERLOADED,
+        codes.REFUSED,
     }
 )
 
@@ -187,6 +189,14 @@ class Expired(DsnodeError):
         super().__init__(message, **kw)
 
 
+class Refused(DsnodeError):
+    """A membership change the cluster does not allow now (another change's replicas are
+    still moving, no such member, the last member, an id bound to another data
+    directory). Definite: nothing changed."""
+
+    code = codes.REFUSED
+
+
 class ConnectionLost(DsnodeError):
     """The connection closed before the answer arrived (client-side; not a wire code).
 
@@ -229,6 +239,7 @@ _BY_CODE: dict[str, type[DsnodeError]] = {
         Overloaded,
         Internal,
         Expired,
+        Refused,
     )
 }
 

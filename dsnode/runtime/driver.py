@@ -65,7 +65,9 @@ from dsnode.core import commands
 from dsnode.core.commands import STALE, Command, Get, Txn
 from dsnode.core.effects import Reply
 from dsnode.core.errors import PeerMisbehaved
+from dsnode.core.membership import members as mem
 from dsnode.core.membership.detector import ALIVE, DetectorConfig, FailureDetector
+from dsnode.core.membership.mover import Mover, MoveToken
 from dsnode.core.paxos.messages import Accepted, Promise, from_wire, to_wire
 from dsnode.core.paxos.roles import Role
 from dsnode.core.ring import Ring
@@ -188,6 +190,18 @@ class TxnSubmit(Pending):
         self.dedup = s.rid
 
 
+class MetaSubmit(Pending):
+    """A metadata command this node's replica mover asked for (``GroupMoved``): routed to
+    the metadata group's leader like a client's request; its answer goes nowhere (the
+    mover looks at the member table again)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future | None = None) -> None:
+        super().__init__(None, 0, True)
+        self.future = future  # (result, error) for ``submit_internal``
+
+
 class Forwarded:
     """A request another node forwarded to us; its answer goes back over the peer link."""
 
@@ -228,8 +242,21 @@ class Driver:
         rng: random.Random | None = None,
         twopc: TwoPCConfig | None = None,
         detector: DetectorConfig | None = None,
+        moves_max: int = 4,
     ) -> None:
         self.core = core
+        # the replica mover (core.membership.mover): with replica-set changes on, it moves
+        # the groups this node leads toward the newest ring when membership changed
+        meta = getattr(core, "metadata", None)
+        self.mover: Mover | None = None
+        if meta is not None and core.config.reconfig:
+            self.mover = Mover(core, moves_max=moves_max,
+                               answer_ticks=4 * core.config.election_timeout_ticks,
+                               every_ticks=max(1, core.config.heartbeat_interval_ticks // 2))
+        self._conf_changes_seen = 0
+        self.dropped_groups: set[Any] = set()  # retired and dropped: files go at a checkpoint
+        # told of every group this node dropped (the metadata group: it left the cluster)
+        self.on_retired: Callable[[Any], None] | None = None
         # peers' liveness as alive / suspect / dead (core.membership.detector); the router
         # avoids suspects for stale reads and as coordinators
         self.detector = FailureDetector(detector)
@@ -315,6 +342,13 @@ class Driver:
         self._dispatch(pending)
         self._schedule_flush()
 
+    def submit_internal(self, cmd: Command, timeout_s: float) -> asyncio.Future:
+        """Propose a membership command for this node itself (``--leave-on-stop``);
+        the future gets (result, error)."""
+        fut = self._loop.create_future()
+        self.submit(MetaSubmit(fut), cmd, timeout_s)
+        return fut
+
     # ------------------------------------------------------------ routing
     def ring(self) -> Ring | None:
         """The ring requests are routed by: the metadata group's (None until it is
@@ -352,6 +386,9 @@ class Driver:
             self._park(p)  # no ring yet (a new cluster forming): routed on a tick
             return
         t = type(cmd)
+        if t in mem.TYPES:
+            self._dispatch_meta(p)
+            return
         ring = router.ring
         if t is Txn:
             keys = commands.keys_of(cmd)
@@ -403,6 +440,25 @@ class Driver:
                 OVERLOADED, f"{d.inflight} requests in flight on this node; retry later", False))])
         else:  # Park: no leader known; on_leader_change hands it back
             counters["route_park"] += 1
+
+    def _dispatch_meta(self, p: Pending) -> None:
+        """A membership command: proposed in the metadata group by its leader (here, or
+        forwarded to it); parked while no leader is known or reachable."""
+        core = self.core
+        meta = core.metadata
+        if meta in core.groups and core.is_leader(meta):
+            self.counters["route_local"] += 1
+            p.sent = True
+            core.propose(meta, p, p.cmd, p.dedup)
+            return
+        leader = core.leader_of(meta) if meta in core.groups else None
+        if leader is None or leader == self.node_id or self.net is None \
+                or not self.net.connected(leader):
+            self.counters["route_park"] += 1
+            self._park(p)
+            return
+        self.counters["route_forward"] += 1
+        self._forward(p, leader, meta, p.cmd)
 
     # ------------------------------------------------------------ transactions
     def _coordinate(self, p: Pending, txn: Txn) -> None:
@@ -462,6 +518,11 @@ class Driver:
                     tp.finish()
                     tp.owner.on_result(tp.handle, r.result, r.error)
                     fed = True
+            elif type(tp) is MetaSubmit:
+                tp.finish()
+                if tp.future is not None and not tp.future.done():
+                    tp.future.set_result((r.result, r.error))
+                self.counters["move_reports_refused" if r.error else "move_reports"] += 1
             else:
                 rest.append(r)
         if fed:
@@ -587,7 +648,7 @@ class Driver:
         for r in replies:
             if router is not None:
                 router.finish(r.token)
-            if type(r.token) is TxnSubmit:
+            if type(r.token) is TxnSubmit or type(r.token) is MetaSubmit:
                 internal = True
         if internal:
             replies = self._txn_results(replies)
@@ -667,11 +728,14 @@ class Driver:
     def _on_forward(self, peer: str, m: list) -> None:
         try:
             _, fwd_id, group, enc, _timeout_ms, *rest = m
-            if type(fwd_id) is not int or type(group) is not int or len(rest) > 1:
+            if type(fwd_id) is not int or len(rest) > 1 or not (
+                    type(group) is int or group == getattr(self.core, "metadata", None)):
                 raise ValueError("bad forward id or partition")
             if type(_timeout_ms) is not int or _timeout_ms < 1:
                 raise ValueError("bad forward timeout")
             cmd = commands.decode_checked(enc)
+            if (type(group) is int) == (type(cmd) in mem.TYPES):
+                raise ValueError("a membership command goes to the metadata group, only")
             dedup = _checked_dedup(rest[0]) if rest and type(cmd) is not Get else None
         except (ValueError, TypeError, IndexError, KeyError):
             self.counters["malformed_peer_message"] += 1
@@ -745,7 +809,7 @@ class Driver:
         """``p.fwd_to`` said it does not lead ``p``'s partition: stop believing its
         report (a partition hosted here follows the group's own view instead)."""
         router = self.router
-        if router is None:
+        if router is None or type(p.cmd) in mem.TYPES:
             return
         if type(p.cmd) in txrec.TYPES:
             pid = txrec.partition_of(p.cmd)  # type: ignore[arg-type]
@@ -793,6 +857,8 @@ class Driver:
             self.fail(e)
 
     def _flush_ready(self) -> None:
+        if self.core.conf_changes != self._conf_changes_seen:
+            self._drop_retired()
         ready = self.core.ready()
         for restore in ready.restores:
             self._spawn_snapshot_task(self._run_restore(restore))
@@ -821,6 +887,20 @@ class Driver:
             or (self._trim_to is None and self._older_files_due())
         ):
             self._start_checkpoint()
+
+    def _drop_retired(self) -> None:
+        """Groups whose configuration no longer lists this node: dropped for good (a
+        ``drop`` record, in this same flush); their snapshot files go once a checkpoint
+        (asked for now) no longer names them."""
+        core = self.core
+        self._conf_changes_seen = core.conf_changes
+        for gid in core.retired_groups():
+            core.remove_group(gid, drop=True)
+            self.dropped_groups.add(gid)
+            self._checkpoint_due = True
+            log.info("replica_dropped", group=gid)
+            if self.on_retired is not None:
+                self.on_retired(gid)
 
     def _maybe_request_snapshot(self) -> None:
         """Start or go on with a trim (see SNAPSHOT_LOG_RATIO), or ask for a checkpoint."""
@@ -875,6 +955,8 @@ class Driver:
                 t = r.token
                 if type(t) is Forwarded:
                     self._reply_remote(t, r.result, r.error)
+                elif type(t) is MoveToken:
+                    self.mover.on_reply(r)  # type: ignore[union-attr]
                 else:
                     local.append(r)
             if local:
@@ -1079,6 +1161,9 @@ class Driver:
         if writer is None:
             return  # an installed snapshot is still being stored: try again later
         named = self.core.snapshot_indexes()
+        for gid in self.dropped_groups - set(self.core.groups):
+            named[gid] = 1 << 62  # dropped for good: every file of it goes
+        self.dropped_groups &= set(self.core.groups)  # (hosted again since: theirs stay)
         lsn = self.wal.last_lsn
         self._records_since_checkpoint = 0
         self._stored_bytes_since_checkpoint = 0
@@ -1186,6 +1271,9 @@ class Driver:
                     self._expire(expired)
         self._leaders_tick()
         self._txn_tick()
+        if self.mover is not None:
+            for cmd in self.mover.tick():
+                self.submit(MetaSubmit(), cmd, self.mover.answer_ticks * self._tick_seconds)
         if self._parked and self._router() is not None:
             parked, self._parked = self._parked, []
             for p in parked:
@@ -1200,7 +1288,7 @@ class Driver:
         peer when that set changed or a second passed."""
         core = self.core
         meta = getattr(core, "metadata", None)
-        if meta is not None:
+        if meta is not None and meta in core.groups:
             leader = core.leader_of(meta)
             if leader != self._last_leader:
                 self._last_leader = leader

@@ -33,7 +33,14 @@ from dsnode.core.errors import InvariantBroken, StateLost
 from dsnode.core.kv.store import shards_for
 from dsnode.core.membership.detector import DetectorConfig
 from dsnode.core.membership.incarnations import Incarnations
-from dsnode.core.membership.members import JOINING, LEAVING, LEFT, REMOVED
+from dsnode.core.membership.members import (
+    ACTIVE,
+    JOINING,
+    LEAVING,
+    LEFT,
+    REMOVED,
+    MemberLeave,
+)
 from dsnode.core.paxos.config import PaxosConfig, bound_for, lease_ticks_for
 from dsnode.core.paxos.node import PaxosNode
 from dsnode.core.ring import Ring, check_partitions
@@ -146,6 +153,72 @@ def check_identity(config: NodeConfig, data_dir: Path) -> tuple[dict[str, str], 
     return dict(want["peers"]), incarnation
 
 
+def read_identity(data_dir: Path) -> dict:
+    have = msgpack.unpackb((data_dir / IDENTITY_FILE).read_bytes(), raw=False)
+    if not isinstance(have, dict):
+        raise StartupError(f"data dir {data_dir}: {IDENTITY_FILE} is corrupt")
+    return have
+
+
+JOIN_ATTEMPT_TIMEOUT_S = 10.0
+JOIN_TIMEOUT_S = 300.0  # a node that cannot join within this gives up (exit 2)
+
+
+async def join_cluster(config: NodeConfig, incarnation: str, log: Any) -> tuple[dict, dict]:
+    """Ask the cluster, through any of the ``--join`` addresses, to add this node
+    (the ``member_join`` op, answered once the metadata group chose it), then read the
+    answering member's ``status`` (the members' addresses, P, R, the cluster's uuid).
+    Tries the addresses in turn until one answers; a definite refusal (the id is
+    another data directory's, an earlier change still moving, a bad token) is final."""
+    from dsnode.client import Client
+    from dsnode.client.errors import DsnodeError
+
+    tls: dict[str, Any] = {}
+    if config.tls:
+        tls = {"cacert": str(config.tls_ca_file) if config.tls_ca_file else None,
+               "cert": str(config.tls_cert_file), "key": str(config.tls_key_file)}
+    fields = {"node_id": config.node_id, "address": config.advertise_addr,
+              "incarnation": incarnation}
+    token = config.auth_token
+    if config.join_token_file is not None:
+        try:
+            token = config.join_token_file.read_text().strip()
+        except OSError as e:
+            raise StartupError(f"join_token_file {str(config.join_token_file)!r}: "
+                               f"{e.strerror or e}") from None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + JOIN_TIMEOUT_S
+    last = ""
+    while loop.time() < deadline:
+        # (systemd: a join may take a while, e.g. behind another membership change)
+        sdnotify.notify("STATUS=joining the cluster\nEXTEND_TIMEOUT_USEC=60000000")
+        for addr in config.join or ():
+            try:
+                async with Client(addr, timeout=JOIN_ATTEMPT_TIMEOUT_S, token=token,
+                                  ring_aware=False, discover=False, **tls) as c:
+                    before = await c.status()
+                    theirs = (before.get("ring") or {}).get("partitions")
+                    if ("partitions" in config.model_fields_set and theirs is not None
+                            and theirs != config.partitions):
+                        raise StartupError(
+                            f"the cluster at {addr} has partitions = {theirs}, this node is "
+                            f"set to {config.partitions}: drop the setting (a joining node "
+                            "takes the cluster's) or set it to the cluster's")
+                    answer = await c.request("member_join", fields)
+                    return answer, await c.status()
+            except DsnodeError as e:
+                last = f"{addr}: {e}"
+                if e.code in ("refused", "bad_request", "unauthenticated", "unknown_op") and (
+                        "one membership change at a time" not in e.message):
+                    raise StartupError(f"the cluster refused to add {config.node_id}: "
+                                       f"{e.message or e.code}") from None
+                log.warning("join_retry", via=addr, error=str(e))
+            except ValueError as e:  # the TLS files
+                raise StartupError(f"join: {e}") from None
+        await asyncio.sleep(1.0)
+    raise StartupError(f"could not join the cluster within {JOIN_TIMEOUT_S:.0f} s ({last})")
+
+
 def record_partitions(config: NodeConfig, data_dir: Path, peers: dict[str, str]) -> tuple[int, int]:
     """P and R of the cluster this data directory belongs to (issue 8): recorded in
     the identity file when the directory is first bound (from the settings
@@ -233,6 +306,8 @@ class Node:
         self.metrics = NodeMetrics()
         self.admin: AdminServer | None = None
         self.security: Security | None = None
+        self.joined = False  # this node joined a running cluster (it did not form it)
+        self.left = False  # it left the cluster (or was removed): it stops
 
     def paxos_config(self) -> PaxosConfig:
         cfg = self.config
@@ -246,7 +321,9 @@ class Node:
             # partition leaders spread: each hands over to its first healthy ring replica
             prefer_leader=cfg.prefer_ring_leaders,
             formation_group=META,
-            formation_ring=self.formation_ring,
+            formation_ring=None if self.joined else self.formation_ring,
+            # replica-set changes through each group's log: membership changes (issue 10)
+            reconfig=True,
             formation_uuid=self.formation_uuid,
             lease_ticks=lease_ticks_for(cfg.ticks(cfg.election_timeout_ms), cfg.clock_drift_max)
             if cfg.leader_leases else 0,
@@ -277,7 +354,11 @@ class Node:
         self.security = load_security(cfg, self.log)
         data_dir = prepare_data_dir(cfg)
         self.data_dir = data_dir
+        fresh = not (data_dir / IDENTITY_FILE).exists()
         self.peers, incarnation = check_identity(cfg, data_dir)
+        self.joined = await self._join(data_dir, incarnation, fresh)
+        if self.joined:
+            self.peers = dict(read_identity(data_dir)["peers"])
         self.partitions, self.replication = record_partitions(cfg, data_dir, self.peers)
         self.formation_ring = (tuple(sorted(self.peers)), self.partitions, self.replication)
         self.formation_uuid = stored_cluster_uuid(data_dir)
@@ -314,21 +395,29 @@ class Node:
         took.lap("snapshot_files_after_wal")
         peers = self.peers
         seed = int.from_bytes(os.urandom(8), "big")
-        core = PaxosNode(cfg.node_id, {META: tuple(peers)}, random.Random(seed),
-                         self.paxos_config(), metadata=META)
+        # a node that joined starts with no group: the metadata group's leader invites it
+        # (and its WAL brings back what it hosts since)
+        core = PaxosNode(cfg.node_id, {} if self.joined else {META: tuple(peers)},
+                         random.Random(seed), self.paxos_config(), metadata=META)
+        core.set_contacts(peers)
         for repair in found.repairs:
             self.log.warning("snapshots_repaired", what=repair)
         recover_core(core, recovered, found, self.log)
         took.lap("restore_and_replay")
         if self.check_ring(core):
             raise StartupError(self.refused or "ring mismatch")
-        if len(peers) == 1:  # no one else can lead: take over now, not after a timeout
+        if META not in core.groups and str(META) in core.dropped_groups():
+            raise StartupError(
+                f"node {cfg.node_id} left the cluster (or was removed from it): its data "
+                f"directory {data_dir} holds nothing any more; to add it again, start it on a "
+                "new data directory with --join")
+        if len(peers) == 1 and META in core.groups:  # no one else can lead: take over now
             self.metrics.on_tick(core)  # the ballot before it, so the election is counted
             for gid in list(core.groups):
                 core.campaign(gid)
         self.core = core
         stored = self.formation_uuid
-        formed = core.state_machine(META).cluster_uuid
+        formed = core.state_machine(META).cluster_uuid if META in core.groups else None
         if stored is not None and formed is not None and stored != formed:
             raise StartupError(
                 f"data dir {data_dir}: {IDENTITY_FILE} names cluster {stored} but the log "
@@ -353,7 +442,7 @@ class Node:
         )
         server = ClientServer(cfg, self.metrics, security=self.security)
         self.client_server = server
-        if len(peers) > 1:
+        if True:  # (a cluster of one may grow: members join)
             self.net = PeerNetwork(
                 cfg.node_id, peers, cluster_id=cfg.cluster_id, token=cfg.auth_token,
                 on_messages=self._on_peer_messages,
@@ -361,6 +450,8 @@ class Node:
                 rng=random.Random(seed ^ 0x5EED),
                 incarnation=incarnation, pins=self.pins, save_pins=self.save_pins,
                 summary=core.durable_summary, on_refused=self.on_refused,
+                dropped=core.dropped_groups, removed_at=core.removed_at,
+                conf_epochs=core.conf_epochs, member_incarnation=self.member_incarnation,
             )
             self.net.cluster_uuid = self.cluster_uuid
             self.net.security = self.security
@@ -383,7 +474,9 @@ class Node:
                 acceptable_pause_ticks=cfg.failure_acceptable_pause_ms // cfg.tick_interval_ms,
                 min_std_ticks=max(1.0, cfg.heartbeat_interval_ms / cfg.tick_interval_ms),
                 dead_after_ticks=cfg.ticks(cfg.failure_dead_after_ms)),
+            moves_max=cfg.moves_max,
         )
+        self.driver.on_retired = self._on_retired
         self.driver.set_snapshot_sizes({g: len(s.blob) for g, s in found.snapshots.items()})
         self.driver.observer = self.metrics
         self.driver.on_pins = self._on_pins
@@ -402,6 +495,119 @@ class Node:
             await self.start_admin(cfg.metrics_listen)
         if self.net is not None:
             self.net.start()
+
+    async def _join(self, data_dir: Path, incarnation: str, fresh: bool) -> bool:
+        """With ``--join`` on a new data directory: be added to the cluster (the metadata
+        group chooses it) and bind the directory to it (its members' addresses, P, R,
+        uuid). Returns whether this node joined (now or on an earlier start) rather
+        than formed the cluster; a node that joined starts with no group."""
+        cfg = self.config
+        have = read_identity(data_dir)
+        if have.get("joined"):
+            if cfg.join and not have.get("admitted"):
+                fresh = True  # added? ask again (a retried join is answered the same)
+            else:
+                return True
+        elif cfg.join and not fresh:
+            raise StartupError(
+                f"data dir {data_dir} belongs to a node of cluster {cfg.cluster_id} already: "
+                "--join only on a new data directory (start without --join to rejoin)")
+        if not cfg.join:
+            return False
+        self.log.info("joining", via=",".join(cfg.join))
+        answer, status = await join_cluster(cfg, incarnation, self.log)
+        ring = status.get("ring") or {}
+        peers = {m["node_id"]: m["addr"] for m in status.get("members") or []
+                 if isinstance(m, dict) and m.get("state") != LEFT and m.get("addr")}
+        peers[cfg.node_id] = cfg.advertise_addr
+        write_atomically(data_dir / IDENTITY_FILE, {
+            **have, "joined": True, "admitted": True, "peers": peers,
+            "partitions": ring.get("partitions"), "replication": ring.get("replication"),
+            **({"cluster_uuid": status["cluster_uuid"]} if status.get("cluster_uuid") else {}),
+        })
+        self.log.info("joined", epoch=answer.get("epoch"), state=answer.get("state"),
+                      members=",".join(sorted(peers)))
+        return True
+
+    def _on_retired(self, gid: Any) -> None:
+        """A group this node hosted no longer lists it. The metadata group: this node is
+        off the ring for good (it left, or was removed): it stops (exit 0)."""
+        if gid != META:
+            return
+        self.left = True
+        self.log.warning("left_cluster", note="the metadata group no longer lists this node: "
+                         "it left or was removed; stopping")
+        if self.stop_event is not None:
+            self.stop_event.set()
+
+    async def _track_members(self) -> None:
+        """A few times a second: the address book and the peer links follow the metadata
+        group's member list (members joining get a link, gone ones lose it); the
+        identity file keeps the addresses for the next start."""
+        assert self.core is not None
+        seen = None
+        while True:
+            await asyncio.sleep(0.2)
+            meta = self.core.groups.get(META)
+            if meta is None:
+                continue
+            table = meta.sm.members
+            key = table.encode()
+            if key == seen:
+                continue
+            seen = key
+            book = dict(self.peers)
+            for m in table.members.values():
+                if m.address:
+                    book[m.node_id] = m.address
+            live = {i: a for i, a in book.items()
+                    if table.state_of(i) not in (LEFT, REMOVED)}
+            if self.net is not None:
+                self.net.set_members(live)
+                rebound = False
+                for m in table.members.values():
+                    if m.state in (JOINING, ACTIVE):
+                        rebound |= self.pins.rebind(m.node_id, m.incarnation)
+                if rebound:
+                    self.save_pins()
+            self.core.set_contacts(live)
+            if book != self.peers:
+                self.peers = book
+                assert self.data_dir is not None
+                have = await asyncio.to_thread(read_identity, self.data_dir)
+                await asyncio.to_thread(write_atomically, self.data_dir / IDENTITY_FILE,
+                                        {**have, "peers": book})
+
+    def member_incarnation(self, node_id: str) -> str | None:
+        """``node_id``'s data directory as the metadata group's member list has it (None:
+        not known there, or a member from the cluster's formation)."""
+        meta = self.core.groups.get(META) if self.core is not None else None
+        if meta is None:
+            return None
+        m = meta.sm.members.members.get(node_id)
+        return m.incarnation if m is not None and m.state in (JOINING, ACTIVE) else None
+
+    async def leave(self) -> bool:
+        """``--leave-on-stop``: ask the cluster to take this node off the ring
+        (``member_leave``) and wait, at most ``leave_timeout_ms``, until its replicas
+        moved away and the metadata group let it go. True once it has left."""
+        assert self.driver is not None and self.core is not None
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.leave_timeout_ms / 1000
+        self.log.info("leaving", timeout_ms=cfg.leave_timeout_ms)
+        while not self.left and loop.time() < deadline:
+            meta = self.core.groups.get(META)
+            state = meta.sm.members.state_of(cfg.node_id) if meta is not None else None
+            if state in (JOINING, ACTIVE):
+                fut = self.driver.submit_internal(MemberLeave(cfg.node_id), 10.0)
+                result, error = await fut
+                if error is not None:
+                    self.log.warning("leave_retry", error=error[1])
+            await asyncio.sleep(0.5)
+        if not self.left:
+            self.log.error("leave_timed_out", note="stopping without having left")
+        return self.left
 
     def check_ring(self, core: PaxosNode) -> bool:
         """The metadata group's ring must have the P this data directory recorded (a
@@ -452,7 +658,8 @@ class Node:
             await asyncio.sleep(1.0)
             if self.check_ring(self.core):
                 return
-            formed = self.core.state_machine(META).cluster_uuid
+            meta = self.core.groups.get(META)
+            formed = meta.sm.cluster_uuid if meta is not None else None
             if formed is not None and formed != self.cluster_uuid:
                 assert self.data_dir is not None
                 await asyncio.to_thread(record_cluster_uuid, self.data_dir, formed)
@@ -581,6 +788,8 @@ class Node:
         peers = self.peers
         hosted = sorted(g for g in core.groups if g != META)
         gid = hosted[0] if hosted else META
+        if gid not in core.groups:
+            return self.status_hosting_nothing()
         leader = core.leader_of(gid)
         group = core.groups[gid]
         commit = group.log.chosen_through
@@ -598,16 +807,22 @@ class Node:
                 acked = driver.peer_acked.get(pid, 0)
                 info["acked_slot"] = acked
                 info["lag"] = max(0, commit - acked)
-            if self.net is not None:
-                info["link"] = self.net.links[pid].stats()
+            link = self.net.links.get(pid) if self.net is not None else None
+            if link is not None:
+                info["link"] = link.stats()
             peer_info[pid] = info
         ring = driver.ring()
         leaders: list[str | None] = []
+        meta = core.groups.get(META)
+        table = meta.sm.members if meta is not None else None
         if ring is not None:
             leaders = self.leaders(ring)
+            reached = table.reached if table is not None else {}
             partitions = [
                 {"id": p, "replicas": list(ring.replicas(p)), "leader": leaders[p],
-                 "applied": core.groups[p].log.applied if p in core.groups else None}
+                 "applied": core.groups[p].log.applied if p in core.groups else None,
+                 # the ring epoch its replicas were last reported to match
+                 "epoch": reached.get(str(p), 1)}
                 for p in range(ring.partitions)
             ]
             ring_info = {"partitions": ring.partitions, "replication": ring.replication,
@@ -616,6 +831,15 @@ class Node:
             partitions = []
             ring_info = {"partitions": self.partitions, "replication": None, "epoch": 0}
         led = sum(1 for g in hosted if core.groups[g].role.value == "leader")
+        mover = driver.mover
+        moves = {
+            # the ring epoch whose moves are done, and whether a newer one's are pending
+            "settled": table.settled if table is not None else 0,
+            "pending": ring is not None and table is not None and table.settled < ring.epoch
+            and ring.epoch > 1,
+            **(mover.status() if mover is not None else {}),
+            "moves_max": cfg.moves_max,
+        }
         return {
             "node_id": cfg.node_id,
             "cluster_id": cfg.cluster_id,
@@ -626,6 +850,7 @@ class Node:
             "members": self.members_info(ring, leaders),
             "partitions": partitions,
             "ring": ring_info,
+            "moves": moves,
             "hosted": len(hosted),
             "leads": led,
             "paxos": {
@@ -672,6 +897,26 @@ class Node:
             "fsync": cfg.fsync,
         }
 
+    def status_hosting_nothing(self) -> dict:
+        """``status`` of a node that hosts no group: one that joined and was not invited
+        into the metadata group yet, or one that left."""
+        assert self.driver is not None and self.wal is not None
+        cfg = self.config
+        return {
+            "node_id": cfg.node_id, "cluster_id": cfg.cluster_id,
+            "cluster_uuid": self.cluster_uuid,
+            "cpu_seconds": round(time.process_time(), 3), "ready": False,
+            "members": self.members_info(None, []), "partitions": [],
+            "ring": {"partitions": self.partitions, "replication": self.replication, "epoch": 0},
+            "moves": {"settled": 0, "pending": False, "moves_max": cfg.moves_max},
+            "hosted": 0, "leads": 0,
+            "paxos": {"group": None, "role": "none", "peers": {}},
+            "membership": "left" if self.left else "joining",
+            "wal": {"last_lsn": self.wal.last_lsn, "durable_lsn": self.wal.durable_lsn,
+                    **self.wal.stats},
+            "fsync": cfg.fsync,
+        }
+
     def txn_status(self, hosted: list[int]) -> dict:
         """Cross-partition transactions as this node sees them: the ones it coordinates,
         those prepared (in doubt) and the locks held in the partitions it hosts, the
@@ -711,12 +956,20 @@ class Node:
         driver_task = asyncio.create_task(self.driver.run(), name="driver")
         watchdog = asyncio.create_task(sdnotify.watchdog_loop(), name="watchdog")
         tracker = asyncio.create_task(self._track_pins(), name="pins")
+        members = asyncio.create_task(self._track_members(), name="members")
         monitor = asyncio.create_task(self.metrics.loop_monitor(), name="loop-monitor")
         sdnotify.notify(f"READY=1\nSTATUS=serving on {self.config.listen}")
         self.log.info("serving", listen=self.config.listen, version=__version__)
         stop_task = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({driver_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        if (driver_task not in done and self.config.leave_on_stop and not self.left
+                and self.refused is None):
+            leaving = asyncio.create_task(self.leave())
+            done, _ = await asyncio.wait({driver_task, leaving},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            leaving.cancel()
         tracker.cancel()
+        members.cancel()
         if driver_task in done:
             stop_task.cancel()
             watchdog.cancel()
@@ -969,6 +1222,10 @@ def _settings_options(f):
             f" [default: {default}]" if default is not None else ""
         )
         help_text += f" [env: DSNODE_{name.upper()}]"
+        if name == "join":  # repeatable
+            f = click.option(flag, name, type=click.STRING, multiple=True,
+                             help=help_text.strip())(f)
+            continue
         f = click.option(flag, name, type=_flag_type(name), default=None,
                          help=help_text.strip())(f)
     return f
@@ -1005,6 +1262,7 @@ def serve_command(config_file: str | None, **flags: str | None) -> None:
     Every setting comes from a flag, a DSNODE_<SETTING> environment variable,
     the TOML file given by --config, or its default, in that order.
     """
+    flags["join"] = ",".join(flags["join"]) if flags.get("join") else None  # type: ignore[arg-type]
     try:
         config = load_config(flags, os.environ, config_file)
     except ConfigError as e:

@@ -58,7 +58,8 @@ RECORDS_PER_FSYNC_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 
 LOOP_LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SNAPSHOT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-TIMED_OPS = ("get", "put", "delete", "txn")  # data requests: timed, and proposed or read
+# requests timed: data requests, and membership changes (proposed in the metadata group)
+TIMED_OPS = ("get", "put", "delete", "txn", "member_join", "member_leave", "member_remove")
 OPS = (*TIMED_OPS, "hello", "status", "ring")
 OTHER_OP = "other"  # an op name the server does not know (answered unknown_op or bad_request)
 SNAPSHOT_KINDS = ("state_machine", "wal_checkpoint")

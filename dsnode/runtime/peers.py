@@ -235,6 +235,10 @@ class PeerNetwork:
         save_pins: Callable[[], None] | None = None,
         summary: Callable[[], tuple[dict, dict]] | None = None,
         on_refused: Callable[[str], None] | None = None,
+        dropped: Callable[[], list[str]] | None = None,
+        removed_at: Callable[[str, str], int | None] | None = None,
+        conf_epochs: Callable[[], dict[str, int]] | None = None,
+        member_incarnation: Callable[[str], str | None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -254,8 +258,15 @@ class PeerNetwork:
         self._save_pins = save_pins
         self._summary = summary
         self._on_refused = on_refused
+        self._dropped = dropped  # the groups this node dropped for good (ids as strings)
+        self._removed_at = removed_at  # (peer, group) -> epoch that removed it, or None
+        self._conf_epochs = conf_epochs  # per group, the configuration epoch applied here
+        # a member's data directory as the metadata group's member list has it
+        self._member_incarnation = member_incarnation
         self._rng = rng or random.Random(node_id)
         self._tasks: list[asyncio.Task] = []
+        self._dialing: dict[str, asyncio.Task] = {}
+        self._started = False
         self._closing = False
         self.security: Security | None = None  # TLS for dialing and the dialed node's identity
 
@@ -271,6 +282,11 @@ class PeerNetwork:
                "pins": self.pins.encode()}
         if self.cluster_uuid is not None:
             out["cluster_uuid"] = self.cluster_uuid
+        dropped = self._dropped() if self._dropped is not None else []
+        if dropped:
+            out["dropped"] = dropped
+        if self._conf_epochs is not None:
+            out["conf_epoch"] = self._conf_epochs()
         return out
 
     def admit(self, peer_id: str, hello: dict) -> str | None:
@@ -288,6 +304,12 @@ class PeerNetwork:
             self._cluster_conflict(peer_id, hello.get("cluster_uuid"))
             return self._refuse(peer_id, reason)
         changed = self.merge_pins(peer_id, hello.get("pins"), save=False)
+        if self._member_incarnation is not None and (
+                self._member_incarnation(peer_id) == presented.incarnation):
+            changed |= self.pins.rebind(peer_id, presented.incarnation)  # re-added afresh
+        if presented.dropped and self._removed_at is not None:
+            removed_at = self._removed_at
+            changed |= self.pins.note_drops(peer_id, presented, lambda g: removed_at(peer_id, g))
         reason = self.pins.check(peer_id, presented)
         if reason is not None:
             if changed and self._save_pins is not None:
@@ -355,9 +377,48 @@ class PeerNetwork:
         return link is not None and link.transport is not None
 
     def start(self) -> None:
+        self._started = True
         for pid, link in self.links.items():
             if self.node_id < pid:
-                self._tasks.append(asyncio.create_task(self._dial_forever(link), name=f"dial-{pid}"))
+                self._dial(link)
+
+    def _dial(self, link: PeerLink) -> None:
+        task = asyncio.create_task(self._dial_forever(link), name=f"dial-{link.peer_id}")
+        self._tasks.append(task)
+        self._dialing[link.peer_id] = task
+
+    def set_members(self, peers: dict[str, str]) -> list[str]:
+        """The cluster's members changed (the metadata group's member list): links to
+        new members (dialed when our id is the smaller), none any more to members that
+        are gone, a new address for one that moved. Returns the ids whose link changed."""
+        changed = []
+        for pid in [p for p in self.links if p not in peers]:
+            link = self.links.pop(pid)
+            task = self._dialing.pop(pid, None)
+            if task is not None:
+                task.cancel()
+            if link.transport is not None:
+                link.transport.close()
+            changed.append(pid)
+        for pid, addr in peers.items():
+            if pid == self.node_id:
+                continue
+            link = self.links.get(pid)
+            if link is not None and link.addr == addr:
+                continue
+            if link is not None:  # moved: dial the new address
+                link.addr = addr
+                task = self._dialing.pop(pid, None)
+                if task is not None:
+                    task.cancel()
+            else:
+                link = self.links[pid] = PeerLink(self, pid, addr)
+            changed.append(pid)
+            if self._started and not self._closing and self.node_id < pid:
+                self._dial(link)
+        if changed:
+            log.info("peers_changed", peers=",".join(sorted(self.links)), changed=changed)
+        return changed
 
     async def _dial_forever(self, link: PeerLink) -> None:
         loop = asyncio.get_running_loop()

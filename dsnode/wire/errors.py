@@ -14,6 +14,9 @@ INTERNAL = "internal"
 # a retried write whose request id the deduplication table no longer holds: it may have
 # been applied, cannot tell (always indeterminate; retrying the same id gives the same)
 EXPIRED = "expired"
+# a membership change the cluster does not allow (now): one change at a time, an unknown
+# member, the last member, an id bound to another data directory; definite
+REFUSED = "refused"
 
 ALL_CODES = (
     BAD_REQUEST,
@@ -26,6 +29,7 @@ ALL_CODES = (
     OVERLOADED,
     INTERNAL,
     EXPIRED,
+    REFUSED,
 )
 
 RETRYABLE = frozenset({UNAVAILABLE, TIMEOUT, CONFLICT, OVERLOADED})

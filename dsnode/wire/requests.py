@@ -22,6 +22,14 @@ from dsnode.core.commands import (
     SubPut,
     Txn,
 )
+from dsnode.core.membership.members import (
+    ADDRESS_BYTES_MAX,
+    ID_BYTES_MAX,
+    NODE_ID_RE,
+    MemberAdd,
+    MemberLeave,
+    MemberRemove,
+)
 from dsnode.wire.errors import BAD_REQUEST, TOO_LARGE, UNKNOWN_OP
 
 MAX_ID = (1 << 63) - 1
@@ -32,13 +40,17 @@ MAX_CLIENT_ID_BYTES = 64
 COMMON_FIELDS = frozenset({"id", "op", "timeout_ms"})
 OP_FIELDS: dict[str, frozenset[str]] = {
     "hello": frozenset({"token", "client", "peer", "cluster_id", "incarnation", "log_end",
-                        "promised", "pins", "cluster_uuid"}),
+                        "promised", "pins", "cluster_uuid", "dropped", "conf_epoch"}),
     "get": frozenset({"key", "consistency"}),
     "put": frozenset({"key", "value", "if_version", "client_id", "seq", "retry"}),
     "delete": frozenset({"key", "if_version", "client_id", "seq", "retry"}),
     "txn": frozenset({"if", "then", "else", "client_id", "seq", "retry"}),
     "status": frozenset(),
     "ring": frozenset(),  # the partition map (PROTOCOL.md, "ring")
+    # membership changes (PROTOCOL.md, "Membership")
+    "member_join": frozenset({"node_id", "address", "incarnation"}),
+    "member_leave": frozenset({"node_id"}),
+    "member_remove": frozenset({"node_id"}),
 }
 
 
@@ -166,6 +178,8 @@ def parse_request(obj: object, limits: Limits) -> Request:
         cmd = Delete(_key(_required(obj, "key"), "key", limits), _opt_version(obj, "if_version"))
     elif op == "txn":
         cmd = _txn(obj, limits)
+    elif op in MEMBER_OPS:
+        cmd = _member_command(op, obj)
     elif op == "hello":
         for f in ("token", "client", "peer", "cluster_id", "incarnation", "cluster_uuid"):
             if f in obj and not isinstance(obj[f], str):
@@ -175,6 +189,28 @@ def parse_request(obj: object, limits: Limits) -> Request:
                 raise _bad(f"field {f!r} must be a map, got {_type_name(obj[f])}")
     dedup = _dedup(obj) if op in ("put", "delete", "txn") else None
     return Request(rid, op, cmd, timeout_ms, obj, dedup)
+
+
+MEMBER_OPS = frozenset(("member_join", "member_leave", "member_remove"))
+
+
+def _member_command(op: str, obj: dict) -> Command:
+    node_id = _required(obj, "node_id")
+    if not isinstance(node_id, str) or not NODE_ID_RE.match(node_id):
+        raise _bad("field 'node_id' must match [a-z0-9][a-z0-9_-]{0,62}")
+    if op == "member_leave":
+        return MemberLeave(node_id)
+    if op == "member_remove":
+        return MemberRemove(node_id)
+    address, incarnation = _required(obj, "address"), _required(obj, "incarnation")
+    if not isinstance(address, str) or len(address.encode()) > ADDRESS_BYTES_MAX:
+        raise _bad(f"field 'address' must be a HOST:PORT str of at most {ADDRESS_BYTES_MAX} bytes")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _bad(f"field 'address' {address!r} is not HOST:PORT")
+    if not isinstance(incarnation, str) or not 0 < len(incarnation.encode()) <= ID_BYTES_MAX:
+        raise _bad(f"field 'incarnation' must be a non-empty str of at most {ID_BYTES_MAX} bytes")
+    return MemberAdd(node_id, address, incarnation)
 
 
 def _dedup(obj: dict) -> list | None:

@@ -124,3 +124,30 @@ def test_watermarks_from_before_a_drop_do_not_come_back_with_a_merge():
     assert inc.check("n2", Presented("aaa", {"0": 3}, {}, {"0": 6})) is None
     knows = Incarnations({"n2": Pin("aaa", {"0": 5}, {}, {"0": 4})})
     assert inc.merge(knows, "n1") and inc.pins["n2"].accepted == {"0": 5}
+
+
+def test_a_peer_that_dropped_a_group_it_was_removed_from_is_not_held_to_its_watermarks():
+    pins = Incarnations()
+    pins.admit("n2", "inc2")
+    pins.saw("n2", "0", accepted=3)
+    gone = Presented("inc2", {}, {}, {}, ("0",))
+    assert "slot 3" in pins.check("n2", gone)
+    # a claim this node cannot confirm yet (its configuration still lists n2): no change
+    assert not pins.note_drops("n2", gone, lambda g: None)
+    assert pins.check("n2", gone) is not None
+    assert pins.note_drops("n2", gone, lambda g: 4)
+    assert pins.check("n2", gone) is None
+    # hosting the group again needs a later configuration than the one that removed it
+    back = Presented("inc2", {"0": 1}, {}, {"0": 4})
+    assert "removed from the group by epoch 4" in pins.check("n2", back)
+    assert pins.check("n2", Presented("inc2", {"0": 1}, {}, {"0": 6})) is None
+
+
+def test_a_member_added_again_with_a_fresh_directory_is_pinned_anew():
+    pins = Incarnations()
+    pins.admit("n3", "old")
+    pins.saw("n3", "5", accepted=9)
+    assert pins.check("n3", Presented("new")) is not None
+    assert not pins.rebind("n3", "old") and not pins.rebind("n3", "")
+    assert pins.rebind("n3", "new")
+    assert pins.check("n3", Presented("new")) is None and pins.pins["n3"].accepted == {}

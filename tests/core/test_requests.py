@@ -113,3 +113,30 @@ def test_bad_request_id_fields_are_refused_with_a_clear_error(fields, needle):
 def test_reads_do_not_take_request_ids():
     code, message = err({"op": "get", "key": b"k", "client_id": b"c", "seq": 1})
     assert code == "bad_request" and "unknown field 'client_id'" in message
+
+
+def test_membership_ops_become_membership_commands():
+    from dsnode.core.membership.members import MemberAdd, MemberLeave, MemberRemove
+
+    assert ok({"op": "member_join", "node_id": "n4", "address": "10.0.0.4:7379",
+               "incarnation": "ab12"}).command == MemberAdd("n4", "10.0.0.4:7379", "ab12")
+    assert ok({"op": "member_leave", "node_id": "n2"}).command == MemberLeave("n2")
+    assert ok({"op": "member_remove", "node_id": "n3"}).command == MemberRemove("n3")
+
+
+@pytest.mark.parametrize("obj, needle", [
+    ({"op": "member_leave"}, "node_id"),
+    ({"op": "member_leave", "node_id": "N1"}, "node_id"),
+    ({"op": "member_remove", "node_id": 3}, "node_id"),
+    ({"op": "member_join", "node_id": "n4", "address": "nowhere", "incarnation": "x"},
+     "HOST:PORT"),
+    ({"op": "member_join", "node_id": "n4", "address": "h:99999", "incarnation": "x"},
+     "HOST:PORT"),
+    ({"op": "member_join", "node_id": "n4", "address": "h:1", "incarnation": ""},
+     "incarnation"),
+    ({"op": "member_join", "node_id": "n4", "address": "h:1"}, "incarnation"),
+    ({"op": "member_leave", "node_id": "n1", "extra": 1}, "extra"),
+])
+def test_bad_membership_requests_get_a_clear_error(obj, needle):
+    code, message = err(obj)
+    assert code == "bad_request" and needle in message

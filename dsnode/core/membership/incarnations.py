@@ -57,6 +57,8 @@ class Presented:
     promised: dict[str, Ballot] = field(default_factory=dict)
     # per group, the epoch of the configuration it has applied (``PaxosNode.conf_epochs``)
     conf_epoch: dict[str, int] = field(default_factory=dict)
+    # groups it dropped for good (``PaxosNode.dropped_groups``): removed from them
+    dropped: tuple[str, ...] = ()
 
 
 class Incarnations:
@@ -95,6 +97,35 @@ class Incarnations:
                     f"{g}, but it promised {list(ballot)} before: {RECOVERY_HINT}"
                 )
         return None
+
+    def note_drops(self, peer: str, p: Presented, removed_at) -> bool:
+        """``peer`` says it dropped the groups ``p.dropped``: for each one whose
+        configuration, as this node knows it, no longer lists the peer
+        (``removed_at(group)`` gives that configuration's epoch, None while it still
+        lists it), its watermarks there go (``dropped``). A claim this node cannot
+        confirm yet changes nothing (the check may then refuse the peer until this node
+        catches up). True if the pins changed."""
+        pin = self.pins.get(peer)
+        if pin is None or pin.incarnation != p.incarnation:
+            return False
+        changed = False
+        for g in p.dropped:
+            epoch = removed_at(g)
+            if epoch is not None:
+                changed |= self.dropped(peer, g, epoch)
+        return changed
+
+    def rebind(self, peer: str, incarnation: str) -> bool:
+        """The cluster's member list (the metadata group) says ``peer`` is now the data
+        directory ``incarnation``: it was removed and added again with a fresh directory
+        (``members.MemberTable``). Its old pin goes: every replica of the old directory
+        was removed from its groups, and the new one joins them afresh as a learner
+        (``core.paxos.reconfig``, R5). True if the pins changed."""
+        pin = self.pins.get(peer)
+        if pin is None or pin.incarnation == incarnation or not incarnation:
+            return False
+        self.pins[peer] = Pin(incarnation)
+        return True
 
     def admit(self, peer: str, incarnation: str) -> bool:
         """Pin a peer met for the first time; True if the pins changed."""
@@ -237,6 +268,7 @@ def presented_from_wire(hello: dict) -> Presented | None:
         log_end = {_str(g): _int(s) for g, s in hello.get("log_end", {}).items()}
         promised = {_str(g): _ballot(b) for g, b in hello.get("promised", {}).items()}
         conf_epoch = {_str(g): _int(e) for g, e in hello.get("conf_epoch", {}).items()}
-        return Presented(_str(inc), log_end, promised, conf_epoch)
+        dropped = tuple(_str(g) for g in hello.get("dropped", ()))
+        return Presented(_str(inc), log_end, promised, conf_epoch, dropped)
     except (TypeError, ValueError, AttributeError):
         raise ValueError("malformed identity in peer hello") from None

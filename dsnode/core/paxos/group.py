@@ -936,9 +936,15 @@ class PaxosGroup(LeaderSide, CatchUp):
         was_leader = self.role is Role.LEADER
         self.removed = {m: self.log.applied for m in self.everyone
                         if not conf.hosts(m) and m != self.me}
+        added = [m for m in (*conf.voters, *conf.learners) if m not in self.everyone]
         self._set_conf(conf)
         if was_leader:
-            self.proposer.gone.update(self.removed)
+            p = self.proposer
+            p.gone.update(self.removed)
+            for m in added:  # (again, perhaps: what an earlier replica of it said is void)
+                p.gone.pop(m, None)
+                p.match.pop(m, None)
+                p.acked_seq.pop(m, None)
         self.out.conf_changes += 1
         if not conf.hosts(self.me) and not was_leader:
             self.retired = True

@@ -34,7 +34,7 @@ from dsnode.core.ring import Ring
 RING_KEY = b"\x00ring"  # where the ring lives in the metadata group's store
 FIRST_RING_KEY = b"\x00ring1"  # and the cluster's first ring (epoch 1), kept for good
 MEMBERS_KEY = b"\x00members"  # and the member list (once a membership command changed it)
-REFUSED = "ring_refused"
+REFUSED = "refused"  # the wire's error code (PROTOCOL.md): a definite refusal
 
 
 class MetaSM(DedupKV):

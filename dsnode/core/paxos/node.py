@@ -703,6 +703,20 @@ class PaxosNode:
             {str(g): grp.acceptor.promised for g, grp in self.groups.items()},
         )
 
+    def dropped_groups(self) -> list[str]:
+        """The groups this node dropped for good and hosts no more (ids as strings), for
+        the peer hello: peers let go of its watermarks there (``Incarnations.note_drops``)."""
+        return sorted(str(g) for g in self._dropped if g not in self.groups)
+
+    def removed_at(self, peer: str, group: str) -> int | None:
+        """The configuration epoch, as applied here, of group ``group`` (id as a string)
+        that no longer lists ``peer``; 0 for a group not hosted here; None while the
+        configuration applied here still lists it."""
+        for gid, g in self.groups.items():
+            if str(gid) == group:
+                return None if g.conf.hosts(peer) else g.conf.epoch
+        return 0
+
     def conf_epochs(self) -> dict[str, int]:
         """Per group (id as a string): the epoch of the configuration applied here, for
         the peer hello's identity check (a group dropped and hosted again must come
