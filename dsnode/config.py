@@ -272,6 +272,11 @@ class NodeConfig(BaseModel):
         default=4, ge=1, le=64,
         description="partitions this node moves replicas of at once after a membership change",
     )
+    auto_remove_dead_ms: int = Field(
+        default=0, ge=0, le=86_400_000 * 30,
+        description="remove a member silent for this long automatically, so that every "
+        "partition gets its replicas back (0: never; at least failure_dead_after_ms), ms",
+    )
     leave_on_stop: bool = Field(
         default=False,
         description="on SIGTERM, leave the cluster first (replicas move away, then the node "
@@ -359,6 +364,9 @@ class NodeConfig(BaseModel):
     def _check_cluster(self) -> NodeConfig:
         if self.peers is not None and self.node_id not in self.peers:
             raise ValueError(f"peers: this node ({self.node_id}) is not in the peer list")
+        if 0 < self.auto_remove_dead_ms < self.failure_dead_after_ms:
+            raise ValueError("auto_remove_dead_ms must be 0 (off) or at least "
+                             "failure_dead_after_ms")
         if self.peers is not None and self.join is not None:
             raise ValueError("join: a joining node learns its peers from the cluster; "
                              "give --join or --peers, not both")

@@ -243,6 +243,7 @@ class Driver:
         twopc: TwoPCConfig | None = None,
         detector: DetectorConfig | None = None,
         moves_max: int = 4,
+        auto_remove_dead_ticks: int = 0,
     ) -> None:
         self.core = core
         # the replica mover (core.membership.mover): with replica-set changes on, it moves
@@ -254,6 +255,9 @@ class Driver:
                                answer_ticks=4 * core.config.election_timeout_ticks,
                                every_ticks=max(1, core.config.heartbeat_interval_ticks // 2))
         self._conf_changes_seen = 0
+        self._auto_remove_ticks = auto_remove_dead_ticks  # 0: never
+        self._auto_removed_at: dict[str, int] = {}  # member -> tick its removal was asked
+        self._auto_remove_check = 0
         self.dropped_groups: set[Any] = set()  # retired and dropped: files go at a checkpoint
         # told of every group this node dropped (the metadata group: it left the cluster)
         self.on_retired: Callable[[Any], None] | None = None
@@ -552,6 +556,7 @@ class Driver:
             if self.peer_states:
                 log.info("peer_state_changed", **changed)
             self.peer_states = states
+            self.core.suspects = frozenset(p for p, s in states.items() if s != ALIVE)
             if self.router is not None:
                 self.router.suspects = frozenset(p for p, s in states.items() if s != ALIVE)
 
@@ -1272,8 +1277,7 @@ class Driver:
         self._leaders_tick()
         self._txn_tick()
         if self.mover is not None:
-            for cmd in self.mover.tick():
-                self.submit(MetaSubmit(), cmd, self.mover.answer_ticks * self._tick_seconds)
+            self._membership_tick(self.mover)
         if self._parked and self._router() is not None:
             parked, self._parked = self._parked, []
             for p in parked:
@@ -1281,6 +1285,35 @@ class Driver:
                 if not p.done:
                     self._dispatch(p)
         self._schedule_flush()
+
+    def _membership_tick(self, mover: Mover) -> None:
+        """The replica mover's steps (logged) and reports; as the metadata group's leader,
+        the automatic removal of a member silent too long (``auto_remove_dead_ms``)."""
+        timeout_s = mover.answer_ticks * self._tick_seconds
+        for cmd in mover.tick():
+            self.submit(MetaSubmit(), cmd, timeout_s)
+        if mover.log:
+            for epoch, step in mover.log:
+                log.info("replica_move", group=step.pid, step=step.action, node=step.node,
+                         ring_epoch=epoch)
+            mover.log.clear()
+        if not self._auto_remove_ticks or self.tick_count - self._auto_remove_check < 50:
+            return
+        self._auto_remove_check = self.tick_count
+        core = self.core
+        meta = core.metadata
+        if meta not in core.groups or not core.is_leader(meta):
+            return
+        table = core.groups[meta].sm.members
+        silent = {p: self.detector.silence(p, self.tick_count) for p in table.on_ring()}
+        for node_id in mover.dead_to_remove(table, self.node_id, silent, self._auto_remove_ticks):
+            asked = self._auto_removed_at.get(node_id)
+            if asked is not None and self.tick_count - asked < self._auto_remove_ticks:
+                continue
+            self._auto_removed_at[node_id] = self.tick_count
+            log.warning("auto_remove", node=node_id,
+                        silent_s=round(silent[node_id] * self._tick_seconds, 1))
+            self.submit(MetaSubmit(), mem.MemberRemove(node_id), timeout_s)
 
     def _leaders_tick(self) -> None:
         """Every tick: follow leader changes (the router re-sends what they strand),

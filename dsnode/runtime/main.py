@@ -475,6 +475,8 @@ class Node:
                 min_std_ticks=max(1.0, cfg.heartbeat_interval_ms / cfg.tick_interval_ms),
                 dead_after_ticks=cfg.ticks(cfg.failure_dead_after_ms)),
             moves_max=cfg.moves_max,
+            auto_remove_dead_ticks=cfg.ticks(cfg.auto_remove_dead_ms) if cfg.auto_remove_dead_ms
+            else 0,
         )
         self.driver.on_retired = self._on_retired
         self.driver.set_snapshot_sizes({g: len(s.blob) for g, s in found.snapshots.items()})

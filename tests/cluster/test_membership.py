@@ -230,3 +230,18 @@ def test_a_join_the_cluster_refuses_ends_the_node_with_status_2(pool):
 def _run_to_exit(srv) -> tuple[int, str]:
     srv.spawn()
     return srv.wait_exit(30), srv.last_run_output()
+
+
+def test_a_node_dead_for_longer_than_auto_remove_dead_ms_is_removed(pool):
+    auto = ("--failure-dead-after-ms", "1000", "--auto-remove-dead-ms", "2000")
+    cluster = Cluster(pool, 3, (*SHAPE, *auto)).start(60)
+    n4 = _joiner(pool, cluster, "n4", [_addr(cluster, "n1")])
+    n4.extra_args += list(auto)
+    n4.spawn()
+    wait_until(lambda: _settled(cluster, ["n1", "n2", "n3", "n4"], 2), 120.0, "n4 joined",
+               lambda: _describe(cluster))
+    cluster.nodes["n3"].kill()
+    sts = wait_until(lambda: _settled(cluster, ["n1", "n2", "n4"], 3), 120.0,
+                     "n3 removed automatically", lambda: _describe(cluster))
+    _check_placement(sts, ["n1", "n2", "n4"])
+    assert {m["node_id"]: m["state"] for m in sts["n1"]["members"]}["n3"] == "left"

@@ -208,3 +208,14 @@ def test_the_metadata_group_keeps_its_voters_and_takes_the_rest_as_learners():
                                                                       [], "a", 5)
     assert meta_step("m", conf, ("a", "b"), [], "a", 5).node == "z"
     assert meta_step("m", GroupConf(("a", "b", "c")), ("a", "b"), [], "a", 5).action == REMOVE
+
+
+def test_members_silent_too_long_are_named_for_removal_one_at_a_time():
+    from dsnode.core.membership.members import MemberTable
+
+    table = MemberTable.formed(("a", "b", "c", "d"), 1)
+    silent = {"a": 0, "b": 500, "c": 900, "d": None}
+    assert Mover.dead_to_remove(table, "a", silent, 600) == ["c"]
+    assert Mover.dead_to_remove(table, "a", silent, 400) == ["b"]
+    assert Mover.dead_to_remove(table, "c", silent, 600) == []  # never itself
+    assert Mover.dead_to_remove(table, "a", silent, 1000) == []  # d: never heard, not counted

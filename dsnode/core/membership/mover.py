@@ -104,6 +104,7 @@ class Mover:
         self.counts: Counter[str] = Counter()  # steps asked, done, refused; reports
         self.pending = 0  # groups led here that do not match the ring (last look)
         self.epoch = 0  # the ring epoch moved toward (last look; 0: none pending)
+        self.log: list[tuple[int, Step]] = []  # steps taken (ring epoch, step), for the shell
         self._seq = 0
         self._last = -(10**9)
 
@@ -198,6 +199,7 @@ class Mover:
             self.running[gid] = (None, core.now - self.answer_ticks, Step(gid, "wait", ""))
             return  # learners still catching up: looked at again next time
         self.counts["asked"] += 1
+        self.log.append((self.epoch, step))
         if step.action == TRANSFER:
             core.transfer_leadership(gid, step.node)
             self.running[gid] = (None, core.now, step)
@@ -212,6 +214,22 @@ class Mover:
         else:
             assert step.action == REMOVE
             core.remove_replica(gid, token, step.node)
+
+    # ------------------------------------------------------------ automatic removal
+    @staticmethod
+    def dead_to_remove(table: Any, me: str, silent_ticks: dict[str, int | None],
+                       after_ticks: int) -> list[str]:
+        """Members on the ring (other than ``me``) silent for ``after_ticks`` or more (the
+        failure detector's ``silence``; None: never heard since this node started, not
+        counted): to be removed so that every partition gets its R replicas back. The
+        metadata group's leader asks (one per call); the member list refuses the last
+        member."""
+        out = []
+        for node_id in table.on_ring():
+            silent = silent_ticks.get(node_id)
+            if node_id != me and silent is not None and silent >= after_ticks:
+                out.append(node_id)
+        return out[:1]
 
     # ------------------------------------------------------------ views
     def status(self) -> dict:

@@ -67,6 +67,9 @@ class PaxosNode:
         self._last_node_heartbeat = -(10**9)
         self._dirty: set[Any] = set()
         self.contacts: set[str] = set()
+        # peers the shell's failure detector suspects (or declared dead): not alive here
+        # even if heard within an election timeout (``peer_alive``)
+        self.suspects: frozenset[str] = frozenset()
         # Resolves of cross-partition transactions held back to ride in the slot of the
         # next command proposed to their group, or proposed alone once held for
         # ``resolve_ride_ticks`` ticks (0: never held; see ``propose``);
@@ -447,9 +450,14 @@ class PaxosNode:
 
     def peer_alive(self, peer: str) -> bool:
         """Heard from ``peer`` (anything, a node heartbeat at least) within an election
-        timeout; this node itself always is."""
+        timeout, and not suspected by the shell's failure detector (``suspects``: with an
+        election timeout longer than the detector's suspicion, a quiet group's followers
+        then stop waiting on a leader the detector gave up on, and no leadership is handed
+        to a suspect); this node itself always is."""
         if peer == self.node_id:
             return True
+        if peer in self.suspects:
+            return False
         heard = self.peer_heard.get(peer)
         return heard is not None and self.now - heard < self.config.election_timeout_ticks
 
