@@ -824,7 +824,11 @@ class Node:
                 {"id": p, "replicas": list(ring.replicas(p)), "leader": leaders[p],
                  "applied": core.groups[p].log.applied if p in core.groups else None,
                  # the ring epoch its replicas were last reported to match
-                 "epoch": reached.get(str(p), 1)}
+                 "epoch": reached.get(str(p), 1),
+                 # its configuration as this node applied it (hosted partitions only)
+                 **({"voters": list(core.groups[p].conf.voters),
+                     "learners": list(core.groups[p].conf.learners)}
+                    if p in core.groups else {})}
                 for p in range(ring.partitions)
             ]
             ring_info = {"partitions": ring.partitions, "replication": ring.replication,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import subprocess
 import sys
 import time
@@ -245,3 +246,78 @@ def test_a_node_dead_for_longer_than_auto_remove_dead_ms_is_removed(pool):
                      "n3 removed automatically", lambda: _describe(cluster))
     _check_placement(sts, ["n1", "n2", "n4"])
     assert {m["node_id"]: m["state"] for m in sts["n1"]["members"]}["n3"] == "left"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_100k_keys_grow_3_to_5_then_remove_one_and_one_leaves_under_a_checked_workload(pool):
+    """Issue 10 part 5: 3 nodes with 100,000 keys; a fourth and a fifth join while a client
+    workload runs; then one is removed (killed first) and another leaves. The history is
+    linearizable, every acknowledged write and every loaded key is there at the end, and
+    each node holds its share of the replicas within the ring's balance bound."""
+    p = 64
+    shape = ("--partitions", str(p), "--replication", "3", "--prefer-ring-leaders", "true")
+    cluster = Cluster(pool, 3, shape).start(60)
+
+    def live() -> dict[str, tuple[str, int]]:
+        return {nid: s.addr for nid, s in cluster.nodes.items() if s.running}
+
+    def joiner(nid: str, via: str):
+        srv = pool.new("--join", _addr(cluster, via), *DEFAULT_TIMING, *shape, node_id=nid,
+                       port=free_port())
+        cluster.nodes[nid] = srv
+        srv.spawn()
+
+    async def settle(ids: list[str], epoch: int) -> dict:
+        return await async_wait_until(lambda: _asettled(cluster, ids, epoch), 300.0,
+                                      f"the ring of epoch {epoch} settled on {ids}",
+                                      lambda: _describe(cluster))
+
+    def balanced(sts: dict, members: list[str]) -> None:
+        ring = Ring(members, p, 3, 1)
+        fair = 3 * p / len(members)
+        for nid, st in sts.items():
+            assert st["hosted"] == len(ring.partitions_of(nid))
+            assert 0.5 * fair <= st["hosted"] <= 1.25 * fair, (nid, st["hosted"], fair)
+
+    async def run() -> None:
+        eps = ",".join(_addr(cluster, n) for n in ("n1", "n2", "n3"))
+        async with Client(eps, timeout=30, pool_size=4) as c:
+            it = iter(range(100_000))
+
+            async def loader() -> None:
+                for i in it:
+                    await c.put(b"bulk%06d" % i, b"x%d" % i)
+
+            await asyncio.gather(*(loader() for _ in range(64)))
+        work = Workload(live, seed=7, cfg=WorkloadConfig(clients=4, keys=16)).start()
+        await work.wait_acked(20, 60.0)
+        joiner("n4", "n1")
+        four = ["n1", "n2", "n3", "n4"]
+        balanced(await settle(four, 2), four)
+        joiner("n5", "n3")
+        five = [*four, "n5"]
+        balanced(await settle(five, 3), five)
+        await work.wait_acked(20, 60.0, after=time.monotonic())
+        cluster.nodes["n2"].kill()
+        res = await asyncio.to_thread(_cli, "member", "remove", "n2",
+                                      endpoint=cluster.nodes["n1"].addr)
+        assert res["state"] == "removed"
+        rest = ["n1", "n3", "n4", "n5"]
+        balanced(await settle(rest, 4), rest)
+        res = await asyncio.to_thread(_cli, "member", "leave", "n4",
+                                      endpoint=cluster.nodes["n5"].addr)
+        assert res["state"] == "leaving"
+        three = ["n1", "n3", "n5"]
+        balanced(await settle(three, 5), three)
+        await work.wait_acked(20, 60.0, after=time.monotonic())
+        hist = await work.stop()
+        final = await final_reads(hist, cluster.nodes["n5"].addr, "n5", work.keys)
+        check_acked_writes_survive(hist, final)
+        check_linearizable(hist)
+        async with Client(_addr(cluster, "n3"), timeout=30) as c:
+            rng = random.Random(3)
+            for i in rng.sample(range(100_000), 2_000):
+                assert (await c.get(b"bulk%06d" % i)).value == b"x%d" % i
+
+    asyncio.run(run())

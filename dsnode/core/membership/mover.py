@@ -199,6 +199,7 @@ class Mover:
             self.running[gid] = (None, core.now - self.answer_ticks, Step(gid, "wait", ""))
             return  # learners still catching up: looked at again next time
         self.counts["asked"] += 1
+        self.counts[step.action] += 1  # add_learner: a replica copied to a node
         self.log.append((self.epoch, step))
         if step.action == TRANSFER:
             core.transfer_leadership(gid, step.node)
@@ -236,8 +237,13 @@ class Mover:
         """For ``status``: the ring epoch moved toward (0: nothing pending), the groups
         led here that do not match it yet, and the steps running now."""
         running = []
+        core = self.core
         for gid, (_t, _at, step) in sorted(self.running.items(), key=lambda kv: str(kv[0])):
             if step.action != "wait":
                 running.append({"group": gid, "step": step.action, "node": step.node})
+            elif gid in core.groups:  # learners catching up: how far each acknowledged
+                running.append({"group": gid, "step": "catch_up",
+                                "learners": core.learner_progress(gid),
+                                "commit": core.groups[gid].log.chosen_through})
         return {"epoch": self.epoch, "pending": self.pending, "running": running,
                 "steps": dict(self.counts)}

@@ -372,6 +372,8 @@ class PaxosGroup(LeaderSide, CatchUp):
                     self._invite_learners(p)
                 if not self.quiesced:
                     self._heartbeat(retransmit=True)
+                elif self._behind():
+                    self._wake()  # heartbeats again until they report everything chosen
                 else:
                     self._send_quiesce()  # to live members that did not ack it yet
             fresh = sum(1 for m in self.members if self._member_fresh(m))
@@ -563,7 +565,10 @@ class PaxosGroup(LeaderSide, CatchUp):
         if len(live) + 1 < self.quorum:
             return False  # it must notice it lost its quorum and step down
         live += [m for m in self.learners if self.alive(m)]
-        return all(p.acked_seq.get(m, 0) >= self.quiet_seq for m in live)  # all told
+        ct = self.log.chosen_through
+        # all told, and all known to have everything chosen (see ``_behind``)
+        return all(p.acked_seq.get(m, 0) >= self.quiet_seq and p.match.get(m, 0) >= ct
+                   for m in live)
 
     def _busy(self) -> bool:
         """Catching up, or (as leader) commands, reads or a transfer in progress."""
@@ -623,6 +628,16 @@ class PaxosGroup(LeaderSide, CatchUp):
                 if msg is None:
                     msg = Host(self.group, c.voters, c.learners, c.epoch, c.slot)
                 self._send(m, msg)
+
+    def _behind(self) -> bool:
+        """A live member's last report shows less than everything chosen. It may well have
+        it all by now (a replica reports the prefix its records prove, and its commit
+        record follows its learning by a tick), but only a fresh report says so: moves
+        wait for a learner to be known caught up, a removed leader for its successors."""
+        p = self.proposer
+        ct = self.log.chosen_through
+        return any(p.match.get(m, 0) < ct and self.alive(m) for m in self.everyone
+                   if m != self.me)
 
     def _send_quiesce(self) -> None:
         p = self.proposer

@@ -341,6 +341,13 @@ class PaxosNode:
         ct = g.log.chosen_through
         return [m for m in g.learners if p.match.get(m, 0) >= ct]
 
+    def learner_progress(self, group: Any) -> dict[str, int]:
+        """As ``group``'s leader: each learner's acknowledged chosen prefix (its progress
+        toward ``caught_up_learners``); empty elsewhere."""
+        g = self.groups.get(group)
+        p = g.proposer if g is not None and g.role is Role.LEADER else None
+        return {} if p is None else {m: p.match.get(m, 0) for m in g.learners}
+
     def retired_groups(self) -> list[Any]:
         """Groups whose configuration, as applied here, no longer lists this node: it
         takes no part in them; the shell calls ``remove_group(gid, drop=True)`` and
