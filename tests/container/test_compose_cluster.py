@@ -52,6 +52,21 @@ class Cluster:
         assert len(ids) == 1, f"{service}: containers {ids}"
         return ids[0]
 
+    def profiled(self, service: str) -> str:
+        """The container of a service in a profile (``ps`` lists only the default ones)."""
+        ids = run(["docker", "ps", "-aq", "--filter",
+                   f"label=com.docker.compose.project={self.project}", "--filter",
+                   f"label=com.docker.compose.service={service}"]).stdout.split()
+        assert len(ids) == 1, f"{service}: containers {ids}"
+        return ids[0]
+
+    def member_states(self, service: str) -> dict[str, str]:
+        try:
+            members = self.cli.run(self.endpoints(service), "member", "list")
+        except CommandFailed:
+            return {}
+        return {m["node_id"]: m["state"] for m in members}
+
     def containers(self) -> list[str]:
         return [self.container(s) for s in NODES]
 
@@ -112,6 +127,7 @@ def cluster(dsnode_image: str, base_image: str, session_id: str) -> Iterator[Clu
         # Build with the docker CLI, as the session fixture did: its layer cache is then reused.
         "COMPOSE_DOCKER_CLI_BUILD": "1",
         **{f"DSNODE_PORT{i}": str(ports[s]) for i, s in enumerate(NODES, start=1)},
+        "DSNODE_PORT4": str(free_port()),
     }
     c = Cluster(project, image, env, ports)
     try:
@@ -182,6 +198,25 @@ def test_three_node_compose_cluster_survives_kill_restart_and_partition(
     run(["docker", "network", "connect", "--alias", "node2", c.network, node2])
     wait_healthy([node2], HEALTHY_DEADLINE_S)
     wait_until("node2 to serve k3", lambda: c.get("k3", "node2") == "v3", FAILOVER_DEADLINE_S)
+
+    # Grow: node4 (profile join) joins through node1-3 and partitions move replicas onto it;
+    # then it leaves again (its replicas move back) and stops by itself.
+    started = time.monotonic()
+    c.compose("--profile", "join", "up", "--detach", "node4")
+    node4 = c.profiled("node4")
+    wait_healthy([node4], HEALTHY_DEADLINE_S)
+    wait_until("node4 alive on the ring", lambda: c.member_states("node1").get("node4") == "alive",
+               HEALTHY_DEADLINE_S)
+    measurements["compose: node4 joined, its moves done"] = f"{time.monotonic() - started:.1f} s"
+    assert c.get("k1", "node4") == "v1" and c.get("k3", "node4") == "v3"
+    assert c.cli.run(c.endpoints("node2"), "member", "leave", "node4")["state"] == "leaving"
+    wait_until("node4 left", lambda: c.member_states("node1").get("node4") == "left",
+               HEALTHY_DEADLINE_S)
+    wait_until("node4 stopped by itself (exit 0; restart: on-failure)",
+               lambda: run(["docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}",
+                            node4]).stdout.split() == ["exited", "0"], FAILOVER_DEADLINE_S)
+    c.put_eventually("k4", "v4", "node1")
+    assert c.get("k4", "node3") == "v4"
 
     # down -v leaves nothing behind: containers, network, volumes, and the image it built.
     c.compose("down", "--volumes", "--rmi", "all", "--remove-orphans", "--timeout", "15")
