@@ -486,6 +486,7 @@ class Node:
         server.peer_network = self.net
         server.status_provider = self.status
         server.ring_provider = self.ring_map
+        server.gone_provider = self.member_gone
         loop = asyncio.get_running_loop()
         self.server_handle = await loop.create_server(
             server.protocol_factory, sock=listener, backlog=1024,
@@ -579,6 +580,11 @@ class Node:
                 have = await asyncio.to_thread(read_identity, self.data_dir)
                 await asyncio.to_thread(write_atomically, self.data_dir / IDENTITY_FILE,
                                         {**have, "peers": book})
+
+    def member_gone(self, node_id: str) -> bool:
+        """The metadata group's member list has ``node_id`` as left or removed."""
+        meta = self.core.groups.get(META) if self.core is not None else None
+        return meta is not None and meta.sm.members.state_of(node_id) in (LEFT, REMOVED)
 
     def member_incarnation(self, node_id: str) -> str | None:
         """``node_id``'s data directory as the metadata group's member list has it (None:

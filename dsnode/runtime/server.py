@@ -19,6 +19,7 @@ import msgpack
 
 from dsnode import __version__
 from dsnode.core.effects import Reply
+from dsnode.core.membership.incarnations import REFUSAL_PREFIX
 from dsnode.runtime.driver import Driver, Pending
 from dsnode.runtime.logs import get_logger
 from dsnode.runtime.metrics import NodeMetrics, op_label
@@ -113,6 +114,8 @@ class ClientServer:
         # {"partitions", "replication", "epoch", "members": [{"node_id", "addr"}],
         #  "map": [{"id", "replicas", "leader"}]}, or None while the ring is not known yet.
         self.ring_provider: Callable[[], dict | None] | None = None
+        # whether a node id left the cluster or was removed (the metadata group's list)
+        self.gone_provider: Callable[[str], bool] | None = None
         self.peer_network: PeerNetwork | None = None
         self.default_timeout_s = config.request_timeout_ms / 1000
         self._packer = msgpack.Packer(use_bin_type=True)
@@ -460,6 +463,14 @@ class ClientConnection(asyncio.Protocol):
                         f"peer hello: cluster_id {obj.get('cluster_id')!r} is not {cfg.cluster_id!r}")
             return
         if net is None or peer_id not in net.links:
+            gone = self.server.gone_provider
+            if gone is not None and gone(peer_id):
+                # it left or was removed: tell it in words it acts on (it stops, exit 2)
+                self._fatal(errors.UNAUTHENTICATED, (
+                    f"peer hello: {REFUSAL_PREFIX}: node {peer_id!r} is no member of the "
+                    "cluster any more (it left or was removed); to add it again, start it on "
+                    "a new data directory with --join"))
+                return
             self._fatal(errors.UNAUTHENTICATED, f"peer hello: {peer_id!r} is not a cluster member")
             return
         why = self.server.security.check_peer_identity(peer_id, self.transport)
