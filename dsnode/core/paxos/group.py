@@ -370,6 +370,8 @@ class PaxosGroup(LeaderSide, CatchUp):
             if self.now - self.last_heartbeat >= cfg.heartbeat_interval_ticks:
                 if self.learners:
                     self._invite_learners(p)
+                    if self.quiesced and self._learner_behind(p):
+                        self._wake()  # its acks tell us how far it got (promotion waits)
                 if not self.quiesced:
                     self._heartbeat(retransmit=True)
                 else:
@@ -562,8 +564,17 @@ class PaxosGroup(LeaderSide, CatchUp):
         live = [m for m in self.members if m != self.me and self.alive(m)]
         if len(live) + 1 < self.quorum:
             return False  # it must notice it lost its quorum and step down
+        if self.learners and self._learner_behind(p):
+            return False  # (the tick wakes us)
         live += [m for m in self.learners if self.alive(m)]
         return all(p.acked_seq.get(m, 0) >= self.quiet_seq for m in live)  # all told
+
+    def _learner_behind(self, p: Proposer) -> bool:
+        """A live learner has not acknowledged everything chosen: a quiesced leader, whose
+        followers no longer acknowledge, would never see it catch up (it may catch up
+        from another replica, or while the leader is quiet), and never promote it."""
+        ct = self.log.chosen_through
+        return any(p.match.get(m, 0) < ct and self.alive(m) for m in self.learners)
 
     def _busy(self) -> bool:
         """Catching up, or (as leader) commands, reads or a transfer in progress."""
@@ -936,9 +947,18 @@ class PaxosGroup(LeaderSide, CatchUp):
         was_leader = self.role is Role.LEADER
         self.removed = {m: self.log.applied for m in self.everyone
                         if not conf.hosts(m) and m != self.me}
+        added = [m for m in (*conf.voters, *conf.learners)
+                 if m not in self.everyone and m != self.me]
         self._set_conf(conf)
         if was_leader:
-            self.proposer.gone.update(self.removed)
+            p = self.proposer
+            p.gone.update(self.removed)
+            for m in added:
+                # a replica added (back) starts from nothing: what it acknowledged
+                # before it dropped its data is not its progress (so it is invited,
+                # ``_invite_learners``, and not promoted before it caught up)
+                for seen in (p.match, p.acked_seq, p.last_ack, p.gone):
+                    seen.pop(m, None)
         self.out.conf_changes += 1
         if not conf.hosts(self.me) and not was_leader:
             self.retired = True
