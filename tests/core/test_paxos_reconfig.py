@@ -432,3 +432,27 @@ def test_a_quiesced_leader_sees_a_learner_that_caught_up_behind_its_back():
     assert c.change("a", "pro", "promote_learner", "d").result == {"epoch": 2}
     c.tick(6 * c.cfg.election_timeout_ticks)
     assert g.quiesced  # and quiet again once it has nothing to wait for
+
+
+def test_a_stale_candidate_learns_the_newer_configuration_from_a_promise():
+    """Rule R3 before winning: c, cut off while b was removed (voters a, b, c, d become
+    a, c, d), campaigns with its old configuration, in which it cannot win (a is gone,
+    b dropped the group); d's promise shows a longer chosen prefix, so c catches up
+    from d, learns the configuration in which c and d are a majority, and a leader is
+    elected. Regression: found by the simulator's membership mode (issue 10 part 4),
+    where the stale candidate's elections kept resetting the up-to-date voter's timer
+    (it promised each one), so that nobody led the partition for hundreds of ticks."""
+    c = _learner_d(RCluster(dataclasses.replace(RCFG, leader_stickiness=False, lease_ticks=0)), 2)
+    assert c.change("a", "pro", "promote_learner", "d").result == {"epoch": 2}
+    c.cut = {"c"}
+    assert c.change("a", "rm", "remove_replica", "b").result == {"epoch": 3}
+    c.tick(c.cfg.heartbeat_interval_ticks)
+    c.nodes["b"].remove_group(0, drop=True)
+    c.cut = {"a"}
+    g = c.nodes["c"].groups[0]
+    assert g.conf.epoch == 2
+    c.nodes["c"].campaign(0)
+    c.settle()
+    assert g.conf == GroupConf(("a", "c", "d"), (), 3, g.conf.slot)
+    c.tick(4 * c.cfg.election_timeout_ticks)
+    assert [n for n in "cd" if c.nodes[n].is_leader(0)]

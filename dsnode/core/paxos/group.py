@@ -814,6 +814,12 @@ class PaxosGroup(LeaderSide, CatchUp):
         if self.role is not Role.CANDIDATE or m.ballot != self.ballot or frm in self.promises:
             self.out.dropped["stale_promise"] += 1
             return
+        if self.cfg.reconfig and m.chosen_through > self.log.chosen_through:
+            # (rule R3, before winning) the promiser knows a longer chosen prefix, which
+            # may hold a newer configuration: learn it, for we may be campaigning among
+            # voters of the old one that are gone, and every election of ours resets the
+            # others' timers (the up-to-date may never campaign)
+            self._want_catchup(frm, m.chosen_through)
         if m.more_from or frm in self.promise_parts:
             # A piece of a chunked report: keep it, ask for the next one.
             parts = self.promise_parts.setdefault(frm, {})
