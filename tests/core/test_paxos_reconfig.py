@@ -456,3 +456,23 @@ def test_a_stale_candidate_learns_the_newer_configuration_from_a_promise():
     assert g.conf == GroupConf(("a", "c", "d"), (), 3, g.conf.slot)
     c.tick(4 * c.cfg.election_timeout_ticks)
     assert [n for n in "cd" if c.nodes[n].is_leader(0)]
+
+
+def test_a_leader_invites_again_a_learner_behind_and_silent():
+    """A leader re-invites a learner whose acknowledgements stopped below the chosen
+    prefix (``Host``). The acknowledgements may have come from an old copy of the
+    group on the learner's node, lagging from before a change removed it: that copy
+    then applies its removal and drops the group, although a later change added the
+    node back. Regression: found by the simulator's membership mode (issue 10 part 4);
+    the leader took the old copy's acknowledgement for the learner's own progress and
+    never invited it."""
+    c = _learner_d(RCluster(), 2)
+    c.nodes["d"].remove_group(0, drop=True)  # (d's copy goes, after it acknowledged)
+    c.nodes["d"].set_contacts(("a", "b", "c"))
+    p = c.nodes["a"].groups[0].proposer
+    assert 0 < p.match["d"]
+    c.write("a", 3)  # the chosen prefix moves on, d's acknowledgements do not
+    invites: list[Host] = []
+    c.nodes["d"]._invited = invites.append
+    c.tick(2 * c.cfg.leader_quorum_timeout_ticks)
+    assert invites, "a never invited d again"

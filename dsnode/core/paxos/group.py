@@ -625,12 +625,18 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.out.dropped["quiesced"] += 1
 
     def _invite_learners(self, p: Proposer) -> None:
-        """Tell each learner not heard from yet that it is one (``Host``): a node that
-        does not host the group yet starts to, and catches up from us."""
+        """Tell each learner not heard from yet, or behind and silent for a quorum
+        timeout, that it is one (``Host``): a node that does not host the group (any
+        more) starts to, and catches up from us. (An old copy of the group on the node,
+        from before a change removed it, may have acknowledged us, then applied its
+        removal and dropped the group; a node that hosts it ignores the message.)"""
         c = self.conf
         msg = None
+        ct = self.log.chosen_through
+        silent = self.now - self.cfg.leader_quorum_timeout_ticks
         for m in self.learners:
-            if not p.match.get(m, 0) and self.alive(m):
+            seen = p.match.get(m, 0)
+            if (not seen or (seen < ct and p.last_ack.get(m, -(10**9)) < silent)) and self.alive(m):
                 if msg is None:
                     msg = Host(self.group, c.voters, c.learners, c.epoch, c.slot)
                 self._send(m, msg)
