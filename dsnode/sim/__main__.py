@@ -10,6 +10,12 @@ run); with ``--partitions P`` a partitioned cluster as the runtime runs one, a
 metadata group and a ring of P partitions with ``--replication`` (alias of
 ``--replicas``) replicas each, created by the cores themselves, e.g.
 ``python -m dsnode.sim --seeds 0-99 --nodes 5 --partitions 16 --replication 3``.
+``--membership`` (partitioned only) forms the cluster without some nodes and
+changes the membership during the faults (``dsnode.sim.membership``): spares
+join, members leave, dead ones are removed, every node's replica mover moves
+the partitions to each new ring; once quiet every partition's voters are the
+final ring's placement and no node keeps a group it no longer holds; ``--broken
+eager-moved`` or ``keeps-retired`` runs a broken variant of it.
 ``--txns`` adds cross-partition transactions (``dsnode.sim.txns``): a bank
 workload through every node's two-phase-commit coordinator, coordinators
 crashed at their steps, and the atomicity and bank checks; ``--broken
@@ -28,6 +34,7 @@ from dsnode.sim.broken import (
     BROKEN_GROUPS,
     CONF_BROKEN,
     LIVENESS_BROKEN,
+    MEMBER_BROKEN,
     RING_BROKEN,
     TXN_BROKEN,
     WORLD_BROKEN,
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-swarm", action="store_true", help="fixed timing and fault mix")
     ap.add_argument("--broken", choices=sorted(BROKEN) + sorted(BROKEN_GROUPS)
                     + sorted(LIVENESS_BROKEN) + list(WORLD_BROKEN) + sorted(RING_BROKEN)
-                    + sorted(TXN_BROKEN) + sorted(CONF_BROKEN),
+                    + sorted(TXN_BROKEN) + sorted(CONF_BROKEN) + sorted(MEMBER_BROKEN),
                     help="run a deliberately broken variant")
     ap.add_argument("--txns", action="store_true",
                     help="cross-partition transactions: a bank workload over 2PC "
@@ -69,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reconfig", action="store_true",
                     help="replica-set changes of the groups during the faults: add a "
                          "learner, promote it, remove a voter (not partitioned)")
+    ap.add_argument("--membership", action="store_true",
+                    help="membership changes during the faults: the cluster forms without "
+                         "some nodes, which join later; members leave, dead ones are "
+                         "removed (partitioned clusters only)")
     ap.add_argument("--trace", action="store_true", help="print every event")
     ap.add_argument("--tick-ms", type=float, default=10.0, help="for cluster-seconds only")
     args = ap.parse_args(argv)
@@ -86,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         run["txns"] = TxConfig()
     if args.reconfig:
         run["reconfig"] = True
+    if args.membership:
+        run["membership"] = True
     try:
         if args.partitions:
             cfg = partitioned_config(args.nodes, args.partitions, args.replicas, **run)
@@ -117,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         flags.append("--txns")
     if args.reconfig:
         flags.append("--reconfig")
+    if args.membership:
+        flags.append("--membership")
     if args.broken:
         flags.append(f"--broken {args.broken}")
 

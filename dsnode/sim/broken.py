@@ -8,10 +8,13 @@ import dataclasses
 
 from dsnode.core.commands import SubDelete, SubGet
 from dsnode.core.effects import Reply
+from dsnode.core.membership.members import GroupMoved
+from dsnode.core.membership.mover import Mover
 from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.group import PaxosGroup
 from dsnode.core.paxos.messages import Ballot
 from dsnode.core.paxos.node import PaxosNode
+from dsnode.core.paxos.roles import Role
 from dsnode.core.paxos.statemachine import DedupKV
 from dsnode.core.ring import Ring
 from dsnode.core.twopc.coordinator import Coordinator, State
@@ -227,6 +230,33 @@ class ReleasesOnTimeoutRecovery(Recovery):
         super().scan(now, led)
 
 
+class EagerMover(Mover):
+    """Reports every partition it leads as moved (``GroupMoved``) as soon as a ring's
+    moves are pending, before its replicas match the ring: the member table settles
+    early, the movers stop, and partitions keep the replicas of an older ring."""
+
+    def tick(self) -> list[GroupMoved]:
+        out = super().tick()
+        core = self.core
+        meta = core.groups.get(core.metadata) if core.metadata is not None else None
+        if meta is None or not meta.sm.changes_pending():
+            return out
+        epoch = meta.sm.ring.epoch
+        told = self.__dict__.setdefault("told", set())  # (group, epoch) reported once
+        told.update((c.group, c.epoch) for c in out)
+        for gid, g in sorted(core.groups.items(), key=lambda kv: str(kv[0])):
+            if gid != core.metadata and g.role is Role.LEADER and (str(gid), epoch) not in told:
+                told.add((str(gid), epoch))
+                out.append(GroupMoved(str(gid), epoch))
+        return out
+
+
+# variants of the membership changes (they run with them on: ``SimConfig.membership``):
+# a mover that reports partitions moved too early, a shell that keeps retired groups
+MEMBER_BROKEN = {"eager-moved": ("mover_cls", EagerMover),
+                 "keeps-retired": ("drop_retired", False)}
+
+
 # variants of the two-phase commit (they run with the transactions' workload on)
 TXN_BROKEN = {"decide-early": ("coordinator_cls", DecidesEarlyCoordinator),
               "release-on-timeout": ("recovery_cls", ReleasesOnTimeoutRecovery)}
@@ -234,6 +264,12 @@ TXN_BROKEN = {"decide-early": ("coordinator_cls", DecidesEarlyCoordinator),
 
 def configure(cfg, name: str):
     """``cfg`` (a ``SimConfig``) running the broken variant ``name``."""
+    if name in MEMBER_BROKEN:
+        if not cfg.partitions:
+            raise ValueError(f"the broken variant {name!r} runs only in a partitioned "
+                             "cluster (--partitions P)")
+        field_name, value = MEMBER_BROKEN[name]
+        return dataclasses.replace(cfg, membership=True, **{field_name: value})
     if name in TXN_BROKEN:
         if not cfg.partitions:
             raise ValueError(f"the broken variant {name!r} runs only in a partitioned "

@@ -35,6 +35,13 @@
   quiet, every replica holds the last chosen configuration and no removed
   node hosts the group (``sim/reconfig.py``, ``Mover.misplaced``).
 
+- ``membership changes`` (``SimConfig.membership``): the same configuration
+  replay for the partitions and the metadata group, whose replay applies the
+  membership commands as its state machine does; once quiet the member table
+  settled, every partition's voting set is the final ring's placement (no
+  learner), the metadata group holds the members on the ring, and no live node
+  keeps a group it no longer holds (``sim/membership.py``, ``Membership.misplaced``).
+
 Every group is checked alike, the metadata group (whose state machine keeps
 the ring) and each partition; the groups and their members come from the
 world (for a partitioned cluster, its ring), not from what the nodes host.
@@ -48,6 +55,7 @@ import msgpack
 
 from dsnode.core.commands import ConfChange, Delete, Form, Put, SetRing, SubGet, Txn
 from dsnode.core.kv.store import KVStore
+from dsnode.core.membership.members import TYPES as MEMBER_TYPES
 from dsnode.core.paxos import Applied, SnapshotInstalled
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.metadata import MetaSM
@@ -283,8 +291,8 @@ class SafetyChecker:
                     continue
                 if key is not None:
                     seen.add(key)
-                if t is SetRing and meta is not None:
-                    meta.apply(None, cmd, s)  # the ring, kept in the metadata store
+                if meta is not None and (t is SetRing or t in MEMBER_TYPES):
+                    meta.apply(None, cmd, s)  # the ring and members, in the metadata store
                 else:
                     kv.apply(cmd)
         return kv, values

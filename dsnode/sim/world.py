@@ -25,6 +25,15 @@ groups (for the checkers, the faults and the clients) is computed from the
 same ring, so it holds before any node has learned it; the placement check
 (``checkers.misplaced``) holds every node's hosted partitions to it.
 
+With ``membership`` (partitioned only) the cluster forms with the first nodes
+(``formed``) and the rest are spares with no group; ``sim/membership.py`` changes
+the membership during the faults (joins, leaves, removals of dead nodes) and runs
+every node's core replica mover, so partitions follow each new ring through their
+own logs: ``groups`` then follows each group's chosen configuration (as with
+``reconfig``), the static placement check gives way to ``Membership.misplaced``
+once quiet, and a removed node is retired (never restarted) and lost to the fault
+model.
+
 A run is a fault phase (``fault_ticks``) then a heal phase (everything
 restarted and reconnected) that must converge within ``heal_ticks_max``:
 pending client ops done, final linearizable reads of every key done, a leader
@@ -45,6 +54,7 @@ import msgpack
 
 from dsnode.core.errors import InvariantBroken
 from dsnode.core.membership.incarnations import Incarnations, Presented
+from dsnode.core.membership.mover import Mover as CoreMover
 from dsnode.core.paxos import PaxosConfig, PaxosNode
 from dsnode.core.paxos import records as rec
 from dsnode.core.paxos.acceptor import Acceptor
@@ -58,6 +68,7 @@ from dsnode.sim.checkpoints import disagreement
 from dsnode.sim.disk import SimDisk
 from dsnode.sim.faults import FaultConfig, FaultSchedule
 from dsnode.sim.linearizability import check_history
+from dsnode.sim.membership import Membership
 from dsnode.sim.network import SimNetwork
 from dsnode.sim.reconfig import Mover
 from dsnode.sim.shell import drain, step_snapshot
@@ -131,6 +142,15 @@ class SimConfig:
     txns: TxConfig | None = None
     # replica-set changes of the groups during the faults (sim/reconfig.py; not partitioned)
     reconfig: bool = False
+    # membership changes of a partitioned cluster during the faults (sim/membership.py):
+    # the cluster forms without ``spares`` of its nodes (0: drawn per seed, at least one),
+    # which join later; members leave, dead ones are removed
+    membership: bool = False
+    spares: int = 0
+    # the core's replica mover each node runs, and whether the shell drops the groups the
+    # core retired (both replaced only by broken variants, sim/broken.py)
+    mover_cls: type = CoreMover
+    drop_retired: bool = True
 
 
 def node_ids(n: int) -> list[str]:
@@ -237,6 +257,7 @@ class SimWorld:
         self.trace = trace or Trace()
         self.now = 0
         self.mover: Mover | None = None  # replica-set changes (created last: see the end)
+        self.membership: Membership | None = None  # membership changes (likewise)
         self.faulty = False
         self.event_seq = 0
         self.check_config(cfg)
@@ -246,8 +267,13 @@ class SimWorld:
         self.groups: dict[Any, tuple[str, ...]] = {}
         self.ring: Ring | None = None  # partitioned: the ring the metadata group starts with
         self.metadata: Any = None  # partitioned: the metadata group's id
+        # the nodes the cluster forms with; the others (membership changes) join later
+        self.formed: tuple[str, ...] = tuple(self.node_ids)
+        if cfg.membership:
+            spares = cfg.spares or self._sub().randint(1, max(1, cfg.nodes - cfg.replicas))
+            self.formed = tuple(self.node_ids[:cfg.nodes - spares])
         if cfg.partitions:
-            ring = self.ring = Ring(self.node_ids, cfg.partitions, cfg.replicas, epoch=1)
+            ring = self.ring = Ring(self.formed, cfg.partitions, cfg.replicas, epoch=1)
             self.metadata = META
             self.groups[META] = ring.members
             self.groups.update(enumerate(ring.placement()))
@@ -262,7 +288,7 @@ class SimWorld:
         # the groups as the nodes start with them (``groups`` follows each group's chosen
         # configuration, voters then learners, when replica sets change)
         self.genesis = dict(self.groups)
-        if cfg.reconfig:
+        if cfg.reconfig or cfg.membership:
             cfg = self.cfg = dataclasses.replace(
                 cfg, paxos=dataclasses.replace(cfg.paxos, reconfig=True))
         self.net = SimNetwork(
@@ -320,6 +346,9 @@ class SimWorld:
         self.ckpt: dict[str, tuple[bytes, int] | None] = {n: None for n in self.node_ids}
         self.ckpt_pending: dict[str, tuple[bytes, int] | None] = {n: None for n in self.node_ids}
         self.tx = TxShell(self._sub(), self, cfg.txns) if cfg.txns is not None else None
+        if cfg.membership:  # (before the first starts: each gives its core a mover)
+            self.membership = Membership(self._sub(), self, mover_cls=cfg.mover_cls,
+                                         drop_retired=cfg.drop_retired)
         for n in self.node_ids:
             self.restart(n)
         self.sync_rng = self._sub()  # drawn after the first starts: their rngs stay as they were
@@ -344,6 +373,15 @@ class SimWorld:
         if cfg.reconfig and cfg.partitions:
             raise ValueError("replica-set changes (--reconfig) run on the world's groups "
                              "(--groups), not on a partitioned cluster")
+        if cfg.membership:
+            if not cfg.partitions:
+                raise ValueError("membership changes (--membership) need a partitioned "
+                                 "cluster (--partitions P)")
+            if cfg.txns is not None:
+                raise ValueError("membership changes do not run with --txns (yet)")
+            if not 0 <= cfg.spares < cfg.nodes or cfg.nodes < 2:
+                raise ValueError(f"--membership needs at least two nodes, and fewer "
+                                 f"spares than nodes, not {cfg.spares} of {cfg.nodes}")
 
     def _sub(self) -> random.Random:
         return random.Random(self.rng.getrandbits(64))
@@ -361,7 +399,9 @@ class SimWorld:
         """The groups a core of ``node`` starts with: partitioned, only the metadata
         group (the core creates its partitions from the ring); else all of them."""
         if self.metadata is not None:
-            return {self.metadata: self.groups[self.metadata]}
+            if node not in self.formed:
+                return {}  # it joins later: hosted as a learner once invited
+            return {self.metadata: self.formed}
         return {g: m for g, m in self.genesis.items() if node in m}
 
     def new_core(self, node: str, rng: random.Random, real: bool = True) -> PaxosNode:
@@ -391,6 +431,8 @@ class SimWorld:
                                          core.conf_epochs())
         self.admitted.discard(node)
         self.checker.on_presented(node, self.presented[node])
+        if self.membership is not None:
+            self.membership.on_start(node, core)
         if self.tx is not None:
             self.tx.on_restart(node)
         self.trace(self.now, node, "restart", f"{len(self.disks[node].durable)} records")
@@ -472,9 +514,12 @@ class SimWorld:
                 on_sent(now, node, msg)
         tx = self.tx
         mover = self.mover
+        members = self.membership
         for reply in replies:
             if mover is not None and mover.owns(reply.token):
                 mover.on_reply(node, reply)
+            elif members is not None and members.owns(reply.token):
+                members.on_reply(node, reply)
             elif tx is not None and tx.owns(reply.token):
                 tx.on_reply(node, reply)
             else:
@@ -606,15 +651,18 @@ class SimWorld:
         self.workload.on_tick(now)
         if self.tx is not None:
             self.tx.on_tick(now, faulty)
-        if self.mover is not None:
-            self.mover.on_tick(now)
+        if self.membership is not None:
+            self.membership.on_tick(now)
+        if self.mover is not None or self.membership is not None:
+            if self.mover is not None:
+                self.mover.on_tick(now)
             for g in self.groups:
                 conf = self.checker.conf(g)
                 self.groups[g] = conf.voters + conf.learners
         for n in self.node_ids:
             if self.serving(n):
                 self._drain(n)
-        if self.ring is not None:
+        if self.ring is not None and self.membership is None:
             self._check_placement()
 
     def _check_placement(self) -> None:
@@ -653,7 +701,8 @@ class SimWorld:
 
     def _saw_vote(self, src: str, msg) -> None:
         core = self.cores[src]
-        if self.mover is not None and (core is None or msg.group not in core.groups):
+        if ((self.mover is not None or self.membership is not None)
+                and (core is None or msg.group not in core.groups)):
             return  # a vote of a replica dropped since it was sent: nothing to pin
         g = str(msg.group)
         if type(msg) is Accepted:
@@ -710,7 +759,7 @@ class SimWorld:
         a running replica has applied to the last chosen one: a majority of each may be
         needed to finish what follows it), its voters and learners (a learner may be
         promoted) and a minority of its voters."""
-        if self.mover is None:
+        if self.mover is None and self.membership is None:
             return [(m, (len(m) - 1) // 2) for m in self.groups.values()]
         out = []
         for g in self.groups:
@@ -727,7 +776,8 @@ class SimWorld:
                              and conf is not history[-1][1])
                 members = conf.voters + conf.learners
                 out.append((members, (len(conf.voters) - 1) // 2 - len(gone)))
-        for conf in self.mover.asked():
+        asked = self.mover.asked() if self.mover is not None else self.membership.asked()
+        for conf in asked:
             out.append((conf.voters + conf.learners, (len(conf.voters) - 1) // 2))
         return out
 
@@ -744,8 +794,8 @@ class SimWorld:
     def unhosted(self) -> dict[str, list]:
         """Partitioned: per live node, the partitions the ring places on it that its
         core does not host (yet)."""
-        if self.ring is None:
-            return {}
+        if self.ring is None or self.membership is not None:
+            return {}  # (membership changes: ``Membership.misplaced`` instead)
         live = {n: self.cores[n] for n in self.node_ids if n not in self.retired}
         return unhosted(live, self.ring)
 
@@ -757,6 +807,8 @@ class SimWorld:
         if self.unhosted():
             return False
         if self.mover is not None and self.mover.misplaced():
+            return False
+        if self.membership is not None and self.membership.misplaced():
             return False
         for g in self.groups:
             cores = [self.cores[m] for m in self.live_members(g)]
@@ -780,6 +832,8 @@ class SimWorld:
                 self.tx.bank.issuing = False
             if self.mover is not None:
                 self.mover.issuing = False
+            if self.membership is not None:
+                self.membership.issuing = False
             stage = "drain"
             healed_at = self.now
             deadline = self.now + cfg.heal_ticks_max
@@ -794,6 +848,12 @@ class SimWorld:
                             f"{cfg.leader_after_heal_ticks_max} ticks after the heal at {healed_at}"
                         )
                     missing = self.leaderless_groups()
+                    late = self.membership.changed_at(missing) if self.membership is not None else 0
+                    if missing and late + cfg.leader_after_heal_ticks_max > self.now:
+                        # moves go on after the heal, and a change of voters may start an
+                        # election (rule R4): the same time to elect, from that change
+                        leaders_by = late + cfg.leader_after_heal_ticks_max
+                        continue
                     if missing:
                         raise SafetyViolation(
                             f"liveness: no leader in group(s) {missing} within "
@@ -809,6 +869,12 @@ class SimWorld:
                     if self.tx is not None:
                         self.tx.bank.start_final()
                 if self.now >= deadline:
+                    if self.membership is not None and self.workload.idle():
+                        wrong = self.membership.misplaced()
+                        if wrong:
+                            raise SafetyViolation(
+                                f"membership: not converged {cfg.heal_ticks_max} ticks after "
+                                f"the heal at {healed_at}: " + "; ".join(wrong[:8]))
                     why = self.tx.unsettled() if self.tx is not None else ""
                     raise SafetyViolation(f"no convergence within {cfg.heal_ticks_max} heal ticks"
                                           + (f" (2PC not settled: {why})" if why else ""))
@@ -838,6 +904,12 @@ class SimWorld:
             if wrong:
                 raise SafetyViolation("replica sets: " + "; ".join(wrong))
             res.stats = {f"conf_{k}": v for k, v in self.mover.steps.items()}
+        if self.membership is not None:
+            ck.recount()
+            wrong = self.membership.misplaced()
+            if wrong:
+                raise SafetyViolation("membership: " + "; ".join(wrong[:8]))
+            res.stats = self.membership.stats()
         for g in self.groups:
             states = set()
             for m in self.live_members(g):

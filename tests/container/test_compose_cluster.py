@@ -116,7 +116,7 @@ def leftovers(project: str, image: str) -> dict[str, list[str]]:
 def cluster(dsnode_image: str, base_image: str, session_id: str) -> Iterator[Cluster]:
     project = f"dsnodetest{session_id}"
     image = f"dsnode-test-compose:{session_id}"
-    ports = {s: free_port() for s in NODES}
+    ports = {s: free_port() for s in (*NODES, "node4")}  # node4: profile join
     env = {
         "COMPOSE_PROJECT_NAME": project,
         "DSNODE_IMAGE": image,
@@ -127,7 +127,7 @@ def cluster(dsnode_image: str, base_image: str, session_id: str) -> Iterator[Clu
         # Build with the docker CLI, as the session fixture did: its layer cache is then reused.
         "COMPOSE_DOCKER_CLI_BUILD": "1",
         **{f"DSNODE_PORT{i}": str(ports[s]) for i, s in enumerate(NODES, start=1)},
-        "DSNODE_PORT4": str(free_port()),
+        "DSNODE_PORT4": str(ports["node4"]),
     }
     c = Cluster(project, image, env, ports)
     try:

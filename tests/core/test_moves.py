@@ -129,3 +129,14 @@ def test_adding_a_node_moves_only_what_the_ring_moves(n):
     assert settled(new, configs)
     assert added == minimum_moves(old, new) > 0
     assert minimum_moves(old, new) <= 1.5 * (3 * 64 / (n + 1)) + 3
+
+
+def test_a_shrinking_partition_removes_a_dead_voter_before_a_live_one():
+    """Voters a, c (dead, removed from the cluster) and b (leaving) and a learner d not
+    yet caught up, toward a ring of a and d only: the voters shrink before d is
+    promoted; removing b first would leave {a, c}, half of it dead (no majority until
+    c's removal), so c goes first. Regression: found by the simulator's membership
+    mode (issue 10 part 4), where partitions stayed leaderless after such a step."""
+    cfg = Config(("a", "b", "c"), ("d",))
+    assert next_step(1, ("a", "d"), cfg, [], "a") == Step(1, REMOVE, "b")  # (by name)
+    assert next_step(1, ("a", "d"), cfg, [], "a", dead=["c"]) == Step(1, REMOVE, "c")

@@ -11,7 +11,7 @@ from test_paxos_node import CFG, Cluster
 
 from dsnode.core.commands import ConfChange, Get, Put
 from dsnode.core.paxos import PaxosNode
-from dsnode.core.paxos.messages import Accept
+from dsnode.core.paxos.messages import Accept, Host
 from dsnode.core.paxos.reconfig import GroupConf, refusal
 
 RCFG = dataclasses.replace(CFG, reconfig=True, snapshot_interval_slots=4,
@@ -47,14 +47,21 @@ class RCluster(Cluster):
         self.tick(4 * self.cfg.heartbeat_interval_ticks)
 
 
-def _moved(c: RCluster) -> RCluster:
-    """a leads; 10 writes (snapshots every 4 slots); d added as a learner and caught
-    up by snapshot, promoted, then c removed: voters a, b, d."""
+def _learner_d(c: RCluster, writes: int) -> RCluster:
+    """a leads; ``writes`` writes (snapshots every 4 slots); d added as a learner and
+    hosting the group."""
     c.elect("a")
-    for i in range(1, 11):
+    for i in range(1, writes + 1):
         c.write("a", i)
     assert c.change("a", "add", "add_learner", "d").result == {"epoch": 1}
     c.host("a", "d")
+    return c
+
+
+def _moved(c: RCluster) -> RCluster:
+    """a leads; 10 writes; d added as a learner and caught up by snapshot, promoted,
+    then c removed: voters a, b, d."""
+    _learner_d(c, 10)
     assert c.change("a", "pro", "promote_learner", "d").result == {"epoch": 2}
     assert c.change("a", "rm", "remove_replica", "c").result == {"epoch": 3}
     return c
@@ -369,3 +376,103 @@ def test_a_replica_added_again_answers_nothing_before_it_has_caught_up():
     for n in ("b", "c", "d"):
         theirs = _applied_values(c, n)
         assert all(mine[s] == v for s, v in theirs.items() if s in mine), n
+
+
+def test_a_leader_invites_a_replica_it_removed_when_it_is_added_back():
+    """A leader forgets what it knew of a replica's progress when a configuration adds
+    the replica (back): b, removed (the change that made a run phase 1 again, rule R4,
+    so b kept acknowledging a's commits as a removed replica) and dropped, is added
+    back as a learner; a must invite it (``Host``) and feed it from nothing, not take
+    b's acknowledgements from before its data was dropped for its progress (then it
+    never invites b, and never promotes it). Regression: found by the simulator's
+    membership mode (issue 10 part 4), where a node that a ring change moved off a
+    partition and the next moved back never hosted it, so the moves never finished."""
+    c = _learner_d(RCluster(), 3)
+    assert c.change("a", "rm", "remove_replica", "b").result == {"epoch": 2}
+    c.tick(c.cfg.heartbeat_interval_ticks)
+    assert c.nodes["b"].retired_groups() == [0]
+    c.nodes["b"].remove_group(0, drop=True)
+    c.nodes["b"].set_contacts(("a", "c"))  # it heartbeats them: a sees it alive
+    invites: list[Host] = []
+    c.nodes["b"]._invited = invites.append  # (no ring here: the test hosts it)
+    assert c.change("a", "re", "add_learner", "b").result == {"epoch": 3}
+    c.tick(2 * c.cfg.heartbeat_interval_ticks)
+    assert invites, "a never invited b"
+    m = invites[0]
+    c.nodes["b"].host_learner(0, GroupConf(m.voters, m.learners, m.epoch, m.slot))
+    c.tick(6 * c.cfg.heartbeat_interval_ticks)
+    assert "b" in c.nodes["a"].caught_up_learners(0)
+    assert c.change("a", "pro", "promote_learner", "b").result == {"epoch": 4}
+    c.write("a", 4)
+    c.tick(c.cfg.heartbeat_interval_ticks)
+    assert list(c.nodes["b"].state_machine(0).kv.items()) == list(
+        c.nodes["a"].state_machine(0).kv.items())
+
+
+def test_a_quiesced_leader_sees_a_learner_that_caught_up_behind_its_back():
+    """A leader quiesced while its learner d was cut off (it was no live member to
+    wait for), then d came back and caught up: d's acknowledgement of the quiesce
+    heartbeat came before d had the last slot, and a quiet group acknowledges nothing
+    more, so the leader kept d behind for good and never let it be promoted
+    (``caught_up_learners``). A quiesced leader with a live learner behind wakes up
+    until the learner's acks show it caught up. Regression: found by the simulator's
+    membership mode (issue 10 part 4): a ring's moves stuck on a learner never
+    promoted."""
+    c = _learner_d(RCluster(dataclasses.replace(RCFG, quiesce=True)), 3)
+    c.cut = {"d"}
+    c.tick(3 * c.cfg.election_timeout_ticks)
+    c.write("a", 4)
+    c.tick(3 * c.cfg.election_timeout_ticks)
+    g = c.nodes["a"].groups[0]
+    assert g.quiesced and c.nodes["a"].caught_up_learners(0) == []
+    c.cut = set()
+    c.tick(6 * c.cfg.election_timeout_ticks)
+    assert c.nodes["d"].applied_index(0) == g.log.chosen_through
+    assert c.nodes["a"].caught_up_learners(0) == ["d"]
+    assert c.change("a", "pro", "promote_learner", "d").result == {"epoch": 2}
+    c.tick(6 * c.cfg.election_timeout_ticks)
+    assert g.quiesced  # and quiet again once it has nothing to wait for
+
+
+def test_a_stale_candidate_learns_the_newer_configuration_from_a_promise():
+    """Rule R3 before winning: c, cut off while b was removed (voters a, b, c, d become
+    a, c, d), campaigns with its old configuration, in which it cannot win (a is gone,
+    b dropped the group); d's promise shows a longer chosen prefix, so c catches up
+    from d, learns the configuration in which c and d are a majority, and a leader is
+    elected. Regression: found by the simulator's membership mode (issue 10 part 4),
+    where the stale candidate's elections kept resetting the up-to-date voter's timer
+    (it promised each one), so that nobody led the partition for hundreds of ticks."""
+    c = _learner_d(RCluster(dataclasses.replace(RCFG, leader_stickiness=False, lease_ticks=0)), 2)
+    assert c.change("a", "pro", "promote_learner", "d").result == {"epoch": 2}
+    c.cut = {"c"}
+    assert c.change("a", "rm", "remove_replica", "b").result == {"epoch": 3}
+    c.tick(c.cfg.heartbeat_interval_ticks)
+    c.nodes["b"].remove_group(0, drop=True)
+    c.cut = {"a"}
+    g = c.nodes["c"].groups[0]
+    assert g.conf.epoch == 2
+    c.nodes["c"].campaign(0)
+    c.settle()
+    assert g.conf == GroupConf(("a", "c", "d"), (), 3, g.conf.slot)
+    c.tick(4 * c.cfg.election_timeout_ticks)
+    assert [n for n in "cd" if c.nodes[n].is_leader(0)]
+
+
+def test_a_leader_invites_again_a_learner_behind_and_silent():
+    """A leader re-invites a learner whose acknowledgements stopped below the chosen
+    prefix (``Host``). The acknowledgements may have come from an old copy of the
+    group on the learner's node, lagging from before a change removed it: that copy
+    then applies its removal and drops the group, although a later change added the
+    node back. Regression: found by the simulator's membership mode (issue 10 part 4);
+    the leader took the old copy's acknowledgement for the learner's own progress and
+    never invited it."""
+    c = _learner_d(RCluster(), 2)
+    c.nodes["d"].remove_group(0, drop=True)  # (d's copy goes, after it acknowledged)
+    c.nodes["d"].set_contacts(("a", "b", "c"))
+    p = c.nodes["a"].groups[0].proposer
+    assert 0 < p.match["d"]
+    c.write("a", 3)  # the chosen prefix moves on, d's acknowledgements do not
+    invites: list[Host] = []
+    c.nodes["d"]._invited = invites.append
+    c.tick(2 * c.cfg.leader_quorum_timeout_ticks)
+    assert invites, "a never invited d again"

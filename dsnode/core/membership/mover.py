@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsnode.core.membership import moves
-from dsnode.core.membership.members import LEAVING, META_LABEL, GroupMoved
+from dsnode.core.membership.members import LEAVING, META_LABEL, REMOVED, GroupMoved
 from dsnode.core.membership.moves import ADD_LEARNER, PROMOTE, REMOVE, TRANSFER, Step
 from dsnode.core.paxos.reconfig import GroupConf
 from dsnode.core.paxos.roles import Role
@@ -162,6 +162,8 @@ class Mover:
                     self.counts["reports"] += 1
                     out.append(GroupMoved(label, ring.epoch))
         self.pending = len(unmatched)
+        # voters removed while dead go first when a partition's voters shrink
+        dead = [i for i, m in table.members.items() if m.state == REMOVED]
         moving = [gid for gid in unmatched if gid in self.running]
         for gid in unmatched:
             if len(moving) >= self.moves_max:
@@ -174,7 +176,7 @@ class Mover:
                 continue  # its last step is not answered yet
             if asked is not None and asked[0] is None and now - asked[1] < self.answer_ticks:
                 continue  # a leadership transfer under way
-            self._step(gid, on_ring, ring)
+            self._step(gid, on_ring, ring, dead)
         return out
 
     def on_reply(self, reply: Any) -> None:
@@ -186,7 +188,7 @@ class Mover:
         self.counts["done" if reply.error is None else "refused"] += 1
 
     # ------------------------------------------------------------ steps
-    def _step(self, gid: Any, on_ring: tuple[str, ...], ring: Any) -> None:
+    def _step(self, gid: Any, on_ring: tuple[str, ...], ring: Any, dead: list[str]) -> None:
         core = self.core
         conf = core.group_conf(gid)
         caught_up = core.caught_up_learners(gid)
@@ -194,7 +196,7 @@ class Mover:
         if gid == core.metadata:
             step = meta_step(gid, conf, on_ring, caught_up, me, self.meta_voters_max)
         else:
-            step = moves.next_step(gid, ring.replicas(gid), conf, caught_up, me)
+            step = moves.next_step(gid, ring.replicas(gid), conf, caught_up, me, dead)
         if step is None:
             self.running[gid] = (None, core.now - self.answer_ticks, Step(gid, "wait", ""))
             return  # learners still catching up: looked at again next time

@@ -51,17 +51,20 @@ def matches(target: Iterable[str], config: Config) -> bool:
 
 
 def next_step(pid: int, target: tuple[str, ...], config: Config, caught_up: Iterable[str],
-              leader: str | None) -> Step | None:
+              leader: str | None, dead: Iterable[str] = ()) -> Step | None:
     """The next change toward ``target`` (None: nothing to do, or nothing possible
     until a learner catches up). ``caught_up``: learners whose log reached the
     leader's commit point; ``leader``: the partition's leader (the node that
-    would propose the step)."""
+    would propose the step); ``dead``: nodes removed from the cluster while dead,
+    removed from the voters before any other (while the voters shrink, a live one
+    removed first may leave a dead one half of them)."""
     voters, learners = set(config.voters), set(config.learners)
     want = set(target)
     for n in config.learners:
         if n not in want:
             return Step(pid, REMOVE, n)  # a learner of an older ring
-    extra = [n for n in sorted(voters - want) if n != leader]
+    gone = set(dead)
+    extra = [n for n in sorted(voters - want, key=lambda n: (n not in gone, n)) if n != leader]
     if extra and len(voters) > len(want):
         return Step(pid, REMOVE, extra[0])  # one in, one out: at most one voter more
     ready = set(caught_up)

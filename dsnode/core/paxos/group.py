@@ -619,12 +619,18 @@ class PaxosGroup(LeaderSide, CatchUp):
         self.out.dropped["quiesced"] += 1
 
     def _invite_learners(self, p: Proposer) -> None:
-        """Tell each learner not heard from yet that it is one (``Host``): a node that
-        does not host the group yet starts to, and catches up from us."""
+        """Tell each learner not heard from yet, or behind and silent for a quorum
+        timeout, that it is one (``Host``): a node that does not host the group (any
+        more) starts to, and catches up from us. (An old copy of the group on the node,
+        from before a change removed it, may have acknowledged us, then applied its
+        removal and dropped the group; a node that hosts it ignores the message.)"""
         c = self.conf
         msg = None
+        ct = self.log.chosen_through
+        silent = self.now - self.cfg.leader_quorum_timeout_ticks
         for m in self.learners:
-            if not p.match.get(m, 0) and self.alive(m):
+            seen = p.match.get(m, 0)
+            if (not seen or (seen < ct and p.last_ack.get(m, -(10**9)) < silent)) and self.alive(m):
                 if msg is None:
                     msg = Host(self.group, c.voters, c.learners, c.epoch, c.slot)
                 self._send(m, msg)
@@ -818,6 +824,12 @@ class PaxosGroup(LeaderSide, CatchUp):
         if self.role is not Role.CANDIDATE or m.ballot != self.ballot or frm in self.promises:
             self.out.dropped["stale_promise"] += 1
             return
+        if self.cfg.reconfig and m.chosen_through > self.log.chosen_through:
+            # (rule R3, before winning) the promiser knows a longer chosen prefix, which
+            # may hold a newer configuration: learn it, for we may be campaigning among
+            # voters of the old one that are gone, and every election of ours resets the
+            # others' timers (the up-to-date may never campaign)
+            self._want_catchup(frm, m.chosen_through)
         if m.more_from or frm in self.promise_parts:
             # A piece of a chunked report: keep it, ask for the next one.
             parts = self.promise_parts.setdefault(frm, {})
@@ -951,15 +963,18 @@ class PaxosGroup(LeaderSide, CatchUp):
         was_leader = self.role is Role.LEADER
         self.removed = {m: self.log.applied for m in self.everyone
                         if not conf.hosts(m) and m != self.me}
-        added = [m for m in (*conf.voters, *conf.learners) if m not in self.everyone]
+        added = [m for m in (*conf.voters, *conf.learners)
+                 if m not in self.everyone and m != self.me]
         self._set_conf(conf)
         if was_leader:
             p = self.proposer
             p.gone.update(self.removed)
-            for m in added:  # (again, perhaps: what an earlier replica of it said is void)
-                p.gone.pop(m, None)
-                p.match.pop(m, None)
-                p.acked_seq.pop(m, None)
+            for m in added:
+                # a replica added (back) starts from nothing: what it acknowledged
+                # before it dropped its data is not its progress (so it is invited,
+                # ``_invite_learners``, and not promoted before it caught up)
+                for seen in (p.match, p.acked_seq, p.last_ack, p.gone):
+                    seen.pop(m, None)
         self.out.conf_changes += 1
         if not conf.hosts(self.me) and not was_leader:
             self.retired = True
