@@ -164,6 +164,12 @@ def test_a_node_joins_leaves_and_a_dead_one_is_removed_and_placement_follows_the
     net.check_placement()
     assert not net.nodes["a"].groups  # it dropped everything, metadata group included
     _check_data(net, data)
+    net.tick(30)  # the leaders stop telling "a" of its removal: it said it dropped the groups
+    for n in ("b", "c", "d"):
+        node = net.nodes[n]
+        for gid, g in node.groups.items():
+            if node.is_leader(gid):
+                assert not g.proposer.gone, (n, gid, g.proposer.gone)
 
     net.down.add("c")  # dies for good
     net.cut.add("c")

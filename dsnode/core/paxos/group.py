@@ -39,6 +39,7 @@ from dsnode.core.paxos.messages import (
     Accepted,
     Ballot,
     CatchupReq,
+    Dropped,
     Host,
     Learn,
     Prepare,
@@ -452,6 +453,10 @@ class PaxosGroup(LeaderSide, CatchUp):
 
     # ================================================================ peer input
     def step(self, frm: str, msg: Any) -> None:
+        if type(msg) is Dropped:
+            if self.proposer is not None and self.role is Role.LEADER:
+                self.proposer.gone.pop(frm, None)  # it knows it was removed
+            return
         if frm not in self.member_set and not self._may_hear(frm, msg):
             self.out.dropped["not_member"] += 1
             if self.cfg.reconfig and type(msg) in (Prepare, PreVote):

@@ -190,9 +190,18 @@ class Host:
     slot: int
 
 
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """The answer of a node to a leader's accept for a group it no longer hosts: it
+    applied a configuration that removed it and dropped the group's data (so the
+    leader stops telling it about its removal: ``Proposer.gone``)."""
+
+    group: Any
+
+
 Message = (
     Prepare | Promise | Accept | Accepted | CatchupReq | Learn | SnapChunk | PreVote
-    | PreVoteReply | TimeoutNow | NodeHeartbeat | Host
+    | PreVoteReply | TimeoutNow | NodeHeartbeat | Host | Dropped
 )
 
 _KINDS: dict[str, type] = {
@@ -208,6 +217,7 @@ _KINDS: dict[str, type] = {
     "px.timeout_now": TimeoutNow,
     "px.node_hb": NodeHeartbeat,
     "px.host": Host,
+    "px.dropped": Dropped,
 }
 _TAGS = {cls: tag for tag, cls in _KINDS.items()}
 _FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in _KINDS.values()}
@@ -313,6 +323,8 @@ def from_wire(x: Any) -> Message:
             return Prepare(g, _ballot(args[1]), _int(args[2]), _ballot(args[3]))
         if cls is TimeoutNow:
             return TimeoutNow(g, _ballot(args[1]))
+        if cls is Dropped:
+            return Dropped(g)
         if cls is Host:
             return Host(g, _ids(args[1]), _ids(args[2]), _int(args[3]), _int(args[4]))
         if cls is NodeHeartbeat:

@@ -22,7 +22,7 @@ from dsnode.core.paxos.acceptor import Acceptor
 from dsnode.core.paxos.checkpoint import CheckpointWriter, DropCapture, GroupCapture
 from dsnode.core.paxos.config import PaxosConfig
 from dsnode.core.paxos.group import PaxosGroup
-from dsnode.core.paxos.messages import Host, NodeHeartbeat
+from dsnode.core.paxos.messages import Accept, Dropped, Host, NodeHeartbeat
 from dsnode.core.paxos.metadata import MetaSM
 from dsnode.core.paxos.outputs import Outbox, StoredSnapshot
 from dsnode.core.paxos.reconfig import GroupConf
@@ -376,6 +376,11 @@ class PaxosNode:
         if g is None:
             if type(msg) is Host and self.config.reconfig:
                 self._invited(msg)
+            elif type(msg) is Accept and msg.group in self._dropped:
+                # a leader still telling us of our removal: we applied it and dropped
+                # the group; say so, or it goes on for as long as we are alive
+                self.out.send.append((from_peer, Dropped(msg.group)))
+                self.out.dropped["told_dropped"] += 1
             else:
                 self.out.dropped["unknown_group"] += 1
             return
