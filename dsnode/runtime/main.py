@@ -500,10 +500,11 @@ class Node:
             self.net.start()
 
     async def _join(self, data_dir: Path, incarnation: str, fresh: bool) -> bool:
-        """With ``--join`` on a new data directory: be added to the cluster (the metadata
-        group chooses it) and bind the directory to it (its members' addresses, P, R,
-        uuid). Returns whether this node joined (now or on an earlier start) rather
-        than formed the cluster; a node that joined starts with no group."""
+        """With ``--join`` on a new data directory (or one whose earlier join did not get
+        through: bound to no cluster yet): be added to the cluster (the metadata group
+        chooses it) and bind the directory to it (its members' addresses, P, R, uuid).
+        Returns whether this node joined (now or on an earlier start) rather than
+        formed the cluster; a node that joined starts with no group."""
         cfg = self.config
         have = read_identity(data_dir)
         if have.get("joined"):
@@ -511,7 +512,7 @@ class Node:
                 fresh = True  # added? ask again (a retried join is answered the same)
             else:
                 return True
-        elif cfg.join and not fresh:
+        elif cfg.join and not fresh and ("partitions" in have or (data_dir / "wal").exists()):
             raise StartupError(
                 f"data dir {data_dir} belongs to a node of cluster {cfg.cluster_id} already: "
                 "--join only on a new data directory (start without --join to rejoin)")

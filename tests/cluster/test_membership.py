@@ -220,6 +220,17 @@ def test_a_join_the_cluster_refuses_ends_the_node_with_status_2(pool):
     twin.spawn()
     assert twin.wait_exit(60) == 2
     assert "belongs to another member's data directory" in twin.last_run_output()
+    # a join refused before it was asked (another P): the same directory may try again
+    n5 = pool.new("--join", _addr(cluster, "n2"), *DEFAULT_TIMING, "--partitions", "8",
+                  node_id="n5")
+    n5.spawn()
+    assert n5.wait_exit(60) == 2
+    assert "has partitions = 16" in n5.last_run_output()
+    n5.extra_args = ["--join", _addr(cluster, "n2"), *DEFAULT_TIMING, *SHAPE]
+    cluster.nodes["n5"] = n5
+    n5.spawn()
+    wait_until(lambda: _settled(cluster, ["n1", "n5"], 3), 120.0, "n5 joined",
+               lambda: _describe(cluster))
     # --join on a data directory that holds a cluster already
     n1 = cluster.nodes["n1"]
     n1.kill()
