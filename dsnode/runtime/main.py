@@ -32,7 +32,7 @@ from dsnode.config import SETTINGS, ConfigError, NodeConfig, load_config, parse_
 from dsnode.core.errors import InvariantBroken, StateLost
 from dsnode.core.kv.store import shards_for
 from dsnode.core.membership.detector import DetectorConfig
-from dsnode.core.membership.incarnations import Incarnations
+from dsnode.core.membership.incarnations import GONE_REFUSAL, Incarnations
 from dsnode.core.membership.members import (
     ACTIVE,
     JOINING,
@@ -651,7 +651,16 @@ class Node:
 
     def on_refused(self, reason: str) -> None:
         """A peer refused us as a member (a wiped or rolled-back data directory): stop,
-        and exit with status 2 naming the reason, instead of ever voting."""
+        and exit with status 2 naming the reason, instead of ever voting. A node that is
+        leaving the cluster by its own request, told by the others that it is no member
+        any more before it applied that itself, has simply left (exit 0)."""
+        if self.left:
+            return  # it left already (it applied its own removal): stopping, exit 0
+        meta = self.core.groups.get(META) if self.core is not None else None
+        mine = meta.sm.members.state_of(self.config.node_id) if meta is not None else None
+        if mine in (LEAVING, LEFT) and GONE_REFUSAL in reason:
+            self._on_retired(META)
+            return
         if self.refused is None:
             self.refused = reason
             self.log.critical("refused_by_cluster", reason=reason)

@@ -19,7 +19,7 @@ import msgpack
 
 from dsnode import __version__
 from dsnode.core.effects import Reply
-from dsnode.core.membership.incarnations import REFUSAL_PREFIX
+from dsnode.core.membership.incarnations import GONE_REFUSAL, REFUSAL_PREFIX
 from dsnode.runtime.driver import Driver, Pending
 from dsnode.runtime.logs import get_logger
 from dsnode.runtime.metrics import NodeMetrics, op_label
@@ -467,9 +467,9 @@ class ClientConnection(asyncio.Protocol):
             if gone is not None and gone(peer_id):
                 # it left or was removed: tell it in words it acts on (it stops, exit 2)
                 self._fatal(errors.UNAUTHENTICATED, (
-                    f"peer hello: {REFUSAL_PREFIX}: node {peer_id!r} is no member of the "
-                    "cluster any more (it left or was removed); to add it again, start it on "
-                    "a new data directory with --join"))
+                    f"peer hello: {REFUSAL_PREFIX}: node {peer_id!r} {GONE_REFUSAL} (it left "
+                    "or was removed); to add it again, start it on a new data directory "
+                    "with --join"))
                 return
             self._fatal(errors.UNAUTHENTICATED, f"peer hello: {peer_id!r} is not a cluster member")
             return

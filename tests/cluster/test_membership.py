@@ -134,7 +134,7 @@ def test_join_leave_and_remove_while_a_workload_runs(pool):
                                "n1 left and the ring of epoch 3 settled")
         await async_wait_until(lambda: cluster.nodes["n1"].proc.poll() is not None or None,
                                30.0, "n1 stopped after leaving")
-        assert cluster.nodes["n1"].proc.returncode == 0
+        assert cluster.nodes["n1"].proc.returncode == 0, cluster.nodes["n1"].output_tail(8)
         _check_placement(await _asettled(cluster, three, 3), three)
         await work.wait_acked(20, 30.0, after=time.monotonic())
         # -- n3 dies and is removed; its replicas are rebuilt on n2 and n4

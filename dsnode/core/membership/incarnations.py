@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 REFUSAL_PREFIX = "stale identity"
+# how a member that left the cluster or was removed from it is refused at its hello
+GONE_REFUSAL = "is no member of the cluster any more"
 RECOVERY_HINT = (
     "its data directory is new or older than what the cluster saw it accept, and an "
     "acceptor that lost state must not vote again; keep the old data directory, or "
