@@ -508,11 +508,8 @@ class Node:
         cfg = self.config
         have = read_identity(data_dir)
         if have.get("joined"):
-            if cfg.join and not have.get("admitted"):
-                fresh = True  # added? ask again (a retried join is answered the same)
-            else:
-                return True
-        elif cfg.join and not fresh and ("partitions" in have or (data_dir / "wal").exists()):
+            return True  # (later starts ignore --join)
+        if cfg.join and not fresh and ("partitions" in have or (data_dir / "wal").exists()):
             raise StartupError(
                 f"data dir {data_dir} belongs to a node of cluster {cfg.cluster_id} already: "
                 "--join only on a new data directory (start without --join to rejoin)")
@@ -525,7 +522,7 @@ class Node:
                  if isinstance(m, dict) and m.get("state") != LEFT and m.get("addr")}
         peers[cfg.node_id] = cfg.advertise_addr
         write_atomically(data_dir / IDENTITY_FILE, {
-            **have, "joined": True, "admitted": True, "peers": peers,
+            **have, "joined": True, "peers": peers,
             "partitions": ring.get("partitions"), "replication": ring.get("replication"),
             **({"cluster_uuid": status["cluster_uuid"]} if status.get("cluster_uuid") else {}),
         })

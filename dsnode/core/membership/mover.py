@@ -172,10 +172,8 @@ class Mover:
                 moving.append(gid)
         for gid in moving:
             asked = self.running.get(gid)
-            if asked is not None and now - asked[1] < self.answer_ticks and asked[0] is not None:
-                continue  # its last step is not answered yet
-            if asked is not None and asked[0] is None and now - asked[1] < self.answer_ticks:
-                continue  # a leadership transfer under way
+            if asked is not None and now - asked[1] < self.answer_ticks:
+                continue  # its last step (or a leadership transfer) is not answered yet
             self._step(gid, on_ring, ring, dead)
         return out
 
